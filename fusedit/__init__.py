@@ -1,0 +1,1 @@
+"""Text-to-image stage: Fuse-DiT-style DiT conditioned on a frozen LLM, trained with flow matching."""

@@ -1,0 +1,44 @@
+# Two commands matter: `make demo` and `make test`. Each sets up .venv when it is missing
+# or older than pyproject.toml, so a fresh clone needs nothing installed by hand.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TOY ?= toy
+RUN ?= output/toy
+# Threads per process on the small CPU machines we test on.
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: setup demo test test-fast lint toy clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: pip takes these two from the machine's local wheel store
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+toy: $(STAMP)
+	$(PY) dataset_download.py --toy $(TOY)
+
+demo: $(STAMP)
+	$(PY) -m fusedit.demo --toy $(TOY) --run $(RUN)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not multiprocess and not e2e"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(TOY) output .pytest_cache

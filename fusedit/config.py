@@ -1,0 +1,386 @@
+"""Typed training configuration: schema, YAML loading, ``key=value`` overrides and validation.
+
+One place decides what a run may say. A YAML file is merged onto the dataclass schema
+below (OmegaConf structured configs), then command-line ``key=value`` overrides are merged on
+top, and the result is checked by :func:`validate` *before* any model, data or process group
+is created. Every error names the offending field and what it accepts, so a typo in a
+500k-step run fails in a second instead of after the first checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ATTENTION_KINDS = ("self", "cross")
+TIMESTEP_CONDITIONING = ("adaln-zero", "adaln-single", "addition", "none")
+POS_EMBED_KINDS = ("ape", "1d-rope", "2d-rope", "m-rope")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+VAE_KINDS = ("auto", "kl", "qwen")
+REPORTERS = ("tensorboard", "wandb")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always phrased as ``field: what is wrong (what is allowed)``."""
+
+
+@dataclass
+class TrainerConfig:
+    """How the run is driven: steps, precision, checkpoints, logging."""
+
+    run: str = "run"
+    project: str = "FuseDiT"
+    checkpoint_dir: str = "output/${trainer.run}"
+    max_steps: int = 500_000
+    gradient_accumulation_steps: int = 1
+    gradient_clipping: float = 1.0
+    mixed_precision: str = "bf16"
+    seed: int = 42
+    logging_steps: int = 100
+    checkpointing_steps: int = 50_000
+    # Keep only the newest N checkpoints (None keeps all). The reference kept all ten 43 GB tags.
+    checkpoints_total_limit: Optional[int] = None
+    sampling_steps: int = 50_000
+    # "latest", a step number as a string, or null to always start fresh.
+    resume_from: Optional[str] = "latest"
+    enable_gradient_checkpointing: bool = False
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    precondition_outputs: bool = False
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # DeepSpeed JSON; `train.py --deepspeed_config_path` sets it too. Null = ZeRO-2 defaults.
+    deepspeed_config: Optional[str] = None
+    # Deterministic kernels cost speed on GPUs; off unless asked (reference defect 24).
+    deterministic: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """The DiT and the frozen text encoder it reads. Mirrors the reference 'baseline-dit'."""
+
+    name: str = "baseline-dit"
+    # Text encoder (and default tokenizer): a hub name such as google/gemma-2b or a local folder.
+    base: str = MISSING
+    base_subfolder: Optional[str] = None
+    encoder_type: str = "llm"
+    text_hidden_states_index: int = -1
+    # Null: read from the text encoder's config.
+    text_hidden_size: Optional[int] = None
+    attention: str = "self"
+    # Null: the VAE's latent channels.
+    in_channels: Optional[int] = None
+    out_channels: Optional[int] = None
+    patch_size: int = 2
+    pos_embed: str = "ape"
+    pos_embed_max_size: int = 64
+    # Latent side length the APE table is centred for (the reference's base size is sample_size/patch).
+    sample_size: int = 32
+    qk_norm: bool = True
+    sandwich_norm: bool = False
+    timestep_conditioning: str = "adaln-zero"
+    hidden_size: int = 2048
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4
+    head_dim: int = 128
+    intermediate_size: int = 8192
+    hidden_act: str = "gelu_pytorch_tanh"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000.0
+    initializer_range: float = 0.02
+
+
+@dataclass
+class EmaConfig:
+    decay: float = 0.9999
+    update_steps: int = 1
+
+
+@dataclass
+class VaeConfig:
+    pretrained_model_name_or_path: str = MISSING
+    subfolder: Optional[str] = None
+    # auto: Qwen-Image VAE when the path or saved class says so, else AutoencoderKL.
+    kind: str = "auto"
+    # Train on posterior samples (reference) or on the posterior mean.
+    sample_posterior: bool = True
+
+
+@dataclass
+class NoiseSchedulerConfig:
+    """Flow-matching sigma table. Null path = built from the two numbers (no hub needed)."""
+
+    pretrained_model_name_or_path: Optional[str] = None
+    subfolder: Optional[str] = "scheduler"
+    num_train_timesteps: int = 1000
+    shift: float = 3.0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class LrSchedulerConfig:
+    name: str = "constant"
+    num_warmup_steps: int = 0
+
+
+@dataclass
+class CaptionColumns:
+    original: str = ""
+    synthetic: str = "txt"
+
+
+@dataclass
+class DataConfig:
+    data_path: list[str] = MISSING
+    batch_size: int = 32
+    resolution: int = 256
+    center_crop: bool = True
+    image_column: str = "jpg"
+    caption_column: CaptionColumns = field(default_factory=CaptionColumns)
+    original_caption_rate: float = 0.0
+    random_dropping_rate: float = 0.1
+    instruction: str = ""
+    max_prompt_length: int = 256
+    # Text is padded to the batch's longest prompt, rounded up to this multiple (reference: always 256).
+    pad_to_multiple_of: int = 8
+    dataloader_num_workers: int = 8
+    num_open_shards: int = 4
+    # Null: the text encoder's folder (model.base).
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class GenConfig:
+    """Training-time sample grids of fixed prompts (validation)."""
+
+    val_prompt: list[str] = field(default_factory=list)
+    # Optional JSON list of prompts (strings or {"prompt": ...}); used when val_prompt is empty.
+    val_prompt_file: Optional[str] = None
+    H: int = 256
+    W: int = 256
+    n_samples: int = 1
+    scale: float = 6.0
+    steps: int = 25
+    negative_prompt: Optional[str] = None
+    seed: int = 114514
+    # Sample with the EMA weights (the reference sampled the raw weights).
+    use_ema: bool = True
+
+
+@dataclass
+class TrainConfig:
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    noise_scheduler: NoiseSchedulerConfig = field(default_factory=NoiseSchedulerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LrSchedulerConfig = field(default_factory=LrSchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON/YAML-serialisable dict (what a run records next to its checkpoints)."""
+        return dataclasses.asdict(self)
+
+    def dit_kwargs(self, in_channels: int, text_hidden_size: int) -> dict[str, Any]:
+        """Arguments of :class:`fusedit.models.dit.DiT` once VAE and text encoder sizes are known."""
+        m = self.model
+        return dict(
+            in_channels=m.in_channels or in_channels,
+            out_channels=m.out_channels or m.in_channels or in_channels,
+            patch_size=m.patch_size,
+            hidden_size=m.hidden_size,
+            num_layers=m.num_hidden_layers,
+            num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_key_value_heads,
+            head_dim=m.head_dim,
+            intermediate_size=m.intermediate_size,
+            hidden_act=m.hidden_act,
+            rms_norm_eps=m.rms_norm_eps,
+            text_hidden_size=m.text_hidden_size or text_hidden_size,
+            attention=m.attention,
+            qk_norm=m.qk_norm,
+            sandwich_norm=m.sandwich_norm,
+            timestep_conditioning=None if m.timestep_conditioning == "none" else m.timestep_conditioning,
+            pos_embed=m.pos_embed,
+            pos_embed_max_size=m.pos_embed_max_size,
+            sample_size=m.sample_size,
+            rope_theta=m.rope_theta,
+            initializer_range=m.initializer_range,
+        )
+
+
+def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
+    """Turn OmegaConf's multi-line messages into one line that starts with the field name."""
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "Missing mandatory value" in msg:
+        return f"{key}: required field is missing (set it in the YAML or as {key}=...)"
+    if "not in" in msg and "Key" in msg:
+        return f"{key}: unknown key ({msg})"
+    return f"{key}: {msg}" if key else msg
+
+
+def _parse_override(item: str) -> DictConfig:
+    """One ``key=value`` (the value is YAML: numbers, lists, quoted strings) -> a config layer."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. trainer.max_steps=100")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as err:
+        hint = ' (quote list items holding braces: data.data_path=["a/{000..009}.tar"])'
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {str(err).splitlines()[0]}{hint}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Schema <- YAML file <- ``key=value`` overrides, then :func:`validate`.
+
+    Raises :class:`ConfigError` naming the bad field for unknown keys, wrong types, missing
+    required values and out-of-range settings.
+    """
+    schema = OmegaConf.structured(TrainConfig)
+    layers: list[DictConfig] = [schema]
+    try:
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {p}")
+            loaded = OmegaConf.load(p)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{p}: top level must be a mapping of sections")
+            layers.append(loaded)
+        layers.extend(_parse_override(item) for item in overrides or [])
+        merged = OmegaConf.merge(*layers)
+        OmegaConf.resolve(merged)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(
+                "; ".join(f"{k}: required field is missing (set it in the YAML or as {k}=...)" for k in missing)
+            )
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_format_omegaconf_error(err)) from None
+    assert isinstance(cfg, TrainConfig)
+    validate(cfg)
+    return cfg
+
+
+def _check_choice(errors: list[str], name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        errors.append(f"{name}: {value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_positive(errors: list[str], name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        errors.append(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _check_rate(errors: list[str], name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        errors.append(f"{name}: must be a probability in [0, 1], got {value!r}")
+
+
+def _validate_trainer(t: TrainerConfig, errors: list[str]) -> None:
+    _check_choice(errors, "trainer.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    _check_choice(errors, "trainer.weighting_scheme", t.weighting_scheme, WEIGHTING_SCHEMES)
+    for name in ("max_steps", "gradient_accumulation_steps", "logging_steps", "checkpointing_steps"):
+        _check_positive(errors, f"trainer.{name}", getattr(t, name))
+    _check_positive(errors, "trainer.sampling_steps", t.sampling_steps, allow_zero=True)
+    _check_positive(errors, "trainer.gradient_clipping", t.gradient_clipping, allow_zero=True)
+    _check_positive(errors, "trainer.logit_std", t.logit_std)
+    if t.checkpoints_total_limit is not None:
+        _check_positive(errors, "trainer.checkpoints_total_limit", t.checkpoints_total_limit)
+    if t.resume_from not in (None, "latest") and not str(t.resume_from).isdigit():
+        errors.append(f"trainer.resume_from: {t.resume_from!r} is not 'latest', a step number or null")
+    for r in t.report_to:
+        _check_choice(errors, "trainer.report_to", r, REPORTERS)
+    if t.deepspeed_config is not None and not Path(t.deepspeed_config).is_file():
+        errors.append(f"trainer.deepspeed_config: file not found: {t.deepspeed_config}")
+
+
+def _validate_model(m: ModelConfig, errors: list[str]) -> None:
+    _check_choice(errors, "model.name", m.name, ("baseline-dit", "DiT"))
+    _check_choice(errors, "model.encoder_type", m.encoder_type, ("llm",))
+    _check_choice(errors, "model.attention", m.attention, ATTENTION_KINDS)
+    _check_choice(errors, "model.pos_embed", m.pos_embed, POS_EMBED_KINDS)
+    _check_choice(errors, "model.timestep_conditioning", m.timestep_conditioning, TIMESTEP_CONDITIONING)
+    for name in ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
+        _check_positive(errors, f"model.{name}", getattr(m, name))
+    _check_positive(errors, "model.num_key_value_heads", m.num_key_value_heads)
+    _check_positive(errors, "model.intermediate_size", m.intermediate_size)
+    if m.num_key_value_heads > 0 and m.num_attention_heads % m.num_key_value_heads:
+        errors.append(
+            f"model.num_key_value_heads: {m.num_key_value_heads} must divide "
+            f"model.num_attention_heads ({m.num_attention_heads}) for grouped-query attention"
+        )
+    if m.pos_embed == "2d-rope" and m.head_dim % 4:
+        errors.append(f"model.head_dim: 2d-rope needs a multiple of 4, got {m.head_dim}")
+    if m.pos_embed == "ape" and m.hidden_size % 4:
+        errors.append(f"model.hidden_size: the 2-D sin-cos APE needs a multiple of 4, got {m.hidden_size}")
+
+
+def _validate_data(d: DataConfig, errors: list[str]) -> None:
+    if not d.data_path:
+        errors.append("data.data_path: must list at least one shard pattern")
+    for p in d.data_path:
+        if "/PATH/TO/DATASET/" in p:
+            errors.append(f"data.data_path: {p!r} still holds the /PATH/TO/DATASET/ placeholder")
+    for name in ("batch_size", "resolution", "max_prompt_length", "pad_to_multiple_of", "num_open_shards"):
+        _check_positive(errors, f"data.{name}", getattr(d, name))
+    _check_positive(errors, "data.dataloader_num_workers", d.dataloader_num_workers, allow_zero=True)
+    _check_rate(errors, "data.original_caption_rate", d.original_caption_rate)
+    _check_rate(errors, "data.random_dropping_rate", d.random_dropping_rate)
+    if d.original_caption_rate > 0 and not d.caption_column.original:
+        errors.append("data.caption_column.original: must be set when data.original_caption_rate > 0")
+    if not d.caption_column.synthetic:
+        errors.append("data.caption_column.synthetic: must name the caption member (e.g. 'txt')")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Semantic checks the type system cannot express; raises one ConfigError listing all."""
+    errors: list[str] = []
+    _validate_trainer(cfg.trainer, errors)
+    _validate_model(cfg.model, errors)
+    _validate_data(cfg.data, errors)
+    _check_choice(errors, "vae.kind", cfg.vae.kind, VAE_KINDS)
+    if not 0.0 < cfg.ema.decay < 1.0:
+        errors.append(f"ema.decay: must be in (0, 1), got {cfg.ema.decay!r}")
+    _check_positive(errors, "ema.update_steps", cfg.ema.update_steps)
+    _check_positive(errors, "noise_scheduler.shift", cfg.noise_scheduler.shift)
+    _check_positive(errors, "optimizer.lr", cfg.optimizer.lr)
+    _check_positive(errors, "optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)
+    if len(cfg.optimizer.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optimizer.betas):
+        errors.append(f"optimizer.betas: expected two values in [0, 1), got {cfg.optimizer.betas!r}")
+    _check_choice(errors, "lr_scheduler.name", cfg.lr_scheduler.name, LR_SCHEDULES)
+    _check_positive(errors, "lr_scheduler.num_warmup_steps", cfg.lr_scheduler.num_warmup_steps, allow_zero=True)
+    for name in ("H", "W", "n_samples", "steps"):
+        _check_positive(errors, f"gen.{name}", getattr(cfg.gen, name))
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tmp.replace(path)

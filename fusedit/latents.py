@@ -1,0 +1,196 @@
+"""Frozen diffusers VAE plus the latent normalisation the DiT is trained in.
+
+The DiT never sees raw VAE latents: it sees `x0 = (z - shift) * scale`, and whatever produced
+those latents must be undone exactly (`z = x0 / scale + shift`) before decoding. Keeping both
+directions in one object is the point of this module: the reference fork normalised in training
+but forgot to un-normalise at inference (spec section 9, defect 2), and normalised in bf16 or fp32
+depending on the VAE family (defect 5). Here both directions always run in float32.
+
+Two VAE families are supported, both with 16 latent channels and x8 down-sampling in the
+shipped configs:
+
+* ``kl``   -- `diffusers.AutoencoderKL` (FLUX, SD3.5 and their REPA-E tuned versions), images
+  (B, 3, H, W);
+* ``qwen`` -- `diffusers.AutoencoderKLQwenImage`, a video VAE: images get a frame axis
+  (B, 3, 1, H, W) on the way in and lose it on the way out.
+
+`LatentCodec` is a plain class rather than an `nn.Module` on purpose: it must not register the
+frozen VAE as a sub-module of anything it is attached to (its weights would leak into optimiser
+parameter lists and checkpoints). Its own `.to()` moves the VAE and the constants together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, AutoencoderKLQwenImage
+
+VAE_KINDS = ("auto", "kl", "qwen")
+_QWEN_CLASS = "AutoencoderKLQwenImage"
+
+
+@dataclass
+class VaeSpec:
+    """Where a VAE lives and which family it is; stored with checkpoints so eval loads the same one.
+
+    `kind="auto"` picks Qwen when "qwen" appears in the path (case-insensitive, the reference's
+    rule) or when the saved config's `_class_name` is `AutoencoderKLQwenImage`, so a local copy of
+    a Qwen VAE is recognised whatever its folder is called.
+    """
+
+    pretrained_model_name_or_path: str
+    subfolder: str | None = None
+    kind: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.kind not in VAE_KINDS:
+            raise ValueError(f"VaeSpec.kind must be one of {VAE_KINDS}, got {self.kind!r}")
+
+    def resolve_kind(self) -> str:
+        """Return "kl" or "qwen"; reads the saved config only when the path does not decide it."""
+        if self.kind != "auto":
+            return self.kind
+        if "qwen" in str(self.pretrained_model_name_or_path).lower():
+            return "qwen"
+        config = AutoencoderKL.load_config(self.pretrained_model_name_or_path, subfolder=self.subfolder)
+        return "qwen" if config.get("_class_name") == _QWEN_CLASS else "kl"
+
+
+def _normalisation_constants(config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) as float32 (1, C, 1, 1) tensors from a VAE config.
+
+    Per-channel statistics win when the config has both `latents_mean` and `latents_std`
+    (Qwen-Image); otherwise the scalar `shift_factor` (None means 0) and `scaling_factor` (FLUX,
+    SD3.5). Scalars are broadcast to one value per channel so callers see one shape always.
+    """
+    mean = config.get("latents_mean")
+    std = config.get("latents_std")
+    if mean is not None and std is not None:
+        shift = torch.tensor(mean, dtype=torch.float64)
+        scale = 1.0 / torch.tensor(std, dtype=torch.float64)
+    else:
+        channels = _latent_channels(config)
+        shift_factor = config.get("shift_factor")
+        shift = torch.full(
+            (channels,), 0.0 if shift_factor is None else float(shift_factor), dtype=torch.float64
+        )
+        scale = torch.full((channels,), float(config["scaling_factor"]), dtype=torch.float64)
+    return shift.float().view(1, -1, 1, 1), scale.float().view(1, -1, 1, 1)
+
+
+def _latent_channels(config) -> int:
+    """KL configs call it `latent_channels`, the Qwen video VAE `z_dim`."""
+    return int(config["latent_channels"] if "latent_channels" in config else config["z_dim"])
+
+
+def _spatial_factor(config) -> int:
+    """Pixels per latent along each side.
+
+    KL: one x2 down-sample between consecutive `block_out_channels` levels. Qwen: one spatial x2
+    per `dim_mult` level but the last (its `temperal_downsample` list has that length too and only
+    says whether the *time* axis is also halved, irrelevant for single frames).
+    """
+    levels = config["block_out_channels"] if "block_out_channels" in config else config["dim_mult"]
+    return 2 ** (len(levels) - 1)
+
+
+class LatentCodec:
+    """Pixels in [-1, 1] <-> normalised fp32 latents, through a frozen diffusers VAE.
+
+    Attributes: `vae` (eval, no grad), `is_qwen`, `latent_channels`, `spatial_factor`, and the
+    float32 (1, C, 1, 1) tensors `shift` and `scale`. The VAE may run in any dtype (`dtype`);
+    the normalisation, the posterior sample and the returned latents/pixels are float32.
+    """
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        if not isinstance(vae, (AutoencoderKL, AutoencoderKLQwenImage)):
+            raise TypeError(f"LatentCodec supports AutoencoderKL and AutoencoderKLQwenImage, got {type(vae)}")
+        vae.eval().requires_grad_(False)
+        self.vae = vae
+        self.is_qwen = isinstance(vae, AutoencoderKLQwenImage)
+        self.latent_channels = _latent_channels(vae.config)
+        self.spatial_factor = _spatial_factor(vae.config)
+        shift, scale = _normalisation_constants(vae.config)
+        self.shift = shift.to(self.device)
+        self.scale = scale.to(self.device)
+
+    @classmethod
+    def from_spec(cls, spec: VaeSpec, torch_dtype: torch.dtype = torch.float32) -> LatentCodec:
+        """Load the VAE a spec names (local folder or hub cache) in `torch_dtype`."""
+        vae_cls = AutoencoderKLQwenImage if spec.resolve_kind() == "qwen" else AutoencoderKL
+        vae = vae_cls.from_pretrained(
+            spec.pretrained_model_name_or_path, subfolder=spec.subfolder, torch_dtype=torch_dtype
+        )
+        return cls(vae)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the VAE computes in (the codec's inputs/outputs are fp32 regardless)."""
+        return next(self.vae.parameters()).dtype
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LatentCodec:
+        """Move the VAE (and cast it when `dtype` is given); the constants follow, staying fp32."""
+        self.vae.to(device=device, dtype=dtype)
+        self.shift = self.shift.to(self.device)
+        self.scale = self.scale.to(self.device)
+        return self
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Shape of the normalised latents for images of `height` x `width` pixels."""
+        if height % self.spatial_factor or width % self.spatial_factor:
+            raise ValueError(f"image size {height}x{width} is not a multiple of {self.spatial_factor}")
+        f = self.spatial_factor
+        return (batch_size, self.latent_channels, height // f, width // f)
+
+    @torch.no_grad()
+    def encode(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+    ) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [-1, 1] -> (B, C, H/f, W/f) normalised float32 latents.
+
+        `sample=True` draws from the posterior (what training does, spec 3.2 step 3) with noise
+        from `generator`, drawn on the generator's device so a CPU generator gives the same draw
+        on any accelerator; `sample=False` returns the posterior mean.
+        """
+        x = pixels.to(device=self.device, dtype=self.dtype)
+        if self.is_qwen:
+            x = x.unsqueeze(2)
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean.float()
+        if sample:
+            std = torch.exp(0.5 * posterior.logvar.float())
+            z = z + std * _randn_like(z, generator)
+        if self.is_qwen:
+            z = z.squeeze(2)
+        return (z - self.shift) * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> (B, 3, H, W) float32 pixels clamped to [-1, 1].
+
+        Un-normalises with the same constants `encode` used before the VAE sees anything.
+        """
+        z = latents.to(device=self.device, dtype=torch.float32) / self.scale + self.shift
+        z = z.to(self.dtype)
+        if self.is_qwen:
+            z = z.unsqueeze(2)
+        pixels = self.vae.decode(z).sample
+        if self.is_qwen:
+            pixels = pixels.squeeze(2)
+        return pixels.float().clamp(-1.0, 1.0)
+
+    def __repr__(self) -> str:
+        family = "qwen" if self.is_qwen else "kl"
+        geometry = f"channels={self.latent_channels}, x{self.spatial_factor}"
+        return f"LatentCodec({family}, {geometry}, dtype={self.dtype})"
+
+
+def _randn_like(z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal float32 noise shaped like `z`, drawn where `generator` lives."""
+    device = generator.device if generator is not None else z.device
+    return torch.randn(z.shape, generator=generator, device=device, dtype=torch.float32).to(z.device)

@@ -1,0 +1,155 @@
+"""Inference: prompts -> images with the DiT, the frozen text encoder and the VAE.
+
+Fixes over the reference sampler (spec section 5 and 9): latents are un-normalised before
+decoding with the constants used in training; latents stay fp32 (bf16 only inside the model,
+never fp16); and the initial noise of image ``k`` of prompt ``i`` comes from its own CPU
+generator seeded by (seed, i, k), so an image does not depend on batch size, batch
+composition, device or process count.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from fusedit.flow import euler_sample, sampling_sigmas
+from fusedit.latents import LatentCodec, VaeSpec
+from fusedit.models.dit import DiT
+from fusedit.text import TextEncoder, tokenize
+
+
+def noise_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """Seed of one image's initial noise: independent of how prompts are batched."""
+    return (seed * 1_000_003 + prompt_index * 1_009 + sample_index) % (2**63 - 1)
+
+
+class DiTPipeline:
+    def __init__(
+        self,
+        transformer: DiT,
+        text_encoder: TextEncoder,
+        codec: LatentCodec,
+        scheduler,
+        max_prompt_length: int = 256,
+    ) -> None:
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.codec = codec
+        self.scheduler = copy.deepcopy(scheduler)
+        self.max_prompt_length = max_prompt_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        run_dir: str | Path,
+        tag: str | int = "latest",
+        use_ema: bool = True,
+        device: str | torch.device = "cpu",
+    ) -> DiTPipeline:
+        """Load a training run's step ``tag`` (EMA weights by default) from safetensors only."""
+        from fusedit.config import load_config
+        from fusedit.train.checkpoint import read_latest, step_dir
+        from fusedit.train.trainer import build_scheduler
+
+        run_dir = Path(run_dir)
+        step = read_latest(run_dir) if str(tag) == "latest" else int(tag)
+        if step is None:
+            raise FileNotFoundError(f"{run_dir}: no 'latest' checkpoint")
+        folder = step_dir(run_dir, step)
+        cfg = load_config(run_dir / "config.yaml")
+        vae = json.loads((folder / "vae.json").read_text())
+        transformer = DiT.from_pretrained(str(folder / ("ema" if use_ema else "model"))).to(device).eval()
+        text_encoder = TextEncoder(
+            cfg.model.base,
+            subfolder=cfg.model.base_subfolder,
+            tokenizer=cfg.data.tokenizer,
+            hidden_states_index=cfg.model.text_hidden_states_index,
+        ).to(device)
+        codec = LatentCodec.from_spec(VaeSpec(**vae)).to(device)
+        return cls(transformer, text_encoder, codec, build_scheduler(cfg), cfg.data.max_prompt_length)
+
+    def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = tokenize(self.text_encoder.tokenizer, prompts, self.max_prompt_length)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return self.text_encoder.encode(ids, mask), mask
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: list[str],
+        *,
+        height: int,
+        width: int,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 6.0,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+        num_images_per_prompt: int = 1,
+        prompt_indices: list[int] | None = None,
+        batch_size: int = 16,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Images in [0, 1], shape (len(prompts) * num_images_per_prompt, 3, H, W), prompt-major.
+
+        ``prompt_indices`` are the global indices used for seeding (default 0..n-1); pass them
+        when a prompt list is split across processes so every image keeps its seed.
+        """
+        indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
+        jobs = [(p, i, k) for p, i in zip(prompts, indices) for k in range(num_images_per_prompt)]
+        out = []
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            out.append(
+                self._generate(
+                    chunk,
+                    height,
+                    width,
+                    num_inference_steps,
+                    guidance_scale,
+                    negative_prompt,
+                    seed,
+                    autocast_dtype,
+                )
+            )
+        return torch.cat(out)
+
+    def _generate(self, jobs, height, width, steps, guidance, negative, seed, autocast_dtype) -> torch.Tensor:
+        factor = self.codec.spatial_factor
+        shape = (self.codec.latent_channels, height // factor, width // factor)
+        noise = [
+            torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(seed, i, k))) for _, i, k in jobs
+        ]
+        latents = torch.stack(noise).to(self.device, torch.float32)
+        texts = [p for p, _, _ in jobs]
+        cfg = guidance > 1.0
+        if cfg:  # unconditional branch = the empty caption used by training's caption dropout
+            texts = [negative or ""] * len(jobs) + texts
+        hidden, mask = self._encode_prompts(texts)
+        dtype = next(self.transformer.parameters()).dtype
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                v = self.transformer(x.to(dtype), t.to(dtype), hidden.to(dtype), mask)
+            return v.float()
+
+        sigmas = sampling_sigmas(self.scheduler, steps).to(self.device)
+        latents = euler_sample(model_fn, latents, sigmas, guidance)
+        images = self.codec.decode(latents)
+        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, ncol: int = 8) -> Path:
+    """Write images in [0, 1] as one PNG grid (rows of ``ncol``)."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, str(path), nrow=max(1, ncol), padding=2, pad_value=1.0)
+    return path

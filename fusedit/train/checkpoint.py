@@ -1,0 +1,137 @@
+"""Checkpoint layout and atomic publishing.
+
+A run directory looks like::
+
+    <checkpoint_dir>/
+      config.yaml                  resolved training config (written once, by rank 0)
+      latest                       text: the newest complete step tag, e.g. "1000"
+      1000/
+        deepspeed/                 DeepSpeed engine state (module, ZeRO optimizer shards, LR scheduler)
+        ema/                       EMA weights, save_pretrained layout (config.json + safetensors)
+        model/                     raw weights, same layout (for --no-ema_weights)
+        vae.json                   the VAE spec used in training (travels with the weights)
+        trainer_state.json         step, samples seen, world size, seed
+        data_state_rank{r}.json    per-rank stream position (resume without replaying data)
+
+Every rank writes into ``.<step>.partial/``; after a barrier rank 0 renames it to ``<step>/``
+and only then rewrites ``latest`` (temp file + ``os.replace``). A kill at any moment therefore
+leaves either the previous complete checkpoint or the new one as ``latest``, never a tag whose
+files are missing (reference defect 11). Evaluation reads only the safetensors folders, so no
+pickle from a checkpoint is ever loaded outside the trainer's own resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def partial_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / f".{step}.partial"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / str(step)
+
+
+def save_weights_folder(model_config: dict[str, Any], state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Write ``state`` in diffusers ``save_pretrained`` layout without building a second model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / WEIGHTS_NAME))
+
+
+def publish(run_dir: Path, step: int) -> Path:
+    """Rename the finished partial folder to its tag and point ``latest`` at it (rank 0 only)."""
+    src, dst = partial_dir(run_dir, step), step_dir(run_dir, step)
+    if dst.exists():  # re-saving a step (e.g. after resuming at it): keep the old one until the swap
+        old = run_dir / f".{step}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+    _fsync_dir(run_dir)
+    write_text_atomic(run_dir / "latest", f"{step}\n")
+    return dst
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in Path(run_dir).iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def prune(run_dir: Path, keep: int | None) -> list[int]:
+    """Delete the oldest complete checkpoints beyond ``keep`` (never the one ``latest`` names)."""
+    if not keep:
+        return []
+    latest = read_latest(run_dir)
+    steps = [s for s in list_steps(run_dir) if s != latest]
+    doomed = steps[: max(0, len(steps) - (keep - 1))]
+    for s in doomed:
+        shutil.rmtree(step_dir(run_dir, s), ignore_errors=True)
+    return doomed
+
+
+def clean_partials(run_dir: Path) -> None:
+    """Remove leftovers of a save that was killed half-way (they were never published)."""
+    for p in Path(run_dir).glob(".*.partial"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def read_latest(run_dir: Path) -> int | None:
+    f = Path(run_dir) / "latest"
+    if not f.is_file():
+        return None
+    text = f.read_text().strip()
+    if not text.isdigit() or not step_dir(run_dir, int(text)).is_dir():
+        raise RuntimeError(f"{f}: names tag {text!r}, which is not a complete checkpoint folder")
+    return int(text)
+
+
+def resolve_resume(run_dir: Path, resume_from: str | None) -> int | None:
+    """Which step to resume from: ``latest`` (None when the run is new), a number, or None."""
+    if resume_from is None or not Path(run_dir).is_dir():
+        return None
+    if resume_from == "latest":
+        return read_latest(run_dir)
+    step = int(resume_from)
+    if not step_dir(run_dir, step).is_dir():
+        raise FileNotFoundError(f"trainer.resume_from={step}: no checkpoint folder {step_dir(run_dir, step)}")
+    return step

@@ -1,0 +1,460 @@
+"""The text-to-image training loop under DeepSpeed (ZeRO-1/2), for 1 process or many.
+
+The trainer wires the modules together and owns the run: it does not know how attention,
+the VAE or the data stream work inside, only their contracts (docs/interfaces.md).
+
+Randomness is explicit: timesteps, noise and posterior samples of optimizer step ``s``,
+micro-batch ``m`` on rank ``r`` come from a generator seeded with (seed, r, s, m). Ranks
+therefore draw different noise (the reference seeded all ranks alike), and a resumed run
+draws exactly what an uninterrupted one would have, without restoring RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from fusedit.config import ConfigError, TrainConfig, save_config
+from fusedit.flow import FlowMatching
+from fusedit.latents import LatentCodec, VaeSpec
+from fusedit.models.dit import DiT
+from fusedit.text import TextEncoder
+from fusedit.train import checkpoint as ckpt
+from fusedit.train.deepspeed_config import load_deepspeed_json, resolve_deepspeed_config
+from fusedit.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, init_distributed
+from fusedit.train.ema import EMA
+from fusedit.train.metrics import MetricsLogger
+
+log = logging.getLogger("fusedit.train")
+
+
+def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """A 63-bit seed that differs for every (seed, rank, step, micro-batch)."""
+    x = (seed * 1_000_003 + rank) * 1_000_033 + step
+    x = x * 1_009 + micro
+    return (x * 0x9E3779B97F4A7C15) % (2**63 - 1)
+
+
+@dataclass
+class Components:
+    """The frozen encoders, the flow-matching objective and the (trainable) DiT."""
+
+    text_encoder: TextEncoder
+    codec: LatentCodec
+    flow: FlowMatching
+    dit: DiT
+
+
+def build_scheduler(cfg: TrainConfig):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ns = cfg.noise_scheduler
+    if ns.pretrained_model_name_or_path:
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(ns.pretrained_model_name_or_path, subfolder=ns.subfolder)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=ns.num_train_timesteps, shift=ns.shift)
+
+
+def build_components(cfg: TrainConfig, device: torch.device, frozen_dtype: torch.dtype) -> Components:
+    """Load the frozen text encoder and VAE, then build the DiT sized to fit them."""
+    text_encoder = TextEncoder(
+        cfg.model.base,
+        subfolder=cfg.model.base_subfolder,
+        tokenizer=cfg.data.tokenizer,
+        hidden_states_index=cfg.model.text_hidden_states_index,
+        torch_dtype=frozen_dtype,
+    ).to(device)
+    codec = LatentCodec.from_spec(_vae_spec(cfg), torch_dtype=frozen_dtype).to(device)
+    check_geometry(cfg, codec)
+    if cfg.model.text_hidden_size and cfg.model.text_hidden_size != text_encoder.hidden_size:
+        raise ConfigError(
+            f"model.text_hidden_size: {cfg.model.text_hidden_size} but the text encoder "
+            f"{cfg.model.base} has hidden size {text_encoder.hidden_size}; set it to null or match"
+        )
+    torch.manual_seed(cfg.trainer.seed)  # identical initialisation on every rank
+    dit = DiT(**cfg.dit_kwargs(codec.latent_channels, text_encoder.hidden_size))
+    flow = FlowMatching(
+        build_scheduler(cfg),
+        weighting_scheme=cfg.trainer.weighting_scheme,
+        logit_mean=cfg.trainer.logit_mean,
+        logit_std=cfg.trainer.logit_std,
+        mode_scale=cfg.trainer.mode_scale,
+        precondition_outputs=cfg.trainer.precondition_outputs,
+    )
+    return Components(text_encoder, codec, flow, dit)
+
+
+def _vae_spec(cfg: TrainConfig) -> VaeSpec:
+    return VaeSpec(cfg.vae.pretrained_model_name_or_path, subfolder=cfg.vae.subfolder, kind=cfg.vae.kind)
+
+
+def check_geometry(cfg: TrainConfig, codec: LatentCodec) -> None:
+    """Resolution must map to a whole number of patches; sample sizes likewise."""
+    unit = codec.spatial_factor * cfg.model.patch_size
+    for name, value in (("data.resolution", cfg.data.resolution), ("gen.H", cfg.gen.H), ("gen.W", cfg.gen.W)):
+        if value % unit:
+            raise ConfigError(
+                f"{name}: {value} is not a multiple of VAE factor {codec.spatial_factor} x patch "
+                f"{cfg.model.patch_size} = {unit}"
+            )
+
+
+def load_val_prompts(cfg: TrainConfig) -> list[str]:
+    if cfg.gen.val_prompt:
+        return list(cfg.gen.val_prompt)
+    if cfg.gen.val_prompt_file:
+        import json
+
+        items = json.loads(Path(cfg.gen.val_prompt_file).read_text())
+        return [it["prompt"] if isinstance(it, dict) else str(it) for it in items]
+    return []
+
+
+class Trainer:
+    """Build everything from a validated config, then :meth:`train` until ``max_steps``."""
+
+    def __init__(self, cfg: TrainConfig, deepspeed_config_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.trainer.checkpoint_dir)
+        ds_path = deepspeed_config_path or cfg.trainer.deepspeed_config
+        ds_raw = load_deepspeed_json(ds_path)  # parse errors before any heavy work
+        self._validate_inputs()
+        self.env: DistEnv = init_distributed()
+        self.ds_config = resolve_deepspeed_config(ds_raw, cfg, self.env.world_size)
+        self.device = self.env.device
+        if cfg.trainer.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        if cfg.trainer.mixed_precision != "no" and self.device.type == "cpu":
+            raise ConfigError(f"trainer.mixed_precision: {cfg.trainer.mixed_precision!r} needs a GPU; use 'no' on CPU")
+        frozen_dtype = torch.bfloat16 if cfg.trainer.mixed_precision == "bf16" else torch.float32
+        self.parts = build_components(cfg, self.device, frozen_dtype)
+        self.model_config = json.loads(self.parts.dit.to_json_string())
+        if cfg.trainer.enable_gradient_checkpointing:
+            self.parts.dit.enable_gradient_checkpointing()
+        self.ema = EMA(self.parts.dit, cfg.ema.decay).to(self.device)
+        self.engine = self._build_engine()
+        self.step = 0
+        self.samples_seen = 0
+        self.stream = None
+        self._stop_signal: int | None = None
+        resume_step = ckpt.resolve_resume(self.run_dir, cfg.trainer.resume_from) if self.run_dir else None
+        data_state = self._resume(resume_step) if resume_step is not None else None
+        self.loader = self._build_loader(data_state)
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            cfg.trainer.report_to,
+            cfg.trainer.project,
+            cfg.trainer.run,
+            cfg.to_dict(),
+            enabled=self.env.is_main,
+        )
+
+    # ----------------------------------------------------------------- set-up
+    def _validate_inputs(self) -> None:
+        """Cheap checks on files before processes, models or data are touched."""
+        from fusedit.data.webdata import validate_data_paths
+
+        try:
+            validate_data_paths(self.cfg.data.data_path)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"data.data_path: {err}") from None
+        for name, value in (
+            ("model.base", self.cfg.model.base),
+            ("vae.pretrained_model_name_or_path", self.cfg.vae.pretrained_model_name_or_path),
+        ):
+            looks_local = value.startswith((".", "/", "~")) or Path(value).exists()
+            if looks_local and not Path(value).expanduser().exists():
+                raise ConfigError(f"{name}: local path {value!r} does not exist")
+
+    def _build_engine(self):
+        import deepspeed
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.cfg
+        params = [p for p in self.parts.dit.parameters() if p.requires_grad]
+        use_fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.optimizer.lr,
+            betas=tuple(cfg.optimizer.betas),
+            eps=cfg.optimizer.eps,
+            weight_decay=cfg.optimizer.weight_decay,
+            fused=use_fused,
+            foreach=None if use_fused else True,
+        )
+        lr_scheduler = get_scheduler(
+            cfg.lr_scheduler.name,
+            optimizer,
+            num_warmup_steps=cfg.lr_scheduler.num_warmup_steps,
+            num_training_steps=cfg.trainer.max_steps,
+        )
+        engine, _, _, _ = deepspeed.initialize(
+            model=self.parts.dit,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            config=self.ds_config,
+        )
+        return engine
+
+    def _build_loader(self, data_state: dict | None):
+        from fusedit.data.webdata import StreamState, build_dataloader
+
+        d = self.cfg.data
+        loader = build_dataloader(
+            d.data_path,
+            self.parts.text_encoder.tokenizer,
+            batch_size=d.batch_size,
+            resolution=d.resolution,
+            center_crop=d.center_crop,
+            image_column=d.image_column,
+            caption_column={"original": d.caption_column.original, "synthetic": d.caption_column.synthetic},
+            original_caption_rate=d.original_caption_rate,
+            random_dropping_rate=d.random_dropping_rate,
+            instruction=d.instruction,
+            max_prompt_length=d.max_prompt_length,
+            pad_to_multiple_of=d.pad_to_multiple_of,
+            num_workers=d.dataloader_num_workers,
+            seed=self.cfg.trainer.seed,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            num_open_shards=d.num_open_shards,
+            resume_state=data_state,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.stream = StreamState(data_state)
+        return loader
+
+    def _resume(self, step: int) -> dict | None:
+        """Restore engine, EMA and counters of ``step``; return this rank's data position."""
+        folder = ckpt.step_dir(self.run_dir, step)
+        load_path, _ = self.engine.load_checkpoint(
+            str(folder), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {folder / 'deepspeed'}")
+        self.ema.load_state_dict({k: v.to(self.device) for k, v in ckpt.load_weights(folder / "ema").items()})
+        state = _read_json(folder / "trainer_state.json")
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        data_file = folder / f"data_state_rank{self.env.rank}.json"
+        if self.env.is_main:
+            log.info("resumed from %s at step %d", folder, self.step)
+        if state.get("world_size") == self.env.world_size and data_file.is_file():
+            return _read_json(data_file)
+        log.warning(
+            "world size changed (%s -> %d): the data stream restarts at a fresh position",
+            state.get("world_size"),
+            self.env.world_size,
+        )
+        return {"fresh_offset": self.step}
+
+    # --------------------------------------------------------------- training
+    def _signal_handler(self, signum, _frame) -> None:
+        self._stop_signal = signum
+
+    def _install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._signal_handler)
+
+    def _should_stop_for_signal(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+    def micro_step(self, batch: dict[str, Any], micro: int) -> torch.Tensor:
+        """Loss of one micro-batch (fp32 scalar); DeepSpeed does the backward bookkeeping."""
+        p, dev = self.parts, self.device
+        gen = torch.Generator(device=dev).manual_seed(step_seed(self.cfg.trainer.seed, self.env.rank, self.step, micro))
+        pixels = batch["pixel_values"].to(dev, non_blocking=True)
+        ids = batch["input_ids"].to(dev, non_blocking=True)
+        mask = batch["attention_mask"].to(dev, non_blocking=True)
+        with torch.no_grad():
+            x0 = p.codec.encode(pixels, generator=gen, sample=self.cfg.vae.sample_posterior)
+            text = p.text_encoder.encode(ids, mask)
+        sigmas = p.flow.sample_sigmas(x0.shape[0], generator=gen, device=dev)
+        noise = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
+        x_t = p.flow.add_noise(x0, noise, sigmas)
+        dtype = next(self.engine.module.parameters()).dtype
+        pred = self.engine(x_t.to(dtype), (sigmas * 1000.0).to(dtype), text.to(dtype), mask)
+        return p.flow.loss(pred.float(), x0, noise, x_t, sigmas)
+
+    def train(self) -> dict[str, Any]:
+        cfg, env = self.cfg, self.env
+        self._install_signals()
+        data_iter = iter(self.loader)
+        accum = cfg.trainer.gradient_accumulation_steps
+        global_batch = cfg.data.batch_size * accum * env.world_size
+        bar = tqdm(
+            total=cfg.trainer.max_steps,
+            initial=self.step,
+            disable=not env.is_main,
+            desc="train",
+            dynamic_ncols=True,
+        )
+        loss_sum = torch.zeros((), device=self.device)
+        skipped = 0
+        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        last: dict[str, Any] = {}
+        self.engine.train()
+        while self.step < cfg.trainer.max_steps:
+            for micro in range(accum):
+                t0 = time.perf_counter()
+                batch = next(data_iter)
+                data_wait += time.perf_counter() - t0
+                self.stream.update(batch)
+                skipped += int(batch.get("skipped", 0))
+                loss = self.micro_step(batch, micro)
+                self.engine.backward(loss)
+                self.engine.step()
+                loss_sum += loss.detach()
+            self.step += 1
+            self.samples_seen += global_batch
+            window_steps += 1
+            if self.step % cfg.ema.update_steps == 0:
+                self.ema.update(self.engine.module)
+            bar.update(1)
+            if self.step % cfg.trainer.logging_steps == 0 or self.step == cfg.trainer.max_steps:
+                elapsed = time.perf_counter() - window_start
+                last = self._log(loss_sum / (window_steps * accum), skipped, window_steps, elapsed, data_wait)
+                bar.set_postfix(
+                    loss=f"{last['train/loss']:.4f}",
+                    lr=f"{last['train/lr']:.2e}",
+                    img_s=f"{last['perf/images_per_s']:.1f}",
+                )
+                loss_sum.zero_()
+                skipped, window_start, window_steps, data_wait = 0, time.perf_counter(), 0, 0.0
+            if cfg.trainer.sampling_steps and self.step % cfg.trainer.sampling_steps == 0:
+                self.sample_grid()
+            stop = self._should_stop_for_signal()
+            if self.step % cfg.trainer.checkpointing_steps == 0 or self.step == cfg.trainer.max_steps or stop:
+                self.save_checkpoint()
+            if stop:
+                log.warning("signal %s received: checkpointed at step %d, stopping", self._stop_signal, self.step)
+                break
+        bar.close()
+        self.metrics.close()
+        return last
+
+    def _log(self, mean_loss: torch.Tensor, skipped: int, steps: int, elapsed: float, data_wait: float) -> dict:
+        cfg = self.cfg
+        stats = torch.stack([mean_loss.float(), torch.tensor(float(skipped), device=self.device)])
+        loss = all_reduce_mean(stats[:1]).item()
+        skipped_all = int(all_reduce_sum(stats[1:]).item())
+        images = steps * cfg.data.batch_size * cfg.trainer.gradient_accumulation_steps * self.env.world_size
+        grad_norm = self.engine.get_global_grad_norm()
+        values = {
+            "train/loss": loss,
+            "train/lr": float(self.engine.get_lr()[0]),
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "data/skipped": skipped_all,
+            "perf/images_per_s": images / max(elapsed, 1e-9),
+            "perf/data_wait_frac": data_wait / max(elapsed, 1e-9),
+            "train/samples_seen": self.samples_seen,
+        }
+        if skipped_all and self.env.is_main:
+            log.warning("skipped %d corrupt or incomplete samples in the last %d steps", skipped_all, steps)
+        self.metrics.log(self.step, values)
+        return values
+
+    # ---------------------------------------------------------- checkpointing
+    def save_checkpoint(self) -> Path:
+        env, step = self.env, self.step
+        partial = ckpt.partial_dir(self.run_dir, step)
+        if env.is_main:
+            ckpt.clean_partials(self.run_dir)
+            partial.mkdir(parents=True)
+        barrier()
+        self.engine.save_checkpoint(str(partial), tag="deepspeed", save_latest=False)
+        ckpt.write_json_atomic(partial / f"data_state_rank{env.rank}.json", self.stream.state_dict())
+        if env.is_main:
+            module = self.engine.module
+            ckpt.save_weights_folder(self.model_config, _with_buffers(self.ema.state_dict(), module), partial / "ema")
+            raw = dict(module.named_parameters())
+            ckpt.save_weights_folder(self.model_config, _with_buffers(raw, module), partial / "model")
+            ckpt.write_json_atomic(partial / "vae.json", _vae_spec(self.cfg).__dict__)
+            ckpt.write_json_atomic(
+                partial / "trainer_state.json",
+                {
+                    "step": step,
+                    "samples_seen": self.samples_seen,
+                    "world_size": env.world_size,
+                    "seed": self.cfg.trainer.seed,
+                    "time": time.time(),
+                },
+            )
+        barrier()
+        if env.is_main:
+            ckpt.publish(self.run_dir, step)
+            ckpt.prune(self.run_dir, self.cfg.trainer.checkpoints_total_limit)
+        barrier()
+        return ckpt.step_dir(self.run_dir, step)
+
+    # --------------------------------------------------------------- sampling
+    def sample_grid(self) -> Path | None:
+        """Rank 0 renders the validation prompts with the EMA weights to ``samples/<step>.png``."""
+        prompts = load_val_prompts(self.cfg)
+        if not prompts:
+            return None
+        out = None
+        if self.env.is_main:
+            from fusedit.pipeline import DiTPipeline, save_grid
+
+            g = self.cfg.gen
+            dit = DiT.from_config(self.model_config).to(self.device).eval()
+            if g.use_ema:
+                self.ema.copy_to(dit)
+            else:
+                dit.load_state_dict(self.engine.module.state_dict())
+            pipe = DiTPipeline(
+                dit,
+                self.parts.text_encoder,
+                self.parts.codec,
+                self.parts.flow.scheduler,
+                max_prompt_length=self.cfg.data.max_prompt_length,
+            )
+            images = pipe(
+                prompts,
+                height=g.H,
+                width=g.W,
+                num_inference_steps=g.steps,
+                guidance_scale=g.scale,
+                negative_prompt=g.negative_prompt,
+                seed=g.seed,
+                num_images_per_prompt=g.n_samples,
+            )
+            out = self.run_dir / "samples" / f"{self.step:08d}.png"
+            save_grid(images, out, ncol=min(len(prompts), 8))
+            self.metrics.log_image(self.step, "gen/images", out)
+            del dit, pipe
+        barrier()
+        return out
+
+
+def _with_buffers(params: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Add the persistent buffers (e.g. the APE table) so the folder loads with from_pretrained."""
+    persistent = module.state_dict()
+    out = dict(params)
+    for name, buf in module.named_buffers():
+        if name in persistent:
+            out.setdefault(name, buf)
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
+def is_distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1

@@ -1,0 +1,124 @@
+"""Config schema, overrides and validation: every error must name the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fusedit.config import ConfigError, load_config, save_config
+from fusedit.train.deepspeed_config import load_deepspeed_json, resolve_deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = """
+model:
+  base: some/text-encoder
+vae:
+  pretrained_model_name_or_path: some/vae
+data:
+  data_path: ["shards/train-{000..003}.tar"]
+"""
+
+
+@pytest.fixture
+def minimal(tmp_path: Path) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(MINIMAL)
+    return p
+
+
+def test_defaults_and_overrides(minimal: Path) -> None:
+    cfg = load_config(minimal, ["trainer.max_steps=10", "data.batch_size=4", "trainer.run=abc"])
+    assert cfg.trainer.max_steps == 10 and cfg.data.batch_size == 4
+    assert cfg.trainer.checkpoint_dir == "output/abc"  # interpolation resolved after overrides
+    assert cfg.ema.decay == 0.9999 and cfg.noise_scheduler.shift == 3.0
+
+
+def test_wrong_type_names_field(minimal: Path) -> None:
+    with pytest.raises(ConfigError, match=r"trainer\.max_steps"):
+        load_config(minimal, ["trainer.max_steps=lots"])
+
+
+def test_unknown_key_names_field(minimal: Path) -> None:
+    with pytest.raises(ConfigError, match=r"trainer\.max_stepz: unknown key"):
+        load_config(minimal, ["trainer.max_stepz=10"])
+
+
+def test_unknown_key_in_yaml(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(MINIMAL + "ema:\n  deacy: 0.9\n")
+    with pytest.raises(ConfigError, match=r"ema\.deacy"):
+        load_config(p)
+
+
+def test_missing_required_field(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  base: x\ndata:\n  data_path: [a.tar]\n")
+    with pytest.raises(ConfigError, match=r"vae\.pretrained_model_name_or_path: required"):
+        load_config(p)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("model.attention=joint", "model.attention"),
+        ("model.pos_embed=3d-rope", "model.pos_embed"),
+        ("model.num_key_value_heads=3", "model.num_key_value_heads"),
+        ("data.random_dropping_rate=1.5", "data.random_dropping_rate"),
+        ("trainer.mixed_precision=fp8", "trainer.mixed_precision"),
+        ("lr_scheduler.name=exotic", "lr_scheduler.name"),
+        ("trainer.resume_from=yesterday", "trainer.resume_from"),
+        ('data.data_path=["/PATH/TO/DATASET/x.tar"]', "data.data_path"),
+    ],
+)
+def test_semantic_errors_name_field_and_choices(minimal: Path, override: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(minimal, [override])
+
+
+def test_bad_override_syntax(minimal: Path) -> None:
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(minimal, ["trainer.max_steps"])
+    with pytest.raises(ConfigError, match="quote"):
+        load_config(minimal, ["data.data_path=[a/{0..3}.tar]"])
+
+
+def test_save_roundtrip(minimal: Path, tmp_path: Path) -> None:
+    cfg = load_config(minimal, ["model.hidden_size=64"])
+    save_config(cfg, tmp_path / "out.yaml")
+    again = load_config(tmp_path / "out.yaml")
+    assert again == cfg
+
+
+def test_shipped_configs_validate() -> None:
+    for path in sorted((ROOT / "configs" / "e2e-vae").glob("*.yaml")):
+        load_config(path)
+
+
+def test_deepspeed_auto_fields_are_filled(minimal: Path) -> None:
+    cfg = load_config(minimal, ["trainer.gradient_accumulation_steps=3", "trainer.mixed_precision=bf16"])
+    raw = load_deepspeed_json(ROOT / "configs" / "deepspeed" / "zero2.json")
+    ds = resolve_deepspeed_config(raw, cfg, world_size=4)
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == cfg.data.batch_size * 3 * 4
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["reduce_bucket_size"] == cfg.model.hidden_size**2
+    assert ds["fp16"]["loss_scale_window"] == 1000  # untouched JSON settings survive
+    assert "auto" not in json.dumps(ds)
+
+
+def test_deepspeed_conflicts_and_unfillable_auto(minimal: Path, tmp_path: Path) -> None:
+    cfg = load_config(minimal)
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
+        resolve_deepspeed_config({"train_micro_batch_size_per_gpu": 7}, cfg, 1)
+    with pytest.raises(ConfigError, match=r"zero_optimization\.offload_optimizer\.pin_memory"):
+        resolve_deepspeed_config({"zero_optimization": {"offload_optimizer": {"pin_memory": "auto"}}}, cfg, 1)
+    with pytest.raises(ConfigError, match=r"deepspeed\.optimizer"):
+        resolve_deepspeed_config({"optimizer": {"type": "AdamW"}}, cfg, 1)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json"):
+        load_deepspeed_json(bad)

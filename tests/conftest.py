@@ -1,0 +1,68 @@
+"""Shared fixtures: one quick toy world per test session, and a helper that runs train.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_CONFIG = ROOT / "configs" / "e2e-vae" / "toy.yaml"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def quick_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small toy world (few hundred images, briefly trained VAE) built once for the session."""
+    from fusedit.data.toy import build_toy_world
+
+    out = tmp_path_factory.mktemp("toy") / "world"
+    build_toy_world(out, seed=0, quick=True, progress=False)
+    return out
+
+
+def tiny_train_overrides(world: Path, run: Path, **extra: object) -> list[str]:
+    """Overrides that make configs/e2e-vae/toy.yaml train in seconds on the quick world."""
+    from fusedit.demo import toy_overrides
+
+    base = {
+        "trainer.checkpoint_dir": str(run),
+        "trainer.logging_steps": 1,
+        "trainer.sampling_steps": 0,
+        "trainer.report_to": "[]",
+        "data.batch_size": 4,
+        "data.dataloader_num_workers": 0,
+        "model.hidden_size": 32,
+        "model.num_hidden_layers": 2,
+        "model.num_attention_heads": 2,
+        "model.num_key_value_heads": 1,
+        "model.head_dim": 16,
+        "model.intermediate_size": 64,
+        "ema.decay": 0.9,
+        "lr_scheduler.num_warmup_steps": 2,
+    }
+    base.update(extra)
+    return toy_overrides(world) + [f"{k}={v}" for k, v in base.items()]
+
+
+def run_train(overrides: list[str], nproc: int = 1, timeout: int = 240, check: bool = True,
+              ) -> subprocess.CompletedProcess:
+    """Launch train.py as a user would: plain python for 1 process, torchrun for more."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "train.py"), "-c", str(TOY_CONFIG), *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "train.py"), "-c", str(TOY_CONFIG), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc

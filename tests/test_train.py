@@ -1,0 +1,114 @@
+"""The trainer through its real entry point (train.py, DeepSpeed ZeRO-2 on CPU with gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, TOY_CONFIG, run_train, tiny_train_overrides
+
+ZERO2 = str(ROOT / "configs" / "deepspeed" / "zero2.json")
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path, step: int, kind: str) -> dict[str, torch.Tensor]:
+    return load_file(str(run / str(step) / kind / "diffusion_pytorch_model.safetensors"))
+
+
+def test_invalid_config_fails_before_heavy_work(quick_world: Path, tmp_path: Path) -> None:
+    overrides = tiny_train_overrides(quick_world, tmp_path / "run") + ['data.data_path=["/nonexistent/x-{0..3}.tar"]']
+    start = time.perf_counter()
+    proc = run_train(overrides, check=False)
+    assert proc.returncode == 2
+    assert "data.data_path" in proc.stderr and "/nonexistent/x-0.tar" in proc.stderr
+    assert time.perf_counter() - start < 60
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.e2e
+def test_resume_continues_the_same_run(quick_world: Path, tmp_path: Path) -> None:
+    """6 straight steps == 3 steps, stop, resume to 6: same losses, weights, EMA and optimizer path."""
+    common = {"trainer.checkpointing_steps": 3, "data.dataloader_num_workers": 1}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_train(tiny_train_overrides(quick_world, straight, **common, **{"trainer.max_steps": 6}))
+    run_train(tiny_train_overrides(quick_world, split, **common, **{"trainer.max_steps": 3}))
+    assert (split / "latest").read_text().strip() == "3"
+    run_train(tiny_train_overrides(quick_world, split, **common, **{"trainer.max_steps": 6}))
+
+    a, b = _metrics(straight), _metrics(split)
+    assert [m["step"] for m in a] == list(range(1, 7))
+    assert [m["step"] for m in b] == list(range(1, 7))
+    for ma, mb in zip(a, b):
+        assert mb["train/loss"] == pytest.approx(ma["train/loss"], rel=1e-5, abs=1e-7), ma["step"]
+        assert mb["train/lr"] == pytest.approx(ma["train/lr"])
+    for kind in ("model", "ema"):
+        wa, wb = _weights(straight, 6, kind), _weights(split, 6, kind)
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=f"{kind}:{k}")
+    state = json.loads((split / "6" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["samples_seen"] == 6 * 4
+
+
+@pytest.mark.multiprocess
+def test_two_process_zero2_trains_checkpoints_and_resumes(quick_world: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    overrides = tiny_train_overrides(quick_world, run, **{"trainer.max_steps": 3, "trainer.checkpointing_steps": 3})
+    run_train(["--deepspeed_config_path", ZERO2, *overrides], nproc=2)
+    files = sorted(p.name for p in (run / "3" / "deepspeed").iterdir())
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in files
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in files  # optimizer state is sharded: ZeRO really on
+    assert {p.name for p in (run / "3").glob("data_state_rank*.json")} == {"data_state_rank0.json",
+                                                                           "data_state_rank1.json"}
+    ranks = [json.loads((run / "3" / f"data_state_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] != ranks[1]  # ranks read different positions of their streams
+    assert json.loads((run / "3" / "trainer_state.json").read_text())["world_size"] == 2
+    overrides[overrides.index("trainer.max_steps=3")] = "trainer.max_steps=4"
+    run_train(["--deepspeed_config_path", ZERO2, *overrides], nproc=2)
+    steps = [m["step"] for m in _metrics(run)]
+    assert steps == [1, 2, 3, 4]
+    assert all(m["train/samples_seen"] == m["step"] * 4 * 2 for m in _metrics(run))
+
+
+@pytest.mark.e2e
+def test_sigkill_mid_run_leaves_a_resumable_checkpoint(quick_world: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    overrides = tiny_train_overrides(quick_world, run, **{"trainer.max_steps": 100000,
+                                                            "trainer.checkpointing_steps": 2})
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-c", str(TOY_CONFIG), *overrides],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            latest = run / "latest"
+            if latest.is_file() and int(latest.read_text()) >= 4:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint appeared in time")
+        proc.send_signal(signal.SIGKILL)  # may land in the middle of the next save
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    from fusedit.train.checkpoint import read_latest
+
+    step = read_latest(run)
+    assert step is not None and step >= 4 and (run / str(step) / "ema" / "config.json").is_file()
+    overrides[overrides.index("trainer.max_steps=100000")] = f"trainer.max_steps={step + 1}"
+    run_train(overrides)
+    assert read_latest(run) == step + 1

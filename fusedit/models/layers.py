@@ -1,0 +1,358 @@
+"""Building blocks of the baseline DiT (spec sections 2.3-2.8).
+
+Everything here is written for the hot path of training: no dense float masks, no materialised
+``repeat_kv`` copies, positional tables computed in fp32 on the fly. Parameter names follow the
+reference key layout (spec section 2.10) so checkpoints of the reference load without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RotaryTables = tuple[torch.Tensor, torch.Tensor]
+
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Gemma-style RMSNorm: ``x / sqrt(mean(x^2) + eps) * (1 + w)`` with ``w`` initialised to 0.
+
+    The statistics are computed in fp32 even under bf16 autocast because the mean of squares of
+    a 2048-wide bf16 vector loses too many bits; the result is cast back to the input dtype so
+    that the residual stream keeps the dtype the caller chose (this mirrors the reference).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN affine: per-sample ``x * (1 + scale) + shift`` broadcast over the token axis."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class AdaLNZero(nn.Module):
+    """Block input norm with adaLN-zero modulation (``input_layernorm.{linear,norm}``).
+
+    Produces the six modulation vectors in the reference order shift_msa, scale_msa, gate_msa,
+    shift_mlp, scale_mlp, gate_mlp and already applies the attention-side shift/scale. The
+    reference then applies a second modulation with zero tensors, which is numerically the identity
+    and is therefore omitted here.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, 6 * dim, bias=True)
+        self.norm = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.linear(F.silu(temb)).chunk(6, dim=1)
+        h = modulate(self.norm(x), shift_msa, scale_msa)
+        return h, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+class AdaLNOut(nn.Module):
+    """Output-head adaLN (``norm_out.{linear,norm}``): note the chunk order is scale THEN shift,
+    unlike the blocks; swapping it would silently break converted checkpoints."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim, bias=True)
+        self.norm = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(temb)).chunk(2, dim=1)
+        return modulate(self.norm(x), shift, scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------------
+def timestep_sinusoid(t: torch.Tensor, channels: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of float timesteps in [0, 1000], laid out [cos, sin] (flip_sin_to_cos).
+
+    Always computed in fp32: ``t * f`` reaches 1000 rad and bf16 would quantise it to a few units.
+    """
+    half = channels // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def timestep_mlp(dim: int, channels: int = 256) -> nn.Sequential:
+    """``timestep_embedder``: Linear(256->d), SiLU, Linear(d->d); state keys ``{0,2}``."""
+    return nn.Sequential(nn.Linear(channels, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """1-D sin-cos features ``[sin(p w_k), cos(p w_k)]``, ``w_k = 10000^(-k/(dim/2))``, in fp64."""
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = pos.double().reshape(-1, 1) * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_2d_table(dim: int, grid_size: int, base_size: int) -> torch.Tensor:
+    """SD3-style (grid_size^2, dim) APE table; row-major tokens, first half encodes the column.
+
+    Coordinates are ``k / (grid_size / base_size)``, so a crop of the centre of the big table
+    reproduces the coordinates a ``base_size`` grid would get (spec section 2.4).
+    """
+    coords = torch.arange(grid_size, dtype=torch.float64) / (grid_size / base_size)
+    rows = coords.repeat_interleave(grid_size)  # token n = r * grid + c
+    cols = coords.repeat(grid_size)
+    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1).float()
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchifier plus optional cropped APE (``patch_embed.proj`` / ``patch_embed.pos_embed``).
+
+    The APE table is a persistent buffer only because the reference saves it in every state dict;
+    keeping it persistent keeps the key sets identical for strict loading.
+    """
+
+    def __init__(
+        self, in_channels: int, dim: int, patch_size: int, ape_max_size: int | None, ape_base_size: int
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.ape_max_size = ape_max_size
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=True)
+        if ape_max_size is not None:
+            table = sincos_2d_table(dim, ape_max_size, ape_base_size)
+            self.register_buffer("pos_embed", table.unsqueeze(0), persistent=True)
+        else:
+            self.pos_embed = None
+
+    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """Centre crop of the (max x max) table for an h x w token grid, flattened row-major."""
+        m = self.ape_max_size
+        if h > m or w > m:
+            raise ValueError(f"token grid {h}x{w} exceeds pos_embed_max_size={m}")
+        top, left = (m - h) // 2, (m - w) // 2
+        table = self.pos_embed.reshape(1, m, m, -1)[:, top : top + h, left : left + w]
+        return table.reshape(1, h * w, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        if self.pos_embed is None:
+            return tokens
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        return (tokens + self.cropped_pos_embed(h, w)).to(tokens.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary embeddings (Gemma rotate_half convention: dim i pairs with dim i + head_dim/2)
+# --------------------------------------------------------------------------------------------
+def _rope_table(pos: torch.Tensor, dim: int, theta: float) -> RotaryTables:
+    """Gemma tables for a ``dim``-wide rotary: ``cat(freqs, freqs)`` with ``theta^(-2j/dim)``."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
+    freqs = pos.float()[:, None] * inv_freq[None]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rope_tables(kind: str, height: int, width: int, head_dim: int, theta: float, device) -> RotaryTables:
+    """(cos, sin), each (N, head_dim) fp32, for an image grid of ``height x width`` tokens.
+
+    - "1d-rope": positions 0..N-1 over the row-major flattened grid.
+    - "2d-rope": half-width tables for row and column ids interleaved in 32-dim groups
+      [row, col, row, col] so the rotate_half partner (i + hd/2) carries the same axis.
+    - "m-rope": full-width tables; quarters alternate row/col, so rows drive the higher
+      frequencies (index 0..hd/4-1) and columns the lower ones.
+    Computed on the fly in fp32 (not a buffer) so ``model.to(bfloat16)`` cannot degrade them.
+    """
+    n = height * width
+    idx = torch.arange(n, device=device)
+    if kind == "1d-rope":
+        return _rope_table(idx, head_dim, theta)
+    rows, cols = idx // width, idx % width
+    if kind == "2d-rope":
+        rc, rs = _rope_table(rows, head_dim // 2, theta)
+        cc, cs = _rope_table(cols, head_dim // 2, theta)
+        q = head_dim // 4
+
+        def interleave(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return torch.cat([r[:, :q], c[:, :q], r[:, q:], c[:, q:]], dim=-1)
+
+        return interleave(rc, cc), interleave(rs, cs)
+    if kind == "m-rope":
+        rc, rs = _rope_table(rows, head_dim, theta)
+        cc, cs = _rope_table(cols, head_dim, theta)
+        q = head_dim // 4
+
+        def alternate(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return torch.cat([r[:, :q], c[:, q : 2 * q], r[:, 2 * q : 3 * q], c[:, 3 * q :]], dim=-1)
+
+        return alternate(rc, cc), alternate(rs, cs)
+    raise ValueError(f"unknown rotary kind {kind!r}")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: RotaryTables) -> torch.Tensor:
+    """Rotate (B, heads, N, hd) by (N, hd) tables; tables are cast to x's dtype like Gemma does."""
+    cos, sin = (t.to(x.dtype) for t in rope)
+    return x * cos + rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------------------------
+# Attention and MLP
+# --------------------------------------------------------------------------------------------
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, heads*hd) -> (B, heads, S, hd)."""
+    b, s, _ = x.shape
+    return x.view(b, s, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, S, hd) -> (B, S, heads*hd)."""
+    b, h, s, d = x.shape
+    return x.transpose(1, 2).reshape(b, s, h * d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA with native grouped-query attention.
+
+    ``enable_gqa`` lets the kernel index the shared K/V heads instead of materialising a
+    ``repeat_kv`` copy (4x the K/V memory). ``key_mask`` is a boolean (B, 1, 1, S) "may attend"
+    mask or None; a boolean key mask broadcast over queries is all padding needs, and passing
+    None when nothing is padded keeps the flash / memory-efficient kernels eligible.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=gqa)
+
+
+class SelfAttention(nn.Module):
+    """Image-query attention (``self_attn``); with ``joint_text`` the keys are [text; image].
+
+    In "self" mode the text is NOT updated: each layer projects the shared context-embedded text
+    into a key/value prefix (``text_k_proj``/``text_v_proj``) and only image tokens query. The
+    text keys go through the same ``k_norm`` as image keys, because they are compared against
+    the same queries: normalising only one group would let the other dominate the logits. Text
+    keys never get RoPE (they have no image position).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        qk_norm: bool,
+        joint_text: bool,
+        bias: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        if joint_text:
+            self.text_k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+            self.text_v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        self.joint_text = joint_text
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, eps)
+            self.k_norm = RMSNorm(head_dim, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryTables | None = None,
+        text: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        q = split_heads(self.q_proj(x), self.heads)
+        k = split_heads(self.k_proj(x), self.kv_heads)
+        v = split_heads(self.v_proj(x), self.kv_heads)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.joint_text:
+            tk = split_heads(self.text_k_proj(text), self.kv_heads)
+            tv = split_heads(self.text_v_proj(text), self.kv_heads)
+            if self.qk_norm:
+                tk = self.k_norm(tk)
+            k, v = torch.cat([tk, k], dim=2), torch.cat([tv, v], dim=2)
+        return self.o_proj(merge_heads(attend(q, k, v, key_mask)))
+
+
+class CrossAttention(nn.Module):
+    """Image-to-text cross-attention (``cross_attn``) of the "cross" variant (spec section 2.8).
+
+    Its text projections take the context-embedded text (width ``text_dim``, which the DiT sets
+    to its hidden size; the reference declares ``text_hidden_size`` here, identical in every
+    runnable configuration). No RoPE: the keys are text tokens without image positions.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        text_dim: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        qk_norm: bool,
+        bias: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.text_k_proj = nn.Linear(text_dim, kv_heads * head_dim, bias=bias)
+        self.text_v_proj = nn.Linear(text_dim, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, eps)
+            self.k_norm = RMSNorm(head_dim, eps)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        q = split_heads(self.q_proj(x), self.heads)
+        k = split_heads(self.text_k_proj(text), self.kv_heads)
+        v = split_heads(self.text_v_proj(text), self.kv_heads)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.o_proj(merge_heads(attend(q, k, v, key_mask)))
+
+
+class GatedMLP(nn.Module):
+    """Gemma GeGLU MLP ``down(act(gate(x)) * up(x))`` without biases (``mlp.{gate,up,down}_proj``)."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu_pytorch_tanh") -> None:
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {act!r}; choose from {sorted(ACTIVATIONS)}")
+        self.act = ACTIVATIONS[act]
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

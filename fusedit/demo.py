@@ -66,7 +66,7 @@ def evaluate(toy: Path, run: Path, guidance: float | None, seed: int) -> dict:
     import torch
 
     from fusedit.config import load_config
-    from fusedit.data.toy_scorer import ToyScorer, score
+    from fusedit.data.toy_scorer import ToyScorer
     from fusedit.pipeline import DiTPipeline, save_grid
 
     cfg = load_config(run / "config.yaml")
@@ -77,7 +77,7 @@ def evaluate(toy: Path, run: Path, guidance: float | None, seed: int) -> dict:
         images = pipe([p["prompt"] for p in prompts], height=cfg.gen.H, width=cfg.gen.W,
                       num_inference_steps=cfg.gen.steps, guidance_scale=scale, seed=seed, batch_size=64)
     scorer = ToyScorer.from_pretrained(toy / "scorer")
-    result = score(scorer, images * 2.0 - 1.0, prompts)
+    result = scorer.score(images * 2.0 - 1.0, prompts)
     result.update(guidance_scale=scale, steps=cfg.gen.steps, seed=seed, ema=True,
                   checkpoint=(run / "latest").read_text().strip())
     save_grid(images, run / "heldout_grid.png", ncol=8)

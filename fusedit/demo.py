@@ -24,8 +24,9 @@ DEFAULT_CONFIG = ROOT / "configs" / "e2e-vae" / "toy.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--toy", default="toy", help="toy world folder (built when missing)")
     p.add_argument("--run", default="output/toy", help="run folder (checkpoints, samples, scores)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training YAML")
@@ -74,12 +75,20 @@ def evaluate(toy: Path, run: Path, guidance: float | None, seed: int) -> dict:
     pipe = DiTPipeline.from_checkpoint(run, "latest", use_ema=True)
     scale = cfg.gen.scale if guidance is None else guidance
     with torch.inference_mode():
-        images = pipe([p["prompt"] for p in prompts], height=cfg.gen.H, width=cfg.gen.W,
-                      num_inference_steps=cfg.gen.steps, guidance_scale=scale, seed=seed, batch_size=64)
+        images = pipe(
+            [p["prompt"] for p in prompts],
+            height=cfg.gen.H,
+            width=cfg.gen.W,
+            num_inference_steps=cfg.gen.steps,
+            guidance_scale=scale,
+            seed=seed,
+            batch_size=64,
+        )
     scorer = ToyScorer.from_pretrained(toy / "scorer")
     result = scorer.score(images * 2.0 - 1.0, prompts)
-    result.update(guidance_scale=scale, steps=cfg.gen.steps, seed=seed, ema=True,
-                  checkpoint=(run / "latest").read_text().strip())
+    result.update(
+        guidance_scale=scale, steps=cfg.gen.steps, seed=seed, ema=True, checkpoint=(run / "latest").read_text().strip()
+    )
     save_grid(images, run / "heldout_grid.png", ncol=8)
     (run / "scores.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -100,8 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     t_world = time.perf_counter() - start
     overrides = toy_overrides(toy)
     if args.quick:
-        overrides += ["trainer.max_steps=6", "trainer.logging_steps=2", "trainer.checkpointing_steps=3",
-                      "trainer.sampling_steps=0", "data.batch_size=8", "data.dataloader_num_workers=0"]
+        overrides += [
+            "trainer.max_steps=6",
+            "trainer.logging_steps=2",
+            "trainer.checkpointing_steps=3",
+            "trainer.sampling_steps=0",
+            "data.batch_size=8",
+            "data.dataloader_num_workers=0",
+        ]
     if args.steps is not None:
         overrides.append(f"trainer.max_steps={args.steps}")
     train(args.config, run, overrides + list(args.overrides))

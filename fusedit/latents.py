@@ -72,9 +72,7 @@ def _normalisation_constants(config) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         channels = _latent_channels(config)
         shift_factor = config.get("shift_factor")
-        shift = torch.full(
-            (channels,), 0.0 if shift_factor is None else float(shift_factor), dtype=torch.float64
-        )
+        shift = torch.full((channels,), 0.0 if shift_factor is None else float(shift_factor), dtype=torch.float64)
         scale = torch.full((channels,), float(config["scaling_factor"]), dtype=torch.float64)
     return shift.float().view(1, -1, 1, 1), scale.float().view(1, -1, 1, 1)
 

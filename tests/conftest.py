@@ -51,8 +51,12 @@ def tiny_train_overrides(world: Path, run: Path, **extra: object) -> list[str]:
     return toy_overrides(world) + [f"{k}={v}" for k, v in base.items()]
 
 
-def run_train(overrides: list[str], nproc: int = 1, timeout: int = 240, check: bool = True,
-              ) -> subprocess.CompletedProcess:
+def run_train(
+    overrides: list[str],
+    nproc: int = 1,
+    timeout: int = 240,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Launch train.py as a user would: plain python for 1 process, torchrun for more."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -60,8 +64,17 @@ def run_train(overrides: list[str], nproc: int = 1, timeout: int = 240, check: b
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "train.py"), "-c", str(TOY_CONFIG), *overrides]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "train.py"), "-c", str(TOY_CONFIG), *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(ROOT / "train.py"),
+            "-c",
+            str(TOY_CONFIG),
+            *overrides,
+        ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

@@ -15,9 +15,22 @@ from tests.conftest import ROOT
 @pytest.mark.e2e
 def test_demo_quick_runs_end_to_end(quick_world: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fusedit.demo", "--quick", "--toy", str(quick_world), "--run", str(run),
-           "model.hidden_size=32", "model.num_hidden_layers=1", "model.num_attention_heads=2",
-           "model.num_key_value_heads=1", "model.head_dim=16", "model.intermediate_size=64"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fusedit.demo",
+        "--quick",
+        "--toy",
+        str(quick_world),
+        "--run",
+        str(run),
+        "model.hidden_size=32",
+        "model.num_hidden_layers=1",
+        "model.num_attention_heads=2",
+        "model.num_key_value_heads=1",
+        "model.head_dim=16",
+        "model.intermediate_size=64",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     last = proc.stdout.strip().splitlines()[-1]

@@ -69,9 +69,7 @@ def test_direct_index_matches_the_reference_search():
     flow = FlowMatching(scheduler)
     u = torch.sigmoid(torch.randn(64, generator=gen(4)))
     index = (u * 1000).floor().long()
-    searched = [
-        scheduler.sigmas[(scheduler.timesteps == scheduler.timesteps[i]).nonzero()[0, 0]] for i in index
-    ]
+    searched = [scheduler.sigmas[(scheduler.timesteps == scheduler.timesteps[i]).nonzero()[0, 0]] for i in index]
     torch.testing.assert_close(flow.sigma_table[index], torch.stack(searched))
     torch.testing.assert_close(flow.timesteps(flow.sigma_table[index]), scheduler.timesteps[index])
 
@@ -195,6 +193,4 @@ def test_cfg_with_scale_one_equals_conditional_formula():
         return xx * scale
 
     nearly_one = euler_sample(model, x, sigmas, guidance_scale=1.0 + 1e-6)
-    torch.testing.assert_close(
-        nearly_one, euler_sample(model, x, sigmas, guidance_scale=1.0), atol=1e-4, rtol=0
-    )
+    torch.testing.assert_close(nearly_one, euler_sample(model, x, sigmas, guidance_scale=1.0), atol=1e-4, rtol=0)

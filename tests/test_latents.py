@@ -117,9 +117,7 @@ def test_encode_decode_matches_raw_vae(family):
         expected = vae.decode(z).sample.clamp(-1, 1)
     decoded = codec.decode(latents)
     assert decoded.shape == x.shape and decoded.dtype == torch.float32
-    torch.testing.assert_close(
-        decoded, expected.squeeze(2) if family == "qwen" else expected, atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(decoded, expected.squeeze(2) if family == "qwen" else expected, atol=1e-5, rtol=0)
     # Decoding the normalised latents as if they were raw gives something else (defect 2).
     with torch.no_grad():
         wrong = vae.decode(latents.unsqueeze(2) if family == "qwen" else latents).sample

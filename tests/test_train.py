@@ -69,8 +69,10 @@ def test_two_process_zero2_trains_checkpoints_and_resumes(quick_world: Path, tmp
     files = sorted(p.name for p in (run / "3" / "deepspeed").iterdir())
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in files
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in files  # optimizer state is sharded: ZeRO really on
-    assert {p.name for p in (run / "3").glob("data_state_rank*.json")} == {"data_state_rank0.json",
-                                                                           "data_state_rank1.json"}
+    assert {p.name for p in (run / "3").glob("data_state_rank*.json")} == {
+        "data_state_rank0.json",
+        "data_state_rank1.json",
+    }
     ranks = [json.loads((run / "3" / f"data_state_rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] != ranks[1]  # ranks read different positions of their streams
     assert json.loads((run / "3" / "trainer_state.json").read_text())["world_size"] == 2
@@ -84,13 +86,19 @@ def test_two_process_zero2_trains_checkpoints_and_resumes(quick_world: Path, tmp
 @pytest.mark.e2e
 def test_sigkill_mid_run_leaves_a_resumable_checkpoint(quick_world: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    overrides = tiny_train_overrides(quick_world, run, **{"trainer.max_steps": 100000,
-                                                            "trainer.checkpointing_steps": 2})
+    overrides = tiny_train_overrides(
+        quick_world, run, **{"trainer.max_steps": 100000, "trainer.checkpointing_steps": 2}
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-c", str(TOY_CONFIG), *overrides],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "-c", str(TOY_CONFIG), *overrides],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline:

@@ -52,8 +52,13 @@ class DiTPipeline:
         tag: str | int = "latest",
         use_ema: bool = True,
         device: str | torch.device = "cpu",
+        vae: VaeSpec | None = None,
     ) -> DiTPipeline:
-        """Load a training run's step ``tag`` (EMA weights by default) from safetensors only."""
+        """Load a training run's step ``tag`` (EMA weights by default) from safetensors only.
+
+        The VAE is the one recorded in ``<tag>/vae.json`` (the one the DiT was trained with);
+        ``vae`` overrides it, e.g. when the checkpoint moved to a machine with another copy.
+        """
         from fusedit.config import load_config
         from fusedit.train.checkpoint import read_latest, step_dir
         from fusedit.train.trainer import build_scheduler
@@ -64,7 +69,7 @@ class DiTPipeline:
             raise FileNotFoundError(f"{run_dir}: no 'latest' checkpoint")
         folder = step_dir(run_dir, step)
         cfg = load_config(run_dir / "config.yaml")
-        vae = json.loads((folder / "vae.json").read_text())
+        spec = vae if vae is not None else VaeSpec(**json.loads((folder / "vae.json").read_text()))
         transformer = DiT.from_pretrained(str(folder / ("ema" if use_ema else "model"))).to(device).eval()
         text_encoder = TextEncoder(
             cfg.model.base,
@@ -72,7 +77,7 @@ class DiTPipeline:
             tokenizer=cfg.data.tokenizer,
             hidden_states_index=cfg.model.text_hidden_states_index,
         ).to(device)
-        codec = LatentCodec.from_spec(VaeSpec(**vae)).to(device)
+        codec = LatentCodec.from_spec(spec).to(device)
         return cls(transformer, text_encoder, codec, build_scheduler(cfg), cfg.data.max_prompt_length)
 
     def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,559 @@
+"""Benchmark sampling shared by the five ``evaluation/sample_*_ckpt.py`` scripts.
+
+One module, five output layouts. What it fixes over the reference scripts (spec sections 6 and 9):
+
+* every image's noise comes from (seed, global prompt index, sample index), so the images do not
+  depend on the number of processes, the batch size or which prompts share a batch;
+* files are named by the *global* prompt index (no per-process counters that collide across
+  nodes), and ``index_to_prompt.json`` is written once, by the main process, with every prompt;
+* the VAE is the one recorded with the checkpoint (``<tag>/vae.json``) unless ``--vae`` says
+  otherwise; weights come from safetensors, never from a pickle;
+* bf16 autocast on CUDA (training's precision; latents stay fp32), plain fp32 on CPU;
+* runs are resumable: a prompt whose outputs all exist is skipped, images are written atomically,
+  and a folder made with different image-affecting settings is refused instead of mixed.
+
+Launch one process or many, the result is the same::
+
+    python evaluation/sample_coco_ckpt.py --checkpoint RUN --save_dir out/coco
+    accelerate launch --num_processes 8 evaluation/sample_coco_ckpt.py --checkpoint RUN ...
+    torchrun --standalone --nproc_per_node 2 evaluation/sample_coco_ckpt.py ...   # CPU, gloo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS_DIR = ROOT / "prompts"
+SETTINGS_NAME = "sampling_settings.json"
+INDEX_NAME = "index_to_prompt.json"
+SUPPORTED_TYPES = ("baseline-dit",)
+DPG_GRID = 4  # DPG-Bench's scorer crops four tiles out of a 2x2 grid
+# Settings that change the pixels; a folder must not mix images made with different values.
+IMAGE_SETTINGS = (
+    "checkpoint",
+    "step",
+    "ema_weights",
+    "vae",
+    "resolution",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "images_per_prompt",
+)
+
+
+class SamplingError(ValueError):
+    """A problem the user can fix (bad file, setting or folder); printed without a traceback."""
+
+
+class PromptFileError(SamplingError):
+    """A prompt file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt and where it sits in its file: ``index`` seeds its images, ``name`` names its output."""
+
+    index: int
+    text: str
+    name: str
+    record: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt files
+# --------------------------------------------------------------------------------------------
+def read_json_file(path: str | Path) -> Any:
+    """Parse a JSON file, turning every failure into an error that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"{path}: prompt file not found (see prompts/build_prompts.py --help)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PromptFileError(f"{path}: not valid JSON ({e})") from e
+
+
+def _prompt_text(path: Path, where: str, value: Any) -> str:
+    """A prompt is a string or an object with a string ``prompt`` (the toy world's held-out format)."""
+    if isinstance(value, dict):
+        value = value.get("prompt")
+    if not isinstance(value, str) or not value.strip():
+        raise PromptFileError(f"{path}: {where} is not a non-empty string or an object with a 'prompt' string")
+    return value
+
+
+def _record(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def load_prompt_list(path: str | Path) -> list[PromptItem]:
+    """COCO / MJHQ / GenAI-Bench: a JSON array of strings or of ``{"prompt": ...}`` objects."""
+    path = Path(path)
+    data = read_json_file(path)
+    if not isinstance(data, list):
+        raise PromptFileError(f"{path}: expected a JSON array of prompts, got a JSON {type(data).__name__}")
+    return [PromptItem(i, _prompt_text(path, f"item {i}", v), f"{i:05d}", _record(v)) for i, v in enumerate(data)]
+
+
+def load_geneval_metadata(path: str | Path) -> list[PromptItem]:
+    """GenEval: JSON Lines, one object per prompt with a ``prompt`` key (kept whole for the scorer)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"{path}: metadata file not found (see prompts/build_prompts.py --help)")
+    items = []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for n, line in enumerate(lines):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"{path}: line {n + 1} is not valid JSON ({e})") from e
+        if not isinstance(obj, dict):
+            raise PromptFileError(f"{path}: line {n + 1} is not a JSON object")
+        items.append(PromptItem(n, _prompt_text(path, f"line {n + 1}", obj), f"{n:05d}", obj))
+    return items
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def load_named_prompts(path: str | Path) -> list[PromptItem]:
+    """DPG-Bench: ``{prompt_name: text}`` (names become file names) or an array named ``prompt_{i:05d}``."""
+    path = Path(path)
+    data = read_json_file(path)
+    if isinstance(data, list):
+        pairs = [(f"prompt_{i:05d}", v) for i, v in enumerate(data)]
+    elif isinstance(data, dict):
+        pairs = list(data.items())
+    else:
+        raise PromptFileError(f"{path}: expected a JSON object {{name: prompt}} or an array, got {type(data).__name__}")
+    items = []
+    for i, (name, value) in enumerate(pairs):
+        if not _SAFE_NAME.match(name):
+            raise PromptFileError(f"{path}: prompt name {name!r} cannot be a file name (letters, digits, . _ -)")
+        items.append(PromptItem(i, _prompt_text(path, f"prompt {name!r}", value), name, _record(value)))
+    return items
+
+
+# --------------------------------------------------------------------------------------------
+# Writing images
+# --------------------------------------------------------------------------------------------
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) in [0,1] -> (B,H,W,3) uint8, rounded like the reference's PIL conversion."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a hidden temp file and rename, so a killed run never leaves a half file.
+
+    The temp name starts with a dot and does not end in an image extension, so neither the
+    resume check nor the scorers' globs (GenEval matches ``\\d+\\.png``) can pick it up.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_png(pixels: torch.Tensor, path: Path) -> None:
+    """One (H,W,3) uint8 image as PNG, atomically."""
+    from PIL import Image
+
+    image = Image.fromarray(pixels.numpy())
+    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def grid_2x2(pixels: torch.Tensor) -> torch.Tensor:
+    """Four (H,W,3) images -> one (2H,2W,3) canvas, image i at column i % 2, row i // 2 (DPG-Bench)."""
+    if len(pixels) != DPG_GRID:
+        raise ValueError(f"a DPG-Bench grid needs {DPG_GRID} images, got {len(pixels)}")
+    return torch.cat([torch.cat([pixels[0], pixels[1]], dim=1), torch.cat([pixels[2], pixels[3]], dim=1)], dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Output layouts: which files a prompt produces, and how they are written
+# --------------------------------------------------------------------------------------------
+class Layout:
+    """Where a benchmark's scorer expects the images of one prompt."""
+
+    def __init__(self, save_dir: Path, images_per_prompt: int = 1) -> None:
+        self.save_dir = save_dir
+        self.images_per_prompt = images_per_prompt
+
+    def outputs(self, item: PromptItem) -> list[Path]:
+        raise NotImplementedError
+
+    def write(self, item: PromptItem, pixels: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def check(self, items: Sequence[PromptItem]) -> None:
+        """Every rank, read only: refuse a folder whose existing outputs belong to other prompts."""
+
+    def prepare(self, items: Sequence[PromptItem]) -> None:
+        """Main process only, before any image is written."""
+
+    def done(self, item: PromptItem) -> bool:
+        return all(p.is_file() for p in self.outputs(item))
+
+
+class FlatLayout(Layout):
+    """COCO, MJHQ, GenAI-Bench: ``{global_index:05d}.png`` plus one ``index_to_prompt.json``."""
+
+    def outputs(self, item: PromptItem) -> list[Path]:
+        return [self.save_dir / f"{item.name}.png"]
+
+    def write(self, item: PromptItem, pixels: torch.Tensor) -> None:
+        save_png(pixels[0], self.outputs(item)[0])
+
+    def _existing_index(self) -> dict[str, str]:
+        path = self.save_dir / INDEX_NAME
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def check(self, items: Sequence[PromptItem]) -> None:
+        existing = self._existing_index()
+        clash = next((item for item in items if existing.get(item.name, item.text) != item.text), None)
+        if clash is not None:
+            raise SamplingError(
+                f"{self.save_dir / INDEX_NAME}: {clash.name} was sampled for {existing[clash.name]!r}, "
+                f"the prompt file now says {clash.text!r}; use another --save_dir"
+            )
+
+    def prepare(self, items: Sequence[PromptItem]) -> None:
+        """One index for the whole folder, kept across resumes (a shorter --num_samples drops nothing)."""
+        index = self._existing_index() | {item.name: item.text for item in items}
+        index = dict(sorted(index.items()))
+        write_text_atomic(self.save_dir / INDEX_NAME, json.dumps(index, indent=1, ensure_ascii=False) + "\n")
+
+
+class GenEvalLayout(Layout):
+    """``{index:05d}/metadata.jsonl`` (the prompt's object on one line) + ``samples/{k:05d}.png``."""
+
+    def folder(self, item: PromptItem) -> Path:
+        return self.save_dir / f"{item.index:05d}"
+
+    def outputs(self, item: PromptItem) -> list[Path]:
+        samples = [self.folder(item) / "samples" / f"{k:05d}.png" for k in range(self.images_per_prompt)]
+        return [self.folder(item) / "metadata.jsonl", *samples]
+
+    def check(self, items: Sequence[PromptItem]) -> None:
+        for item in items:
+            path = self.folder(item) / "metadata.jsonl"
+            if path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("prompt") != item.text:
+                raise SamplingError(f"{path}: written for another prompt than {item.text!r}; use another --save_dir")
+
+    def write(self, item: PromptItem, pixels: torch.Tensor) -> None:
+        metadata, *samples = self.outputs(item)
+        for path, image in zip(samples, pixels):
+            save_png(image, path)
+        # GenEval reads this with json.load: one object, no trailing newline (as its own generator writes).
+        write_text_atomic(metadata, json.dumps(item.record or {"prompt": item.text}, ensure_ascii=False))
+
+
+class GridLayout(Layout):
+    """DPG-Bench: ``{prompt_name}.png``, a 2x2 grid of the prompt's four images."""
+
+    def outputs(self, item: PromptItem) -> list[Path]:
+        return [self.save_dir / f"{item.name}.png"]
+
+    def write(self, item: PromptItem, pixels: torch.Tensor) -> None:
+        save_png(grid_2x2(pixels), self.outputs(item)[0])
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """How one benchmark reads its prompts and lays out its images."""
+
+    name: str
+    title: str
+    load: Callable[[str | Path], list[PromptItem]]
+    layout: type[Layout]
+    default_prompts: Path
+    prompts_flag: str = "--prompts"
+    default_batch_size: int = 32
+    fixed_images_per_prompt: int | None = 1  # None: --n_samples decides
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "coco": Benchmark("coco", "COCO-30K", load_prompt_list, FlatLayout, PROMPTS_DIR / "coco30k.json"),
+    "mjhq": Benchmark("mjhq", "MJHQ-30K", load_prompt_list, FlatLayout, PROMPTS_DIR / "mjhq30k.json"),
+    "geneval": Benchmark(
+        "geneval",
+        "GenEval",
+        load_geneval_metadata,
+        GenEvalLayout,
+        PROMPTS_DIR / "geneval_metadata.jsonl",
+        prompts_flag="--metadata_file",
+        default_batch_size=4,
+        fixed_images_per_prompt=None,
+    ),
+    "dpgbench": Benchmark(
+        "dpgbench",
+        "DPG-Bench",
+        load_named_prompts,
+        GridLayout,
+        PROMPTS_DIR / "dpgbench.json",
+        default_batch_size=4,
+        fixed_images_per_prompt=DPG_GRID,
+    ),
+    "genaibench": Benchmark("genaibench", "GenAI-Bench", load_prompt_list, FlatLayout, PROMPTS_DIR / "genaibench.json"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the epilog's layout and show every default that is a value (not None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, argparse.SUPPRESS) and not action.required and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser(bench: Benchmark) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"sample_{bench.name}_ckpt.py",
+        description=f"Sample {bench.title} prompts from a training checkpoint (one or many processes).",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="training run folder (holds config.yaml, latest, <step>/)")
+    p.add_argument("--tag", default="latest", help="checkpoint step, or 'latest'")
+    p.add_argument("--type", default="baseline-dit", help="model family; only 'baseline-dit' is trained here")
+    p.add_argument("--vae", default=None, help="VAE path overriding the one stored in <tag>/vae.json")
+    p.add_argument("--vae_subfolder", default=None, help="subfolder of --vae (default: the folder itself)")
+    flag = bench.prompts_flag
+    p.add_argument(flag, dest="prompts", metavar="FILE", default=str(bench.default_prompts), help=_format_help(bench))
+    p.add_argument("--resolution", type=int, default=None, help="image side in px (default: the run's gen.H)")
+    p.add_argument("--num_inference_steps", type=int, default=25, help="Euler steps")
+    p.add_argument("--guidance_scale", type=float, default=6.0, help="classifier-free guidance (1 = off)")
+    p.add_argument("--batch_size", type=int, default=bench.default_batch_size, help="images per forward pass")
+    p.add_argument("--save_dir", default=None, help="output folder (default: <checkpoint>/eval/<benchmark>_<settings>)")
+    p.add_argument("--ema_weights", action=argparse.BooleanOptionalAction, default=True, help="EMA or raw weights")
+    p.add_argument("--seed", type=int, default=42, help="base seed; image k of prompt i uses (seed, i, k)")
+    p.add_argument("--num_samples", type=int, default=None, help="use only the first N prompts")
+    if bench.fixed_images_per_prompt is None:
+        p.add_argument("--n_samples", type=int, default=4, help="images per prompt")
+    return p
+
+
+def _format_help(bench: Benchmark) -> str:
+    formats = {
+        "geneval": "JSON Lines, one object with 'prompt' per line",
+        "dpgbench": "JSON object {name: prompt} or array",
+    }
+    return "prompt file: " + formats.get(bench.name, "JSON array of strings or {'prompt': ...} objects")
+
+
+def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what the reference silently accepted or that would fail late, on every process."""
+    if args.type not in SUPPORTED_TYPES:
+        parser.error(f"--type {args.type!r} is not supported: only {SUPPORTED_TYPES} checkpoints are trained here")
+    for name in ("num_inference_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "n_samples", 1) < 1:
+        parser.error(f"--n_samples must be >= 1, got {args.n_samples}")
+    if args.resolution is not None and args.resolution < 1:
+        parser.error(f"--resolution must be >= 1, got {args.resolution}")
+    if args.num_samples is not None and args.num_samples < 1:
+        parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.vae_subfolder and not args.vae:
+        parser.error("--vae_subfolder needs --vae")
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+def resolve_step(run_dir: Path, tag: str) -> int:
+    from fusedit.train.checkpoint import read_latest
+
+    if str(tag) != "latest":
+        if not str(tag).isdigit() or not (run_dir / str(tag)).is_dir():
+            raise SamplingError(f"{run_dir}: no checkpoint folder for --tag {tag!r}")
+        return int(tag)
+    step = read_latest(run_dir)
+    if step is None:
+        raise SamplingError(f"{run_dir}: no 'latest' file; is --checkpoint a training run folder?")
+    return step
+
+
+def vae_spec(args: argparse.Namespace, run_dir: Path, step: int) -> dict[str, Any]:
+    """The VAE to decode with: the checkpoint's own unless overridden (the reference forced subfolder 'vae')."""
+    if args.vae:
+        return {"pretrained_model_name_or_path": args.vae, "subfolder": args.vae_subfolder, "kind": "auto"}
+    return json.loads((run_dir / str(step) / "vae.json").read_text())
+
+
+def settings(args: argparse.Namespace, bench: Benchmark, run_dir: Path, step: int, resolution: int) -> dict[str, Any]:
+    return {
+        "benchmark": bench.name,
+        "checkpoint": str(run_dir.resolve()),
+        "step": step,
+        "ema_weights": bool(args.ema_weights),
+        "vae": vae_spec(args, run_dir, step),
+        "resolution": resolution,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+        "images_per_prompt": images_per_prompt(bench, args),
+        "prompts": str(Path(args.prompts).resolve()),
+        "type": args.type,
+    }
+
+
+def images_per_prompt(bench: Benchmark, args: argparse.Namespace) -> int:
+    return bench.fixed_images_per_prompt or args.n_samples
+
+
+def check_settings(save_dir: Path, current: dict[str, Any]) -> None:
+    """Resuming into a folder made with other settings would silently mix two experiments.
+
+    Every rank checks (read only), so all of them fail together instead of some waiting forever
+    at a barrier; the main process records the settings afterwards.
+    """
+    path = save_dir / SETTINGS_NAME
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = [k for k in IMAGE_SETTINGS if previous.get(k) != current.get(k)]
+        if changed:
+            diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            raise SamplingError(f"{save_dir} holds images made with other settings ({diffs}); use another --save_dir")
+
+
+def default_save_dir(run_dir: Path, bench: Benchmark, s: dict[str, Any]) -> Path:
+    weights = "ema" if s["ema_weights"] else "raw"
+    name = (
+        f"{bench.name}_step{s['step']}_{weights}_cfg{s['guidance_scale']:g}_n{s['num_inference_steps']}_seed{s['seed']}"
+    )
+    return run_dir / "eval" / f"{name}_r{s['resolution']}"
+
+
+def chunks(items: Sequence[PromptItem], per_chunk: int) -> list[list[PromptItem]]:
+    return [list(items[i : i + per_chunk]) for i in range(0, len(items), per_chunk)]
+
+
+def load_pipeline(args: argparse.Namespace, run_dir: Path, step: int, device: torch.device):
+    from fusedit.latents import VaeSpec
+    from fusedit.pipeline import DiTPipeline
+
+    spec = VaeSpec(**vae_spec(args, run_dir, step)) if args.vae else None
+    return DiTPipeline.from_checkpoint(run_dir, step, use_ema=args.ema_weights, device=device, vae=spec)
+
+
+def check_resolution(pipe, resolution: int) -> None:
+    """Latents must tile into whole patches; say so instead of failing inside the DiT."""
+    multiple = pipe.codec.spatial_factor * int(pipe.transformer.config.patch_size)
+    if resolution < multiple or resolution % multiple:
+        raise SamplingError(f"--resolution {resolution} must be a positive multiple of {multiple} (VAE factor x patch)")
+
+
+def generate(pipe, chunk: list[PromptItem], args: argparse.Namespace, per_prompt: int, resolution: int) -> torch.Tensor:
+    """Images of a chunk of prompts, seeded by their global indices; (n_prompts, per_prompt, H, W, 3) uint8."""
+    autocast = torch.bfloat16 if pipe.device.type == "cuda" else None
+    images = pipe(
+        [item.text for item in chunk],
+        height=resolution,
+        width=resolution,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        num_images_per_prompt=per_prompt,
+        prompt_indices=[item.index for item in chunk],
+        batch_size=args.batch_size,
+        autocast_dtype=autocast,
+    )
+    return to_uint8(images).reshape(len(chunk), per_prompt, *images.shape[-2:], 3)
+
+
+def unfinished_share(state, layout: Layout, items: list[PromptItem]) -> tuple[list[PromptItem], list[PromptItem]]:
+    """(all unfinished prompts, this rank's contiguous slice of them).
+
+    Every rank lists the unfinished prompts before any rank writes (barrier), so all ranks split
+    the same list; the split is over positions in it, and items keep their global indices.
+    """
+    todo = [item for item in items if not layout.done(item)]
+    state.wait_for_everyone()
+    with state.split_between_processes(list(range(len(todo)))) as positions:
+        return todo, [todo[p] for p in positions]
+
+
+def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
+    """Sample this process's share of the unfinished prompts; returns a summary (same on all ranks)."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from fusedit.config import load_config
+
+    # Without cpu=True accelerate ignores torchrun's environment on a machine without CUDA and every
+    # process would sample everything; with it the processes form a gloo group.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    run_dir = Path(args.checkpoint)
+    step = resolve_step(run_dir, args.tag)
+    resolution = args.resolution or load_config(run_dir / "config.yaml").gen.H
+    items = bench.load(args.prompts)[: args.num_samples]
+    if not items:
+        raise PromptFileError(f"{args.prompts}: no prompts")
+    current = settings(args, bench, run_dir, step, resolution)
+    save_dir = Path(args.save_dir) if args.save_dir else default_save_dir(run_dir, bench, current)
+    per_prompt = images_per_prompt(bench, args)
+    layout = bench.layout(save_dir, per_prompt)
+    pipe = load_pipeline(args, run_dir, step, state.device)
+    check_resolution(pipe, resolution)
+    check_settings(save_dir, current)
+    layout.check(items)
+    if state.is_main_process:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(save_dir / SETTINGS_NAME, json.dumps(current, indent=2) + "\n")
+        layout.prepare(items)
+    state.wait_for_everyone()
+    todo, mine = unfinished_share(state, layout, items)
+    desc = f"{bench.title} (rank 0 of {state.num_processes})"
+    with tqdm(total=len(mine), desc=desc, unit="prompt", disable=not state.is_main_process) as bar:
+        for chunk in chunks(mine, max(1, args.batch_size // per_prompt)):
+            pixels = generate(pipe, chunk, args, per_prompt, resolution)
+            for item, images in zip(chunk, pixels):
+                layout.write(item, images)
+            bar.update(len(chunk))
+    state.wait_for_everyone()
+    summary = {
+        "save_dir": str(save_dir),
+        "prompts": len(items),
+        "generated": len(todo),
+        "skipped": len(items) - len(todo),
+    }
+    if state.is_main_process:
+        print(json.dumps(summary), flush=True)
+    return summary
+
+
+def main(benchmark: str, argv: list[str] | None = None) -> int:
+    """Entry point of ``evaluation/sample_<benchmark>_ckpt.py``."""
+    bench = BENCHMARKS[benchmark]
+    parser = build_parser(bench)
+    args = parser.parse_args(argv)
+    validate_args(parser, args)
+    try:
+        run(bench, args)
+    except SamplingError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return 0

@@ -5,6 +5,7 @@ Examples:
   torchrun --nproc_per_node 8 train.py -c CONFIG --deepspeed_config_path configs/deepspeed/zero2.json
   srun torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d ... train.py -c CONFIG
   python train.py -c CONFIG trainer.max_steps=1000 data.batch_size=16   # key=value overrides
+  python train.py -c CONFIG --dry-run --world-size 32   # plan: params, FLOPs, memory per GPU; no GPU
 
 The YAML is merged onto the typed schema in fusedit/config.py, overrides on top; the whole
 config is validated (and data paths checked) before any process group, model or data is
@@ -17,6 +18,10 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fusedit.config import TrainConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -33,6 +38,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="DeepSpeed JSON; 'auto' fields are filled from the YAML (default: built-in ZeRO-2)",
     )
+    plan = parser.add_argument_group("dry run (fusedit/plan.py): plan without GPUs, weights, data or processes")
+    plan.add_argument(
+        "--dry-run",
+        "--dry_run",
+        action="store_true",
+        help="build the DiT on the meta device, print parameters, FLOPs/step and memory/GPU, write "
+        "<checkpoint_dir>/plan.json and config.resolved.yaml, then exit",
+    )
+    plan.add_argument("--world-size", type=int, default=8, help="GPUs to plan for (default: %(default)s)")
+    plan.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="ZeRO stage to highlight (default: the DeepSpeed JSON's, else 2)",
+    )
+    plan.add_argument(
+        "--text-tokens", type=int, default=None, help="text tokens per prompt (default: data.max_prompt_length)"
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
     return parser.parse_args(argv)
@@ -47,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        return dry_run(args, cfg)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -65,6 +91,29 @@ def main(argv: list[str] | None = None) -> int:
         cleanup()
     if rank == 0 and last:
         print("final: " + " ".join(f"{k}={v:.6g}" for k, v in last.items() if isinstance(v, (int, float))))
+    return 0
+
+
+def dry_run(args: argparse.Namespace, cfg: TrainConfig) -> int:
+    """Plan the run and exit; imports neither DeepSpeed nor the trainer, starts no process group."""
+    from fusedit.config import ConfigError
+    from fusedit.plan import run_dry_run
+
+    if args.text_tokens is not None and args.text_tokens < 1:
+        print(f"error: --text-tokens: must be >= 1, got {args.text_tokens}", file=sys.stderr)
+        return 2
+    try:
+        run_dry_run(
+            cfg,
+            config_path=args.config,
+            world_size=args.world_size,
+            zero_stage=args.zero_stage,
+            text_tokens=args.text_tokens,
+            deepspeed_config_path=args.deepspeed_config_path,
+        )
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

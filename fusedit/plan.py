@@ -1,0 +1,959 @@
+"""Dry-run planner: what a training config will cost, before any GPU, weight or shard is touched.
+
+``python train.py -c CONFIG --dry-run [--world-size N] [--zero-stage 1|2]`` calls :func:`run_dry_run`.
+A 500k-step run on 32 GPUs should not be the first place to learn that it does not fit in memory,
+that a shard pattern has a typo, or how many FLOPs a step costs (the number an MFU needs). So the
+planner:
+
+* builds the DiT on the ``meta`` device (shapes only, no storage), so its parameter count is the
+  real module's, not a second formula that could drift from it;
+* sizes the frozen text encoder and VAE without the hub: local folders (the toy world) are built on
+  meta from their own ``config.json``; known hub models come from the table below (Gemma-2B's
+  published size; the VAEs are built on meta from their public configs);
+* counts matmul FLOPs (``2*m*n*k``) per step, split into DiT forward/backward, text-encoder forward
+  and VAE-encoder forward, and returns them as data (:class:`StepFlops`) for later MFU numbers;
+* estimates per-GPU memory under ZeRO-0/1/2 for N GPUs, with and without gradient checkpointing;
+* checks the shard patterns' brace syntax, counts shards and how many exist locally (a dry run
+  does not fail when none do: planning usually happens before the download);
+* writes ``<checkpoint_dir>/config.resolved.yaml`` and ``<checkpoint_dir>/plan.json``.
+
+It never creates a process group and never imports DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from fusedit.config import ConfigError, TrainConfig, save_config
+
+GIB = 1024**3
+
+# --------------------------------------------------------------------------------------------
+# Known hub architectures (the planner must work offline, so hub configs are never read)
+# --------------------------------------------------------------------------------------------
+# Gemma-2B as the reference uses it: AutoModel -> GemmaModel (decoder stack, no LM head). Spec 2.11/2.12.
+GEMMA_2B = {
+    "params": 2_506_172_416,
+    "hidden_size": 2048,
+    "num_hidden_layers": 18,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "intermediate_size": 16384,
+    "vocab_size": 256000,
+}
+KNOWN_TEXT_ENCODERS = {"google/gemma-2b": GEMMA_2B}
+
+# The public FLUX.1-dev vae/config.json (AutoencoderKL); SD3.5-large's VAE has the same layout.
+FLUX_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+SD35_VAE = {**FLUX_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+_E2E_NOTE = "assumed to keep the architecture of the VAE it was tuned from"
+# key: lower-case hub name -> (diffusers class, constructor kwargs, where the architecture comes from)
+KNOWN_VAES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "black-forest-labs/flux.1-dev": ("AutoencoderKL", FLUX_VAE, "public FLUX.1-dev VAE config"),
+    "repa-e/e2e-flux-vae": ("AutoencoderKL", FLUX_VAE, f"FLUX.1-dev VAE config, {_E2E_NOTE}"),
+    "stabilityai/stable-diffusion-3.5-large": ("AutoencoderKL", SD35_VAE, "public SD3.5-large VAE config"),
+    "repa-e/e2e-sd3.5-vae": ("AutoencoderKL", SD35_VAE, f"SD3.5-large VAE config, {_E2E_NOTE}"),
+    "qwen/qwen-image": ("AutoencoderKLQwenImage", {}, "diffusers AutoencoderKLQwenImage class defaults"),
+    "repa-e/e2e-qwenimage-vae": ("AutoencoderKLQwenImage", {}, f"AutoencoderKLQwenImage defaults, {_E2E_NOTE}"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Plan data
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Component:
+    """Parameter counts of one model part; ``None`` when the architecture is unknown offline."""
+
+    name: str
+    trainable: int | None
+    frozen: int | None
+    source: str
+
+
+@dataclass
+class Tokens:
+    """Sequence lengths every FLOP and activation number below is computed for."""
+
+    image_tokens: int
+    text_tokens: int
+    latent_channels: int
+    latent_size: int
+    vae_factor: int
+    patch_size: int
+    text_tokens_source: str
+
+
+@dataclass
+class StepFlops:
+    """Matmul FLOPs (``2*m*n*k``, attention included) of one optimizer step.
+
+    Per-sample numbers times ``samples_per_gpu`` (micro-batch x accumulation) give one GPU's step;
+    times ``world_size`` the global step. Backward is taken as 2x forward (one matmul for the input
+    gradient and one for the weight gradient per forward matmul). Frozen encoders run forward only.
+    ``model`` totals are what MFU conventionally counts; ``hardware`` adds the block recompute
+    that gradient checkpointing performs.
+    """
+
+    dit_forward_per_sample: int
+    dit_blocks_forward_per_sample: int
+    text_encoder_forward_per_sample: int | None
+    vae_encoder_forward_per_sample: int | None
+    samples_per_gpu: int
+    world_size: int
+    gradient_checkpointing: bool
+
+    def per_sample(self) -> dict[str, int]:
+        """The four parts of one sample's step, plus the checkpoint recompute (0 when off)."""
+        fwd = self.dit_forward_per_sample
+        return {
+            "dit_forward": fwd,
+            "dit_backward": 2 * fwd,
+            "text_encoder_forward": self.text_encoder_forward_per_sample or 0,
+            "vae_encoder_forward": self.vae_encoder_forward_per_sample or 0,
+            "dit_recompute": self.dit_blocks_forward_per_sample if self.gradient_checkpointing else 0,
+        }
+
+    def model_per_sample(self) -> int:
+        parts = self.per_sample()
+        return sum(v for k, v in parts.items() if k != "dit_recompute")
+
+    @property
+    def model_per_gpu(self) -> int:
+        return self.model_per_sample() * self.samples_per_gpu
+
+    @property
+    def model_global(self) -> int:
+        return self.model_per_gpu * self.world_size
+
+    @property
+    def hardware_per_gpu(self) -> int:
+        return (self.model_per_sample() + self.per_sample()["dit_recompute"]) * self.samples_per_gpu
+
+    def mfu(self, step_seconds: float, peak_flops_per_gpu: float) -> float:
+        """Model FLOPs utilisation of a measured step time against a GPU's dense peak."""
+        return self.model_per_gpu / (step_seconds * peak_flops_per_gpu)
+
+    def to_dict(self) -> dict[str, Any]:
+        per_sample = self.per_sample()
+        return {
+            **asdict(self),
+            "per_sample": per_sample,
+            "per_gpu": {k: v * self.samples_per_gpu for k, v in per_sample.items()},
+            "global": {k: v * self.samples_per_gpu * self.world_size for k, v in per_sample.items()},
+            "model_per_gpu": self.model_per_gpu,
+            "model_global": self.model_global,
+            "hardware_per_gpu": self.hardware_per_gpu,
+        }
+
+
+@dataclass
+class Activations:
+    """DiT activation estimate in bytes per sample (see :func:`dit_activation_bytes`)."""
+
+    per_layer: int
+    outside_layers: int
+    checkpointed_per_layer: int
+    num_layers: int
+
+    def total(self, checkpointing: bool) -> int:
+        """Saved tensors at the end of the forward pass; with checkpointing one layer is rebuilt
+        during backward, so its full activations come on top of the stored layer inputs."""
+        if checkpointing:
+            return self.num_layers * self.checkpointed_per_layer + self.per_layer + self.outside_layers
+        return self.num_layers * self.per_layer + self.outside_layers
+
+
+@dataclass
+class MemoryPlan:
+    """Per-GPU bytes for one ZeRO stage. ``static`` terms live all run; the activation peak
+    (backward) and the step-time transient (EMA update) do not overlap, so the peak is
+    ``static + max(activations, transient)``."""
+
+    zero_stage: int
+    world_size: int
+    micro_batch: int
+    static: dict[str, int]
+    partitioned: list[str]
+    transient: int
+    activations: int
+    activations_checkpointed: int
+
+    @property
+    def static_total(self) -> int:
+        return sum(self.static.values())
+
+    def peak(self, checkpointing: bool) -> int:
+        act = self.activations_checkpointed if checkpointing else self.activations
+        return self.static_total + max(act, self.transient)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "static_total": self.static_total,
+            "peak": self.peak(False),
+            "peak_checkpointed": self.peak(True),
+        }
+
+
+@dataclass
+class PatternReport:
+    pattern: str
+    shards: int
+    local: bool
+    existing: int | None
+
+
+@dataclass
+class Plan:
+    config_path: str | None
+    run: str
+    checkpoint_dir: str
+    mixed_precision: str
+    world_size: int
+    zero_stage: int
+    micro_batch: int
+    gradient_accumulation_steps: int
+    components: list[Component]
+    tokens: Tokens
+    flops: StepFlops
+    memory: dict[int, MemoryPlan]
+    activations_per_sample: Activations
+    data: list[PatternReport]
+    notes: list[str] = field(default_factory=list)
+
+    def component(self, name: str) -> Component:
+        return next(c for c in self.components if c.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["flops"] = self.flops.to_dict()
+        out["memory"] = {f"zero{k}": v.to_dict() for k, v in self.memory.items()}
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Frozen components
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TextEncoderInfo:
+    params: int | None
+    hidden_size: int
+    arch: dict[str, int] | None
+    source: str
+
+
+@dataclass
+class VaeInfo:
+    params: int | None
+    latent_channels: int
+    spatial_factor: int
+    module: torch.nn.Module | None
+    is_qwen: bool
+    source: str
+
+
+def _local_folder(value: str, subfolder: str | None, field_name: str) -> Path | None:
+    """The model folder when ``value`` is local (the trainer's rule), None for a hub name."""
+    looks_local = value.startswith((".", "/", "~")) or Path(value).exists()
+    if not looks_local:
+        return None
+    folder = Path(value).expanduser()
+    if not folder.exists():
+        raise ConfigError(f"{field_name}: local path {value!r} does not exist")
+    return folder / subfolder if subfolder else folder
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _decoder_arch(config: Any) -> dict[str, int] | None:
+    """The fields the FLOP formula needs from a decoder-only LLM config (Gemma/LLaMA naming);
+    None for other architectures, whose FLOPs are then reported as unknown."""
+    names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    if not all(getattr(config, n, None) for n in names):
+        return None
+    heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {
+        "hidden_size": int(config.hidden_size),
+        "num_hidden_layers": int(config.num_hidden_layers),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "head_dim": int(head_dim),
+        "intermediate_size": int(config.intermediate_size),
+    }
+
+
+def describe_text_encoder(cfg: TrainConfig) -> TextEncoderInfo:
+    """Size the frozen text encoder: local config.json built on meta, known table, or unknown."""
+    m = cfg.model
+    folder = _local_folder(m.base, m.base_subfolder, "model.base")
+    if folder is not None:
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(str(folder))
+        with torch.device("meta"):
+            model = AutoModel.from_config(config)
+        info = TextEncoderInfo(_numel(model), int(config.hidden_size), _decoder_arch(config), f"{folder}/config.json")
+    elif m.base.lower() in KNOWN_TEXT_ENCODERS:
+        known = KNOWN_TEXT_ENCODERS[m.base.lower()]
+        arch = {k: v for k, v in known.items() if k not in ("params", "vocab_size")}
+        info = TextEncoderInfo(known["params"], known["hidden_size"], arch, f"known architecture {m.base}")
+    else:
+        if not m.text_hidden_size:
+            raise ConfigError(
+                f"model.text_hidden_size: {m.base!r} is not a local folder nor a known architecture "
+                f"({', '.join(KNOWN_TEXT_ENCODERS)}); set model.text_hidden_size so the DiT can be planned"
+            )
+        return TextEncoderInfo(None, m.text_hidden_size, None, f"unknown hub model {m.base}: not counted")
+    if m.text_hidden_size and m.text_hidden_size != info.hidden_size:
+        raise ConfigError(
+            f"model.text_hidden_size: {m.text_hidden_size} but the text encoder {m.base} has hidden size "
+            f"{info.hidden_size}; set it to null or match"
+        )
+    return info
+
+
+def _vae_class(name: str):
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def _build_vae_on_meta(class_name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    with torch.device("meta"):
+        return _vae_class(class_name)(**kwargs)
+
+
+def _local_vae(cfg: TrainConfig, folder: Path) -> tuple[str, dict[str, Any]]:
+    """Class and config of a local VAE folder, with the same family rule as fusedit.latents."""
+    from diffusers import AutoencoderKL
+
+    config = dict(AutoencoderKL.load_config(str(folder)))
+    kind = cfg.vae.kind
+    if kind == "auto":
+        qwen = "qwen" in cfg.vae.pretrained_model_name_or_path.lower()
+        kind = "qwen" if qwen or config.get("_class_name") == "AutoencoderKLQwenImage" else "kl"
+    class_name = "AutoencoderKLQwenImage" if kind == "qwen" else "AutoencoderKL"
+    return class_name, {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def describe_vae(cfg: TrainConfig) -> VaeInfo:
+    """Size the frozen VAE on meta: local config.json, a known public config, or unknown."""
+    from fusedit.latents import _latent_channels, _spatial_factor
+
+    v = cfg.vae
+    folder = _local_folder(v.pretrained_model_name_or_path, v.subfolder, "vae.pretrained_model_name_or_path")
+    if folder is not None:
+        class_name, kwargs = _local_vae(cfg, folder)
+        source = f"{folder}/config.json"
+    elif v.pretrained_model_name_or_path.lower() in KNOWN_VAES:
+        class_name, kwargs, source = KNOWN_VAES[v.pretrained_model_name_or_path.lower()]
+    else:
+        if not cfg.model.in_channels:
+            raise ConfigError(
+                f"model.in_channels: VAE {v.pretrained_model_name_or_path!r} is not local nor known "
+                f"({', '.join(KNOWN_VAES)}); set model.in_channels (x8 down-sampling is then assumed)"
+            )
+        source = f"unknown hub VAE {v.pretrained_model_name_or_path}: not counted, x8 down-sampling assumed"
+        return VaeInfo(None, cfg.model.in_channels, 8, None, False, source)
+    module = _build_vae_on_meta(class_name, kwargs)
+    config = dict(module.config)
+    is_qwen = class_name == "AutoencoderKLQwenImage"
+    return VaeInfo(_numel(module), _latent_channels(config), _spatial_factor(config), module, is_qwen, source)
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------------
+def _linear(rows: int, fan_in: int, fan_out: int) -> int:
+    return 2 * rows * fan_in * fan_out
+
+
+def dit_forward_flops(kw: dict[str, Any], n_image: int, n_text: int) -> tuple[int, int]:
+    """(whole forward, blocks only) matmul FLOPs of one sample through ``DiT(**kw)``.
+
+    "self" attention: N image queries over L text + N image keys; text keys/values are projected
+    per layer from the context-embedded text. "cross": image self-attention (N x N) plus a
+    cross-attention (N x L). Per-sample conditioning matmuls (adaLN, timestep MLP) are one row each.
+    """
+    from fusedit.models.dit import TIMESTEP_CHANNELS
+
+    d, c_in, c_out, p = kw["hidden_size"], kw["in_channels"], kw["out_channels"], kw["patch_size"]
+    q_dim = kw["num_attention_heads"] * kw["head_dim"]
+    kv_dim = kw["num_key_value_heads"] * kw["head_dim"]
+    n, length, tc = n_image, n_text, kw["timestep_conditioning"]
+    image_attn = 2 * _linear(n, d, q_dim) + 2 * _linear(n, d, kv_dim)  # q, o, k, v
+    text_kv = 2 * _linear(length, d, kv_dim)
+    if kw["attention"] == "self":
+        block = image_attn + text_kv + 2 * 2 * n * (n + length) * q_dim
+    else:
+        block = image_attn + 4 * n * n * q_dim + 2 * _linear(n, d, q_dim) + text_kv + 4 * n * length * q_dim
+    block += 3 * _linear(n, d, kw["intermediate_size"])
+    if tc == "adaln-zero":
+        block += _linear(1, d, 6 * d)
+    blocks = kw["num_layers"] * block
+    outside = _linear(n, c_in * p * p, d) + _linear(length, kw["text_hidden_size"], d) + _linear(n, d, p * p * c_out)
+    if tc is not None:
+        outside += _linear(1, TIMESTEP_CHANNELS, d) + _linear(1, d, d)
+    outside += {"adaln-zero": _linear(1, d, 2 * d), "adaln-single": _linear(1, d, 6 * d)}.get(tc, 0)
+    return blocks + outside, blocks
+
+
+def text_encoder_forward_flops(arch: dict[str, int], n_text: int) -> int:
+    """Matmul FLOPs of one prompt through a decoder-only LLM with a gated MLP (Gemma/LLaMA).
+
+    The attention is counted over the full L x L square: the encoder runs with a key-padding
+    mask, so the kernels compute the masked half too. No LM head (AutoModel is the decoder stack).
+    """
+    h, length = arch["hidden_size"], n_text
+    q_dim = arch["num_attention_heads"] * arch["head_dim"]
+    kv_dim = arch["num_key_value_heads"] * arch["head_dim"]
+    layer = 2 * _linear(length, h, q_dim) + 2 * _linear(length, h, kv_dim) + 2 * 2 * length * length * q_dim
+    layer += 3 * _linear(length, h, arch["intermediate_size"])
+    return arch["num_hidden_layers"] * layer
+
+
+def vae_encoder_forward_flops(vae: VaeInfo, resolution: int) -> int | None:
+    """Convolution + matmul FLOPs of ``vae.encode`` for one image, counted on meta tensors.
+
+    A VAE is a deep conv net with no convenient closed form, so torch's FLOP counter walks the
+    real module on shapes only (convolutions count as ``2 * out * in * k``, like a matmul).
+    """
+    if vae.module is None:
+        return None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = (1, 3, 1, resolution, resolution) if vae.is_qwen else (1, 3, resolution, resolution)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        vae.module.encode(torch.empty(shape, device="meta"))
+    return int(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------------------------
+# Activations and memory
+# --------------------------------------------------------------------------------------------
+def residual_is_contiguous(dit: torch.nn.Module) -> bool:
+    """Whether the DiT's token stream is laid out (B, N, d) in memory, checked on meta.
+
+    When it is not (a transposed conv output), every linear reading it saves its own contiguous
+    copy for backward, which changes the activation estimate. Works on meta and real modules.
+    """
+    p, c = dit.config.patch_size, dit.config.in_channels
+    weight = dit.patch_embed.proj.weight
+    probe = torch.zeros(1, c, 2 * p, 2 * p, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        return dit.patch_embed(probe).is_contiguous()
+
+
+def dit_activation_bytes(
+    kw: dict[str, Any], n_image: int, n_text: int, act_bytes: int, residual_contiguous: bool = True
+) -> Activations:
+    """Estimate the tensors autograd keeps for backward, per sample (bytes).
+
+    Derived by listing what each op of ``fusedit.models.layers`` saves, with ``a`` the activation
+    dtype size, ``f = 4`` (RMSNorm works in fp32), N image and L text tokens, Q = heads*head_dim,
+    K = kv_heads*head_dim, I the MLP width. One layer ("self" attention, qk-norm):
+
+    ``N*d*(4f + a*(4 + c_h + c_m)) + N*Q*(2f + 2a) + (N + L)*K*(2f + 2a) + 4a*N*I``
+    ``+ N*f*(2 + 2*heads + kv_heads) + L*f*kv_heads``
+
+    - each RMSNorm keeps its fp32 input and normalised value (2f) and the modulated output (a);
+      two per layer; the gated attention and MLP outputs are kept for the gate gradients (2a);
+    - the linears reading the modulated inputs keep those inputs: once when the token stream is
+      contiguous, else one copy each (c_h = 3 for q/k/v, c_m = 2 for gate/up, else 1 and 1);
+    - q: qk-norm fp32 state (2f), normalised q and the attention output (2a); k: norm state (2f);
+      the concatenated text+image keys and values (2a); FlashAttention-style kernels keep only the
+      log-sum-exp (heads*f per query), never the N x (L+N) probability matrix (a math-kernel
+      fallback would);
+    - MLP: gate, GELU(gate), up and their product (4a*I); the remaining terms are the per-row
+      RMSNorm statistics (two block norms, q_norm per head, k_norm per kv head).
+
+    "cross" attention adds its q path and text keys/values, sandwich norms add RMSNorms, and
+    without qk-norm the fp32 norm states disappear. Outside the layers: the context embedder's
+    norm (L*T*(f + a)) and output text (L*d*a, shared by all layers), the head norm and output
+    projection input (N*d*(2f + 2a)), the patch-embed input. With gradient checkpointing each
+    layer keeps only its input (N*d*a). Loss-side fp32 latents (a few x N*p^2*C) are ignored.
+    """
+    d, n, length, a, f = kw["hidden_size"], n_image, n_text, act_bytes, 4
+    heads, kv_heads, hd = kw["num_attention_heads"], kw["num_key_value_heads"], kw["head_dim"]
+    q_dim, kv_dim, qk, cross = heads * hd, kv_heads * hd, kw["qk_norm"], kw["attention"] == "cross"
+    copies = 2 if residual_contiguous else 5  # c_h + c_m
+    norm = 2 * f + a
+    q_path = (2 * f if qk else 0) + 2 * a
+    kv_path = (2 * f if qk else 0) + 2 * a
+    q_stats = (heads + kv_heads) * f if qk else 0
+    layer = n * d * (2 * norm + a * (2 + copies)) + 4 * a * n * kw["intermediate_size"]
+    layer += n * q_dim * q_path + n * kv_dim * kv_path + length * kv_dim * kv_path
+    layer += n * (2 * f + heads * f + q_stats) + (length * kv_heads * f if qk else 0)
+    if cross:  # a second attention: its q path and un-normalised input, and its own statistics
+        layer += n * q_dim * q_path + n * d * a + n * (heads * f + q_stats)
+    if kw["sandwich_norm"]:
+        layer += n * d * norm * (3 if cross else 2)
+    p, c_in, t_dim = kw["patch_size"], kw["in_channels"], kw["text_hidden_size"]
+    outside = length * t_dim * (f + a) + length * d * a + n * d * (2 * f + 2 * a) + n * p * p * c_in * a
+    return Activations(layer, outside, n * d * a, kw["num_layers"])
+
+
+def memory_plan(
+    n_params: int,
+    frozen: dict[str, int],
+    acts: Activations,
+    *,
+    zero_stage: int,
+    world_size: int,
+    micro_batch: int,
+    mixed_precision: str,
+) -> MemoryPlan:
+    """Per-GPU bytes under DeepSpeed ZeRO ``zero_stage`` (0, 1 or 2) with ``world_size`` ranks.
+
+    bf16/fp16: 2-byte weights and gradients, fp32 master weights and Adam moments (12 bytes per
+    parameter of optimizer state). fp32: 4-byte weights and gradients, and DeepSpeed still keeps an
+    fp32 copy of each rank's partition as the optimizer's master. ZeRO-1 divides the optimizer
+    state by N, ZeRO-2 the gradients too; ZeRO-0 replicates all. The EMA is an fp32 replica on
+    every rank; its update upcasts the live low-precision weights (4 bytes/param, step time only).
+    """
+    low = mixed_precision in ("bf16", "fp16")
+    w = 2 if low else 4
+    shard = world_size if zero_stage >= 1 else 1
+    master = 4 * n_params // shard if (low or zero_stage >= 1) else 0
+    precision = "bf16" if mixed_precision == "bf16" else ("fp16" if low else "fp32")
+    static = {
+        f"DiT weights ({precision})": w * n_params,
+        "fp32 master weights": master,
+        "Adam moments (fp32)": 8 * n_params // shard,
+        f"gradients ({precision})": w * n_params // (world_size if zero_stage >= 2 else 1),
+        "EMA (fp32, every rank)": 4 * n_params,
+        **frozen,
+    }
+    partitioned = ["Adam moments (fp32)"]
+    if zero_stage >= 1 and master:
+        partitioned.append("fp32 master weights")
+    if zero_stage >= 2:
+        partitioned.append(f"gradients ({precision})")
+    transient = 4 * n_params if low else 0
+    return MemoryPlan(
+        zero_stage,
+        world_size,
+        micro_batch,
+        static,
+        partitioned,
+        transient,
+        micro_batch * acts.total(False),
+        micro_batch * acts.total(True),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Data paths
+# --------------------------------------------------------------------------------------------
+_RANGE = re.compile(r"^(-?\d+\.\.-?\d+|[A-Za-z]\.\.[A-Za-z])(\.\.-?\d+)?$")
+
+
+def check_brace_syntax(pattern: str) -> None:
+    """Raise ValueError for a brace pattern that braceexpand would silently take literally.
+
+    braceexpand leaves ``{000..0999x}`` or an unclosed ``{`` in the file name, so the run would
+    look for one odd file instead of a thousand shards. Every group must be a comma list or a
+    numeric/letter range (``{1..99}``, ``{a..f}``, optional ``..step``).
+    """
+    open_groups: list[list[int]] = []  # [start column, has a nested group]
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            if open_groups:
+                open_groups[-1][1] = 1
+            open_groups.append([i, 0])
+        elif ch == "}":
+            if not open_groups:
+                raise ValueError(f"unmatched '}}' at column {i + 1}")
+            start, nested = open_groups.pop()
+            _check_group(pattern[start + 1 : i], bool(nested))
+        i += 1
+    if open_groups:
+        raise ValueError(f"unclosed '{{' at column {open_groups[-1][0] + 1}")
+
+
+def _check_group(body: str, nested: bool) -> None:
+    if _top_level_comma(body) or (not nested and _RANGE.match(body)):
+        return
+    raise ValueError(f"'{{{body}}}' is neither a comma list nor a range like {{000..999}}")
+
+
+def _top_level_comma(body: str) -> bool:
+    depth = 0
+    for ch in body:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            return True
+    return False
+
+
+def _is_remote(url: str) -> bool:
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url)) and not url.startswith("file:")
+
+
+def check_data_paths(patterns: list[str]) -> list[PatternReport]:
+    """Syntax-check and count every pattern; count existing files for local ones only."""
+    import braceexpand
+
+    reports = []
+    for pattern in patterns:
+        try:
+            check_brace_syntax(pattern)
+        except ValueError as err:
+            raise ConfigError(f"data.data_path: {pattern!r}: {err}") from None
+        urls = list(braceexpand.braceexpand(pattern))
+        local = not _is_remote(pattern)
+        existing = sum(os.path.isfile(u.removeprefix("file://").removeprefix("file:")) for u in urls) if local else None
+        reports.append(PatternReport(pattern, len(urls), local, existing))
+    return reports
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+def _tokens(cfg: TrainConfig, vae: VaeInfo, text_tokens: int | None) -> Tokens:
+    """Token counts; the resolution must map to whole patches (as the trainer checks)."""
+    unit = vae.spatial_factor * cfg.model.patch_size
+    for name, value in (("data.resolution", cfg.data.resolution), ("gen.H", cfg.gen.H), ("gen.W", cfg.gen.W)):
+        if value % unit:
+            raise ConfigError(
+                f"{name}: {value} is not a multiple of VAE factor {vae.spatial_factor} x patch "
+                f"{cfg.model.patch_size} = {unit}"
+            )
+    latent = cfg.data.resolution // vae.spatial_factor
+    side = latent // cfg.model.patch_size
+    if text_tokens is None:
+        n_text, source = (
+            cfg.data.max_prompt_length,
+            "data.max_prompt_length; an upper bound, batches pad to their longest prompt",
+        )
+    else:
+        n_text, source = text_tokens, "--text-tokens"
+    return Tokens(side * side, n_text, vae.latent_channels, latent, vae.spatial_factor, cfg.model.patch_size, source)
+
+
+def build_meta_dit(kw: dict[str, Any]) -> torch.nn.Module:
+    """The DiT with shapes only: the count is the real module's, at no memory cost."""
+    from fusedit.models.dit import DiT
+
+    with torch.device("meta"):
+        return DiT(**kw)
+
+
+def _frozen_memory(cfg: TrainConfig, text: TextEncoderInfo, vae: VaeInfo) -> dict[str, int]:
+    """Frozen weights in the dtype the trainer loads them in (bf16 only for bf16 runs)."""
+    bf16 = cfg.trainer.mixed_precision == "bf16"
+    size, name = (2, "bf16") if bf16 else (4, "fp32")
+    return {
+        f"text encoder ({name}, frozen)": size * (text.params or 0),
+        f"VAE ({name}, frozen)": size * (vae.params or 0),
+    }
+
+
+def _check_channels(cfg: TrainConfig, vae: VaeInfo) -> None:
+    """An explicit model.in_channels must match the VAE, or the first forward fails mid-launch."""
+    if vae.params is not None and cfg.model.in_channels and cfg.model.in_channels != vae.latent_channels:
+        raise ConfigError(
+            f"model.in_channels: {cfg.model.in_channels} but the VAE has {vae.latent_channels} latent "
+            "channels; set it to null or match"
+        )
+
+
+def _step_flops(
+    cfg: TrainConfig, kw: dict[str, Any], tokens: Tokens, text: TextEncoderInfo, vae: VaeInfo, world_size: int
+) -> StepFlops:
+    fwd, blocks = dit_forward_flops(kw, tokens.image_tokens, tokens.text_tokens)
+    return StepFlops(
+        dit_forward_per_sample=fwd,
+        dit_blocks_forward_per_sample=blocks,
+        text_encoder_forward_per_sample=text_encoder_forward_flops(text.arch, tokens.text_tokens)
+        if text.arch
+        else None,
+        vae_encoder_forward_per_sample=vae_encoder_forward_flops(vae, cfg.data.resolution),
+        samples_per_gpu=cfg.data.batch_size * cfg.trainer.gradient_accumulation_steps,
+        world_size=world_size,
+        gradient_checkpointing=cfg.trainer.enable_gradient_checkpointing,
+    )
+
+
+def _memory_plans(
+    cfg: TrainConfig, n_dit: int, acts: Activations, frozen: dict[str, int], world_size: int
+) -> dict[int, MemoryPlan]:
+    mp, micro = cfg.trainer.mixed_precision, cfg.data.batch_size
+    return {
+        stage: memory_plan(
+            n_dit, frozen, acts, zero_stage=stage, world_size=world_size, micro_batch=micro, mixed_precision=mp
+        )
+        for stage in (0, 1, 2)
+    }
+
+
+def build_plan(
+    cfg: TrainConfig,
+    config_path: str | None = None,
+    world_size: int = 8,
+    zero_stage: int = 2,
+    text_tokens: int | None = None,
+) -> Plan:
+    """Everything the dry run reports, as data. Builds only meta modules; reads only local configs."""
+    from fusedit.models.dit import count_parameters
+
+    if world_size < 1:
+        raise ConfigError(f"--world-size: must be >= 1, got {world_size}")
+    text, vae = describe_text_encoder(cfg), describe_vae(cfg)
+    _check_channels(cfg, vae)
+    tokens = _tokens(cfg, vae, text_tokens)
+    kw = cfg.dit_kwargs(vae.latent_channels, text.hidden_size)
+    dit = build_meta_dit(kw)
+    n_dit = _numel(dit)
+    if n_dit != count_parameters(kw):  # two independent counts of one architecture must agree
+        raise RuntimeError(f"DiT meta build has {n_dit:,} parameters, count_parameters says {count_parameters(kw):,}")
+    components = [
+        Component("DiT", n_dit, 0, "meta build (= fusedit.models.dit.count_parameters)"),
+        Component("text encoder", 0, text.params, text.source),
+        Component("VAE", 0, vae.params, vae.source),
+    ]
+    act_bytes = 2 if cfg.trainer.mixed_precision in ("bf16", "fp16") else 4
+    contiguous = residual_is_contiguous(dit)
+    acts = dit_activation_bytes(kw, tokens.image_tokens, tokens.text_tokens, act_bytes, contiguous)
+    plan = Plan(
+        config_path=config_path,
+        run=cfg.trainer.run,
+        checkpoint_dir=cfg.trainer.checkpoint_dir,
+        mixed_precision=cfg.trainer.mixed_precision,
+        world_size=world_size,
+        zero_stage=zero_stage,
+        micro_batch=cfg.data.batch_size,
+        gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
+        components=components,
+        tokens=tokens,
+        flops=_step_flops(cfg, kw, tokens, text, vae, world_size),
+        memory=_memory_plans(cfg, n_dit, acts, _frozen_memory(cfg, text, vae), world_size),
+        activations_per_sample=acts,
+        data=check_data_paths(list(cfg.data.data_path)),
+    )
+    plan.notes = _notes(plan, text, vae, contiguous)
+    return plan
+
+
+def _notes(plan: Plan, text: TextEncoderInfo, vae: VaeInfo, contiguous: bool) -> list[str]:
+    """Assumptions a reader of the numbers should know, in the order they matter."""
+    notes = [
+        "FLOPs: matmul/conv FLOPs only (2*m*n*k), DiT backward = 2x forward; text tokens = "
+        f"{plan.tokens.text_tokens} ({plan.tokens.text_tokens_source}).",
+        "Memory: estimates, not measurements. Not included: CUDA context and NCCL buffers (~1-3 GiB), "
+        "allocator fragmentation, DeepSpeed bucket buffers, data-loader pinned memory, the frozen "
+        "encoders' forward transients (freed before the DiT forward).",
+        "Activations assume a FlashAttention/memory-efficient kernel (no N x (L+N) probability matrix kept).",
+    ]
+    if plan.memory[plan.zero_stage].transient:
+        notes.append(
+            "Step-time transient: the EMA update upcasts all low-precision weights to fp32 at once "
+            "(4 bytes/param); with gradient checkpointing it can exceed the activations."
+        )
+    if not contiguous:
+        notes.append(
+            "The DiT token stream is channel-major after PatchEmbed (transpose without .contiguous()): "
+            "q/k/v and gate/up each keep their own input copy; the estimate includes these copies."
+        )
+    if text.params is None or vae.params is None:
+        notes.append("A frozen component is unknown offline and counted as 0 bytes and 0 FLOPs.")
+    return notes
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+def _n(x: int | None) -> str:
+    return "unknown" if x is None else f"{x:,}"
+
+
+def _flop(x: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= scale:
+            return f"{x / scale:,.2f} {unit}"
+    return f"{x:,.0f} FLOP"
+
+
+def _memory_unit(plan: Plan) -> tuple[str, int]:
+    """GiB for real runs, MiB when the whole plan is smaller than a GiB (toy configs)."""
+    largest = max(m.peak(False) for m in plan.memory.values())
+    return ("GiB", GIB) if largest >= GIB else ("MiB", 1024**2)
+
+
+def _render_params(plan: Plan) -> list[str]:
+    lines = ["Parameters", f"  {'component':<14}{'trainable':>16}{'frozen':>16}   source"]
+    for c in plan.components:
+        lines.append(f"  {c.name:<14}{_n(c.trainable):>16}{_n(c.frozen):>16}   {c.source}")
+    trainable = sum(c.trainable or 0 for c in plan.components)
+    frozen = sum(c.frozen or 0 for c in plan.components)
+    lines.append(f"  {'total':<14}{trainable:>16,}{frozen:>16,}")
+    return lines
+
+
+def _render_tokens(plan: Plan) -> list[str]:
+    t = plan.tokens
+    side = t.latent_size // t.patch_size
+    return [
+        f"Tokens per sample: {t.image_tokens} image ({t.latent_size * t.vae_factor} px / VAE x{t.vae_factor} / "
+        f"patch {t.patch_size} = {side} x {side}; {t.latent_channels} latent channels), "
+        f"{t.text_tokens} text ({t.text_tokens_source})"
+    ]
+
+
+def _render_flops(plan: Plan) -> list[str]:
+    f = plan.flops
+    lines = [
+        f"FLOPs per optimizer step ({f.samples_per_gpu} samples/GPU x {f.world_size} GPUs)",
+        f"  {'part':<28}{'per sample':>16}{'per GPU':>16}{'global':>16}",
+    ]
+    labels = {
+        "dit_forward": "DiT forward",
+        "dit_backward": "DiT backward (2x fwd)",
+        "text_encoder_forward": "text encoder forward",
+        "vae_encoder_forward": "VAE encoder forward",
+    }
+    per_sample = f.per_sample()
+    for key, label in labels.items():
+        gpu = per_sample[key] * f.samples_per_gpu
+        lines.append(f"  {label:<28}{_flop(per_sample[key]):>16}{_flop(gpu):>16}{_flop(gpu * f.world_size):>16}")
+    total = f.model_per_sample()
+    lines.append(f"  {'total':<28}{_flop(total):>16}{_flop(f.model_per_gpu):>16}{_flop(f.model_global):>16}")
+    recompute = f.dit_blocks_forward_per_sample * f.samples_per_gpu
+    verb = "(on) adds" if f.gradient_checkpointing else "(off) would add"
+    lines.append(
+        f"  gradient checkpointing {verb} a block recompute of {_flop(recompute)} per GPU "
+        "(executed, not counted as model FLOPs)"
+    )
+    return lines
+
+
+def _render_memory(plan: Plan) -> list[str]:
+    stages = sorted(plan.memory)
+    first = plan.memory[stages[0]]
+    unit, scale = _memory_unit(plan)
+    head = "".join(f"{'ZeRO-' + str(s) + ('*' if s == plan.zero_stage else ''):>10}" for s in stages)
+
+    def cells(get) -> str:
+        return "".join(f"{get(plan.memory[s]) / scale:10.2f}" for s in stages)
+
+    lines = [
+        f"Memory per GPU in {unit} (N = {plan.world_size} GPUs, micro-batch {plan.micro_batch}, "
+        f"mixed_precision {plan.mixed_precision}; * = selected stage)",
+        f"  {'term':<40}{head}",
+    ]
+    for name in first.static:
+        mark = " /N" if name in plan.memory[2].partitioned else ""
+        lines.append(f"  {name + mark:<40}" + cells(lambda m, name=name: m.static[name]))
+    rows = [
+        ("static total", lambda m: m.static_total),
+        ("activations, no checkpointing", lambda m: m.activations),
+        ("activations, gradient checkpointing", lambda m: m.activations_checkpointed),
+        ("step-time transient (EMA upcast)", lambda m: m.transient),
+        ("PEAK, no checkpointing", lambda m: m.peak(False)),
+        ("PEAK, gradient checkpointing", lambda m: m.peak(True)),
+    ]
+    for label, get in rows:
+        lines.append(f"  {label:<40}" + cells(get))
+    return lines
+
+
+def _render_data(plan: Plan) -> list[str]:
+    total = sum(r.shards for r in plan.data)
+    local = [r for r in plan.data if r.local]
+    lines = [f"Data: {len(plan.data)} pattern(s), {total:,} shards (brace syntax OK)"]
+    for r in plan.data:
+        where = f"{r.existing:,} exist locally" if r.local else "remote, not checked"
+        lines.append(f"  {r.shards:>7,}  {r.pattern}  ({where})")
+    if local:
+        have, want = sum(r.existing or 0 for r in local), sum(r.shards for r in local)
+        verdict = "all present" if have == want else "training will refuse to start until they exist; not an error here"
+        lines.append(f"  local shards present: {have:,} of {want:,} ({verdict})")
+    return lines
+
+
+def render(plan: Plan) -> str:
+    """The human-readable plan printed by ``train.py --dry-run``."""
+    sections = [
+        [f"Dry-run plan for {plan.config_path or plan.run} (run {plan.run!r}): meta device only, nothing loaded"],
+        _render_params(plan),
+        _render_tokens(plan),
+        _render_flops(plan),
+        _render_memory(plan),
+        _render_data(plan),
+        ["Assumptions"] + [f"  - {n}" for n in plan.notes],
+    ]
+    return "\n\n".join("\n".join(s) for s in sections)
+
+
+def write_outputs(plan: Plan, cfg: TrainConfig) -> tuple[Path, Path]:
+    """``config.resolved.yaml`` and ``plan.json`` in the run's checkpoint directory."""
+    out = Path(cfg.trainer.checkpoint_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_file, plan_file = out / "config.resolved.yaml", out / "plan.json"
+    save_config(cfg, config_file)
+    tmp = plan_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    tmp.replace(plan_file)
+    return config_file, plan_file
+
+
+def default_zero_stage(deepspeed_config_path: str | None) -> int:
+    """The stage a real launch would use: the DeepSpeed JSON's, else the built-in ZeRO-2."""
+    from fusedit.train.deepspeed_config import load_deepspeed_json
+
+    stage = load_deepspeed_json(deepspeed_config_path).get("zero_optimization", {}).get("stage", 0)
+    return int(stage)
+
+
+def run_dry_run(
+    cfg: TrainConfig,
+    config_path: str | None = None,
+    world_size: int = 8,
+    zero_stage: int | None = None,
+    text_tokens: int | None = None,
+    deepspeed_config_path: str | None = None,
+    stream: TextIO | None = None,
+) -> Plan:
+    """Plan, print (to ``stream``, default stdout) and write the plan files: ``train.py --dry-run``."""
+    stream = stream or sys.stdout
+    if zero_stage is None:
+        zero_stage = default_zero_stage(deepspeed_config_path or cfg.trainer.deepspeed_config)
+    plan = build_plan(cfg, config_path, world_size, zero_stage, text_tokens)
+    config_file, plan_file = write_outputs(plan, cfg)
+    print(render(plan), file=stream)
+    print(f"\nWrote {config_file} and {plan_file}", file=stream)
+    return plan

@@ -279,6 +279,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except OmegaConfBaseException as err:
         raise ConfigError(_format_omegaconf_error(err)) from None
     assert isinstance(cfg, TrainConfig)
+    if cfg.trainer.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as a boolean
+        cfg.trainer.mixed_precision = "no"
     validate(cfg)
     return cfg
 

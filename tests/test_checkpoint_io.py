@@ -60,10 +60,12 @@ def test_weights_folder_roundtrip_is_safetensors(tmp_path: Path) -> None:
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
 
 
-def test_ema_fused_update_matches_formula() -> None:
+@pytest.mark.parametrize("chunk_numel", [1 << 26, 5])
+def test_ema_fused_update_matches_formula(chunk_numel: int) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    ema = EMA(model, decay=0.9)
+    ema = EMA(model, decay=0.9, chunk_numel=chunk_numel)
+    assert len(ema.groups) == (1 if chunk_numel > 100 else 4)
     before = {k: v.clone() for k, v in ema.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():

@@ -152,7 +152,7 @@ class PatchEmbed(nn.Module):
         return table.reshape(1, h * w, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        tokens = self.proj(x).flatten(2).transpose(1, 2).contiguous()  # contiguous: later Linears save one copy
         if self.pos_embed is None:
             return tokens
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size

@@ -124,6 +124,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, deepspeed_config_path: str | None = None) -> None:
         self.cfg = cfg
+        self._stop_signal: int | None = None
+        self._install_signals()  # early: a preemption during start-up still stops cleanly
         self.run_dir = Path(cfg.trainer.checkpoint_dir)
         ds_path = deepspeed_config_path or cfg.trainer.deepspeed_config
         ds_raw = load_deepspeed_json(ds_path)  # parse errors before any heavy work
@@ -145,7 +147,6 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.stream = None
-        self._stop_signal: int | None = None
         resume_step = ckpt.resolve_resume(self.run_dir, cfg.trainer.resume_from) if self.run_dir else None
         data_state = self._resume(resume_step) if resume_step is not None else None
         self.loader = self._build_loader(data_state)
@@ -290,7 +291,6 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         cfg, env = self.cfg, self.env
-        self._install_signals()
         data_iter = iter(self.loader)
         accum = cfg.trainer.gradient_accumulation_steps
         global_batch = cfg.data.batch_size * accum * env.world_size

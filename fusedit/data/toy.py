@@ -846,7 +846,7 @@ def _build_text_encoder(out: Path, data: dict, seed: int, steps: int, progress: 
         "hidden_size": model.config.hidden_size,
         "num_layers": model.config.num_hidden_layers,
         "lm_steps": steps,
-        "lm_loss": round(loss, 4),
+        "lm_loss": None if loss != loss else round(loss, 4),  # NaN when untrained; JSON has no NaN
     }
 
 

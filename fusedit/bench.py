@@ -1,0 +1,938 @@
+"""Warm training-step benchmark of the DiT hot path, optionally against the reference formulation.
+
+``python -m fusedit.bench -c CONFIG [--steps N] [--warmup W] [--batch-size B] [--text-tokens L]
+[--text-lengths SPEC] [--loader] [--compare-reference] [--compile] [--out FILE.json] [key=value ...]``
+
+Why a separate tool rather than timing ``train.py``: the trainer's numbers mix the DiT with
+checkpointing, logging and DeepSpeed's engine, and give one images/s figure. Deciding whether a
+hot-path fix pays needs the step split into phases, the same batches fed to both formulations,
+and a FLOP count to turn seconds into MFU. What is measured:
+
+* the components are built as :func:`fusedit.train.trainer.build_components` builds them (text
+  encoder and VAE from the config, DiT seeded by ``trainer.seed``). A text encoder or VAE that
+  cannot be loaded (a hub name on an offline machine) is replaced by random tensors of the right
+  shape, and the report says so: the DiT step is then exact, the frozen-encoder phases are zero;
+* one training step = text encoder, VAE encode, noising + DiT forward + backward, optimizer
+  (global-norm clipping + AdamW), EMA. The optimizer is a plain ``torch.optim.AdamW`` (foreach on
+  CPU, fused on CUDA; with bf16 weights an fp32 master copy, as DeepSpeed's bf16 mode keeps).
+  No DeepSpeed engine: on one device ZeRO partitions nothing, and its bookkeeping would blur the
+  phases. Gradient all-reduce is therefore not measured;
+* ``--compare-reference`` adds, with the SAME weights (our state dict loaded into
+  :class:`~fusedit.models.reference_dit.ReferenceDiT`, which has the same key layout): the
+  reference formulation (dense additive float mask, text padded to ``data.max_prompt_length``,
+  ``repeat_kv``, the redundant zero modulation, a Python-loop EMA over named parameters) and a
+  middle point "ours_padded" (our model and EMA, text padded like the reference), so the speed-up
+  splits into what the model formulation, the EMA and the text padding each contribute;
+* variants run INTERLEAVED: repetition r runs one step of every variant on batch r (same captions,
+  noise and timesteps), in an order rotated every repetition. Load from other processes then
+  hits all variants alike, and the headline ratio is the median of per-repetition ratios.
+
+Weights are the trainer's initialisation plus N(0, 0.02^2) noise on every parameter: the trainer's
+zero-initialised output and modulation layers would make every formulation return exactly 0 and
+the loss check below trivially pass. Speed does not depend on the values. The first step of every
+variant starts from identical weights, so its loss and gradient norm must agree (``loss_check``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s per GPU. H200 has H100's compute, more memory.
+PEAK_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+PHASES = ("data_wait", "text_encoder", "vae_encode", "dit_forward_backward", "optimizer", "ema")
+PERTURB_STD = 0.02
+
+
+# --------------------------------------------------------------------------------------------
+# Machine and precision
+# --------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (what a reader needs to compare numbers)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Everything needed to say which machine a number came from, and how busy it was."""
+    info = {
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "load_average_start": list(os.getloadavg()),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def train_dtype(cfg: Any, device: torch.device, notes: list[str]) -> torch.dtype:
+    """Weight dtype as the trainer would use it; CPUs train fp32, so a bf16 config is downgraded."""
+    mp = cfg.trainer.mixed_precision
+    if device.type == "cpu" and mp != "no":
+        notes.append(f"trainer.mixed_precision={mp} needs a GPU; this CPU run uses fp32 weights")
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
+
+
+def device_peak(device: torch.device, dtype: torch.dtype, override_tflops: float | None) -> tuple[float | None, str]:
+    """(peak FLOP/s, where it came from). None on CPU: there is no single dense peak a CPU's
+    fp32 GEMMs run against (vector width, clocks and core count all vary), so MFU is omitted."""
+    if override_tflops:
+        return override_tflops * 1e12, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "CPU: MFU is not meaningful (no fixed dense peak); omitted"
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16_DENSE.items():
+        if key in name:
+            note = f"{key} bf16 dense peak {peak / 1e12:.0f} TFLOP/s"
+            if dtype != torch.bfloat16:
+                note += f" (this run computes in {dtype}; MFU against the bf16 peak)"
+            return peak, note
+    return None, f"unknown GPU {name!r}: pass --peak-tflops for an MFU"
+
+
+# --------------------------------------------------------------------------------------------
+# Frozen encoders (or their stand-ins)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Frozen:
+    """The frozen text encoder and VAE, each None when replaced by random tensors."""
+
+    text_encoder: Any
+    codec: Any
+    text_hidden: int
+    latent_channels: int
+    spatial_factor: int
+    text_flops_arch: dict[str, int] | None
+    vae_flops_per_image: int | None
+    sources: dict[str, str]
+
+
+def _try_load(what: str, name: str, load: Callable[[], Any], notes: list[str]) -> Any:
+    """Load a frozen model or return None with a note: an offline benchmark must still time the DiT."""
+    try:
+        return load()
+    except Exception as err:  # any loader failure (no network, no cache, bad folder) means "stand in"
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        notes.append(f"{what} {name!r} could not be loaded ({reason}); random tensors of the right shape stand in")
+        return None
+
+
+def load_frozen(cfg: Any, device: torch.device, dtype: torch.dtype, notes: list[str], stand_in: bool = False) -> Frozen:
+    """Text encoder and VAE as the trainer loads them, sized offline (fusedit.plan) when absent.
+
+    ``stand_in`` skips loading on purpose (``--random-frozen``): the DiT's own MFU, without Gemma.
+    """
+    from fusedit.latents import LatentCodec
+    from fusedit.plan import describe_text_encoder, describe_vae, vae_encoder_forward_flops
+    from fusedit.text import TextEncoder
+    from fusedit.train.trainer import _vae_spec
+
+    text_info, vae_info = describe_text_encoder(cfg), describe_vae(cfg)
+    m = cfg.model
+
+    def text() -> Any:
+        return TextEncoder(
+            m.base,
+            subfolder=m.base_subfolder,
+            tokenizer=cfg.data.tokenizer,
+            hidden_states_index=m.text_hidden_states_index,
+            torch_dtype=dtype,
+        ).to(device)
+
+    vae_name = cfg.vae.pretrained_model_name_or_path
+    if stand_in:
+        te = codec = None
+        notes.append("--random-frozen: text encoder and VAE replaced by random tensors on purpose")
+    else:
+        te = _try_load("text encoder", m.base, text, notes)
+        codec = _try_load(
+            "VAE", vae_name, lambda: LatentCodec.from_spec(_vae_spec(cfg), torch_dtype=dtype).to(device), notes
+        )
+    sources = {
+        "text_encoder": f"loaded {m.base}" if te else f"random (B, L, {text_info.hidden_size}) features",
+        "vae": f"loaded {vae_name}" if codec else f"random (B, {vae_info.latent_channels}, R/f, R/f) latents",
+    }
+    return Frozen(
+        text_encoder=te,
+        codec=codec,
+        text_hidden=te.hidden_size if te else text_info.hidden_size,
+        latent_channels=codec.latent_channels if codec else vae_info.latent_channels,
+        spatial_factor=codec.spatial_factor if codec else vae_info.spatial_factor,
+        text_flops_arch=text_info.arch if te else None,
+        vae_flops_per_image=vae_encoder_forward_flops(vae_info, cfg.data.resolution) if codec else None,
+        sources=sources,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Caption lengths and batches
+# --------------------------------------------------------------------------------------------
+def toy_caption(rng: np.random.Generator, drop_rate: float, original_rate: float) -> str:
+    """A caption drawn like the toy loader draws one: dropped, short ("original") or detailed."""
+    from fusedit.data import toy
+
+    attrs = {k: str(rng.choice(v)) for k, v in toy.ATTRIBUTES.items()}
+    if rng.random() < drop_rate:
+        return ""
+    if rng.random() < original_rate:
+        return toy.short_caption(attrs)
+    return toy.caption(attrs, int(rng.integers(len(toy.TEMPLATES))))
+
+
+def approx_token_count(caption: str) -> int:
+    """BOS + one token per word or punctuation mark: the length proxy when no tokenizer loads
+    (common English words are single tokens in Gemma's 256k vocabulary)."""
+    return 1 + len(re.findall(r"\w+|[^\w\s]", caption))
+
+
+def parse_lengths(spec: str) -> tuple[str, list[float]]:
+    """``toy`` | ``fixed:N`` | ``uniform:LO:HI`` | ``normal:MEAN:STD`` -> (kind, numbers)."""
+    kind, *nums = spec.split(":")
+    arity = {"toy": 0, "fixed": 1, "uniform": 2, "normal": 2}
+    if kind not in arity or len(nums) != arity[kind]:
+        raise ValueError(f"--text-lengths {spec!r}: expected toy, fixed:N, uniform:LO:HI or normal:MEAN:STD")
+    return kind, [float(x) for x in nums]
+
+
+def draw_length(kind: str, nums: list[float], rng: np.random.Generator, max_len: int) -> int:
+    """One caption length in tokens (BOS included), clipped to [1, max_len] like truncation does."""
+    if kind == "fixed":
+        n = nums[0]
+    elif kind == "uniform":
+        n = rng.integers(int(nums[0]), int(nums[1]) + 1)
+    else:
+        n = round(rng.normal(nums[0], nums[1]))
+    return int(min(max(n, 1), max_len))
+
+
+@dataclass
+class Batch:
+    """One micro-batch as every variant sees it. Text is held padded to ``max_len``; each
+    variant slices it to its own padded length (the longest prompt rounded up, or ``max_len``)."""
+
+    index: int
+    lengths: list[int]
+    ours_len: int
+    device: torch.device
+    ids: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    text_features: torch.Tensor | None = None
+    data_seconds: float = 0.0
+
+    def mask(self, pad: int) -> torch.Tensor:
+        """(B, pad) int64 attention mask: 1 on each caption's real tokens, 0 on padding."""
+        lengths = torch.tensor(self.lengths, device=self.device)
+        return (torch.arange(pad, device=self.device)[None] < lengths[:, None]).long()
+
+
+class BatchSource:
+    """Deterministic batches: batch r is the same for every variant and every run with the seed.
+
+    Synthetic batches (default) draw captions from the toy world's caption process or a length
+    distribution, and random pixels (only their shape matters to the timing). ``--loader`` reads
+    the config's webdataset stream instead and times the wait for each batch.
+    """
+
+    def __init__(self, cfg: Any, frozen: Frozen, spec: str, device: torch.device, use_loader: bool) -> None:
+        from fusedit.text import _padded_length
+
+        self.cfg, self.frozen, self.device = cfg, frozen, device
+        self.kind, self.nums = parse_lengths(spec)
+        self.max_len = cfg.data.max_prompt_length
+        self.batch_size = cfg.data.batch_size
+        self.padded_length = lambda longest: _padded_length(longest, self.max_len, cfg.data.pad_to_multiple_of)
+        self.latent_side = cfg.data.resolution // frozen.spatial_factor
+        self.loader = self._loader() if use_loader else None
+
+    def _loader(self) -> Iterator[dict[str, Any]]:
+        from fusedit.data.webdata import build_dataloader
+
+        if self.frozen.text_encoder is None:
+            raise SystemExit("--loader needs the config's tokenizer, but the text encoder could not be loaded")
+        d = self.cfg.data
+        loader = build_dataloader(
+            d.data_path,
+            self.frozen.text_encoder.tokenizer,
+            batch_size=d.batch_size,
+            resolution=d.resolution,
+            center_crop=d.center_crop,
+            image_column=d.image_column,
+            caption_column={"original": d.caption_column.original, "synthetic": d.caption_column.synthetic},
+            original_caption_rate=d.original_caption_rate,
+            random_dropping_rate=d.random_dropping_rate,
+            instruction=d.instruction,
+            max_prompt_length=d.max_prompt_length,
+            pad_to_multiple_of=d.pad_to_multiple_of,
+            num_workers=d.dataloader_num_workers,
+            seed=self.cfg.trainer.seed,
+            pin_memory=self.device.type == "cuda",
+        )
+        return iter(loader)
+
+    def get(self, index: int) -> Batch:
+        if self.loader is not None:
+            return self._from_loader(index)
+        rng = np.random.default_rng([self.cfg.trainer.seed, index])
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed * 7919 + index)
+        lengths, ids = self._text(rng)
+        batch = Batch(index, lengths, self.padded_length(max(lengths)), self.device, ids=ids)
+        self._images(batch, gen)
+        return batch
+
+    def _text(self, rng: np.random.Generator) -> tuple[list[int], torch.Tensor | None]:
+        """Caption lengths, plus token ids padded to ``max_len`` when a real encoder will read them."""
+        te, b, d = self.frozen.text_encoder, self.batch_size, self.cfg.data
+        if self.kind == "toy":
+            captions = [toy_caption(rng, d.random_dropping_rate, d.original_caption_rate) for _ in range(b)]
+            if te is not None:
+                ids, mask = te.tokenize(captions, self.max_len, pad_to_multiple_of=None)
+                return mask.sum(1).tolist(), self._pad_ids(ids).to(self.device)
+            return [min(approx_token_count(c), self.max_len) for c in captions], None
+        lengths = [draw_length(self.kind, self.nums, rng, self.max_len) for _ in range(b)]
+        if te is None:
+            return lengths, None
+        tok = te.tokenizer
+        ids = torch.full((b, self.max_len), tok.pad_token_id or 0, dtype=torch.long)
+        for i, n in enumerate(lengths):  # BOS, then arbitrary in-vocabulary ids: only the length matters
+            ids[i, :n] = torch.from_numpy(rng.integers(4, len(tok), size=n))
+            ids[i, 0] = tok.bos_token_id
+        return lengths, ids.to(self.device)
+
+    def _pad_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        pad = self.frozen.text_encoder.tokenizer.pad_token_id or 0
+        width = max(self.max_len, ids.shape[1])
+        return torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=pad)
+
+    def _images(self, batch: Batch, gen: torch.Generator) -> None:
+        """Pixels for a real VAE, else latents; random text features when no encoder loads."""
+        b, r, dev = self.batch_size, self.cfg.data.resolution, self.device
+        if self.frozen.codec is not None:
+            batch.pixels = torch.rand((b, 3, r, r), generator=gen, device=dev) * 2 - 1
+        else:
+            shape = (b, self.frozen.latent_channels, self.latent_side, self.latent_side)
+            batch.latents = torch.randn(shape, generator=gen, device=dev)
+        if self.frozen.text_encoder is None:
+            shape = (b, self.max_len, self.frozen.text_hidden)
+            batch.text_features = torch.randn(shape, generator=gen, device=dev)
+
+    def _from_loader(self, index: int) -> Batch:
+        t0 = time.perf_counter()
+        raw = next(self.loader)
+        wait = time.perf_counter() - t0
+        lengths = raw["attention_mask"].sum(1).tolist()
+        ids = self._pad_ids(raw["input_ids"]).to(self.device)
+        batch = Batch(index, lengths, self.padded_length(max(lengths)), self.device, ids=ids, data_seconds=wait)
+        batch.pixels = raw["pixel_values"].to(self.device)
+        return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and EMA
+# --------------------------------------------------------------------------------------------
+class AdamWStep:
+    """Clip + AdamW as the trainer's DeepSpeed engine runs it for this weight dtype.
+
+    fp32 weights: AdamW straight on the parameters. bf16/fp16 weights: an fp32 master copy takes
+    the step and is copied back, which is what DeepSpeed's bf16 mode does (and what it costs).
+    """
+
+    def __init__(self, model: nn.Module, cfg: Any, device: torch.device) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = self.params
+        if self.params[0].dtype != torch.float32:
+            self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+            for m in self.master:  # persistent fp32 gradient buffers, like DeepSpeed's fp32 grad partition
+                m.grad = torch.zeros_like(m)
+        o, fused = cfg.optimizer, device.type == "cuda"
+        self.opt = torch.optim.AdamW(
+            self.master,
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            fused=fused,
+            foreach=None if fused else True,
+        )
+        self.clip = cfg.trainer.gradient_clipping or math.inf
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step; returns the pre-clip global gradient norm (a tensor: no host sync)."""
+        mixed = self.master is not self.params
+        if mixed:
+            torch._foreach_copy_([m.grad for m in self.master], [p.grad for p in self.params])
+        norm = torch.nn.utils.clip_grad_norm_(self.master, self.clip, foreach=True)
+        self.opt.step()
+        if mixed:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.master)
+        else:
+            self.opt.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
+        return norm
+
+
+class LoopEMA:
+    """The reference's EMA: ``ema = decay * ema + (1 - decay) * theta`` one tensor at a time in a
+    Python loop over named parameters, names checked against the model every step (spec 3.5)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if params.keys() != self.shadow.keys():
+            raise KeyError("EMA and model parameter names differ")
+        for name, ema in self.shadow.items():
+            ema.mul_(self.decay).add_(params[name].detach().float(), alpha=1.0 - self.decay)
+
+
+# --------------------------------------------------------------------------------------------
+# Models and variants
+# --------------------------------------------------------------------------------------------
+def reference_config(kw: dict[str, Any]) -> dict:
+    """The reference DiTConfig of ``DiT(**kw)``: the inverse of convert.dit_kwargs_from_reference_config,
+    checked by a round trip so the two models cannot silently differ in a field."""
+    from fusedit.models.convert import dit_kwargs_from_reference_config
+    from fusedit.models.reference_dit import make_reference_config
+
+    base = {
+        "hidden_size": kw["hidden_size"],
+        "num_attention_heads": kw["num_attention_heads"],
+        "num_key_value_heads": kw["num_key_value_heads"],
+        "head_dim": kw["head_dim"],
+        "intermediate_size": kw["intermediate_size"],
+        "hidden_activation": kw["hidden_act"],
+        "rms_norm_eps": kw["rms_norm_eps"],
+        "attention_bias": kw.get("attention_bias", False),
+        "rope_theta": kw["rope_theta"],
+        "initializer_range": kw["initializer_range"],
+    }
+    fields = ("attention", "in_channels", "out_channels", "patch_size", "pos_embed", "pos_embed_max_size")
+    fields += ("qk_norm", "sample_size", "sandwich_norm", "text_hidden_size", "timestep_conditioning")
+    ref = make_reference_config(
+        base, dit_num_hidden_layers=kw["num_layers"], dit_hidden_size=kw["hidden_size"], **{f: kw[f] for f in fields}
+    )
+    back = dit_kwargs_from_reference_config(ref)
+    diff = {k: (v, back.get(k)) for k, v in kw.items() if back.get(k) != v}
+    if diff:
+        raise RuntimeError(f"reference config round trip changed fields: {diff}")
+    return ref
+
+
+def to_reference(dit: nn.Module, kw: dict[str, Any]) -> nn.Module:
+    """A ReferenceDiT holding a copy of ``dit``'s weights (identical key layout, strict load)."""
+    from fusedit.models.reference_dit import ReferenceDiT
+
+    with torch.device("meta"):
+        ref = ReferenceDiT(reference_config(kw))
+    state = {k: v.detach().clone() for k, v in dit.state_dict().items()}
+    ref.load_state_dict(state, strict=True, assign=True)
+    return ref
+
+
+def fused_gelu(ref: nn.Module) -> nn.Module:
+    """Give the reference's MLPs torch's fused tanh-GELU kernel.
+
+    ReferenceDiT spells tanh-GELU out as a Python formula (about eight elementwise kernels) so that
+    it does not share torch's kernel with our model. The original ran Gemma's MLP, whose
+    ``gelu_pytorch_tanh`` IS ``F.gelu(approximate="tanh")``; timing the formula would credit our
+    model with a speed-up the original never paid for. Same function up to float rounding.
+    """
+    from fusedit.models.layers import ACTIVATIONS
+    from fusedit.models.reference_dit import RefMLP
+
+    fused = ACTIVATIONS["gelu_pytorch_tanh"]
+    for module in ref.modules():
+        if isinstance(module, RefMLP) and ref.config["base_config"].get("hidden_activation") == "gelu_pytorch_tanh":
+            module.act = fused
+    return ref
+
+
+def build_dit(cfg: Any, kw: dict[str, Any], device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The trainer's DiT (seeded init), perturbed so every layer is active (see module docstring)."""
+    from fusedit.models.dit import DiT
+
+    torch.manual_seed(cfg.trainer.seed)
+    with torch.device(device):
+        dit = DiT(**kw)
+    gen = torch.Generator(device=device).manual_seed(cfg.trainer.seed + 1)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, device=device) * PERTURB_STD)
+    return dit.to(dtype).train()
+
+
+@dataclass
+class Variant:
+    """One formulation under test: its model copy, optimizer, EMA and measurements."""
+
+    name: str
+    label: str
+    module: nn.Module
+    reference: bool
+    pad_to_max: bool
+    ema: Any
+    optimizer: AdamWStep
+    forward: Callable[..., torch.Tensor] | None = None  # the module, or its torch.compile wrapper
+    records: list[dict[str, float]] = field(default_factory=list)  # timed steps: seconds per phase
+    text_lengths: list[int] = field(default_factory=list)  # timed steps: padded text length
+    real_tokens: list[int] = field(default_factory=list)  # timed steps: real caption tokens in the batch
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    peak_cuda_bytes: int = 0
+
+
+def make_variants(dit: nn.Module, kw: dict[str, Any], cfg: Any, args: argparse.Namespace, device) -> list[Variant]:
+    """ "ours" always; with --compare-reference also "ours_padded" and "reference" (same weights)."""
+    from fusedit.train.ema import EMA
+
+    decay, max_len = cfg.ema.decay, cfg.data.max_prompt_length
+
+    def ours(name: str, model: nn.Module, padded: bool, label: str) -> Variant:
+        return Variant(name, label, model, False, padded, EMA(model, decay).to(device), AdamWStep(model, cfg, device))
+
+    variants = [ours("ours", dit, False, "ours: key mask, batch-max text padding, native GQA, fused EMA")]
+    if args.compare_reference:
+        padded = copy.deepcopy(dit)
+        variants.append(ours("ours_padded", padded, True, f"ours with text padded to {max_len} (middle point)"))
+        ref = fused_gelu(to_reference(dit, kw))
+        label = f"reference: dense float mask, text padded to {max_len}, repeat_kv, loop EMA"
+        variants.append(Variant("reference", label, ref, True, True, LoopEMA(ref, decay), AdamWStep(ref, cfg, device)))
+    for v in variants:
+        v.forward = torch.compile(v.module) if args.compile else v.module
+    return variants
+
+
+# --------------------------------------------------------------------------------------------
+# One training step, timed by phase
+# --------------------------------------------------------------------------------------------
+class PhaseClock:
+    """Wall time per phase; on CUDA each boundary synchronises so kernels land in their phase."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class StepContext:
+    """What every step needs besides the variant and the batch."""
+
+    cfg: Any
+    frozen: Frozen
+    flow: Any
+    device: torch.device
+    dtype: torch.dtype
+    max_len: int
+
+
+def text_inputs(ctx: StepContext, batch: Batch, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (B, pad, T) fp32, mask (B, pad)) at a variant's padded length."""
+    mask = batch.mask(pad)
+    if ctx.frozen.text_encoder is None:
+        return batch.text_features[:, :pad], mask
+    return ctx.frozen.text_encoder.encode(batch.ids[:, :pad], mask), mask
+
+
+def latents(ctx: StepContext, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+    if ctx.frozen.codec is None:
+        return batch.latents
+    return ctx.frozen.codec.encode(batch.pixels, generator=gen, sample=ctx.cfg.vae.sample_posterior)
+
+
+def train_step(v: Variant, batch: Batch, ctx: StepContext) -> dict[str, float]:
+    """One step of ``v`` on ``batch``, mirroring Trainer.micro_step + engine.step + EMA.update.
+
+    Random draws come from the trainer's (seed, rank, step, micro) generator with step = batch
+    index, so all variants noise the same latents with the same sigmas.
+    """
+    from fusedit.train.trainer import step_seed
+
+    clock, dev = PhaseClock(ctx.device), ctx.device
+    pad = ctx.max_len if v.pad_to_max else batch.ours_len
+    clock.times["data_wait"] = batch.data_seconds
+    gen = torch.Generator(device=dev).manual_seed(step_seed(ctx.cfg.trainer.seed, 0, batch.index, 0))
+    with clock.phase("vae_encode"):
+        x0 = latents(ctx, batch, gen)
+    with clock.phase("text_encoder"):
+        text, mask = text_inputs(ctx, batch, pad)
+    with clock.phase("dit_forward_backward"):
+        sigmas = ctx.flow.sample_sigmas(x0.shape[0], generator=gen, device=dev)
+        noise = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
+        x_t = ctx.flow.add_noise(x0, noise, sigmas)
+        pred = v.forward(x_t.to(ctx.dtype), (sigmas * 1000.0).to(ctx.dtype), text.to(ctx.dtype), mask)
+        loss = ctx.flow.loss(pred.float(), x0, noise, x_t, sigmas)
+        loss.backward()
+    with clock.phase("optimizer"):
+        norm = v.optimizer.step()
+    with clock.phase("ema"):
+        v.ema.update(v.module)
+    v.losses.append(float(loss.detach()))
+    v.grad_norms.append(float(norm))
+    clock.times["text_length"] = pad
+    return clock.times
+
+
+def run_interleaved(variants: list[Variant], source: BatchSource, ctx: StepContext, warmup: int, steps: int) -> None:
+    """Warm-up then timed repetitions; each repetition runs every variant once on the same batch,
+    starting with a different variant each time so no formulation always runs first."""
+    cuda = ctx.device.type == "cuda"
+    for rep in range(warmup + steps):
+        batch = source.get(rep)
+        shift = rep % len(variants)
+        for v in variants[shift:] + variants[:shift]:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(ctx.device)
+            times = train_step(v, batch, ctx)
+            if rep < warmup:
+                continue
+            v.text_lengths.append(times.pop("text_length"))
+            v.real_tokens.append(sum(batch.lengths))
+            v.records.append(times)
+            if cuda:
+                v.peak_cuda_bytes = max(v.peak_cuda_bytes, torch.cuda.max_memory_allocated(ctx.device))
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs and the report
+# --------------------------------------------------------------------------------------------
+def step_model_flops(kw: dict[str, Any], frozen: Frozen, n_image: int, n_text: int, batch: int, ckpt: bool) -> int:
+    """Model FLOPs of one step from fusedit.plan's counts; frozen encoders only when they really ran."""
+    from fusedit.plan import StepFlops, dit_forward_flops, text_encoder_forward_flops
+
+    fwd, blocks = dit_forward_flops(kw, n_image, n_text)
+    arch = frozen.text_flops_arch
+    flops = StepFlops(
+        dit_forward_per_sample=fwd,
+        dit_blocks_forward_per_sample=blocks,
+        text_encoder_forward_per_sample=text_encoder_forward_flops(arch, n_text) if arch else None,
+        vae_encoder_forward_per_sample=frozen.vae_flops_per_image,
+        samples_per_gpu=batch,
+        world_size=1,
+        gradient_checkpointing=ckpt,
+    )
+    return flops.model_per_gpu
+
+
+def summarize_variant(v: Variant, useful_flops: list[int], batch: int, n_image: int, peak: float | None) -> dict:
+    """Throughput from the median step (robust to a busy machine), phases as median and mean."""
+    steps = [sum(r.values()) for r in v.records]
+    med, mean = statistics.median(steps), statistics.fmean(steps)
+    real_text = statistics.fmean(v.real_tokens) / batch
+    phases = {p: {"median_s": statistics.median(r[p] for r in v.records)} for p in PHASES if p in v.records[0]}
+    for p in phases:
+        phases[p]["mean_s"] = statistics.fmean(r[p] for r in v.records)
+    achieved = sum(useful_flops) / sum(steps)
+    out = {
+        "label": v.label,
+        "step_s_median": med,
+        "step_s_mean": mean,
+        "step_s": [round(x, 5) for x in steps],
+        "images_per_s": batch / med,
+        "image_tokens_per_s": batch * n_image / med,
+        "text_tokens_per_s": batch * real_text / med,
+        "tokens_per_s": batch * (n_image + real_text) / med,
+        "text_padded_length_mean": statistics.fmean(v.text_lengths),
+        "text_real_tokens_mean": real_text,
+        "phases": phases,
+        "model_tflop_per_s": achieved / 1e12,
+        "mfu": achieved / peak if peak else None,
+        "first_loss": v.losses[0],
+        "first_grad_norm": v.grad_norms[0],
+    }
+    if v.peak_cuda_bytes:
+        out["peak_memory_gib"] = v.peak_cuda_bytes / 2**30
+    return out
+
+
+def ratio(num: list[float], den: list[float]) -> dict[str, float]:
+    """Speed-up of ``den`` over ``num`` (time ratio) per paired repetition (median) and in total."""
+    paired = [a / b for a, b in zip(num, den)]
+    return {"paired_median": statistics.median(paired), "total_time": sum(num) / sum(den)}
+
+
+def compare(variants: dict[str, Variant]) -> dict[str, Any]:
+    """Headline ratios and what each fix saves per step (means: they add up to the total)."""
+    times = {n: [sum(r.values()) for r in v.records] for n, v in variants.items()}
+    out = {
+        "speedup_ours_vs_reference": ratio(times["reference"], times["ours"]),
+        "speedup_ours_padded_vs_reference": ratio(times["reference"], times["ours_padded"]),
+        "speedup_ours_vs_ours_padded": ratio(times["ours_padded"], times["ours"]),
+    }
+
+    def mean(name: str, phase: str | None = None) -> float:
+        recs = variants[name].records
+        return statistics.fmean(sum(r.values()) if phase is None else r[phase] for r in recs)
+
+    saved = {
+        "ema_fused_vs_loop": mean("reference", "ema") - mean("ours_padded", "ema"),
+        "model_formulation": (mean("reference") - mean("reference", "ema"))
+        - (mean("ours_padded") - mean("ours_padded", "ema")),
+        "text_padding_batch_max_vs_max_length": mean("ours_padded") - mean("ours"),
+    }
+    total = mean("reference") - mean("ours")
+    out["saved_s_per_step"] = {**saved, "total": total}
+    out["saved_share"] = {k: (s / total if total else None) for k, s in saved.items()}
+    out["phase_speedups_ours_vs_reference"] = {
+        p: mean("reference", p) / mean("ours", p)
+        for p in PHASES
+        if p in variants["ours"].records[0] and mean("ours", p) > 0
+    }
+    return out
+
+
+def loss_check(variants: list[Variant], dtype: torch.dtype) -> dict[str, Any]:
+    """First-step loss and gradient norm of each variant: identical weights and batch, so any
+    difference beyond float rounding would mean a formulation computes something else."""
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2  # bf16 rounds at ~4e-3 relative
+    first = {v.name: {"loss": v.losses[0], "grad_norm": v.grad_norms[0]} for v in variants}
+    base = first["reference"]
+    diffs = {
+        n: {
+            "loss_abs_diff": abs(f["loss"] - base["loss"]),
+            "grad_norm_rel_diff": abs(f["grad_norm"] - base["grad_norm"]) / max(base["grad_norm"], 1e-12),
+        }
+        for n, f in first.items()
+        if n != "reference"
+    }
+    agree = all(d["loss_abs_diff"] <= tolerance and d["grad_norm_rel_diff"] <= tolerance for d in diffs.values())
+    return {"first_step": first, "vs_reference": diffs, "tolerance": tolerance, "agree": agree}
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m fusedit.bench",
+        description="Time warm DiT training steps (ours, optionally vs the reference formulation).",
+    )
+    p.add_argument("-c", "--config", required=True, help="training YAML")
+    p.add_argument("--steps", type=int, default=10, help="timed repetitions (each runs every variant once)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (compile, allocator, caches)")
+    p.add_argument("--batch-size", type=int, default=None, help="micro-batch (default: data.batch_size)")
+    p.add_argument("--text-tokens", type=int, default=None, help="every caption exactly L tokens (= fixed:L)")
+    p.add_argument(
+        "--text-lengths",
+        default="toy",
+        help="caption lengths: toy (the toy world's caption process; default), fixed:N, uniform:LO:HI, normal:MEAN:STD",
+    )
+    p.add_argument("--loader", action="store_true", help="read the config's webdataset stream and time its wait")
+    p.add_argument("--compare-reference", action="store_true", help="also run the reference formulation, interleaved")
+    p.add_argument("--compile", action="store_true", help="torch.compile every variant's DiT")
+    p.add_argument("--random-frozen", action="store_true", help="random text features/latents even if loadable")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU when not in the table")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.text_tokens is not None:
+        args.text_lengths = f"fixed:{args.text_tokens}"
+    return args
+
+
+def settings(args: argparse.Namespace, cfg: Any, dtype: torch.dtype, n_image: int) -> dict[str, Any]:
+    return {
+        "config": args.config,
+        "overrides": args.overrides,
+        "batch_size": cfg.data.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "image_tokens": n_image,
+        "max_prompt_length": cfg.data.max_prompt_length,
+        "pad_to_multiple_of": cfg.data.pad_to_multiple_of,
+        "text_lengths": args.text_lengths,
+        "data": "webdataset loader" if args.loader else "synthetic in-memory batches (no data wait)",
+        "dtype": str(dtype).replace("torch.", ""),
+        "compile": args.compile,
+        "gradient_checkpointing": cfg.trainer.enable_gradient_checkpointing,
+        "optimizer": "torch.optim.AdamW + clip_grad_norm_, no DeepSpeed engine (single-device hot path)",
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Build, run interleaved, and return the report as a dict."""
+    from fusedit.config import load_config
+    from fusedit.flow import FlowMatching
+    from fusedit.train.trainer import build_scheduler, check_geometry
+
+    overrides = list(args.overrides) + ([f"data.batch_size={args.batch_size}"] if args.batch_size else [])
+    cfg = load_config(args.config, overrides)
+    device, notes = pick_device(args.device), []
+    dtype = train_dtype(cfg, device, notes)
+    frozen = load_frozen(cfg, device, dtype, notes, stand_in=args.random_frozen)
+    check_geometry(cfg, SimpleNamespace(spatial_factor=frozen.spatial_factor))
+    kw = cfg.dit_kwargs(frozen.latent_channels, frozen.text_hidden)
+    t = cfg.trainer
+    flow = FlowMatching(build_scheduler(cfg), t.weighting_scheme, t.logit_mean, t.logit_std, t.mode_scale)
+    dit = build_dit(cfg, kw, device, dtype)
+    if t.enable_gradient_checkpointing:
+        dit.enable_gradient_checkpointing()
+        if args.compare_reference:
+            notes.append("gradient checkpointing: on for our DiT, absent from the reference formulation")
+    variants = make_variants(dit, kw, cfg, args, device)
+    source = BatchSource(cfg, frozen, args.text_lengths, device, args.loader)
+    if args.loader and args.compare_reference:
+        notes.append("data_wait: each batch is read once and fed to every variant; each is charged the wait")
+    ctx = StepContext(cfg, frozen, flow, device, dtype, cfg.data.max_prompt_length)
+    machine = machine_info(device)
+    run_interleaved(variants, source, ctx, args.warmup, args.steps)
+    machine["load_average_end"] = list(os.getloadavg())
+    return build_report(args, cfg, kw, frozen, variants, device, dtype, machine, notes)
+
+
+def build_report(
+    args: argparse.Namespace,
+    cfg: Any,
+    kw: dict[str, Any],
+    frozen: Frozen,
+    variants: list[Variant],
+    device: torch.device,
+    dtype: torch.dtype,
+    machine: dict[str, Any],
+    notes: list[str],
+) -> dict[str, Any]:
+    """The JSON report: machine, settings, per-variant throughput/phases/MFU, comparison, loss check."""
+    b, side = cfg.data.batch_size, cfg.data.resolution // frozen.spatial_factor // cfg.model.patch_size
+    n_image, ckpt = side * side, cfg.trainer.enable_gradient_checkpointing
+    ours = variants[0]
+    # Model FLOPs count the text at OUR padded length for every variant: padding beyond it is waste,
+    # so the reference's MFU is lower exactly by its extra time.
+    useful = [step_model_flops(kw, frozen, n_image, n, b, ckpt) for n in ours.text_lengths]
+    peak, peak_note = device_peak(device, dtype, args.peak_tflops)
+    report: dict[str, Any] = {
+        "machine": machine,
+        "settings": settings(args, cfg, dtype, n_image),
+        "frozen": frozen.sources,
+        "mfu_peak": {"flops_per_s": peak, "source": peak_note, "table_bf16_dense": PEAK_BF16_DENSE},
+        "model_flops_per_step_mean": statistics.fmean(useful),
+        "variants": {v.name: summarize_variant(v, useful, b, n_image, peak) for v in variants},
+        "notes": notes,
+    }
+    report["peak_memory"] = peak_memory(device, variants)
+    if args.compare_reference:
+        named = {v.name: v for v in variants}
+        report["comparison"] = compare(named)
+        report["loss_check"] = loss_check(variants, dtype)
+    return report
+
+
+def peak_memory(device: torch.device, variants: list[Variant]) -> dict[str, Any]:
+    """CUDA: max_memory_allocated during each variant's steps (other variants' resident weights
+    included). CPU: the process's RSS high-water mark, which cannot be split per variant."""
+    if device.type == "cuda":
+        return {
+            "kind": "torch.cuda.max_memory_allocated during each variant's steps (all variants' states resident)",
+            "gib": {v.name: v.peak_cuda_bytes / 2**30 for v in variants},
+        }
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {
+        "kind": "CPU: process RSS high-water mark (getrusage ru_maxrss), all variants together",
+        "gib": rss_kib / 2**20,
+    }
+
+
+def print_summary(report: dict[str, Any], out: Any = sys.stdout) -> None:
+    """A human-readable digest of the JSON report."""
+    m, s = report["machine"], report["settings"]
+    print(
+        f"machine: {m['cpu_model']}, {m['cpu_cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"device {m.get('gpu', m['device'])}, load {m['load_average_start'][0]:.1f} -> {m['load_average_end'][0]:.1f}",
+        file=out,
+    )
+    print(
+        f"batch {s['batch_size']}, {s['image_tokens']} image tokens, text {s['text_lengths']}, {s['dtype']}", file=out
+    )
+    for k, v in report["frozen"].items():
+        print(f"{k}: {v}", file=out)
+    header = f"{'variant':<12} {'step s':>8} {'img/s':>8} {'text L':>7} " + " ".join(f"{p[:10]:>10}" for p in PHASES)
+    print(header, file=out)
+    for name, v in report["variants"].items():
+        cells = " ".join(f"{v['phases'].get(p, {}).get('median_s', 0.0):>10.4f}" for p in PHASES)
+        row = f"{name:<12} {v['step_s_median']:>8.4f} {v['images_per_s']:>8.2f} {v['text_padded_length_mean']:>7.1f}"
+        print(f"{row} {cells}", file=out)
+        if v["mfu"] is not None:
+            print(f"{'':<12} MFU {100 * v['mfu']:.1f}% ({v['model_tflop_per_s']:.1f} TFLOP/s)", file=out)
+    mem = report["peak_memory"]
+    gib = mem["gib"] if isinstance(mem["gib"], dict) else {"process": mem["gib"]}
+    print(f"peak memory ({mem['kind']}): " + ", ".join(f"{k} {v:.2f} GiB" for k, v in gib.items()), file=out)
+    print(f"MFU: {report['mfu_peak']['source']}", file=out)
+    if "comparison" in report:
+        c = report["comparison"]
+        for key in ("speedup_ours_vs_reference", "speedup_ours_padded_vs_reference", "speedup_ours_vs_ours_padded"):
+            print(f"{key}: {c[key]['paired_median']:.3f}x paired median, {c[key]['total_time']:.3f}x total", file=out)
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in c["saved_share"].items() if v is not None)
+        print(f"share of the time saved: {shares}", file=out)
+        check = report["loss_check"]
+        verdict = "agree" if check["agree"] else "DISAGREE"
+        print(f"loss check (first step, vs reference, tol {check['tolerance']}): {verdict} ", end="", file=out)
+        print(json.dumps(check["vs_reference"]), file=out)
+    for note in report["notes"]:
+        print(f"note: {note}", file=out)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a benchmark must not start a multi-GB download
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = parse_args(argv)
+    report = run(args)
+    print_summary(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

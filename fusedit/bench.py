@@ -281,28 +281,11 @@ class BatchSource:
         self.loader = self._loader() if use_loader else None
 
     def _loader(self) -> Iterator[dict[str, Any]]:
-        from fusedit.data.webdata import build_dataloader
+        from fusedit.train.trainer import loader_from_config
 
         if self.frozen.text_encoder is None:
             raise SystemExit("--loader needs the config's tokenizer, but the text encoder could not be loaded")
-        d = self.cfg.data
-        loader = build_dataloader(
-            d.data_path,
-            self.frozen.text_encoder.tokenizer,
-            batch_size=d.batch_size,
-            resolution=d.resolution,
-            center_crop=d.center_crop,
-            image_column=d.image_column,
-            caption_column={"original": d.caption_column.original, "synthetic": d.caption_column.synthetic},
-            original_caption_rate=d.original_caption_rate,
-            random_dropping_rate=d.random_dropping_rate,
-            instruction=d.instruction,
-            max_prompt_length=d.max_prompt_length,
-            pad_to_multiple_of=d.pad_to_multiple_of,
-            num_workers=d.dataloader_num_workers,
-            seed=self.cfg.trainer.seed,
-            pin_memory=self.device.type == "cuda",
-        )
+        loader = loader_from_config(self.cfg, self.frozen.text_encoder.tokenizer, pin_memory=self.device.type == "cuda")
         return iter(loader)
 
     def get(self, index: int) -> Batch:

@@ -93,6 +93,42 @@ def build_components(cfg: TrainConfig, device: torch.device, frozen_dtype: torch
     return Components(text_encoder, codec, flow, dit)
 
 
+def loader_from_config(
+    cfg: TrainConfig,
+    tokenizer,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    resume_state: dict | None = None,
+    pin_memory: bool = False,
+):
+    """The training data stream described by ``cfg.data`` (shared by the trainer and the benchmark)."""
+    from fusedit.data.webdata import build_dataloader
+
+    d = cfg.data
+    return build_dataloader(
+        d.data_path,
+        tokenizer,
+        batch_size=d.batch_size,
+        resolution=d.resolution,
+        center_crop=d.center_crop,
+        image_column=d.image_column,
+        caption_column={"original": d.caption_column.original, "synthetic": d.caption_column.synthetic},
+        original_caption_rate=d.original_caption_rate,
+        random_dropping_rate=d.random_dropping_rate,
+        instruction=d.instruction,
+        max_prompt_length=d.max_prompt_length,
+        pad_to_multiple_of=d.pad_to_multiple_of,
+        num_workers=d.dataloader_num_workers,
+        seed=cfg.trainer.seed,
+        rank=rank,
+        world_size=world_size,
+        num_open_shards=d.num_open_shards,
+        resume_state=resume_state,
+        pin_memory=pin_memory,
+    )
+
+
 def _vae_spec(cfg: TrainConfig) -> VaeSpec:
     return VaeSpec(cfg.vae.pretrained_model_name_or_path, subfolder=cfg.vae.subfolder, kind=cfg.vae.kind)
 
@@ -210,27 +246,13 @@ class Trainer:
         return engine
 
     def _build_loader(self, data_state: dict | None):
-        from fusedit.data.webdata import StreamState, build_dataloader
+        from fusedit.data.webdata import StreamState
 
-        d = self.cfg.data
-        loader = build_dataloader(
-            d.data_path,
+        loader = loader_from_config(
+            self.cfg,
             self.parts.text_encoder.tokenizer,
-            batch_size=d.batch_size,
-            resolution=d.resolution,
-            center_crop=d.center_crop,
-            image_column=d.image_column,
-            caption_column={"original": d.caption_column.original, "synthetic": d.caption_column.synthetic},
-            original_caption_rate=d.original_caption_rate,
-            random_dropping_rate=d.random_dropping_rate,
-            instruction=d.instruction,
-            max_prompt_length=d.max_prompt_length,
-            pad_to_multiple_of=d.pad_to_multiple_of,
-            num_workers=d.dataloader_num_workers,
-            seed=self.cfg.trainer.seed,
             rank=self.env.rank,
             world_size=self.env.world_size,
-            num_open_shards=d.num_open_shards,
             resume_state=data_state,
             pin_memory=self.device.type == "cuda",
         )

@@ -250,14 +250,13 @@ def _parse_override(item: str) -> DictConfig:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {str(err).splitlines()[0]}{hint}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Schema <- YAML file <- ``key=value`` overrides, then :func:`validate`.
+def merge_structured(schema_cls: type, path: str | Path | None, overrides: list[str] | None) -> Any:
+    """Schema dataclass <- YAML file <- ``key=value`` overrides -> a dataclass instance.
 
-    Raises :class:`ConfigError` naming the bad field for unknown keys, wrong types, missing
-    required values and out-of-range settings.
+    Shared by both stages' configs (``fusedit.config`` and ``repae.config``): every failure is a
+    :class:`ConfigError` naming the field (unknown key, wrong type, missing required value).
     """
-    schema = OmegaConf.structured(TrainConfig)
-    layers: list[DictConfig] = [schema]
+    layers: list[DictConfig] = [OmegaConf.structured(schema_cls)]
     try:
         if path is not None:
             p = Path(path)
@@ -278,7 +277,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_format_omegaconf_error(err)) from None
-    assert isinstance(cfg, TrainConfig)
+    assert isinstance(cfg, schema_cls)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Schema <- YAML file <- ``key=value`` overrides, then :func:`validate`.
+
+    Raises :class:`ConfigError` naming the bad field for unknown keys, wrong types, missing
+    required values and out-of-range settings.
+    """
+    cfg = merge_structured(TrainConfig, path, overrides)
     if cfg.trainer.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as a boolean
         cfg.trainer.mixed_precision = "no"
     validate(cfg)
@@ -379,7 +388,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
+def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,13 +38,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def toy_overrides(toy: Path) -> list[str]:
-    """Point the toy config at a world folder wherever it lives."""
+def toy_overrides(toy: Path, vae_folder: str = "vae") -> list[str]:
+    """Point the toy config at a world folder wherever it lives.
+
+    `vae_folder` is "vae" for configs/e2e-vae/toy.yaml and "e2e-vae" (the REPA-E export,
+    `python -m repae.demo`) for its twin toy-e2e.yaml.
+    """
     world = json.loads((toy / "world.json").read_text())
     pattern = world.get("train_pattern") or str(toy / "shards" / "train-*.tar")
     return [
         f"model.base={toy / 'text_encoder'}",
-        f"vae.pretrained_model_name_or_path={toy / 'vae'}",
+        f"vae.pretrained_model_name_or_path={toy / vae_folder}",
         f'data.data_path=["{toy / pattern if not Path(pattern).is_absolute() else pattern}"]',
         f"gen.val_prompt_file={toy / 'prompts' / 'val.json'}",
     ]

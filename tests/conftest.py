@@ -51,31 +51,26 @@ def tiny_train_overrides(world: Path, run: Path, **extra: object) -> list[str]:
     return toy_overrides(world) + [f"{k}={v}" for k, v in base.items()]
 
 
+def launch(target: list[str], nproc: int = 1, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a script (``[path, args...]``) or module (``["-m", name, args...]``) as a user would:
+    plain python for 1 process, torchrun for more; one thread per process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, *launcher, *target]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        name = target[1] if target[0] == "-m" else Path(target[0]).name
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
 def run_train(
     overrides: list[str],
     nproc: int = 1,
     timeout: int = 240,
     check: bool = True,
 ) -> subprocess.CompletedProcess:
-    """Launch train.py as a user would: plain python for 1 process, torchrun for more."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "train.py"), "-c", str(TOY_CONFIG), *overrides]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            str(ROOT / "train.py"),
-            "-c",
-            str(TOY_CONFIG),
-            *overrides,
-        ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    """Launch train.py with configs/e2e-vae/toy.yaml and ``overrides``."""
+    return launch([str(ROOT / "train.py"), "-c", str(TOY_CONFIG), *overrides], nproc, timeout, check)

@@ -61,8 +61,13 @@ def _export_launch_env() -> None:
     env.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def init_distributed() -> DistEnv:
-    """Start (or join) the process group: NCCL with GPUs, gloo on CPU."""
+def init_distributed(use_deepspeed: bool = True) -> DistEnv:
+    """Start (or join) the process group: NCCL with GPUs, gloo on CPU.
+
+    The DeepSpeed trainer always gets a group (DeepSpeed needs one even for one process). The
+    REPA-E trainers (`use_deepspeed=False`) use plain torch DDP and create a group only when
+    there is more than one process.
+    """
     _export_launch_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -71,10 +76,12 @@ def init_distributed() -> DistEnv:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
+    if not dist.is_initialized() and use_deepspeed:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    elif not dist.is_initialized() and world > 1:
+        dist.init_process_group(backend=backend)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 

@@ -1,0 +1,162 @@
+"""Checkpoints of the REPA-E trainers, and loading a run back for sampling.
+
+A run directory (``<output_dir>/<exp_name>/``) looks like::
+
+    config.yaml                  resolved config (written once by rank 0)
+    metrics.jsonl                one JSON object per logging step
+    latest                       text: the newest complete step tag
+    <step>/
+      sit.safetensors            live SiT (parameters + BatchNorm buffers)
+      ema.safetensors            EMA SiT (its BatchNorm buffers are the latent statistics)
+      sit_config.json            the SiT constructor arguments (rebuild without the config)
+      vae/                       joint runs: the tuned VAE, diffusers save_pretrained layout
+      vae_source.json            where the VAE comes from: {"folder": "vae"} or the frozen spec
+      discriminator.safetensors  discriminator + LeCam buffers (joint runs)
+      optimizers.pt              optimiser and GradScaler states (tensors only: weights_only load)
+      trainer_state.json         step, world size, skipped non-finite steps
+      data_state_rank{r}.json    per-rank loader position (exact data resume)
+
+Publishing reuses the text-to-image stage's atomic protocol (:mod:`fusedit.train.checkpoint`):
+everything is written into ``.<step>.partial/`` and renamed only when complete, then ``latest``
+is replaced atomically, so a kill never corrupts the last good checkpoint. Nothing is ever
+loaded with unrestricted pickle: weights are safetensors, optimiser states are loaded with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fusedit.train.checkpoint import read_latest, step_dir
+
+SIT_CONFIG = "sit_config.json"
+VAE_SOURCE = "vae_source.json"
+
+
+def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Safetensors of a state dict (CPU, contiguous; shared storage is copied)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    return load_file(str(path), device=str(device))
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def resolve_tag(run_dir: Path, tag: str | int = "latest") -> Path:
+    """The folder of a complete checkpoint: ``latest`` or a step number."""
+    run_dir = Path(run_dir)
+    if str(tag) == "latest":
+        step = read_latest(run_dir)
+        if step is None:
+            raise FileNotFoundError(f"{run_dir}: no 'latest' file, so no complete checkpoint to load")
+    else:
+        step = int(tag)
+    folder = step_dir(run_dir, step)
+    if not (folder / SIT_CONFIG).is_file():
+        raise FileNotFoundError(f"{folder}: not a complete REPA-E checkpoint (no {SIT_CONFIG})")
+    return folder
+
+
+def load_vae_from_checkpoint(folder: Path, device: torch.device | str = "cpu"):
+    """The VAE a checkpoint used: its own tuned copy, or the frozen one it names."""
+    from repae.vae import TrainableVAE, load_vae
+
+    source = read_json(folder / VAE_SOURCE)
+    if "folder" in source:
+        vae = load_vae(str(folder / source["folder"]))
+    else:
+        vae = load_vae(
+            source["name_or_path"],
+            subfolder=source.get("subfolder"),
+            kind=source.get("kind", "auto"),
+            checkpoint=source.get("checkpoint"),
+        )
+    return TrainableVAE(vae).to(device).eval().requires_grad_(False)
+
+
+def load_sit(folder: Path, use_ema: bool = True, device: torch.device | str = "cpu"):
+    """Rebuild the SiT from ``sit_config.json`` and load the EMA (default) or live weights, strictly."""
+    from repae.models.sit import SiT
+
+    kwargs = read_json(folder / SIT_CONFIG)
+    kwargs["z_dims"] = tuple(kwargs["z_dims"])
+    sit = SiT(**kwargs)
+    state = load_tensors(folder / ("ema.safetensors" if use_ema else "sit.safetensors"))
+    sit.load_state_dict(state, strict=True)
+    return sit.to(device).eval().requires_grad_(False)
+
+
+@dataclass
+class SamplingBundle:
+    """Everything sampling needs from a run: the SiT, the VAE and the latent statistics.
+
+    The SiT works in normalised latent space; ``decode`` undoes the normalisation with the
+    SiT's own BatchNorm statistics (the EMA's, by default — as the reference does) using the
+    same eps as the forward normalisation (reference defect 7), then decodes.
+    """
+
+    sit: Any
+    vae: Any
+    num_classes: int
+    latent_shape: tuple[int, int, int]
+    resolution: int
+    config: dict
+    step: int
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.sit.denormalize(x.float())
+        return self.vae.decode(z.to(next(self.vae.parameters()).dtype)).float()
+
+
+def load_sampling_bundle(
+    run_dir: str | Path, tag: str | int = "latest", use_ema: bool = True, device: torch.device | str = "cpu"
+) -> SamplingBundle:
+    folder = resolve_tag(Path(run_dir), tag)
+    sit = load_sit(folder, use_ema=use_ema, device=device)
+    vae = load_vae_from_checkpoint(folder, device=device)
+    state = read_json(folder / "trainer_state.json")
+    latent_shape = tuple(int(v) for v in state["latent_shape"])
+    return SamplingBundle(
+        sit=sit,
+        vae=vae,
+        num_classes=int(state["num_classes"]),
+        latent_shape=latent_shape,
+        resolution=int(state["resolution"]),
+        config=_run_config(Path(run_dir)),
+        step=int(state["step"]),
+    )
+
+
+def _run_config(run_dir: Path) -> dict:
+    """The resolved config the run was trained with (``config.yaml``), as a plain dict."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def save_optimizers(path: Path, states: dict[str, Any]) -> None:
+    torch.save(states, path)
+
+
+def load_optimizers(path: Path) -> dict[str, Any]:
+    """Optimiser and scaler states: tensors, numbers, lists and dicts only (``weights_only``)."""
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,337 @@
+"""Typed configuration of the REPA-E stage (joint tuning, frozen-VAE training, previews).
+
+Same contract as the text-to-image stage (:mod:`fusedit.config`): a dataclass schema, a YAML
+file merged on top, ``key=value`` overrides on the command line, and :func:`validate` listing
+every semantic error with its field name before any model, data or process group exists.
+
+The defaults are the reference's ``train_repae.py`` CLI defaults and
+``configs/l1_lpips_kl_gan.yaml`` values (spec 4.1 and 5.4), except where the reference is wrong
+or unsafe: bf16 instead of fp16 (fp16 runs collapse around 90k steps), LPIPS fed the [-1, 1]
+range it expects, a discriminator warm-up when there is no pretrained discriminator, and a
+resume that restores everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from fusedit.config import ConfigError, _check_choice, _check_positive, _check_rate, merge_structured, save_config
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+VAE_KINDS = ("auto", "kl", "qwen")
+PATH_TYPES = ("linear", "cosine")
+WEIGHTINGS = ("uniform", "lognormal")
+REPORTERS = ("tensorboard", "wandb")
+SAMPLER_MODES = ("ode", "sde")
+RECONSTRUCTION_LOSSES = ("l1", "l2")
+LPIPS_NETS = ("vgg", "alex", "squeeze")
+
+__all__ = ["ConfigError", "RepaeConfig", "load_repae_config", "save_config"]
+
+
+@dataclass
+class RunSection:
+    """Where the run lives and how it is driven."""
+
+    exp_name: str = "repae"
+    output_dir: str = "exps"
+    seed: int = 0
+    max_train_steps: int = 400_000
+    checkpointing_steps: int = 50_000
+    # Newest N checkpoints are kept (the reference kept every one).
+    checkpoints_total_limit: Optional[int] = 3
+    logging_steps: int = 100
+    # Preview grids with the EMA model; 0 disables them.
+    sampling_steps: int = 10_000
+    # "latest", a step number as a string, or null to always start fresh.
+    resume_from: Optional[str] = "latest"
+    mixed_precision: str = "bf16"
+    allow_tf32: bool = True
+    compile: bool = False
+    report_to: list[str] = field(default_factory=list)
+    project: str = "repae"
+    # Steps in a row with a non-finite loss before the run stops (each one is skipped).
+    max_nonfinite_steps: int = 20
+
+
+@dataclass
+class VaeSection:
+    """The VAE to tune (joint stage) or to keep frozen (train_ldm).
+
+    `name_or_path`: a preset ("f8d4", "f16d32", built from its diffusers config and filled from
+    `checkpoint`, a reference `.pt`), a diffusers folder, or a hub id (FLUX, SD-3.5, Qwen-Image).
+    `latents_stats`: "auto" (the reference's `<checkpoint>-latents-stats.pt` when it exists, else
+    the per-channel `latents_mean`/`latents_std` in the VAE config, else estimated from data),
+    "estimate", "config", or a path to a stats file.
+    """
+
+    name_or_path: str = "f8d4"
+    subfolder: Optional[str] = None
+    kind: str = "auto"
+    checkpoint: Optional[str] = None
+    latents_stats: str = "auto"
+    # Batches per process used when the statistics are estimated from data.
+    stats_batches: int = 16
+
+
+@dataclass
+class ModelSection:
+    """The SiT. `arch` picks a registry size; the optional fields override it (tiny test models)."""
+
+    arch: str = "SiT-XL/2"
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    encoder_depth: int = 8
+    projector_dim: int = 2048
+    qk_norm: bool = False
+    fused_attn: bool = True
+    bn_momentum: float = 0.1
+    hidden_size: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    patch_size: Optional[int] = None
+
+
+@dataclass
+class EncoderSection:
+    """Frozen vision encoders giving the REPA target (one projector each)."""
+
+    types: list[str] = field(default_factory=lambda: ["dinov2-vit-b"])
+    # Optional local weight files per encoder type (offline clusters, MoCo v3).
+    checkpoints: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LossSection:
+    """VAE losses (spec 4.1 values), the REPA coefficients and the transport."""
+
+    reconstruction_loss: str = "l1"
+    reconstruction_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    perceptual_net: str = "vgg"
+    # "torchvision" (ImageNet backbone via the torch hub cache), "random", or a local file.
+    perceptual_backbone: str = "torchvision"
+    kl_weight: float = 1.0e-6
+    discriminator_start: int = 0
+    discriminator_factor: float = 1.0
+    discriminator_weight: float = 0.1
+    adaptive_weight: bool = False
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.999
+    # Ramp of the generator's GAN weight: the path for a discriminator trained from scratch.
+    discriminator_warmup_steps: int = 0
+    discriminator_checkpoint: Optional[str] = None
+    disc_channels: int = 64
+    disc_layers: int = 3
+    proj_coeff: float = 0.5
+    vae_align_proj_coeff: float = 1.5
+    path_type: str = "linear"
+    weighting: str = "uniform"
+
+    def vae_loss_kwargs(self) -> dict[str, Any]:
+        """The fields :class:`repae.losses.VAELoss` takes."""
+        names = (
+            "reconstruction_loss",
+            "reconstruction_weight",
+            "perceptual_weight",
+            "perceptual_net",
+            "perceptual_backbone",
+            "kl_weight",
+            "discriminator_start",
+            "discriminator_factor",
+            "discriminator_weight",
+            "adaptive_weight",
+            "lecam_weight",
+            "lecam_decay",
+            "discriminator_warmup_steps",
+            "disc_channels",
+            "disc_layers",
+        )
+        return {n: getattr(self, n) for n in names}
+
+
+@dataclass
+class OptimSection:
+    """Three AdamW optimisers (SiT, VAE, discriminator) with their own rates; constant LR."""
+
+    sit_lr: float = 1.0e-4
+    vae_lr: float = 1.0e-4
+    disc_lr: float = 1.0e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1.0e-8
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class EmaSection:
+    decay: float = 0.9999
+
+
+@dataclass
+class DataSection:
+    """Labelled image shards (`python -m repae.preprocess`), or the toy world's shards."""
+
+    shards: list[str] = field(default_factory=list)
+    # "cls" (ImageNet shards) or "toy:<attr>+<attr>" (labels from the toy attributes).
+    label: str = "cls"
+    resolution: int = 256
+    # Global batch (split evenly over processes), as in the reference CLI.
+    batch_size: int = 256
+    num_workers: int = 4
+    # train_ldm: cached posteriors from `python -m repae.cache_latents`.
+    latents_dir: Optional[str] = None
+
+
+@dataclass
+class SampleSection:
+    """Preview sampling during training (and defaults for `repae.generate`)."""
+
+    mode: str = "ode"
+    num_steps: int = 50
+    heun: bool = False
+    cfg_scale: float = 4.0
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+    num_images: int = 16
+
+
+@dataclass
+class RepaeConfig:
+    run: RunSection = field(default_factory=RunSection)
+    vae: VaeSection = field(default_factory=VaeSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    encoder: EncoderSection = field(default_factory=EncoderSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    ema: EmaSection = field(default_factory=EmaSection)
+    data: DataSection = field(default_factory=DataSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.exp_name
+
+
+def load_repae_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RepaeConfig:
+    """Schema <- YAML <- overrides, then :func:`validate` (raises :class:`ConfigError`)."""
+    cfg = merge_structured(RepaeConfig, path, overrides)
+    if cfg.run.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as a boolean
+        cfg.run.mixed_precision = "no"
+    validate(cfg)
+    return cfg
+
+
+def _validate_run(r: RunSection, errors: list[str]) -> None:
+    _check_choice(errors, "run.mixed_precision", r.mixed_precision, MIXED_PRECISION)
+    for name in ("max_train_steps", "checkpointing_steps", "logging_steps", "max_nonfinite_steps"):
+        _check_positive(errors, f"run.{name}", getattr(r, name))
+    _check_positive(errors, "run.sampling_steps", r.sampling_steps, allow_zero=True)
+    if r.checkpoints_total_limit is not None:
+        _check_positive(errors, "run.checkpoints_total_limit", r.checkpoints_total_limit)
+    if r.resume_from not in (None, "latest") and not str(r.resume_from).isdigit():
+        errors.append(f"run.resume_from: {r.resume_from!r} is not 'latest', a step number or null")
+    for rep in r.report_to:
+        _check_choice(errors, "run.report_to", rep, REPORTERS)
+    if not r.exp_name or "/" in r.exp_name:
+        errors.append(f"run.exp_name: must be a non-empty folder name, got {r.exp_name!r}")
+
+
+def _validate_model(m: ModelSection, errors: list[str]) -> None:
+    from repae.models.sit import SIT_ARCHS
+
+    _check_choice(errors, "model.arch", m.arch, tuple(SIT_ARCHS))
+    _check_positive(errors, "model.num_classes", m.num_classes)
+    _check_rate(errors, "model.class_dropout_prob", m.class_dropout_prob)
+    _check_rate(errors, "model.bn_momentum", m.bn_momentum)
+    _check_positive(errors, "model.encoder_depth", m.encoder_depth)
+    depth = m.depth or SIT_ARCHS.get(m.arch, {}).get("depth", m.encoder_depth)
+    if m.encoder_depth > depth:
+        errors.append(f"model.encoder_depth: {m.encoder_depth} exceeds the SiT depth {depth}")
+    hidden = m.hidden_size or SIT_ARCHS.get(m.arch, {}).get("hidden_size", 0)
+    heads = m.num_heads or SIT_ARCHS.get(m.arch, {}).get("num_heads", 1)
+    if hidden and hidden % heads:
+        errors.append(f"model.num_heads: {heads} must divide the hidden size {hidden}")
+
+
+def _validate_loss(loss: LossSection, errors: list[str]) -> None:
+    _check_choice(errors, "loss.reconstruction_loss", loss.reconstruction_loss, RECONSTRUCTION_LOSSES)
+    _check_choice(errors, "loss.perceptual_net", loss.perceptual_net, LPIPS_NETS)
+    _check_choice(errors, "loss.path_type", loss.path_type, PATH_TYPES)
+    _check_choice(errors, "loss.weighting", loss.weighting, WEIGHTINGS)
+    for name in (
+        "reconstruction_weight",
+        "perceptual_weight",
+        "kl_weight",
+        "discriminator_factor",
+        "discriminator_weight",
+        "lecam_weight",
+        "proj_coeff",
+        "vae_align_proj_coeff",
+        "discriminator_start",
+        "discriminator_warmup_steps",
+    ):
+        _check_positive(errors, f"loss.{name}", getattr(loss, name), allow_zero=True)
+    _check_rate(errors, "loss.lecam_decay", loss.lecam_decay)
+    ckpt = loss.discriminator_checkpoint
+    if ckpt is not None and not Path(ckpt).is_file():
+        errors.append(f"loss.discriminator_checkpoint: file not found: {ckpt}")
+    backbone = loss.perceptual_backbone
+    if backbone not in ("torchvision", "random") and not Path(backbone).is_file():
+        errors.append(f"loss.perceptual_backbone: not 'torchvision', 'random' or an existing file: {backbone!r}")
+
+
+def _validate_data(d: DataSection, errors: list[str]) -> None:
+    if not d.shards:
+        errors.append("data.shards: must list at least one shard pattern (python -m repae.preprocess writes them)")
+    for p in d.shards:
+        if "/PATH/TO/" in p:
+            errors.append(f"data.shards: {p!r} still holds a /PATH/TO/ placeholder")
+    for name in ("resolution", "batch_size"):
+        _check_positive(errors, f"data.{name}", getattr(d, name))
+    _check_positive(errors, "data.num_workers", d.num_workers, allow_zero=True)
+    if d.label != "cls" and not d.label.startswith("toy:"):
+        errors.append(f"data.label: {d.label!r} is neither 'cls' nor 'toy:<attr>+<attr>'")
+
+
+def _validate_sample(s: SampleSection, errors: list[str]) -> None:
+    _check_choice(errors, "sample.mode", s.mode, SAMPLER_MODES)
+    _check_positive(errors, "sample.num_steps", s.num_steps)
+    _check_positive(errors, "sample.num_images", s.num_images)
+    if s.cfg_scale < 1.0:
+        errors.append(f"sample.cfg_scale: must be >= 1 (1 disables guidance), got {s.cfg_scale}")
+    if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:
+        errors.append(f"sample.guidance_low/high: need 0 <= low <= high <= 1, got {s.guidance_low}, {s.guidance_high}")
+    if s.heun and s.mode != "ode":
+        errors.append("sample.heun: Heun's corrector only exists for mode 'ode'")
+
+
+def validate(cfg: RepaeConfig) -> None:
+    """Semantic checks the type system cannot express; raises one ConfigError listing all."""
+    errors: list[str] = []
+    _validate_run(cfg.run, errors)
+    _validate_model(cfg.model, errors)
+    _validate_loss(cfg.loss, errors)
+    _validate_data(cfg.data, errors)
+    _validate_sample(cfg.sample, errors)
+    _check_choice(errors, "vae.kind", cfg.vae.kind, VAE_KINDS)
+    if cfg.vae.checkpoint is not None and not Path(cfg.vae.checkpoint).is_file():
+        errors.append(f"vae.checkpoint: file not found: {cfg.vae.checkpoint}")
+    stats = cfg.vae.latents_stats
+    if stats not in ("auto", "estimate", "config") and not Path(stats).is_file():
+        errors.append(f"vae.latents_stats: not auto/estimate/config or an existing file: {stats!r}")
+    _check_positive(errors, "vae.stats_batches", cfg.vae.stats_batches)
+    if not cfg.encoder.types:
+        errors.append("encoder.types: at least one vision encoder is needed for the REPA loss")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        errors.append(f"ema.decay: must be in [0, 1), got {cfg.ema.decay!r}")
+    for name in ("sit_lr", "vae_lr", "disc_lr", "eps"):
+        _check_positive(errors, f"optim.{name}", getattr(cfg.optim, name))
+    _check_positive(errors, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
+    _check_positive(errors, "optim.max_grad_norm", cfg.optim.max_grad_norm, allow_zero=True)
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        errors.append(f"optim.betas: expected two values in [0, 1), got {cfg.optim.betas!r}")
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))

@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast lint toy clean
+.PHONY: setup demo repae test test-fast lint toy clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ toy: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m fusedit.demo --toy $(TOY) --run $(RUN)
+
+# The REPA-E stage on the toy world: tunes the toy VAE, exports toy/e2e-vae, compares before/after.
+repae: $(STAMP)
+	$(PY) -m repae.demo --toy $(TOY) --run output/repae/toy
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -116,7 +116,7 @@ def load_vae(
         vae = vae_cls.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=torch.float32)
     if checkpoint is not None:
         load_strict(vae, _checkpoint_state_dict(vae, checkpoint), source=str(checkpoint))
-    return vae.to(dtype=torch_dtype)
+    return vae if torch_dtype == torch.float32 else vae.to(dtype=torch_dtype)
 
 
 def _checkpoint_state_dict(vae: DiffusersVAE, checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup demo repae test test-fast lint toy clean
+.PHONY: setup demo repae study chromium test test-fast lint toy clean
 
 setup: $(STAMP)
 
@@ -34,7 +34,19 @@ demo: $(STAMP)
 repae: $(STAMP)
 	$(PY) -m repae.demo --toy $(TOY) --run output/repae/toy
 
-test: $(STAMP)
+# The paired study on the toy world: original VAE vs its REPA-E twin (runs `make repae` first when
+# toy/e2e-vae is missing); report in output/study/report/index.html. Resumes; ~15 min on 2 cores.
+study: $(STAMP)
+	$(PY) -m evaluation.study --toy $(TOY) --out output/study
+
+# Headless Chromium for tests/test_report.py (Debian's package). Never fatal: without apt or root
+# the browser test skips and names the missing binary.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+		echo "chromium not installed: tests/test_report.py will skip its browser check"
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)

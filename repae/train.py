@@ -628,7 +628,7 @@ class JointTrainer(Trainer):
         allreduce_grads(self.opt_disc.params)
         norm, finite = self.opt_disc.step()
         self._guard(finite)
-        return {"d_loss": float(d_loss), "grad_norm_disc": norm, **{k: float(v) for k, v in ddict.items()}}
+        return {"d_loss": d_loss.item(), "grad_norm_disc": norm, **{k: float(v) for k, v in ddict.items()}}
 
     def sit_phase(self, z, labels, zs, t, noise, g) -> dict[str, float]:
         """Denoising + REPA on the detached latent; BatchNorm in train mode over the global batch."""

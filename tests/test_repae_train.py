@@ -294,3 +294,17 @@ def test_global_batchnorm_single_process_matches_batchnorm2d() -> None:
     assert torch.allclose(a.running_var, b.running_var) and torch.allclose(a.running_mean, b.running_mean)
     a.eval()
     assert torch.equal(batch_normalize(a, z), a(z))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_joint_step_is_finite(repae_world: Path, tmp_path: Path, precision: str) -> None:
+    """bf16 autocast, and fp16 with one GradScaler per optimiser (the reference shared one)."""
+    import math
+
+    tr = make_trainer(repae_world, tmp_path / "run", **{"run.mixed_precision": precision})
+    scalers = {id(o.scaler) for o in (tr.opt_sit, tr.opt_vae, tr.opt_disc)}
+    assert len(scalers) == 3
+    assert all(o.scaler.is_enabled() == (precision == "fp16") for o in (tr.opt_sit, tr.opt_vae, tr.opt_disc))
+    metrics = tr.train_step(next(tr.data_iter))
+    for key in ("sit_loss", "vae_loss", "d_loss", "proj_loss"):
+        assert math.isfinite(metrics[key]), (key, metrics[key])

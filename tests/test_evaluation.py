@@ -104,18 +104,24 @@ def test_images_do_not_depend_on_batch_size(checkpoint: Path, heldout: list[dict
 def test_one_and_two_processes_write_the_same_images(checkpoint: Path, prompts3: Path, tmp_path: Path) -> None:
     script = str(ROOT / "evaluation" / "sample_coco_ckpt.py")
     common = ["--checkpoint", str(checkpoint), "--prompts", str(prompts3), "--num_inference_steps", STEPS]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launchers = {
         "one": [sys.executable, script],
         "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script],
+        # accelerate's --multi_gpu path starts torch.distributed processes; on a CPU-only machine
+        # they use gloo, so this is the documented `accelerate launch` command with 2 CPU processes
+        "accelerate": [*accelerate, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script],
     }
     for name, launcher in launchers.items():
         cmd = [*launcher, *common, "--save_dir", str(tmp_path / name), "--batch_size", "2"]
         proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, proc.stderr[-4000:]
-        assert "(rank 0 of 2)" in proc.stderr if name == "two" else "(rank 0 of 1)" in proc.stderr
+        assert "(rank 0 of 2)" in proc.stderr if name != "one" else "(rank 0 of 1)" in proc.stderr
     for i in range(3):
-        a, b = read_png(tmp_path / "one" / f"{i:05d}.png"), read_png(tmp_path / "two" / f"{i:05d}.png")
-        assert np.abs(a - b).max() <= 1, f"image {i} differs between 1 and 2 processes"
+        a = read_png(tmp_path / "one" / f"{i:05d}.png")
+        for name in ("two", "accelerate"):
+            b = read_png(tmp_path / name / f"{i:05d}.png")
+            assert np.abs(a - b).max() <= 1, f"image {i} differs between 1 process and {name}"
     index = json.loads((tmp_path / "two" / sampling.INDEX_NAME).read_text())
     assert list(index) == ["00000", "00001", "00002"]  # every prompt, not one rank's slice
 

@@ -520,8 +520,13 @@ def make_variants(dit: nn.Module, kw: dict[str, Any], cfg: Any, args: argparse.N
         ref = fused_gelu(to_reference(dit, kw))
         label = f"reference: dense float mask, text padded to {max_len}, repeat_kv, loop EMA"
         variants.append(Variant("reference", label, ref, True, True, LoopEMA(ref, decay), AdamWStep(ref, cfg, device)))
+    if args.compile or args.compile_reference:
+        from fusedit.train.trainer import allow_a_graph_per_text_bucket
+
+        allow_a_graph_per_text_bucket(cfg)
     for v in variants:
-        v.forward = torch.compile(v.module) if args.compile else v.module
+        compiled = args.compile_reference if v.name == "reference" else args.compile
+        v.forward = torch.compile(v.module, dynamic=False) if compiled else v.module
     return variants
 
 
@@ -751,7 +756,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--loader", action="store_true", help="read the config's webdataset stream and time its wait")
     p.add_argument("--compare-reference", action="store_true", help="also run the reference formulation, interleaved")
-    p.add_argument("--compile", action="store_true", help="torch.compile every variant's DiT")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile our DiT (ours, ours_padded), as trainer.compile=true does"
+    )
+    p.add_argument("--compile-reference", action="store_true", help="torch.compile the reference formulation's DiT too")
     p.add_argument("--random-frozen", action="store_true", help="random text features/latents even if loadable")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU when not in the table")
@@ -779,6 +787,7 @@ def settings(args: argparse.Namespace, cfg: Any, dtype: torch.dtype, n_image: in
         "data": "webdataset loader" if args.loader else "synthetic in-memory batches (no data wait)",
         "dtype": str(dtype).replace("torch.", ""),
         "compile": args.compile,
+        "compile_reference": args.compile_reference,
         "gradient_checkpointing": cfg.trainer.enable_gradient_checkpointing,
         "optimizer": "torch.optim.AdamW + clip_grad_norm_, no DeepSpeed engine (single-device hot path)",
     }

@@ -52,6 +52,9 @@ class TrainerConfig:
     # "latest", a step number as a string, or null to always start fresh.
     resume_from: Optional[str] = "latest"
     enable_gradient_checkpointing: bool = False
+    # torch.compile the DiT (through DeepSpeed's engine.compile; inductor). Each new text length
+    # may recompile until the padding buckets (data.pad_to_multiple_of) have all been seen.
+    compile: bool = False
     weighting_scheme: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0

@@ -17,11 +17,13 @@ Three choices differ from the reference on purpose:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+from fusedit.randomness import Generators, randn
 
 # The names diffusers' SD3 helpers understand. "logit_normal" and "mode" shape the timestep density
 # (loss weight 1); "sigma_sqrt" and "cosmap" weight the loss (uniform density); "none" is neither.
@@ -78,38 +80,48 @@ class FlowMatching:
     def sample_sigmas(
         self,
         batch_size: int,
-        generator: torch.Generator | None,
+        generator: Generators,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """(B,) float32 training sigmas: u from the density, then `sigma_table[floor(N u)]`.
 
         Drawn on the generator's device (so a CPU generator gives identical draws whatever
-        accelerator trains), returned on `device` (default: that same device).
+        accelerator trains), returned on `device` (default: that same device). A list of B CPU
+        generators draws sample i's sigma from generator i (see `fusedit.randomness`).
         """
-        draw_device = generator.device if generator is not None else torch.device("cpu")
-        u = compute_density_for_timestep_sampling(
+        if isinstance(generator, Sequence):
+            if len(generator) != batch_size:
+                raise ValueError(f"{len(generator)} per-sample generators for a batch of {batch_size}")
+            draw_device = torch.device("cpu")
+            u = torch.cat([self._density(1, draw_device, g) for g in generator])
+        else:
+            draw_device = generator.device if generator is not None else torch.device("cpu")
+            u = self._density(batch_size, draw_device, generator)
+        n = self.num_train_timesteps
+        index = (u * n).floor().long().clamp_(0, n - 1)
+        sigmas = self.sigma_table.to(draw_device)[index]
+        return sigmas.to(device if device is not None else draw_device)
+
+    def _density(self, batch_size: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+        return compute_density_for_timestep_sampling(
             weighting_scheme=self.weighting_scheme,
             batch_size=batch_size,
             logit_mean=self.logit_mean,
             logit_std=self.logit_std,
             mode_scale=self.mode_scale,
-            device=draw_device,
+            device=device,
             generator=generator,
         )
-        n = self.num_train_timesteps
-        index = (u * n).floor().long().clamp_(0, n - 1)
-        sigmas = self.sigma_table.to(draw_device)[index]
-        return sigmas.to(device if device is not None else draw_device)
 
     def timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
         """The DiT's conditioning value for a sigma: `1000 sigma` (float, not rounded)."""
         return sigmas.to(torch.float32) * self.num_train_timesteps
 
     @staticmethod
-    def sample_noise(x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """float32 N(0, I) shaped like `x0`, drawn on the generator's device, returned on x0's."""
-        device = generator.device if generator is not None else x0.device
-        return torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32).to(x0.device)
+    def sample_noise(x0: torch.Tensor, generator: Generators) -> torch.Tensor:
+        """float32 N(0, I) shaped like `x0`, drawn on the generator's device (row i from generator i
+        for a per-sample list), returned on x0's."""
+        return randn(x0.shape, generator, x0.device)
 
     @staticmethod
     def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 
+from fusedit.randomness import Generators, randn
+
 VAE_KINDS = ("auto", "kl", "qwen")
 _QWEN_CLASS = "AutoencoderKLQwenImage"
 
@@ -146,14 +148,13 @@ class LatentCodec:
         return (batch_size, self.latent_channels, height // f, width // f)
 
     @torch.no_grad()
-    def encode(
-        self, pixels: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
-    ) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor, generator: Generators = None, sample: bool = True) -> torch.Tensor:
         """(B, 3, H, W) pixels in [-1, 1] -> (B, C, H/f, W/f) normalised float32 latents.
 
         `sample=True` draws from the posterior (what training does, spec 3.2 step 3) with noise
         from `generator`, drawn on the generator's device so a CPU generator gives the same draw
-        on any accelerator; `sample=False` returns the posterior mean.
+        on any accelerator (a list of CPU generators: one per sample); `sample=False` returns the
+        posterior mean.
         """
         x = pixels.to(device=self.device, dtype=self.dtype)
         if self.is_qwen:
@@ -162,7 +163,7 @@ class LatentCodec:
         z = posterior.mean.float()
         if sample:
             std = torch.exp(0.5 * posterior.logvar.float())
-            z = z + std * _randn_like(z, generator)
+            z = z + std * randn(z.shape, generator, z.device)
         if self.is_qwen:
             z = z.squeeze(2)
         return (z - self.shift) * self.scale
@@ -186,9 +187,3 @@ class LatentCodec:
         family = "qwen" if self.is_qwen else "kl"
         geometry = f"channels={self.latent_channels}, x{self.spatial_factor}"
         return f"LatentCodec({family}, {geometry}, dtype={self.dtype})"
-
-
-def _randn_like(z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal float32 noise shaped like `z`, drawn where `generator` lives."""
-    device = generator.device if generator is not None else z.device
-    return torch.randn(z.shape, generator=generator, device=device, dtype=torch.float32).to(z.device)

@@ -81,6 +81,13 @@ def test_two_process_zero2_trains_checkpoints_and_resumes(quick_world: Path, tmp
     steps = [m["step"] for m in _metrics(run)]
     assert steps == [1, 2, 3, 4]
     assert all(m["train/samples_seen"] == m["step"] * 4 * 2 for m in _metrics(run))
+    # the same run continues in 1 process: ZeRO state re-partitioned, the data stream re-seeded
+    overrides[overrides.index("trainer.max_steps=4")] = "trainer.max_steps=5"
+    proc = run_train(["--deepspeed_config_path", ZERO2, *overrides], nproc=1)
+    assert "re-seeded" in proc.stderr
+    assert [m["step"] for m in _metrics(run)][-1] == 5
+    state = json.loads((run / "5" / "trainer_state.json").read_text())
+    assert state["world_size"] == 1 and state["samples_seen"] == 4 * 8 + 4 and state["data_seed"] != state["seed"]
 
 
 @pytest.mark.e2e

@@ -7,6 +7,8 @@ A run directory looks like::
       latest                       text: the newest complete step tag, e.g. "1000"
       1000/
         deepspeed/                 DeepSpeed engine state (module, ZeRO optimizer shards, LR scheduler)
+        deepspeed_universal/       only after a resume at another world size: the same state in
+                                   DeepSpeed's world-size-free "universal" form (ensure_universal)
         ema/                       EMA weights, save_pretrained layout (config.json + safetensors)
         model/                     raw weights, same layout (for --no-ema_weights)
         vae.json                   the VAE spec used in training (travels with the weights)
@@ -135,3 +137,51 @@ def resolve_resume(run_dir: Path, resume_from: str | None) -> int | None:
     if not step_dir(run_dir, step).is_dir():
         raise FileNotFoundError(f"trainer.resume_from={step}: no checkpoint folder {step_dir(run_dir, step)}")
     return step
+
+
+UNIVERSAL_TAG = "deepspeed_universal"
+
+
+def ensure_universal(step_folder: Path, workers: int = 2) -> Path:
+    """DeepSpeed's *universal* form of ``step_folder/deepspeed`` (rank 0 only), made once.
+
+    ZeRO-1/2 optimizer shards are cut for the world size that wrote them, and DeepSpeed refuses to
+    load them at another one. Its ``ds_to_universal`` converter re-assembles every parameter's fp32
+    master weight and Adam moments (``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt``), which an
+    engine started with ``checkpoint.load_universal`` re-partitions for any world size. The result
+    goes to a hidden partial folder and is renamed into place, so a kill mid-conversion leaves the
+    checkpoint as it was.
+    """
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = Path(step_folder) / UNIVERSAL_TAG
+    if out.is_dir():
+        return out
+    partial = Path(step_folder) / f".{UNIVERSAL_TAG}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(Path(step_folder) / "deepspeed"),
+        output_folder=str(partial),
+        num_extract_workers=workers,
+        num_merge_workers=workers,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # checkpoints written before the trainer recorded the universal info
+    )
+    ds_to_universal.main(args)
+    os.replace(partial, out)
+    _fsync_dir(Path(step_folder))
+    return out
+
+
+def universal_checkpoint_info() -> dict[str, Any]:
+    """The client state DeepSpeed's converter asks for (written with every save)."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}

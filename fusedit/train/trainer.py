@@ -3,10 +3,13 @@
 The trainer wires the modules together and owns the run: it does not know how attention,
 the VAE or the data stream work inside, only their contracts (docs/interfaces.md).
 
-Randomness is explicit: timesteps, noise and posterior samples of optimizer step ``s``,
-micro-batch ``m`` on rank ``r`` come from a generator seeded with (seed, r, s, m). Ranks
-therefore draw different noise (the reference seeded all ranks alike), and a resumed run
-draws exactly what an uninterrupted one would have, without restoring RNG states.
+Randomness is explicit: the timestep, posterior noise and flow noise of sample ``i`` of the
+global batch of optimizer step ``s`` come from a CPU generator seeded with (seed, s, i)
+(`fusedit.randomness`), where ``i = (rank * accumulation + micro) * micro_batch + j``. Ranks
+therefore draw different noise (the reference seeded all ranks alike); a resumed run draws exactly
+what an uninterrupted one would have, without restoring RNG states; and the same global batch gets
+the same draws on 1 process or N, so ZeRO-2 runs at different world sizes are equivalent
+(tests/test_zero2_equivalence.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from fusedit.config import ConfigError, TrainConfig, save_config
 from fusedit.flow import FlowMatching
 from fusedit.latents import LatentCodec, VaeSpec
 from fusedit.models.dit import DiT
+from fusedit.randomness import sample_generators
 from fusedit.text import TextEncoder
 from fusedit.train import checkpoint as ckpt
 from fusedit.train.deepspeed_config import load_deepspeed_json, resolve_deepspeed_config
@@ -43,6 +47,31 @@ def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     x = (seed * 1_000_003 + rank) * 1_000_033 + step
     x = x * 1_009 + micro
     return (x * 0x9E3779B97F4A7C15) % (2**63 - 1)
+
+
+def data_seed_after_restart(seed: int, step: int) -> int:
+    """The data stream's seed after a restart at ``step`` that cannot continue the old streams."""
+    return (seed * 1_000_003 + step * 7_919 + 1) % (2**31 - 1)
+
+
+def compile_in_place(engine, cfg: TrainConfig) -> None:
+    """torch.compile the engine's DiT with one static graph per text-length bucket.
+
+    In place (DeepSpeed's ``engine.compile``): parameter names, ZeRO hooks and checkpoints stay
+    those of the eager module. Text is padded to multiples of ``data.pad_to_multiple_of``, so there
+    are at most ``max_prompt_length / pad`` shapes; dynamo's recompile limit (8) is raised to that,
+    or longer-caption batches would silently fall back to eager.
+    """
+    allow_a_graph_per_text_bucket(cfg)
+    engine.compile(compile_kwargs={"dynamic": False})
+
+
+def allow_a_graph_per_text_bucket(cfg: TrainConfig) -> None:
+    """Raise dynamo's recompile limit to the number of padded text lengths the data can produce."""
+    import torch._dynamo
+
+    buckets = math.ceil(cfg.data.max_prompt_length / max(1, cfg.data.pad_to_multiple_of or 1)) + 1
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, buckets)
 
 
 @dataclass
@@ -97,12 +126,16 @@ def loader_from_config(
     cfg: TrainConfig,
     tokenizer,
     *,
+    seed: int | None = None,
     rank: int = 0,
     world_size: int = 1,
     resume_state: dict | None = None,
     pin_memory: bool = False,
 ):
-    """The training data stream described by ``cfg.data`` (shared by the trainer and the benchmark)."""
+    """The training data stream described by ``cfg.data`` (shared by the trainer and the benchmark).
+
+    ``seed`` defaults to ``trainer.seed``; a run resumed at another world size passes a new one.
+    """
     from fusedit.data.webdata import build_dataloader
 
     d = cfg.data
@@ -120,7 +153,7 @@ def loader_from_config(
         max_prompt_length=d.max_prompt_length,
         pad_to_multiple_of=d.pad_to_multiple_of,
         num_workers=d.dataloader_num_workers,
-        seed=cfg.trainer.seed,
+        seed=cfg.trainer.seed if seed is None else seed,
         rank=rank,
         world_size=world_size,
         num_open_shards=d.num_open_shards,
@@ -179,11 +212,13 @@ class Trainer:
         if cfg.trainer.enable_gradient_checkpointing:
             self.parts.dit.enable_gradient_checkpointing()
         self.ema = EMA(self.parts.dit, cfg.ema.decay).to(self.device)
-        self.engine = self._build_engine()
         self.step = 0
         self.samples_seen = 0
+        self.data_seed = cfg.trainer.seed
         self.stream = None
         resume_step = ckpt.resolve_resume(self.run_dir, cfg.trainer.resume_from) if self.run_dir else None
+        self.resume_universal = resume_step is not None and self._prepare_universal_resume(resume_step)
+        self.engine = self._build_engine()
         data_state = self._resume(resume_step) if resume_step is not None else None
         self.loader = self._build_loader(data_state)
         if self.env.is_main:
@@ -243,6 +278,8 @@ class Trainer:
             lr_scheduler=lr_scheduler,
             config=self.ds_config,
         )
+        if cfg.trainer.compile:
+            compile_in_place(engine, cfg)
         return engine
 
     def _build_loader(self, data_state: dict | None):
@@ -251,6 +288,7 @@ class Trainer:
         loader = loader_from_config(
             self.cfg,
             self.parts.text_encoder.tokenizer,
+            seed=self.data_seed,
             rank=self.env.rank,
             world_size=self.env.world_size,
             resume_state=data_state,
@@ -259,28 +297,57 @@ class Trainer:
         self.stream = StreamState(data_state)
         return loader
 
+    def _prepare_universal_resume(self, step: int) -> bool:
+        """True when ``step`` was written at another world size: convert it (rank 0, once) to
+        DeepSpeed's universal form and have the engine load that, re-partitioning the ZeRO
+        optimizer state (fp32 master weights and Adam moments) for this world size."""
+        folder = ckpt.step_dir(self.run_dir, step)
+        saved = _read_json(folder / "trainer_state.json").get("world_size")
+        if saved == self.env.world_size:
+            return False
+        if self.env.is_main:
+            log.warning(
+                "checkpoint %s was written by %s processes, resuming with %d: converting its "
+                "ZeRO state to DeepSpeed's universal form",
+                folder,
+                saved,
+                self.env.world_size,
+            )
+            ckpt.ensure_universal(folder)
+        barrier()
+        self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
+        return True
+
     def _resume(self, step: int) -> dict | None:
         """Restore engine, EMA and counters of ``step``; return this rank's data position."""
         folder = ckpt.step_dir(self.run_dir, step)
+        tag = ckpt.UNIVERSAL_TAG if self.resume_universal else "deepspeed"
         load_path, _ = self.engine.load_checkpoint(
-            str(folder), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True
+            str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load {folder / 'deepspeed'}")
+            raise RuntimeError(f"DeepSpeed could not load {folder / tag}")
         self.ema.load_state_dict({k: v.to(self.device) for k, v in ckpt.load_weights(folder / "ema").items()})
         state = _read_json(folder / "trainer_state.json")
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.data_seed = int(state.get("data_seed", self.cfg.trainer.seed))
         data_file = folder / f"data_state_rank{self.env.rank}.json"
         if self.env.is_main:
             log.info("resumed from %s at step %d", folder, self.step)
-        if state.get("world_size") == self.env.world_size and data_file.is_file():
+        if not self.resume_universal and data_file.is_file():
             return _read_json(data_file)
-        log.warning(
-            "world size changed (%s -> %d): the data stream restarts at a fresh position",
-            state.get("world_size"),
-            self.env.world_size,
-        )
-        return {"fresh_offset": self.step}
+        # Stream positions are per rank and cannot be re-dealt to another world size. A fresh
+        # stream under the old seed would replay the run's first samples, so it gets a new seed.
+        self.data_seed = data_seed_after_restart(self.cfg.trainer.seed, self.step)
+        if self.env.is_main:
+            log.warning(
+                "the data stream cannot continue (world size %s -> %d, or no data state for this rank): "
+                "it restarts, re-seeded with %d",
+                state.get("world_size"),
+                self.env.world_size,
+                self.data_seed,
+            )
+        return None
 
     # --------------------------------------------------------------- training
     def _signal_handler(self, signum, _frame) -> None:
@@ -294,18 +361,23 @@ class Trainer:
         flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
         return bool(all_reduce_sum(flag).item() > 0)
 
+    def sample_generators(self, micro: int, count: int) -> list[torch.Generator]:
+        """One generator per sample of this micro-batch, keyed by its place in the global batch."""
+        first = (self.env.rank * self.cfg.trainer.gradient_accumulation_steps + micro) * self.cfg.data.batch_size
+        return sample_generators(self.cfg.trainer.seed, self.step, first, count)
+
     def micro_step(self, batch: dict[str, Any], micro: int) -> torch.Tensor:
         """Loss of one micro-batch (fp32 scalar); DeepSpeed does the backward bookkeeping."""
         p, dev = self.parts, self.device
-        gen = torch.Generator(device=dev).manual_seed(step_seed(self.cfg.trainer.seed, self.env.rank, self.step, micro))
         pixels = batch["pixel_values"].to(dev, non_blocking=True)
         ids = batch["input_ids"].to(dev, non_blocking=True)
         mask = batch["attention_mask"].to(dev, non_blocking=True)
+        gens = self.sample_generators(micro, pixels.shape[0])
         with torch.no_grad():
-            x0 = p.codec.encode(pixels, generator=gen, sample=self.cfg.vae.sample_posterior)
+            x0 = p.codec.encode(pixels, generator=gens, sample=self.cfg.vae.sample_posterior)
             text = p.text_encoder.encode(ids, mask)
-        sigmas = p.flow.sample_sigmas(x0.shape[0], generator=gen, device=dev)
-        noise = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
+        sigmas = p.flow.sample_sigmas(x0.shape[0], generator=gens, device=dev)
+        noise = p.flow.sample_noise(x0, gens)
         x_t = p.flow.add_noise(x0, noise, sigmas)
         dtype = next(self.engine.module.parameters()).dtype
         pred = self.engine(x_t.to(dtype), (sigmas * 1000.0).to(dtype), text.to(dtype), mask)
@@ -396,7 +468,9 @@ class Trainer:
             ckpt.clean_partials(self.run_dir)
             partial.mkdir(parents=True)
         barrier()
-        self.engine.save_checkpoint(str(partial), tag="deepspeed", save_latest=False)
+        self.engine.save_checkpoint(
+            str(partial), tag="deepspeed", client_state=ckpt.universal_checkpoint_info(), save_latest=False
+        )
         ckpt.write_json_atomic(partial / f"data_state_rank{env.rank}.json", self.stream.state_dict())
         if env.is_main:
             module = self.engine.module
@@ -411,6 +485,7 @@ class Trainer:
                     "samples_seen": self.samples_seen,
                     "world_size": env.world_size,
                     "seed": self.cfg.trainer.seed,
+                    "data_seed": self.data_seed,
                     "time": time.time(),
                 },
             )

@@ -252,6 +252,7 @@ class Batch:
     ids: torch.Tensor | None = None
     pixels: torch.Tensor | None = None
     latents: torch.Tensor | None = None
+    moments: torch.Tensor | None = None  # (B, 2, C, h, w) posterior (mean, std): a latent cache's content
     text_features: torch.Tensor | None = None
     data_seconds: float = 0.0
 
@@ -269,10 +270,12 @@ class BatchSource:
     the config's webdataset stream instead and times the wait for each batch.
     """
 
-    def __init__(self, cfg: Any, frozen: Frozen, spec: str, device: torch.device, use_loader: bool) -> None:
+    def __init__(
+        self, cfg: Any, frozen: Frozen, spec: str, device: torch.device, use_loader: bool, cached: bool = False
+    ) -> None:
         from fusedit.text import _padded_length
 
-        self.cfg, self.frozen, self.device = cfg, frozen, device
+        self.cfg, self.frozen, self.device, self.cached = cfg, frozen, device, cached
         self.kind, self.nums = parse_lengths(spec)
         self.max_len = cfg.data.max_prompt_length
         self.batch_size = cfg.data.batch_size
@@ -296,7 +299,14 @@ class BatchSource:
         lengths, ids = self._text(rng)
         batch = Batch(index, lengths, self.padded_length(max(lengths)), self.device, ids=ids)
         self._images(batch, gen)
+        self._cache(batch)
         return batch
+
+    def _cache(self, batch: Batch) -> None:
+        """--cached-latents: what a latent cache would hold for these pixels, computed untimed."""
+        if self.cached and batch.pixels is not None:
+            mean, std = self.frozen.codec.moments(batch.pixels)
+            batch.moments = torch.stack([mean, std], dim=1)
 
     def _text(self, rng: np.random.Generator) -> tuple[list[int], torch.Tensor | None]:
         """Caption lengths, plus token ids padded to ``max_len`` when a real encoder will read them."""
@@ -342,6 +352,7 @@ class BatchSource:
         ids = self._pad_ids(raw["input_ids"]).to(self.device)
         batch = Batch(index, lengths, self.padded_length(max(lengths)), self.device, ids=ids, data_seconds=wait)
         batch.pixels = raw["pixel_values"].to(self.device)
+        self._cache(batch)
         return batch
 
 
@@ -502,6 +513,7 @@ class Variant:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     peak_cuda_bytes: int = 0
+    cached_latents: bool = False  # reads posterior moments from a latent cache instead of encoding
 
 
 def make_variants(dit: nn.Module, kw: dict[str, Any], cfg: Any, args: argparse.Namespace, device) -> list[Variant]:
@@ -514,6 +526,9 @@ def make_variants(dit: nn.Module, kw: dict[str, Any], cfg: Any, args: argparse.N
         return Variant(name, label, model, False, padded, EMA(model, decay).to(device), AdamWStep(model, cfg, device))
 
     variants = [ours("ours", dit, False, "ours: key mask, batch-max text padding, native GQA, fused EMA")]
+    if args.compile:
+        eager = copy.deepcopy(dit)
+        variants.append(ours("ours_eager", eager, False, "ours without torch.compile"))
     if args.compare_reference:
         padded = copy.deepcopy(dit)
         variants.append(ours("ours_padded", padded, True, f"ours with text padded to {max_len} (middle point)"))
@@ -525,7 +540,8 @@ def make_variants(dit: nn.Module, kw: dict[str, Any], cfg: Any, args: argparse.N
 
         allow_a_graph_per_text_bucket(cfg)
     for v in variants:
-        compiled = args.compile_reference if v.name == "reference" else args.compile
+        v.cached_latents = args.cached_latents and v.name in ("ours", "ours_eager")
+        compiled = args.compile_reference if v.name == "reference" else args.compile and v.name == "ours"
         v.forward = torch.compile(v.module, dynamic=False) if compiled else v.module
     return variants
 
@@ -571,31 +587,35 @@ def text_inputs(ctx: StepContext, batch: Batch, pad: int) -> tuple[torch.Tensor,
     return ctx.frozen.text_encoder.encode(batch.ids[:, :pad], mask), mask
 
 
-def latents(ctx: StepContext, batch: Batch, gen: torch.Generator) -> torch.Tensor:
-    if ctx.frozen.codec is None:
+def latents(ctx: StepContext, batch: Batch, gens: list[torch.Generator], cached: bool) -> torch.Tensor:
+    codec, sample = ctx.frozen.codec, ctx.cfg.vae.sample_posterior
+    if codec is None:
         return batch.latents
-    return ctx.frozen.codec.encode(batch.pixels, generator=gen, sample=ctx.cfg.vae.sample_posterior)
+    if cached and batch.moments is not None:
+        return codec.from_moments(batch.moments[:, 0], batch.moments[:, 1], gens, sample)
+    return codec.encode(batch.pixels, generator=gens, sample=sample)
 
 
 def train_step(v: Variant, batch: Batch, ctx: StepContext) -> dict[str, float]:
     """One step of ``v`` on ``batch``, mirroring Trainer.micro_step + engine.step + EMA.update.
 
-    Random draws come from the trainer's (seed, rank, step, micro) generator with step = batch
-    index, so all variants noise the same latents with the same sigmas.
+    Random draws come from the trainer's per-sample generators (seed, step, index in the global
+    batch) with step = batch index, so all variants noise the same latents with the same sigmas,
+    and pay the same for drawing them.
     """
-    from fusedit.train.trainer import step_seed
+    from fusedit.randomness import sample_generators
 
     clock, dev = PhaseClock(ctx.device), ctx.device
     pad = ctx.max_len if v.pad_to_max else batch.ours_len
     clock.times["data_wait"] = batch.data_seconds
-    gen = torch.Generator(device=dev).manual_seed(step_seed(ctx.cfg.trainer.seed, 0, batch.index, 0))
+    gens = sample_generators(ctx.cfg.trainer.seed, batch.index, 0, len(batch.lengths))
     with clock.phase("vae_encode"):
-        x0 = latents(ctx, batch, gen)
+        x0 = latents(ctx, batch, gens, v.cached_latents)
     with clock.phase("text_encoder"):
         text, mask = text_inputs(ctx, batch, pad)
     with clock.phase("dit_forward_backward"):
-        sigmas = ctx.flow.sample_sigmas(x0.shape[0], generator=gen, device=dev)
-        noise = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
+        sigmas = ctx.flow.sample_sigmas(x0.shape[0], generator=gens, device=dev)
+        noise = ctx.flow.sample_noise(x0, gens)
         x_t = ctx.flow.add_noise(x0, noise, sigmas)
         pred = v.forward(x_t.to(ctx.dtype), (sigmas * 1000.0).to(ctx.dtype), text.to(ctx.dtype), mask)
         loss = ctx.flow.loss(pred.float(), x0, noise, x_t, sigmas)
@@ -701,12 +721,25 @@ def compare(variants: dict[str, Variant]) -> dict[str, Any]:
         recs = variants[name].records
         return statistics.fmean(sum(r.values()) if phase is None else r[phase] for r in recs)
 
+    # ours_padded differs from the reference only in the model formulation and the EMA; the eager
+    # "ours" (ours_eager under --compile) from ours_padded in text padding and the latent cache.
+    base = "ours_eager" if "ours_eager" in variants else "ours"
+    cached = variants[base].cached_latents
     saved = {
         "ema_fused_vs_loop": mean("reference", "ema") - mean("ours_padded", "ema"),
         "model_formulation": (mean("reference") - mean("reference", "ema"))
         - (mean("ours_padded") - mean("ours_padded", "ema")),
-        "text_padding_batch_max_vs_max_length": mean("ours_padded") - mean("ours"),
+        "text_padding_batch_max_vs_max_length": (mean("ours_padded") - mean("ours_padded", "vae_encode"))
+        - (mean(base) - mean(base, "vae_encode")),
     }
+    if cached:
+        saved["latent_cache"] = mean("ours_padded", "vae_encode") - mean(base, "vae_encode")
+    else:
+        saved["text_padding_batch_max_vs_max_length"] = mean("ours_padded") - mean(base)
+    if base == "ours_eager":  # --compile: ours_padded and ours_eager are eager, ours is compiled
+        out["speedup_ours_vs_ours_eager"] = ratio(times["ours_eager"], times["ours"])
+        out["speedup_ours_eager_vs_reference"] = ratio(times["reference"], times["ours_eager"])
+        saved["torch_compile"] = mean("ours_eager") - mean("ours")
     total = mean("reference") - mean("ours")
     out["saved_s_per_step"] = {**saved, "total": total}
     out["saved_share"] = {k: (s / total if total else None) for k, s in saved.items()}
@@ -757,9 +790,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loader", action="store_true", help="read the config's webdataset stream and time its wait")
     p.add_argument("--compare-reference", action="store_true", help="also run the reference formulation, interleaved")
     p.add_argument(
-        "--compile", action="store_true", help="torch.compile our DiT (ours, ours_padded), as trainer.compile=true does"
+        "--compile",
+        action="store_true",
+        help="torch.compile the DiT of variant ours (as trainer.compile=true does); adds ours_eager, its eager twin",
     )
     p.add_argument("--compile-reference", action="store_true", help="torch.compile the reference formulation's DiT too")
+    p.add_argument(
+        "--cached-latents",
+        action="store_true",
+        help="ours (and ours_eager) read posterior moments from a latent cache (data.cached_latents) "
+        "instead of running the VAE encoder; the reference and ours_padded encode every step",
+    )
     p.add_argument("--random-frozen", action="store_true", help="random text features/latents even if loadable")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU when not in the table")
@@ -788,6 +829,7 @@ def settings(args: argparse.Namespace, cfg: Any, dtype: torch.dtype, n_image: in
         "dtype": str(dtype).replace("torch.", ""),
         "compile": args.compile,
         "compile_reference": args.compile_reference,
+        "cached_latents": args.cached_latents,
         "gradient_checkpointing": cfg.trainer.enable_gradient_checkpointing,
         "optimizer": "torch.optim.AdamW + clip_grad_norm_, no DeepSpeed engine (single-device hot path)",
     }
@@ -814,7 +856,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.compare_reference:
             notes.append("gradient checkpointing: on for our DiT, absent from the reference formulation")
     variants = make_variants(dit, kw, cfg, args, device)
-    source = BatchSource(cfg, frozen, args.text_lengths, device, args.loader)
+    source = BatchSource(cfg, frozen, args.text_lengths, device, args.loader, cached=args.cached_latents)
     if args.loader and args.compare_reference:
         notes.append("data_wait: each batch is read once and fed to every variant; each is charged the wait")
     ctx = StepContext(cfg, frozen, flow, device, dtype, cfg.data.max_prompt_length)
@@ -902,7 +944,7 @@ def print_summary(report: dict[str, Any], out: Any = sys.stdout) -> None:
     print(f"MFU: {report['mfu_peak']['source']}", file=out)
     if "comparison" in report:
         c = report["comparison"]
-        for key in ("speedup_ours_vs_reference", "speedup_ours_padded_vs_reference", "speedup_ours_vs_ours_padded"):
+        for key in [k for k in c if k.startswith("speedup_")]:
             print(f"{key}: {c[key]['paired_median']:.3f}x paired median, {c[key]['total_time']:.3f}x total", file=out)
         shares = ", ".join(f"{k} {v:.0%}" for k, v in c["saved_share"].items() if v is not None)
         print(f"share of the time saved: {shares}", file=out)

@@ -167,6 +167,9 @@ class DataConfig:
     num_open_shards: int = 4
     # Null: the text encoder's folder (model.base).
     tokenizer: Optional[str] = None
+    # data_path holds shards written by `python -m fusedit.data.latent_cache` (VAE posterior moments
+    # instead of images): training skips the VAE encoder. The cache's cache.json must match `vae`.
+    cached_latents: bool = False
 
 
 @dataclass
@@ -366,6 +369,8 @@ def _validate_data(d: DataConfig, errors: list[str]) -> None:
         errors.append("data.caption_column.original: must be set when data.original_caption_rate > 0")
     if not d.caption_column.synthetic:
         errors.append("data.caption_column.synthetic: must name the caption member (e.g. 'txt')")
+    if d.cached_latents and not d.center_crop:
+        errors.append("data.cached_latents: a latent cache fixes the crop; it needs data.center_crop=true")
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -156,16 +156,32 @@ class LatentCodec:
         on any accelerator (a list of CPU generators: one per sample); `sample=False` returns the
         posterior mean.
         """
+        mean, std = self.moments(pixels)
+        return self.from_moments(mean, std, generator, sample)
+
+    @torch.no_grad()
+    def moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior's (mean, std), each (B, C, H/f, W/f) float32 and *un-normalised*.
+
+        What a latent cache stores (fusedit/data/latent_cache.py): with them, training draws the
+        same posterior samples as from pixels, without running the encoder.
+        """
         x = pixels.to(device=self.device, dtype=self.dtype)
         if self.is_qwen:
             x = x.unsqueeze(2)
         posterior = self.vae.encode(x).latent_dist
-        z = posterior.mean.float()
-        if sample:
-            std = torch.exp(0.5 * posterior.logvar.float())
-            z = z + std * randn(z.shape, generator, z.device)
+        mean, std = posterior.mean.float(), torch.exp(0.5 * posterior.logvar.float())
         if self.is_qwen:
-            z = z.squeeze(2)
+            mean, std = mean.squeeze(2), std.squeeze(2)
+        return mean, std
+
+    def from_moments(
+        self, mean: torch.Tensor, std: torch.Tensor, generator: Generators = None, sample: bool = True
+    ) -> torch.Tensor:
+        """Normalised latents from posterior moments: ``(mean + std * eps - shift) * scale``."""
+        z = mean.to(self.device, torch.float32)
+        if sample:
+            z = z + std.to(self.device, torch.float32) * randn(z.shape, generator, z.device)
         return (z - self.shift) * self.scale
 
     @torch.no_grad()

@@ -66,6 +66,8 @@ from fusedit.text import tokenize
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# The member a latent cache (fusedit/data/latent_cache.py) stores each sample's posterior in.
+LATENT_MEMBER = "latent.npy"
 # Domains separate the independent random streams derived from the same (seed, rank, role).
 _SHARD, _SLOT, _SAMPLE = 0, 1, 2
 # A draw that opens this many shards in a row without finding a sample gives up: the data is
@@ -281,8 +283,10 @@ class _SampleTransform:
         original_caption_rate: float,
         random_dropping_rate: float,
         instruction: str,
+        latent_key: str | None = None,
     ) -> None:
         self.resolution, self.center_crop = resolution, center_crop
+        self.latent_key = latent_key
         self.image_keys = [c.strip().lower() for c in image_column.split(";") if c.strip()]
         self.original_key, self.synthetic_key = (c.lower() for c in caption_column)
         self.original_caption_rate = original_caption_rate
@@ -322,17 +326,35 @@ class _SampleTransform:
         array = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
         return array.permute(2, 0, 1).float().div_(127.5).sub_(1.0).contiguous()
 
-    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[torch.Tensor, str]:
-        u_caption, u_drop = rng.random(), rng.random()
-        caption = self._caption(sample, u_caption)
+    def _latent(self, sample: dict[str, Any]) -> torch.Tensor:
+        """(2, C, h, w) float32 posterior (mean, std) from a latent cache's ``.npy`` member."""
+        if self.latent_key not in sample:
+            raise BadSample(f"no latent member {self.latent_key!r} (the cache could not encode this image)")
+        try:
+            array = np.load(io.BytesIO(sample[self.latent_key]), allow_pickle=False)
+        except Exception as exn:
+            raise BadSample(f"latent member {self.latent_key!r} does not load: {exn!r}") from exn
+        if array.ndim != 4 or array.shape[0] != 2:
+            raise BadSample(f"latent member {self.latent_key!r} has shape {array.shape}, expected (2, C, h, w)")
+        return torch.from_numpy(array.astype(np.float32, copy=False))
+
+    def image(self, sample: dict[str, Any], rng: np.random.Generator) -> torch.Tensor:
+        """(3, R, R) float32 pixels in [-1, 1]: decoded, resized, cropped."""
         data = self._image_bytes(sample)
         try:
             img = decode_image(data)
         except Exception as exn:
             raise BadSample(f"image does not decode: {exn!r}") from exn
-        pixels = self._pixels(img, rng)
+        return self._pixels(img, rng)
+
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[torch.Tensor, str]:
+        u_caption, u_drop = rng.random(), rng.random()
+        caption = self._caption(sample, u_caption)
+        # A cached latent was made from the centre crop, which draws nothing from rng: the caption
+        # draws, and so the whole stream, are those of the image shards the cache came from.
+        visual = self._latent(sample) if self.latent_key else self.image(sample, rng)
         caption = "" if u_drop < self.random_dropping_rate else self.instruction + caption
-        return pixels, caption
+        return visual, caption
 
 
 # ----------------------------------------------------------------------------- batches
@@ -397,7 +419,7 @@ class _WebBatches(IterableDataset):
             **stream.state(),
         }
         return {
-            "pixel_values": torch.stack(pixels),
+            "latent_moments" if self.transform.latent_key else "pixel_values": torch.stack(pixels),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "captions": captions,
@@ -484,6 +506,7 @@ def build_dataloader(
     num_open_shards: int = 4,
     resume_state: dict | None = None,
     pin_memory: bool = False,
+    cached_latents: bool = False,
 ) -> DataLoader:
     """An infinite DataLoader of batches (see the module docstring for the stream's definition).
 
@@ -496,6 +519,9 @@ def build_dataloader(
     ``caption_column``: ``{"original": member or "", "synthetic": member}``, default
     ``{"original": "", "synthetic": "txt"}``. ``resume_state``: a :meth:`StreamState.state_dict`
     of the same rank and seed; with the same ``num_workers`` the batches continue exactly.
+
+    ``cached_latents``: the shards come from :mod:`fusedit.data.latent_cache`; batches hold
+    ``latent_moments`` (B, 2, C, h, w) float32 (posterior mean, std) instead of ``pixel_values``.
     """
     if batch_size < 1 or resolution < 1 or num_open_shards < 1 or num_workers < 0:
         raise ValueError("batch_size, resolution and num_open_shards must be >= 1, num_workers >= 0")
@@ -515,6 +541,7 @@ def build_dataloader(
         original_caption_rate=original_caption_rate,
         random_dropping_rate=random_dropping_rate,
         instruction=instruction,
+        latent_key=LATENT_MEMBER if cached_latents else None,
     )
     # The reference's budget: max_prompt_length tokens (BOS included) plus the instruction's.
     instruction_length = len(tokenizer(instruction.rstrip(), add_special_tokens=False)["input_ids"])

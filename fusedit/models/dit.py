@@ -244,12 +244,13 @@ class DiT(ModelMixin, ConfigMixin):
         A key-only boolean mask is all padding needs (every query sees the same keys), it costs
         S bytes per sample instead of an N x S float tensor, and returning None for unpadded
         batches lets SDPA pick the flash / memory-efficient kernels. The ``all()`` check is one
-        host sync per forward, not per layer.
+        host sync per forward, not per layer. Under ``torch.compile`` the check is skipped (it would
+        break the graph in two): an all-True mask gives the same result.
         """
         if mask is None:
             return None
         keep = mask.to(torch.bool)
-        if bool(keep.all()):
+        if not torch.compiler.is_compiling() and bool(keep.all()):
             return None
         if self.config.attention == "self":
             keep = F.pad(keep, (0, n_image), value=True)  # image keys follow the text keys

@@ -158,6 +158,7 @@ def loader_from_config(
         world_size=world_size,
         num_open_shards=d.num_open_shards,
         resume_state=resume_state,
+        cached_latents=d.cached_latents,
         pin_memory=pin_memory,
     )
 
@@ -208,6 +209,10 @@ class Trainer:
             raise ConfigError(f"trainer.mixed_precision: {cfg.trainer.mixed_precision!r} needs a GPU; use 'no' on CPU")
         frozen_dtype = torch.bfloat16 if cfg.trainer.mixed_precision == "bf16" else torch.float32
         self.parts = build_components(cfg, self.device, frozen_dtype)
+        if cfg.data.cached_latents:
+            from fusedit.data.latent_cache import check_cache_fingerprint
+
+            check_cache_fingerprint(cfg, self.parts.codec)
         self.model_config = json.loads(self.parts.dit.to_json_string())
         if cfg.trainer.enable_gradient_checkpointing:
             self.parts.dit.enable_gradient_checkpointing()
@@ -242,6 +247,10 @@ class Trainer:
             validate_data_paths(self.cfg.data.data_path)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"data.data_path: {err}") from None
+        if self.cfg.data.cached_latents:
+            from fusedit.data.latent_cache import check_cache_matches
+
+            check_cache_matches(self.cfg)
         for name, value in (
             ("model.base", self.cfg.model.base),
             ("vae.pretrained_model_name_or_path", self.cfg.vae.pretrained_model_name_or_path),
@@ -369,12 +378,16 @@ class Trainer:
     def micro_step(self, batch: dict[str, Any], micro: int) -> torch.Tensor:
         """Loss of one micro-batch (fp32 scalar); DeepSpeed does the backward bookkeeping."""
         p, dev = self.parts, self.device
-        pixels = batch["pixel_values"].to(dev, non_blocking=True)
+        moments = batch.get("latent_moments")
+        pixels = batch["pixel_values"].to(dev, non_blocking=True) if moments is None else None
         ids = batch["input_ids"].to(dev, non_blocking=True)
         mask = batch["attention_mask"].to(dev, non_blocking=True)
-        gens = self.sample_generators(micro, pixels.shape[0])
+        gens = self.sample_generators(micro, ids.shape[0])
         with torch.no_grad():
-            x0 = p.codec.encode(pixels, generator=gens, sample=self.cfg.vae.sample_posterior)
+            if moments is not None:  # a latent cache: the same posterior draw, no encoder
+                x0 = p.codec.from_moments(moments[:, 0], moments[:, 1], gens, self.cfg.vae.sample_posterior)
+            else:
+                x0 = p.codec.encode(pixels, generator=gens, sample=self.cfg.vae.sample_posterior)
             text = p.text_encoder.encode(ids, mask)
         sigmas = p.flow.sample_sigmas(x0.shape[0], generator=gens, device=dev)
         noise = p.flow.sample_noise(x0, gens)

@@ -702,7 +702,10 @@ def _step_flops(
         text_encoder_forward_per_sample=text_encoder_forward_flops(text.arch, tokens.text_tokens)
         if text.arch
         else None,
-        vae_encoder_forward_per_sample=vae_encoder_forward_flops(vae, cfg.data.resolution),
+        # data.cached_latents: the encoder ran once, ahead of training (fusedit/data/latent_cache.py)
+        vae_encoder_forward_per_sample=0
+        if cfg.data.cached_latents
+        else vae_encoder_forward_flops(vae, cfg.data.resolution),
         samples_per_gpu=cfg.data.batch_size * cfg.trainer.gradient_accumulation_steps,
         world_size=world_size,
         gradient_checkpointing=cfg.trainer.enable_gradient_checkpointing,

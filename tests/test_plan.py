@@ -331,3 +331,12 @@ def test_train_py_dry_run_on_3b_config(tmp_path: Path) -> None:
     assert (tmp_path / "config.resolved.yaml").is_file()
     assert not re.search(r"\|\s+deepspeed(\.|\s*$)", proc.stderr, re.MULTILINE), "dry run imported deepspeed"
     assert elapsed < 90, f"dry run took {elapsed:.0f} s"
+
+
+def test_cached_latents_take_the_vae_out_of_the_step(tmp_path: Path) -> None:
+    online = build_plan(_3b("sa-w2048-3b-res256-fluxvae-fulldataset-500k", tmp_path), world_size=32).flops
+    cfg = _3b("sa-w2048-3b-res256-fluxvae-fulldataset-500k", tmp_path)
+    cfg.data.cached_latents = True
+    cached = build_plan(cfg, world_size=32).flops
+    assert online.per_sample()["vae_encoder_forward"] > 0 and cached.per_sample()["vae_encoder_forward"] == 0
+    assert online.model_per_sample() - cached.model_per_sample() == online.per_sample()["vae_encoder_forward"]

@@ -288,6 +288,11 @@ class BatchSource:
 
         if self.frozen.text_encoder is None:
             raise SystemExit("--loader needs the config's tokenizer, but the text encoder could not be loaded")
+        if self.cfg.data.cached_latents:
+            raise SystemExit(
+                "--loader: data.cached_latents=true has no pixels for the reference to encode; point the "
+                "benchmark at the image shards and pass --cached-latents instead"
+            )
         loader = loader_from_config(self.cfg, self.frozen.text_encoder.tokenizer, pin_memory=self.device.type == "cuda")
         return iter(loader)
 

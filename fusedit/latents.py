@@ -45,6 +45,11 @@ class VaeSpec:
     subfolder: str | None = None
     kind: str = "auto"
 
+    @classmethod
+    def from_config(cls, vae: object) -> VaeSpec:
+        """The spec of a config's ``vae`` section (fusedit.config.VaeConfig)."""
+        return cls(vae.pretrained_model_name_or_path, subfolder=vae.subfolder, kind=vae.kind)
+
     def __post_init__(self) -> None:
         if self.kind not in VAE_KINDS:
             raise ValueError(f"VaeSpec.kind must be one of {VAE_KINDS}, got {self.kind!r}")

@@ -32,6 +32,7 @@ resolution and the sources; the trainer refuses a cache made with another VAE or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -77,8 +78,7 @@ def vae_fingerprint(codec: LatentCodec) -> str:
 
 
 def _vae_record(cfg: TrainConfig) -> dict[str, Any]:
-    v = cfg.vae
-    return {"pretrained_model_name_or_path": v.pretrained_model_name_or_path, "subfolder": v.subfolder, "kind": v.kind}
+    return dataclasses.asdict(VaeSpec.from_config(cfg.vae))
 
 
 def _transform(cfg: TrainConfig) -> _SampleTransform:
@@ -106,14 +106,12 @@ class _ShardEncoder:
     def __init__(self, codec: LatentCodec, transform: _SampleTransform, batch_size: int, dtype: np.dtype) -> None:
         self.codec, self.transform, self.batch_size, self.dtype = codec, transform, batch_size, dtype
         self.counts = {"samples": 0, "encoded": 0, "undecodable": 0, "broken_shards": 0}
-        self.latent_shape: list[int] | None = None
 
     def _flush(self, writer: Any, pending: list[tuple[dict, torch.Tensor | None]]) -> None:
         images = [img for _, img in pending if img is not None]
         if images:
             mean, std = self.codec.moments(torch.stack(images))
             moments = torch.stack([mean, std], dim=1).cpu().numpy().astype(self.dtype)
-            self.latent_shape = list(moments.shape[1:])
         it = iter(moments) if images else iter(())
         for sample, img in pending:
             out = {k: v for k, v in sample.items() if not k.startswith("__") and k not in self.transform.image_keys}
@@ -131,6 +129,7 @@ class _ShardEncoder:
         partial = dest.with_name(f".{dest.name}.partial")
         reader = _ShardReader(url, 0, 0)
         pending: list[tuple[dict, torch.Tensor | None]] = []
+        images = 0  # decoded images in `pending`
         rng = np.random.default_rng(0)  # the centre crop draws nothing; the API wants a generator
         with wds.TarWriter(str(partial)) as writer:
             while True:
@@ -149,8 +148,10 @@ class _ShardEncoder:
                     self.counts["undecodable"] += 1
                     image = None
                 pending.append((sample, image))
-                if sum(img is not None for _, img in pending) >= self.batch_size:
+                images += image is not None
+                if images >= self.batch_size:
                     self._flush(writer, pending)
+                    images = 0
             self._flush(writer, pending)
         reader.close()
         os.replace(partial, dest)
@@ -183,8 +184,7 @@ def build_cache(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    spec = VaeSpec(cfg.vae.pretrained_model_name_or_path, subfolder=cfg.vae.subfolder, kind=cfg.vae.kind)
-    codec = LatentCodec.from_spec(spec, torch_dtype=torch.float32).to(dev)
+    codec = LatentCodec.from_spec(VaeSpec.from_config(cfg.vae), torch_dtype=torch.float32).to(dev)
     encoder = _ShardEncoder(codec, _transform(cfg), batch_size, DTYPES[dtype])
     todo = [(i, u) for i, u in enumerate(urls) if i % parts == index and not (out / shard_name(i)).exists()]
     for i, url in tqdm(todo, desc="latent cache", unit="shard", disable=not progress):
@@ -200,7 +200,7 @@ def build_cache(
         "center_crop": True,
         "image_column": cfg.data.image_column,
         "dtype": dtype,
-        "latent_shape": encoder.latent_shape or _latent_shape(codec, cfg.data.resolution),
+        "latent_shape": _latent_shape(codec, cfg.data.resolution),
         "sources": urls,
         "shards": len(urls),
         "data_path": str(out / f"latents-{{000000..{len(urls) - 1:06d}}}.tar"),

@@ -164,7 +164,7 @@ def loader_from_config(
 
 
 def _vae_spec(cfg: TrainConfig) -> VaeSpec:
-    return VaeSpec(cfg.vae.pretrained_model_name_or_path, subfolder=cfg.vae.subfolder, kind=cfg.vae.kind)
+    return VaeSpec.from_config(cfg.vae)
 
 
 def check_geometry(cfg: TrainConfig, codec: LatentCodec) -> None:

@@ -1,9 +1,13 @@
 # Two commands matter: `make demo` and `make test`. Each sets up .venv when it is missing
-# or older than pyproject.toml, so a fresh clone needs nothing installed by hand.
+# or older than pyproject.toml or the lock, so a fresh clone needs nothing installed by hand.
+# Every package version comes from requirements.lock (`make lock` regenerates it;
+# `make test-latest` runs the suite against the newest releases in a separate venv).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+LATEST := .venv-latest
 TOY ?= toy
 RUN ?= output/toy
 # Threads per process on the small CPU machines we test on.
@@ -12,17 +16,35 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup demo repae study chromium test test-fast lint toy clean
+.PHONY: setup demo repae study chromium test test-fast test-latest lock lint toy clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned: pip takes these two from the machine's local wheel store
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+	# torch first: pip takes these two from the machine's local wheel store
+	$(PY) -m pip install -q -c $(LOCK) pip setuptools torch torchvision
+	$(PY) -m pip install -q -c $(LOCK) -e '.[dev]'
+	$(PY) scripts/check_lock.py $(LOCK)
 	touch $(STAMP)
+
+# Regenerate requirements.lock from the newest releases that pyproject.toml allows, in a scratch
+# venv (the working .venv is left alone); review the diff, then `make test` installs it.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	.venv-lock/bin/python -m pip install -q -e '.[dev]'
+	.venv-lock/bin/python scripts/check_lock.py --write $(LOCK)
+	rm -rf .venv-lock
+
+# The suite against the newest releases (no lock), for whoever wants to move the lock.
+test-latest: chromium
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip torch==2.14.1 torchvision==0.29.1
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/python scripts/check_lock.py --diff $(LOCK)
+	TEST_LATEST=1 $(LATEST)/bin/python -m pytest -q tests
 
 toy: $(STAMP)
 	$(PY) dataset_download.py --toy $(TOY)

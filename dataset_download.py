@@ -57,11 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_train", "--num-train", type=int, default=8192, help="toy training images (default: %(default)s)"
     )
     toy.add_argument(
-        "--vae_seconds",
-        "--vae-seconds",
-        type=float,
-        default=75.0,
-        help="toy VAE training budget in seconds (default: %(default)s)",
+        "--vae_steps",
+        "--vae-steps",
+        type=int,
+        default=None,
+        help="toy VAE training steps (default: fusedit.data.toy.STEPS; a fixed count, never a time budget)",
+    )
+    toy.add_argument(
+        "--scorer_steps",
+        "--scorer-steps",
+        type=int,
+        default=None,
+        help="toy attribute-scorer training steps (default: fusedit.data.toy.STEPS)",
     )
     toy.add_argument("--quick", action="store_true", help="tiny world in ~15 s (what the tests build)")
     toy.add_argument("--force", action="store_true", help="rebuild even if DIR holds a matching world")
@@ -150,17 +157,23 @@ def download(repos: Sequence[str], output_dir: str | Path, dry_run: bool = False
 
 def build_toy(args: argparse.Namespace) -> int:
     from fusedit.data.toy import build_toy_world
+    from fusedit.data.toy_training import QualityGateError
 
-    summary = build_toy_world(
-        args.toy,
-        seed=args.seed,
-        resolution=args.resolution,
-        num_train=args.num_train,
-        vae_train_seconds=args.vae_seconds,
-        quick=args.quick,
-        force=args.force,
-        progress=not args.quiet,
-    )
+    try:
+        summary = build_toy_world(
+            args.toy,
+            seed=args.seed,
+            resolution=args.resolution,
+            num_train=args.num_train,
+            vae_steps=args.vae_steps,
+            scorer_steps=args.scorer_steps,
+            quick=args.quick,
+            force=args.force,
+            progress=not args.quiet,
+        )
+    except QualityGateError as error:  # the build names each missed gate; no world.json was written
+        print(f"dataset_download.py: error: {error}", file=sys.stderr)
+        return 2
     scorer = summary["scorer"]["heldout_clean"]["accuracy"]
     print(
         f"toy world: {args.toy} | VAE PSNR {summary['vae']['psnr_db']:.2f} dB | "

@@ -3,7 +3,7 @@
     python -m repae.demo --toy toy --run output/repae/toy        (what `make repae` runs)
 
 1. builds the toy world if it is missing (`python dataset_download.py --toy toy`) and its
-   alignment target: a small timm ViT trained on the toy attributes (`toy/repae/encoder`);
+   alignment target: a small timm ViT trained for fixed steps on the toy attributes (`toy/repae/encoder`);
 2. jointly tunes the toy VAE with a tiny SiT (`python -m repae.train -c configs/repae/toy.yaml`);
 3. exports the tuned VAE as a diffusers folder, `toy/e2e-vae` — what
    `configs/e2e-vae/toy-e2e.yaml` trains the text-to-image DiT on;
@@ -39,14 +39,14 @@ def toy_overrides(toy: Path, run: Path) -> list[str]:
     ]
 
 
-def ensure_world(toy: Path, encoder_seconds: float, quick: bool) -> None:
+def ensure_world(toy: Path, encoder_steps: int | None, quick: bool) -> None:
     from fusedit.data.toy import build_toy_world
     from repae.toy import build_toy_encoder
 
     if not (toy / "world.json").is_file():
         build_toy_world(toy, quick=quick)
     if not (toy / "repae" / "encoder" / "model.safetensors").is_file():
-        build_toy_encoder(toy, seconds=encoder_seconds, quick=quick)
+        build_toy_encoder(toy, steps=encoder_steps, quick=quick)
 
 
 def train(toy: Path, run: Path, extra: list[str]) -> None:
@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--toy", type=Path, default=Path("toy"), help="toy world folder (built when missing)")
     parser.add_argument("--run", type=Path, default=Path("output/repae/toy"), help="REPA-E run folder")
     parser.add_argument("--e2e-out", type=Path, default=None, help="exported E2E-VAE (default: <toy>/e2e-vae)")
-    parser.add_argument("--encoder-seconds", type=float, default=60.0, help="training budget of the toy ViT")
+    parser.add_argument(
+        "--encoder-steps", type=int, default=None, help="training steps of the toy ViT (default: repae.toy.STEPS)"
+    )
     parser.add_argument("--num-images", type=int, default=512, help="validation images for the VAE comparison")
     parser.add_argument("--quick", action="store_true", help="tiny world and budgets (tests)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for configs/repae/toy.yaml")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     toy, run = args.toy.resolve(), args.run.resolve()
     e2e = (args.e2e_out or toy / "e2e-vae").resolve()
     t0 = time.time()
-    ensure_world(toy, args.encoder_seconds, args.quick)
+    ensure_world(toy, args.encoder_steps, args.quick)
     t1 = time.time()
     train(toy, run, args.overrides)
     t2 = time.time()

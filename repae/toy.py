@@ -6,8 +6,8 @@ coloured shape), so this module provides both:
 
 * class labels from the attributes in each sample's ``json`` member: a *rule* such as
   ``"color+shape"`` names the attributes, and the label is their mixed-radix index (24 classes);
-* a small semantic encoder: a timm ViT (4x4 patches -> 8x8 = 64 tokens) trained for about a
-  minute to classify all four attributes from its pooled patch tokens. Its tokens therefore
+* a small semantic encoder: a timm ViT (4x4 patches -> 8x8 = 64 tokens) trained for a fixed
+  number of seeded steps to classify all four attributes from its pooled patch tokens. Its tokens therefore
   carry colour / shape / position / background information, which is what alignment needs: a
   random network would give targets without semantics, and the test of REPA's effect would be
   void. It is saved as a ``local:`` encoder (:mod:`repae.encoders`), so training code loads it
@@ -55,10 +55,10 @@ QUICK_VIT = {**TOY_VIT, "depth": 1}
 HEAD_HIDDEN = 128
 BATCH_SIZE = 64
 LEARNING_RATE = 3e-3  # 5e-3 was measured to stall shape learning
-# (seconds cap, step floor) for quick builds (tests) and the step floor of full builds: the floor
-# keeps an oversubscribed machine from saving an encoder without semantics (see fusedit's _Budget).
-QUICK_SECONDS = 10.0
-MIN_STEPS = {"full": 600, "quick": 300}
+# Fixed training lengths (never a time budget: a slow machine must get the same encoder) and the
+# quality gate on held-out accuracy, every attribute. Quick builds (tests) use the one-block ViT.
+STEPS = {"full": 1200, "quick": 300}
+ACCURACY_GATE = {"full": 0.95, "quick": 0.4}  # chance is at most 1/3 (background)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,22 +224,21 @@ def train_toy_encoder(
     images: torch.Tensor,
     attributes: Sequence[Mapping[str, str]],
     *,
-    seconds: float,
+    steps: int,
     seed: int = 0,
-    min_steps: int = 0,
     vit: Mapping[str, Any] = TOY_VIT,
     batch_size: int = BATCH_SIZE,
     lr: float = LEARNING_RATE,
     progress: bool = True,
 ) -> tuple[nn.Module, nn.ModuleDict, dict[str, Any]]:
-    """Train the ViT and its heads on uint8 images for ``seconds`` (and at least ``min_steps``).
+    """Train the ViT and its heads on uint8 images for a fixed number of ``steps``.
 
-    Batches go through :func:`augment_batch`. Returns (vit, heads, stats).
+    Batches go through :func:`augment_batch`; batches, augmentations and the learning-rate
+    schedule depend only on ``seed`` and the step index. Returns (vit, heads, stats).
     """
     from timm.models.vision_transformer import VisionTransformer
-    from tqdm.auto import tqdm
 
-    from fusedit.data.toy import TIMED_BAR, _Budget, _lr
+    from fusedit.data.toy_training import cosine_lr, set_lr, step_bar
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -248,25 +247,21 @@ def train_toy_encoder(
     targets = attribute_targets(attributes)
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    budget = _Budget(seconds, min_steps)
     loss = torch.tensor(float("nan"))
-    steps = 0
     model.train()
-    with tqdm(total=seconds, desc="toy REPA encoder", disable=not progress, **TIMED_BAR) as bar:
-        for step in budget.steps(bar):
-            rows = torch.randint(len(images), (batch_size,), generator=generator)
-            batch = {name: labels[rows] for name, labels in targets.items()}
-            x, batch, colour_known = augment_batch(images[rows], batch, generator)
-            loss = _loss(heads, _pooled(model, _unit(x)), batch, colour_known)
-            for group in optimizer.param_groups:
-                group["lr"] = _lr(lr, budget.fraction(), step, warmup=10)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps = step + 1
-            if step % 10 == 0:
-                bar.set_postfix_str(f"step {step} loss {loss.item():.3f}", refresh=False)
-    return model.eval(), heads.eval(), {"steps": steps, "final_loss": round(loss.item(), 4)}
+    bar = step_bar(steps, "toy REPA encoder", progress)
+    for step in bar:
+        rows = torch.randint(len(images), (batch_size,), generator=generator)
+        batch = {name: labels[rows] for name, labels in targets.items()}
+        x, batch, colour_known = augment_batch(images[rows], batch, generator)
+        loss = _loss(heads, _pooled(model, _unit(x)), batch, colour_known)
+        set_lr(optimizer, cosine_lr(lr, step, steps, warmup=10))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0:
+            bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
+    return model.eval(), heads.eval(), {"steps": steps, "batch_size": batch_size, "final_loss": round(loss.item(), 4)}
 
 
 def _loss(heads: nn.ModuleDict, pooled: torch.Tensor, targets: dict, colour_known: torch.Tensor) -> torch.Tensor:
@@ -291,7 +286,7 @@ def _shards(world: Path, split: str) -> list[Path]:
 
 def build_toy_encoder(
     world: str | Path,
-    seconds: float = 60.0,
+    steps: int | None = None,
     seed: int = 0,
     progress: bool = True,
     quick: bool = False,
@@ -301,32 +296,30 @@ def build_toy_encoder(
     The folder holds ``encoder.json`` + ``model.safetensors`` (load with
     ``load_encoder("local:<folder>", resolution=32)`` -> (B, 64, D) tokens), the attribute heads
     and ``report.json``, whose held-out accuracy is measured through the *saved* encoder on the
-    val shards (held-out colour/shape/position combinations). ``quick`` caps training at
-    ``QUICK_SECONDS`` and trains the one-block ``QUICK_VIT`` (tests).
+    val shards (held-out colour/shape/position combinations). Training is ``STEPS`` steps unless
+    given; ``quick`` trains the one-block ``QUICK_VIT`` for fewer steps (tests). The held-out
+    accuracy of every attribute must clear ``ACCURACY_GATE``: the gate values go to ``report.json``
+    and to ``world.json`` (``repae_encoder``), and a miss raises ``QualityGateError`` naming it.
     """
     from safetensors.torch import save_file
 
     from fusedit.data.toy import load_images
+    from fusedit.data.toy_training import Gate, check_gates, evaluate_gates
     from repae.encoders import load_encoder
 
     world = Path(world)
     out = world.joinpath(*ENCODER_DIR)
-    seconds = min(seconds, QUICK_SECONDS) if quick else seconds
+    kind = "quick" if quick else "full"
+    steps = STEPS[kind] if steps is None else steps
     vit = QUICK_VIT if quick else TOY_VIT
     start = time.perf_counter()
     train_images, train_attributes = load_images(_shards(world, "train"))
     val_images, val_attributes = load_images(_shards(world, "val"))
     train_images, val_images = torch.from_numpy(train_images), torch.from_numpy(val_images)
     resolution = int(train_images.shape[-1])
-    _say(progress, f"training the REPA encoder for {seconds:.0f}s on {len(train_images)} images")
+    _say(progress, f"training the REPA encoder for {steps} steps on {len(train_images)} images")
     model, heads, stats = train_toy_encoder(
-        train_images,
-        train_attributes,
-        seconds=seconds,
-        seed=seed,
-        min_steps=MIN_STEPS["quick" if quick else "full"],
-        vit=vit,
-        progress=progress,
+        train_images, train_attributes, steps=steps, seed=seed, vit=vit, progress=progress
     )
     out.mkdir(parents=True, exist_ok=True)
     save_file(_cpu_state(model), str(out / "model.safetensors"))
@@ -335,7 +328,6 @@ def build_toy_encoder(
     encoder = load_encoder(f"local:{out}", resolution=resolution)
     report = {
         **stats,
-        "seconds": seconds,
         "seed": seed,
         "quick": quick,
         "resolution": resolution,
@@ -345,9 +337,25 @@ def build_toy_encoder(
         "val": evaluate_toy_encoder(encoder, heads, val_images, val_attributes),
         "build_seconds": round(time.perf_counter() - start, 2),
     }
+    gates = [Gate("repae_encoder", f"val.accuracy.{name}", ACCURACY_GATE[kind]) for name in TOY_ATTRIBUTES]
+    report["gates"] = evaluate_gates(gates, report)
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    _say(progress, f"REPA encoder: {stats['steps']} steps, held-out accuracy {report['val']['accuracy']}")
+    _record_in_world(world, report)
+    _say(progress, f"REPA encoder: {steps} steps, held-out accuracy {report['val']['accuracy']}")
+    check_gates(report["gates"], str(world))
     return out
+
+
+def _record_in_world(world: Path, report: dict[str, Any]) -> None:
+    """Add the encoder's steps and gate values to ``world.json`` (rewritten atomically)."""
+    path = world / "world.json"
+    if not path.is_file():
+        return
+    record = json.loads(path.read_text())
+    record["repae_encoder"] = {k: report[k] for k in ("steps", "batch_size", "seed", "quick", "val", "gates")}
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(path)
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

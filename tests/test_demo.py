@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fusedit import demo
 from tests.conftest import ROOT
 
 
@@ -39,5 +40,15 @@ def test_demo_quick_runs_end_to_end(quick_world: Path, tmp_path: Path) -> None:
     assert scores["n"] == len(json.loads((quick_world / "prompts" / "heldout.json").read_text()))
     for attr in ("color", "shape", "position"):
         assert 0.0 <= scores["accuracy"][attr] <= 1.0 and 0.0 < scores["chance"][attr] < 1.0
+    samples = scores["samples_per_prompt"]
+    assert samples == 2 and scores["images"] == scores["n"] * samples
+    for attr, span in scores["interval"].items():
+        assert span["low"] <= scores["accuracy"][attr] <= span["high"], attr
+    # the guidance scale is chosen on the training-triple prompts, never on the held-out ones
+    selection = scores["guidance_selection"]
+    assert selection["prompts"] == 48 and scores["guidance_scale"] == selection["chosen"]
+    assert [row["scale"] for row in selection["grid"]] == list(demo.GUIDANCE_GRID)
+    assert set(scores["goals"]["rows"]) == set(demo.GOALS)
+    assert scores["versions"]["torch"] and scores["threads"] >= 1
     assert (run / "heldout_grid.png").stat().st_size > 0
     assert (run / "latest").read_text().strip() == "6"

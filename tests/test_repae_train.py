@@ -23,7 +23,7 @@ def repae_world(quick_world: Path) -> Path:
     from repae.toy import build_toy_encoder
 
     if not (quick_world / "repae" / "encoder" / "model.safetensors").is_file():
-        build_toy_encoder(quick_world, seconds=5, quick=True, progress=False)
+        build_toy_encoder(quick_world, quick=True, progress=False)
     return quick_world
 
 

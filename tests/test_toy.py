@@ -73,7 +73,7 @@ def test_data_is_deterministic(world, tmp_path):
     """A second build with the same seed writes byte-identical shards, manifest and prompts.
 
     The rebuild writes only the data (no model training): the data must not depend on the
-    time-budgeted training that follows it, which this also checks.
+    model training that follows it, which this also checks.
     """
     out, summary = world
     request = summary["request"]

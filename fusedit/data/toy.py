@@ -8,12 +8,15 @@ module builds, offline and from one seed, everything a real run downloads:
   out of training so compositional generalisation can be measured;
 * a word-level tokenizer with Gemma's special-token ids and a tiny Gemma text encoder, both saved
   so ``AutoTokenizer`` / ``AutoModel.from_pretrained(dir)`` load them like ``google/gemma-2b``;
-* a tiny ``diffusers.AutoencoderKL`` trained for about a minute, carrying FLUX-style
+* a tiny ``diffusers.AutoencoderKL`` trained for a fixed number of steps, carrying FLUX-style
   ``shift_factor`` / ``scaling_factor`` in its config;
 * an attribute classifier (:mod:`fusedit.data.toy_scorer`) that scores generated images.
 
-Data (shards, captions, prompts, manifest) is byte-identical for a given seed; model weights
-come from time-budgeted training and are therefore only approximately reproducible.
+Data (shards, captions, prompts, manifest) is byte-identical for a given seed. Model weights train
+for fixed, seeded step counts (:mod:`fusedit.data.toy_training`), so they are bit-identical for a
+given seed, library versions and thread count, however fast the machine; the build checks
+quality gates (VAE PSNR, scorer accuracy on clean images and VAE round trips) before it writes
+``world.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import contextlib
 import io
 import json
 import math
-import platform
 import shutil
 import tarfile
 import time
@@ -33,6 +35,17 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from fusedit.data.toy_training import (
+    Gate,
+    check_gates,
+    cosine_lr,
+    evaluate_gates,
+    library_versions,
+    set_lr,
+    step_bar,
+    torch_threads,
+)
 
 # --------------------------------------------------------------------------------------------
 # Vocabulary of the world. Colours are saturated and far apart in RGB so that a blurry sample
@@ -84,14 +97,16 @@ TEMPLATES: tuple[str, ...] = (
 )
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<bos>", "<unk>")  # Gemma ids 0, 1, 2, 3
 
-FORMAT_VERSION = 2  # 2: text encoder left at its seeded init (LM training collapsed colour words)
+# 2: text encoder left at its seeded init (LM training collapsed colour words)
+# 3: fixed-step training with quality gates (no wall-clock budgets)
+FORMAT_VERSION = 3
 SUPERSAMPLE = 4  # draw at 4x and box-downsample: cheap, exact antialiasing
 JPEG_QUALITY = 95
 TAR_MTIME = 1_700_000_000  # fixed member mtime so tar files are byte-identical across builds
 HOLDOUT_FRACTION = 0.1
 
 # Independent RNG streams: changing one count (e.g. num_train) must not change other outputs.
-_STREAM_SPLIT, _STREAM_TRAIN, _STREAM_VAL, _STREAM_PROMPTS = range(4)
+_STREAM_SPLIT, _STREAM_TRAIN, _STREAM_VAL, _STREAM_PROMPTS, _STREAM_GUIDANCE = range(5)
 
 Triple = tuple[str, str, str]
 
@@ -321,6 +336,23 @@ def _val_prompts(train: list[Triple], heldout: list[Triple], seed: int, count: i
     return prompts
 
 
+def _guidance_prompts(train: list[Triple], seed: int, count: int = 48) -> list[dict[str, str]]:
+    """Prompts for choosing the demo's guidance scale: *training* triples only, distinct, seeded.
+
+    The demo reports held-out triples; tuning a knob on them would make the report optimistic, so
+    the scale is chosen here, on combinations the DiT has seen, in differently drawn wordings.
+    """
+    rng = _rng(seed, _STREAM_GUIDANCE)
+    cells = [(t, b, k) for t in train for b in BACKGROUNDS for k in range(len(TEMPLATES))]
+    chosen = rng.choice(len(cells), size=min(count, len(cells)), replace=False)
+    prompts = []
+    for index in sorted(int(i) for i in chosen):
+        triple, background, template = cells[index]
+        attrs = _attrs(triple, background)
+        prompts.append({"prompt": caption(attrs, template), **attrs})
+    return prompts
+
+
 def _dump_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
@@ -359,6 +391,7 @@ def write_toy_data(
     heldout_prompts = _heldout_prompts(heldout_triples)
     _dump_json(out / "prompts" / "heldout.json", heldout_prompts)
     _dump_json(out / "prompts" / "val.json", _val_prompts(train_triples, heldout_triples, seed))
+    _dump_json(out / "prompts" / "guidance.json", _guidance_prompts(train_triples, seed))
     return {
         "train_shards": train_shards,
         "val_shards": val_shards,
@@ -528,85 +561,41 @@ def psnr(reference, reconstruction) -> Any:
     return 10.0 * (4.0 / mse.clamp_min(1e-10)).log10()
 
 
-# tqdm settings for time-budgeted loops: progress in seconds, redrawn at most every 2 s so logs
-# written to a file stay readable.
-TIMED_BAR = {"bar_format": "{desc}: {n:.0f}/{total:.0f}s {bar} {postfix}", "mininterval": 2.0}
+VAE_LR = 2e-3
 
 
-@dataclass
-class _Budget:
-    """Training length: a wall-clock budget plus a minimum number of steps.
+def train_vae(images, resolution: int, steps: int, seed: int, progress: bool, batch_size: int = 16):
+    """Train the tiny VAE on uint8 images for a fixed number of ``steps``; returns the VAE.
 
-    Time keeps the build inside the demo's budget on a fast machine; the step floor keeps a
-    heavily shared machine (other jobs oversubscribing the cores) from producing a useless model.
-    """
-
-    seconds: float
-    min_steps: int = 0
-    start: float = 0.0
-    step: int = 0
-
-    def fraction(self) -> float:
-        """Progress in [0, 1] for schedules: the slower of the two criteria."""
-        by_time = (time.perf_counter() - self.start) / max(self.seconds, 1e-6)
-        by_steps = self.step / self.min_steps if self.min_steps else 1.0
-        return min(1.0, by_time, by_steps)
-
-    def steps(self, bar) -> Iterator[int]:
-        """Yield step indices until the budget is spent, advancing ``bar`` in seconds."""
-        self.start = time.perf_counter()
-        self.step, shown = 0, 0.0
-        while self.fraction() < 1.0:
-            yield self.step
-            self.step += 1
-            elapsed = min(self.seconds, time.perf_counter() - self.start)
-            bar.update(elapsed - shown)  # tqdm throttles the redraws itself
-            shown = elapsed
-
-
-def _lr(base: float, fraction: float, step: int, warmup: int = 20) -> float:
-    """Short linear warm-up, then cosine to 5% of ``base`` over the time budget."""
-    return base * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * fraction)))
-
-
-def train_vae(
-    images, resolution: int, seconds: float, seed: int, progress: bool, batch_size: int = 16, min_steps: int = 0
-):
-    """Train the tiny VAE on uint8 images for ``seconds``; returns (vae, steps).
-
-    Plain MSE (what PSNR measures) converged fastest in a one-minute budget (L1 + MSE was ~1 dB
-    worse); small batches win because the budget is steps, not samples. The KL weight is tiny, as
-    in SD/FLUX VAEs, only to keep the posterior honest and the latents bounded.
+    Plain MSE (what PSNR measures) converged fastest (L1 + MSE was ~1 dB worse); small batches win
+    because what costs is steps, not samples. The KL weight is tiny, as in SD/FLUX VAEs, only to
+    keep the posterior honest and the latents bounded. Batches, noise and the learning-rate
+    schedule depend only on ``seed`` and the step index (never on the clock).
     """
     import torch
     from diffusers import AutoencoderKL
-    from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**vae_config(resolution))
     _start_nearly_deterministic(vae)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(seed)
-    budget = _Budget(seconds, min_steps)
     vae.train()
-    steps = 0
-    with tqdm(total=seconds, desc="toy VAE", disable=not progress, **TIMED_BAR) as bar:
-        for step in budget.steps(bar):
-            x = _to_unit(images[torch.randint(len(images), (batch_size,), generator=generator)])
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample(generator)).sample
-            kl = posterior.kl().mean() / x[0].numel()
-            loss = (recon - x).pow(2).mean() + 1e-4 * kl
-            for group in optimizer.param_groups:
-                group["lr"] = _lr(2e-3, budget.fraction(), step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            optimizer.step()
-            steps = step + 1
-            if step % 20 == 0:
-                bar.set_postfix_str(f"step {step} loss {loss.item():.4f}", refresh=False)
-    return vae.eval(), steps
+    bar = step_bar(steps, "toy VAE", progress)
+    for step in bar:
+        x = _to_unit(images[torch.randint(len(images), (batch_size,), generator=generator)])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator)).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = (recon - x).pow(2).mean() + 1e-4 * kl
+        set_lr(optimizer, cosine_lr(VAE_LR, step, steps))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        if step % 20 == 0:
+            bar.set_postfix_str(f"loss {loss.item():.4f}", refresh=False)
+    return vae.eval()
 
 
 def _start_nearly_deterministic(vae, log_variance: float = -6.0) -> None:
@@ -661,23 +650,44 @@ def vae_psnr(vae, images, batch_size: int = 256) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # The whole build
 # --------------------------------------------------------------------------------------------
-_OWNED = ("world.json", "attributes.jsonl", "shards", "prompts", "text_encoder", "vae", "scorer")
-QUICK = {"num_train": 512, "num_val": 96, "samples_per_shard": 128, "vae": 5.0, "scorer": 4.0, "lm": 60}
-# Step floors (see _Budget): (default build, quick build).
-MIN_STEPS = {"vae": (300, 80), "scorer": (150, 80)}
+# Everything a build writes; a rebuild clears it all, including what `python -m repae.demo` derived
+# from the previous world's VAE (its alignment encoder and the exported E2E-VAE).
+_OWNED = ("world.json", "attributes.jsonl", "shards", "prompts", "text_encoder", "vae", "scorer", "repae", "e2e-vae")
+QUICK = {"num_train": 512, "num_val": 96, "samples_per_shard": 128, "lm": 60}
+# Fixed training lengths, (full build, quick build). Chosen by measurement so that the full build
+# clears its quality gates with a margin (see README, "The toy world"); quick builds are for tests.
+STEPS = {"vae": (1500, 120), "scorer": (500, 120)}
 SCORER_BATCH = (128, 64)
 # VAE round trips only teach the scorer robustness if the VAE keeps the shape; a blurrier VAE
 # (quick builds) would mostly teach it to guess.
 MIN_PSNR_FOR_SCORER = 23.0
+# Quality gates of a full build (DEVELOPERS' issue 10): a VAE that erases colour or shape, or a
+# scorer that misreads its round trips, makes every demo score meaningless. Quick builds check
+# looser gates that still catch a broken build.
+VAE_PSNR_GATE = (26.0, 15.0)
+SCORER_GATE = (0.97, 0.5)
 
 
-def _request(seed: int, resolution: int, num_train: int, num_val: int, per_shard: int, quick: bool) -> dict:
+def quality_gates(quick: bool) -> list[Gate]:
+    """The gates a build of this kind must pass (recorded with their values in world.json)."""
+    q = int(quick)
+    gates = [Gate("vae", "psnr_db", VAE_PSNR_GATE[q])]
+    readings = ("heldout_clean",) if quick else ("heldout_clean", "heldout_vae")
+    gates += [Gate("scorer", f"{r}.accuracy.{a}", SCORER_GATE[q]) for r in readings for a in ATTRIBUTES]
+    return gates
+
+
+def _request(
+    seed: int, resolution: int, num_train: int, num_val: int, per_shard: int, steps: dict[str, int], quick: bool
+) -> dict:
+    """What a build was asked for; a world is reused only for an identical request."""
     return {
         "seed": seed,
         "resolution": resolution,
         "num_train": num_train,
         "num_val": num_val,
         "samples_per_shard": per_shard,
+        "steps": dict(steps),
         "quick": quick,
     }
 
@@ -704,24 +714,6 @@ def _clear(out: Path) -> None:
             path.unlink()
 
 
-def _versions() -> dict[str, str]:
-    import diffusers
-    import tokenizers
-    import torch
-    import transformers
-    import webdataset
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "tokenizers": tokenizers.__version__,
-        "webdataset": getattr(webdataset, "__version__", "unknown"),
-        "numpy": np.__version__,
-    }
-
-
 def _say(progress: bool, message: str) -> None:
     if progress:
         print(f"[toy] {message}", flush=True)
@@ -735,8 +727,8 @@ def build_toy_world(
     num_train: int = 8192,
     num_val: int = 1024,
     samples_per_shard: int = 1024,
-    vae_train_seconds: float = 75.0,
-    scorer_train_seconds: float = 25.0,
+    vae_steps: int | None = None,
+    scorer_steps: int | None = None,
     text_encoder_steps: int = 0,
     quick: bool = False,
     force: bool = False,
@@ -744,19 +736,28 @@ def build_toy_world(
 ) -> dict[str, Any]:
     """Build (or reuse) the whole toy world in ``out_dir`` and return its summary (= world.json).
 
-    ``quick`` caps sizes and training budgets (a few hundred images, seconds of training) for the
-    test suite. An existing world with the same request is reused unless ``force``; ``world.json``
-    is written last, so its presence means the build completed.
+    Every trained part trains for a fixed number of steps (``STEPS`` unless given), so the same
+    request, library versions and thread count give bit-identical weights on any machine, however
+    slow or busy. ``quick`` caps sizes and steps (a few hundred images, seconds of training) for
+    the test suite. The build then checks its quality gates (:func:`quality_gates`) and raises
+    :class:`~fusedit.data.toy_training.QualityGateError` naming every gate it missed; the record
+    goes to ``world.failed.json`` and no ``world.json`` is written. An existing world with the same
+    request is reused unless ``force``; ``world.json`` is written last, so its presence means the
+    build completed and passed.
     """
+    q = int(quick)
     if quick:
         num_train = min(num_train, QUICK["num_train"])
         num_val = min(num_val, QUICK["num_val"])
         samples_per_shard = min(samples_per_shard, QUICK["samples_per_shard"])
-        vae_train_seconds = min(vae_train_seconds, QUICK["vae"])
-        scorer_train_seconds = min(scorer_train_seconds, QUICK["scorer"])
         text_encoder_steps = min(text_encoder_steps, QUICK["lm"])
+    steps = {
+        "vae": STEPS["vae"][q] if vae_steps is None else vae_steps,
+        "scorer": STEPS["scorer"][q] if scorer_steps is None else scorer_steps,
+        "text_encoder": text_encoder_steps,
+    }
     out = Path(out_dir)
-    request = _request(seed, resolution, num_train, num_val, samples_per_shard, quick)
+    request = _request(seed, resolution, num_train, num_val, samples_per_shard, steps, quick)
     existing = None if force else _existing_world(out, request)
     if existing is not None:
         _say(progress, f"reusing the toy world in {out} (same request; pass force/--force to rebuild)")
@@ -765,7 +766,7 @@ def build_toy_world(
         _say(progress, f"{out}/world.json was built with other settings: rebuilding")
     _clear(out)
     out.mkdir(parents=True, exist_ok=True)
-    _say(progress, f"building the toy world in {out} (seed {seed}, {resolution}px, quick={quick})")
+    _say(progress, f"building the toy world in {out} (seed {seed}, {resolution}px, quick={quick}, steps {steps})")
     clock = _Laps()
     with _hf_progress_bars(progress):
         data = write_toy_data(
@@ -781,13 +782,21 @@ def build_toy_world(
         clock.lap("data")
         text = _build_text_encoder(out, data, seed, text_encoder_steps, progress)
         clock.lap("text_encoder")
-        vae, vae_report = _build_vae(out, train, val, seed, vae_train_seconds, quick, progress)
+        vae, vae_report = _build_vae(out, train, val, seed, steps["vae"], progress)
         clock.lap("vae")
-        scorer_report = _build_scorer(out, train, val, vae, vae_report, seed, scorer_train_seconds, quick, progress)
+        scorer_report = _build_scorer(out, train, val, vae, vae_report, seed, steps["scorer"], quick, progress)
         clock.lap("scorer")
     world = _summary(request, data, text, vae, vae_report, scorer_report, clock)
+    gates = quality_gates(quick)
+    world["gates"] = evaluate_gates([g for g in gates if g.part == "vae"], world["vae"]) + evaluate_gates(
+        [g for g in gates if g.part == "scorer"], world["scorer"]
+    )
+    world["gates_passed"] = all(r["passed"] for r in world["gates"])
+    if not world["gates_passed"]:
+        _dump_json(out / "world.failed.json", world)
+        check_gates(world["gates"], str(out))
     _dump_json(out / "world.json", world)
-    _say(progress, f"toy world ready in {world['build_seconds']:.0f}s: {out}")
+    _say(progress, f"toy world ready in {world['build_seconds']:.0f}s, all {len(gates)} quality gates passed: {out}")
     return {**world, "reused": False}
 
 
@@ -851,13 +860,12 @@ def _build_text_encoder(out: Path, data: dict, seed: int, steps: int, progress: 
 
 
 def _build_vae(
-    out: Path, train: _ImageSet, val: _ImageSet, seed: int, seconds: float, quick: bool, progress: bool
+    out: Path, train: _ImageSet, val: _ImageSet, seed: int, steps: int, progress: bool
 ) -> tuple[Any, dict[str, Any]]:
-    _say(progress, f"training the VAE for {seconds:.0f}s on {len(train.images)} images")
-    floor = MIN_STEPS["vae"][int(quick)]
-    vae, steps = train_vae(train.images, train.images.shape[-1], seconds, seed, progress, min_steps=floor)
+    _say(progress, f"training the VAE for {steps} steps on {len(train.images)} images")
+    vae = train_vae(train.images, train.images.shape[-1], steps, seed, progress)
     stats = calibrate_vae(vae, train.images[:1024], seed)
-    report = {**vae_psnr(vae, val.images), **stats, "steps": steps, "seconds": seconds}
+    report = {**vae_psnr(vae, val.images), **stats, "steps": steps, "lr": VAE_LR}
     vae.save_pretrained(out / "vae", safe_serialization=True)
     _dump_json(out / "vae" / "report.json", report)
     _say(progress, f"VAE: {steps} steps, validation PSNR {report['psnr_db']:.2f} dB")
@@ -871,13 +879,13 @@ def _build_scorer(
     vae,
     vae_report: dict,
     seed: int,
-    seconds: float,
+    steps: int,
     quick: bool,
     progress: bool,
 ) -> dict[str, Any]:
     from fusedit.data import toy_scorer
 
-    _say(progress, f"training the attribute scorer for {seconds:.0f}s")
+    _say(progress, f"training the attribute scorer for {steps} steps")
     report = toy_scorer.train_scorer(
         out / "scorer",
         train.images,
@@ -886,13 +894,14 @@ def _build_scorer(
         val.attributes,
         vae=vae if vae_report["psnr_db"] >= MIN_PSNR_FOR_SCORER else None,
         resolution=train.images.shape[-1],
-        seconds=seconds,
-        min_steps=MIN_STEPS["scorer"][int(quick)],
+        steps=steps,
         batch_size=SCORER_BATCH[int(quick)],
         seed=seed,
         progress=progress,
     )
     _say(progress, f"scorer held-out accuracy (clean): {report['heldout_clean']['accuracy']}")
+    if "heldout_vae" in report:
+        _say(progress, f"scorer held-out accuracy (VAE round trips): {report['heldout_vae']['accuracy']}")
     return report
 
 
@@ -925,6 +934,7 @@ def _summary(
             "scorer": "scorer",
             "heldout_prompts": "prompts/heldout.json",
             "val_prompts": "prompts/val.json",
+            "guidance_prompts": "prompts/guidance.json",
             "manifest": "attributes.jsonl",
         },
         "text_encoder": text,
@@ -934,7 +944,8 @@ def _summary(
             **vae_report,
         },
         "scorer": scorer_report,
-        "versions": _versions(),
+        "versions": library_versions(),
+        "threads": torch_threads(),
         "timings_s": clock.timings,
         "build_seconds": clock.total(),
     }

@@ -1,0 +1,117 @@
+"""The toy world trains for fixed steps: same world on a busy machine, quality gates, records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusedit.data import toy
+from fusedit.data.toy_training import (
+    Gate,
+    QualityGateError,
+    check_gates,
+    cosine_lr,
+    evaluate_gates,
+    library_versions,
+)
+
+WEIGHTS = ("vae/diffusion_pytorch_model.safetensors", "scorer/model.safetensors", "text_encoder/model.safetensors")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _busy_processes(count: int) -> list[subprocess.Popen]:
+    """CPU-bound processes that oversubscribe the cores while a build runs (bounded: 10 min)."""
+    code = "import time\nend = time.time() + 600\nwhile time.time() < end:\n    sum(i * i for i in range(10000))\n"
+    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
+
+
+@pytest.mark.multiprocess
+def test_world_is_bit_identical_on_a_loaded_machine(quick_world: Path, tmp_path: Path) -> None:
+    """The session's quick world (built idle) and one built under 2x CPU oversubscription match.
+
+    With the old wall-clock budgets the loaded build trained fewer steps and got other weights.
+    """
+    busy = _busy_processes(max(2, os.cpu_count() or 2))
+    try:
+        loaded = toy.build_toy_world(tmp_path / "loaded", seed=0, quick=True, progress=False)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    idle = json.loads((quick_world / "world.json").read_text())
+    assert loaded["request"] == idle["request"] and not loaded["reused"]
+    for name in WEIGHTS:
+        assert _digest(tmp_path / "loaded" / name) == _digest(quick_world / name), f"{name} differs under load"
+    assert loaded["vae"]["psnr_db"] == idle["vae"]["psnr_db"]
+    assert loaded["scorer"]["heldout_clean"] == idle["scorer"]["heldout_clean"]
+    assert loaded["gates"] == idle["gates"]
+
+
+def test_world_records_gates_steps_versions_and_threads(quick_world: Path) -> None:
+    world = json.loads((quick_world / "world.json").read_text())
+    assert world["request"]["steps"] == {"vae": toy.STEPS["vae"][1], "scorer": toy.STEPS["scorer"][1], "text_encoder": 0}
+    assert world["vae"]["steps"] == toy.STEPS["vae"][1] and world["scorer"]["steps"] == toy.STEPS["scorer"][1]
+    parts = {(g["part"], g["metric"]) for g in world["gates"]}
+    assert ("vae", "psnr_db") in parts
+    assert {("scorer", f"heldout_clean.accuracy.{a}") for a in toy.ATTRIBUTES} <= parts
+    assert world["gates_passed"] and all(g["passed"] and g["value"] >= g["minimum"] for g in world["gates"])
+    assert world["versions"]["torch"] == library_versions()["torch"]
+    assert {"diffusers", "transformers", "deepspeed"} <= set(world["versions"])
+    assert isinstance(world["threads"], int) and world["threads"] >= 1
+
+
+def test_full_build_gates_are_the_issue_thresholds() -> None:
+    gates = {(g.part, g.metric): g.minimum for g in toy.quality_gates(quick=False)}
+    assert gates[("vae", "psnr_db")] == 26.0
+    for reading in ("heldout_clean", "heldout_vae"):
+        for name in toy.ATTRIBUTES:
+            assert gates[("scorer", f"{reading}.accuracy.{name}")] == 0.97
+
+
+def test_missed_gate_fails_the_build_and_names_it(tmp_path: Path) -> None:
+    out = tmp_path / "bad"
+    with pytest.raises(QualityGateError) as caught:
+        toy.build_toy_world(out, seed=0, quick=True, vae_steps=2, scorer_steps=2, progress=False)
+    message = str(caught.value)
+    assert "vae: psnr_db = " in message and "gate >= 15.0" in message
+    assert "scorer: heldout_clean.accuracy." in message
+    assert not (out / "world.json").exists(), "a failed build must not look like a usable world"
+    failed = json.loads((out / "world.failed.json").read_text())
+    assert failed["gates_passed"] is False and failed["request"]["steps"]["vae"] == 2
+
+
+def test_cosine_lr_depends_only_on_the_step() -> None:
+    values = [cosine_lr(1.0, step, 100, warmup=10) for step in range(101)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0, abs=0.03)
+    assert values[100] == pytest.approx(0.05)
+    assert values == [cosine_lr(1.0, step, 100, warmup=10) for step in range(101)]
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_gate_records_and_message() -> None:
+    report = {"psnr_db": 25.5, "acc": {"shape": 0.99}}
+    records = evaluate_gates([Gate("vae", "psnr_db", 26.0), Gate("scorer", "acc.shape", 0.97)], report)
+    assert [r["passed"] for r in records] == [False, True]
+    with pytest.raises(QualityGateError, match=r"vae: psnr_db = 25\.5000, gate >= 26\.0"):
+        check_gates(records, "here")
+    check_gates(records[1:], "here")
+    with pytest.raises(KeyError, match="acc.color"):
+        evaluate_gates([Gate("scorer", "acc.color", 0.5)], report)
+
+
+def test_guidance_prompts_use_training_triples_only(quick_world: Path) -> None:
+    world = json.loads((quick_world / "world.json").read_text())
+    prompts = json.loads((quick_world / world["paths"]["guidance_prompts"]).read_text())
+    heldout = {tuple(t) for t in world["heldout_triples"]}
+    assert len(prompts) == 48 and len({p["prompt"] for p in prompts}) == 48
+    assert not {(p["color"], p["shape"], p["position"]) for p in prompts} & heldout
+    assert {p["color"] for p in prompts} == set(toy.ATTRIBUTES["color"])

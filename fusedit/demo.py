@@ -113,19 +113,33 @@ def per_image_correct(scorer, images, prompts: list[dict], per_prompt: int) -> d
     return {k: v.numpy().reshape(len(prompts), per_prompt) for k, v in correct.items()}
 
 
-def choose_guidance(pipe, cfg, scorer, prompts: list[dict], grid=GUIDANCE_GRID) -> dict:
-    """The scale with the best joint accuracy on the guidance prompts (training triples only).
+def goal_margin(row: dict) -> float:
+    """How far the weakest goal attribute clears its goal (negative: missed)."""
+    return min(row[k] - g for k, g in GOALS.items())
 
-    Never the held-out prompts that the demo reports: a knob tuned on the reported set would make
-    the report optimistic. Ties go to the smaller scale.
+
+def choose_guidance(pipe, cfg, scorer, prompts: list[dict], grid=GUIDANCE_GRID) -> dict:
+    """The scale whose weakest goal attribute has the largest margin on the guidance prompts.
+
+    The demo's objective is its goals (colour and shape), so the scale is chosen by the smaller
+    of (colour - 0.9, shape - 0.6), on training-triple prompts: never on the held-out prompts the
+    demo reports, since a knob tuned on the reported set makes the report optimistic. Ties go to
+    the smaller scale.
     """
     table = []
     for scale in grid:
         images = sample(pipe, cfg, prompts, scale, GUIDANCE_SEED, GUIDANCE_SAMPLES)
         correct = per_image_correct(scorer, images, prompts, GUIDANCE_SAMPLES)
-        table.append({"scale": scale, **{k: round(float(v.mean()), 4) for k, v in correct.items()}})
-    best = max(table, key=lambda row: (row["joint"], -row["scale"]))
-    return {"chosen": best["scale"], "by": "joint", "prompts": len(prompts), "samples": GUIDANCE_SAMPLES, "grid": table}
+        row = {"scale": scale, **{k: round(float(v.mean()), 4) for k, v in correct.items()}}
+        table.append({**row, "goal_margin": round(goal_margin(row), 4)})
+    best = max(table, key=lambda row: (row["goal_margin"], -row["scale"]))
+    return {
+        "chosen": best["scale"],
+        "by": "goal_margin",
+        "prompts": len(prompts),
+        "samples": GUIDANCE_SAMPLES,
+        "grid": table,
+    }
 
 
 def evaluate(toy: Path, run: Path, guidance: float | None, seed: int, samples: int = HELDOUT_SAMPLES) -> dict:
@@ -197,15 +211,17 @@ def summary_line(result: dict, seconds: float) -> str:
     return f"{head}{cfg}: " + ", ".join(one(k) for k in acc) + f"{verdict} | demo {seconds / 60:.1f} min"
 
 
-# The demo's cost in units of a fixed calibration workload (CALIBRATION_STEPS toy-VAE training
-# steps), measured on an idle 2-core machine (see README, "make demo"): calibration is cheap to run
-# first, and the ratios carry over between machines far better than absolute seconds do.
-CALIBRATION_STEPS = 4
-COST_UNITS = {"world": 0.0, "dit_step": 0.0, "evaluation": 0.0}
+# The demo's cost in units of one calibration step (a toy-VAE training step at batch 16, the median
+# of CALIBRATION_STEPS), measured on an idle 2-core machine (see README, "make demo"): calibration
+# takes a few seconds, and ratios carry over between machines far better than absolute seconds.
+CALIBRATION_STEPS = 8
+COST_UNITS = {"world": 2700.0, "dit_step": 1.7, "evaluation": 250.0}
 
 
 def calibration_seconds() -> float:
-    """Seconds of CALIBRATION_STEPS toy-VAE training steps on random data (after one warm-up step)."""
+    """Median seconds of one toy-VAE training step on random data (after one warm-up step)."""
+    import statistics
+
     import torch
     from diffusers import AutoencoderKL
 
@@ -215,15 +231,15 @@ def calibration_seconds() -> float:
     vae = AutoencoderKL(**vae_config(32))
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4)
     x = torch.rand(16, 3, 32, 32) * 2 - 1
-    start = 0.0
-    for step in range(CALIBRATION_STEPS + 1):
-        if step == 1:
-            start = time.perf_counter()
+    times = []
+    for _ in range(CALIBRATION_STEPS + 1):
+        start = time.perf_counter()
         loss = (vae(x).sample - x).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return time.perf_counter() - start
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def expected_seconds(unit: float, world_built: bool, dit_steps: int) -> float:
@@ -249,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps if args.steps is not None else planned_steps(args.config, list(args.overrides))
         expect = expected_seconds(unit, (toy / "world.json").is_file(), steps)
         print(
-            f"[demo] this machine: {unit:.2f} s per calibration unit; expected duration ~{expect / 60:.0f} min "
+            f"[demo] this machine: {unit:.3f} s per calibration step; expected duration ~{expect / 60:.0f} min "
             f"(world {'reused' if (toy / 'world.json').is_file() else 'built'}, {steps} DiT steps)",
             flush=True,
         )

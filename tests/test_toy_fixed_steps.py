@@ -58,7 +58,11 @@ def test_world_is_bit_identical_on_a_loaded_machine(quick_world: Path, tmp_path:
 
 def test_world_records_gates_steps_versions_and_threads(quick_world: Path) -> None:
     world = json.loads((quick_world / "world.json").read_text())
-    assert world["request"]["steps"] == {"vae": toy.STEPS["vae"][1], "scorer": toy.STEPS["scorer"][1], "text_encoder": 0}
+    assert world["request"]["steps"] == {
+        "vae": toy.STEPS["vae"][1],
+        "scorer": toy.STEPS["scorer"][1],
+        "text_encoder": 0,
+    }
     assert world["vae"]["steps"] == toy.STEPS["vae"][1] and world["scorer"]["steps"] == toy.STEPS["scorer"][1]
     parts = {(g["part"], g["metric"]) for g in world["gates"]}
     assert ("vae", "psnr_db") in parts

@@ -238,7 +238,7 @@ def train_toy_encoder(
     """
     from timm.models.vision_transformer import VisionTransformer
 
-    from fusedit.data.toy_training import cosine_lr, set_lr, step_bar
+    from fusedit.data.toy_training import train_fixed_steps
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -247,21 +247,18 @@ def train_toy_encoder(
     targets = attribute_targets(attributes)
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    loss = torch.tensor(float("nan"))
-    model.train()
-    bar = step_bar(steps, "toy REPA encoder", progress)
-    for step in bar:
+
+    def loss_at(step: int) -> torch.Tensor:
         rows = torch.randint(len(images), (batch_size,), generator=generator)
         batch = {name: labels[rows] for name, labels in targets.items()}
         x, batch, colour_known = augment_batch(images[rows], batch, generator)
-        loss = _loss(heads, _pooled(model, _unit(x)), batch, colour_known)
-        set_lr(optimizer, cosine_lr(lr, step, steps, warmup=10))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0:
-            bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
-    return model.eval(), heads.eval(), {"steps": steps, "batch_size": batch_size, "final_loss": round(loss.item(), 4)}
+        return _loss(heads, _pooled(model, _unit(x)), batch, colour_known)
+
+    model.train()
+    loss = train_fixed_steps(
+        optimizer, loss_at, steps=steps, lr=lr, desc="toy REPA encoder", progress=progress, warmup=10
+    )
+    return model.eval(), heads.eval(), {"steps": steps, "batch_size": batch_size, "final_loss": round(loss, 4)}
 
 
 def _loss(heads: nn.ModuleDict, pooled: torch.Tensor, targets: dict, colour_known: torch.Tensor) -> torch.Tensor:

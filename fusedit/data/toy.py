@@ -39,12 +39,10 @@ from PIL import Image, ImageDraw
 from fusedit.data.toy_training import (
     Gate,
     check_gates,
-    cosine_lr,
     evaluate_gates,
     library_versions,
-    set_lr,
-    step_bar,
     torch_threads,
+    train_fixed_steps,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -580,21 +578,25 @@ def train_vae(images, resolution: int, steps: int, seed: int, progress: bool, ba
     _start_nearly_deterministic(vae)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(seed)
-    vae.train()
-    bar = step_bar(steps, "toy VAE", progress)
-    for step in bar:
+
+    def loss_at(step: int):
         x = _to_unit(images[torch.randint(len(images), (batch_size,), generator=generator)])
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample
         kl = posterior.kl().mean() / x[0].numel()
-        loss = (recon - x).pow(2).mean() + 1e-4 * kl
-        set_lr(optimizer, cosine_lr(VAE_LR, step, steps))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        if step % 20 == 0:
-            bar.set_postfix_str(f"loss {loss.item():.4f}", refresh=False)
+        return (recon - x).pow(2).mean() + 1e-4 * kl
+
+    vae.train()
+    train_fixed_steps(
+        optimizer,
+        loss_at,
+        steps=steps,
+        lr=VAE_LR,
+        desc="toy VAE",
+        progress=progress,
+        clip_params=list(vae.parameters()),
+        log_every=20,
+    )
     return vae.eval()
 
 

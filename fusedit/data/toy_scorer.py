@@ -261,7 +261,7 @@ def train_scorer(
     round trips (what the demo's scores are read through).
     """
     from fusedit.data.toy import ATTRIBUTES
-    from fusedit.data.toy_training import cosine_lr, set_lr, step_bar
+    from fusedit.data.toy_training import train_fixed_steps
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -274,18 +274,14 @@ def train_scorer(
         pool = torch.cat([clean, vae_round_trip(vae, clean[rows], generator)])
         pool_targets = {k: torch.cat([v, v[rows]]) for k, v in targets.items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    model.train()
-    bar = step_bar(steps, "toy scorer", progress)
-    for step in bar:
+
+    def loss_at(step: int) -> torch.Tensor:
         rows = torch.randint(len(pool), (batch_size,), generator=generator)
         logits = model(augment(pool[rows], generator))
-        loss = sum(F.cross_entropy(logits[k], pool_targets[k][rows], label_smoothing=0.05) for k in logits)
-        set_lr(optimizer, cosine_lr(lr, step, steps, warmup=10))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0:
-            bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
+        return sum(F.cross_entropy(logits[k], pool_targets[k][rows], label_smoothing=0.05) for k in logits)
+
+    model.train()
+    train_fixed_steps(optimizer, loss_at, steps=steps, lr=lr, desc="toy scorer", progress=progress, warmup=10)
     model.eval()
     val = val_images.float() / 127.5 - 1
     report: dict[str, Any] = {"steps": steps, "batch_size": batch_size}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,42 @@ def step_bar(total: int, desc: str, progress: bool):
     from tqdm.auto import tqdm
 
     return tqdm(range(total), desc=desc, total=total, disable=not progress, **STEP_BAR)
+
+
+def train_fixed_steps(
+    optimizer: Any,
+    loss_at: Callable[[int], Any],
+    *,
+    steps: int,
+    lr: float,
+    desc: str,
+    progress: bool,
+    warmup: int = 20,
+    clip_params: Any = None,
+    log_every: int = 10,
+) -> float:
+    """The toy fixtures' training loop: ``steps`` AdamW steps on ``loss_at(step)``, cosine schedule.
+
+    ``loss_at`` draws its batch (from a seeded generator) and returns the loss; the loop owns the
+    schedule, the optional gradient clipping (norm 1 over ``clip_params``, a list: a generator would
+    be used up by the first step) and the step-counting progress bar. Returns the last loss (NaN when ``steps`` is 0).
+    """
+    import torch
+
+    clip = None if clip_params is None else list(clip_params)
+    loss = torch.tensor(float("nan"))
+    bar = step_bar(steps, desc, progress)
+    for step in bar:
+        loss = loss_at(step)
+        set_lr(optimizer, cosine_lr(lr, step, steps, warmup=warmup))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip, 1.0)
+        optimizer.step()
+        if step % log_every == 0:
+            bar.set_postfix_str(f"loss {loss.item():.4f}", refresh=False)
+    return float(loss.item())
 
 
 class QualityGateError(RuntimeError):

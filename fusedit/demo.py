@@ -215,7 +215,7 @@ def summary_line(result: dict, seconds: float) -> str:
 # of CALIBRATION_STEPS), measured on an idle 2-core machine (see README, "make demo"): calibration
 # takes a few seconds, and ratios carry over between machines far better than absolute seconds.
 CALIBRATION_STEPS = 8
-COST_UNITS = {"world": 2700.0, "dit_step": 1.7, "evaluation": 250.0}
+COST_UNITS = {"world": 2450.0, "dit_step": 2.05, "evaluation": 170.0}
 
 
 def calibration_seconds() -> float:

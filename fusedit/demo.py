@@ -263,10 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         unit = calibration_seconds()
         steps = args.steps if args.steps is not None else planned_steps(args.config, list(args.overrides))
-        expect = expected_seconds(unit, (toy / "world.json").is_file(), steps)
+        world_built = (toy / "world.json").is_file()
+        expect = expected_seconds(unit, world_built, steps)
         print(
             f"[demo] this machine: {unit:.3f} s per calibration step; expected duration ~{expect / 60:.0f} min "
-            f"(world {'reused' if (toy / 'world.json').is_file() else 'built'}, {steps} DiT steps)",
+            f"(world {'reused' if world_built else 'to build'}, {steps} DiT steps)",
             flush=True,
         )
     try:

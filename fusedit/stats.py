@@ -28,7 +28,7 @@ def stratified_bootstrap_ci(
     prompts, samples = values.shape
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, samples, size=(resamples, prompts, samples))
-    means = np.take_along_axis(values[None].repeat(resamples, 0), picks, axis=2).mean(axis=(1, 2))
+    means = values[np.arange(prompts)[None, :, None], picks].mean(axis=(1, 2))
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return {"mean": float(values.mean()), "low": float(low), "high": float(high), "level": level}

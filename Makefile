@@ -50,7 +50,7 @@ toy: $(STAMP)
 	$(PY) dataset_download.py --toy $(TOY)
 
 demo: $(STAMP)
-	$(PY) -m fusedit.demo --toy $(TOY) --run $(RUN)
+	$(PY) -m fusedit.tools.demo --toy $(TOY) --run $(RUN)
 
 # The REPA-E stage on the toy world: tunes the toy VAE, exports toy/e2e-vae, compares before/after.
 repae: $(STAMP)

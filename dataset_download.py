@@ -61,14 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae-steps",
         type=int,
         default=None,
-        help="toy VAE training steps (default: fusedit.data.toy.STEPS; a fixed count, never a time budget)",
+        help="toy VAE training steps (default: toyworld.world.STEPS; a fixed count, never a time budget)",
     )
     toy.add_argument(
         "--scorer_steps",
         "--scorer-steps",
         type=int,
         default=None,
-        help="toy attribute-scorer training steps (default: fusedit.data.toy.STEPS)",
+        help="toy attribute-scorer training steps (default: toyworld.world.STEPS)",
     )
     toy.add_argument("--quick", action="store_true", help="tiny world in ~15 s (what the tests build)")
     toy.add_argument("--force", action="store_true", help="rebuild even if DIR holds a matching world")
@@ -156,8 +156,8 @@ def download(repos: Sequence[str], output_dir: str | Path, dry_run: bool = False
 
 
 def build_toy(args: argparse.Namespace) -> int:
-    from fusedit.data.toy import build_toy_world
-    from fusedit.data.toy_training import QualityGateError
+    from toyworld.build import build_toy_world
+    from toyworld.training import QualityGateError
 
     try:
         summary = build_toy_world(

@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from fusedit.config import ConfigError, load_config
+    from common.config import ConfigError
+    from fusedit.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
     )
-    from fusedit.train.distributed import cleanup
+    from common.distributed import cleanup
     from fusedit.train.trainer import Trainer
 
     try:
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def dry_run(args: argparse.Namespace, cfg: TrainConfig) -> int:
     """Plan the run and exit; imports neither DeepSpeed nor the trainer, starts no process group."""
-    from fusedit.config import ConfigError
-    from fusedit.plan import run_dry_run
+    from common.config import ConfigError
+    from fusedit.tools.plan import run_dry_run
 
     if args.text_tokens is not None and args.text_tokens < 1:
         print(f"error: --text-tokens: must be >= 1, got {args.text_tokens}", file=sys.stderr)

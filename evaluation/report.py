@@ -16,7 +16,7 @@ are drawn with PIL (always installed with the project; matplotlib is not a depen
 that comes from files or the command line is HTML-escaped.
 
 Inputs per run folder (all optional): ``metrics.jsonl`` (one JSON object per logging step with a
-``step`` key), ``scores.json`` (``fusedit.demo.evaluate``), ``heldout_grid.png``, and any metrics
+``step`` key), ``scores.json`` (``fusedit.tools.demo.evaluate``), ``heldout_grid.png``, and any metrics
 JSON under ``<run>/<step>/`` (e.g. ``toy_scores.json`` / ``heldout_grid.png`` from
 ``evaluation.study``, FID JSON from ``evaluation/fid.py``) or ``<run>/eval/``.
 """

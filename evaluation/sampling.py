@@ -385,7 +385,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 # Sampling
 # --------------------------------------------------------------------------------------------
 def resolve_step(run_dir: Path, tag: str) -> int:
-    from fusedit.train.checkpoint import read_latest
+    from common.checkpoint import read_latest
 
     if str(tag) != "latest":
         if not str(tag).isdigit() or not (run_dir / str(tag)).is_dir():
@@ -453,7 +453,7 @@ def chunks(items: Sequence[PromptItem], per_chunk: int) -> list[list[PromptItem]
 
 
 def load_pipeline(args: argparse.Namespace, run_dir: Path, step: int, device: torch.device):
-    from fusedit.latents import VaeSpec
+    from common.vae_config import VaeSpec
     from fusedit.pipeline import DiTPipeline
 
     spec = VaeSpec(**vae_spec(args, run_dir, step)) if args.vae else None

@@ -6,11 +6,11 @@
 1. ``toy/e2e-vae`` missing: runs the REPA-E stage first (``python -m repae.demo``), which
    tunes the toy VAE and exports it there;
 2. trains ``configs/e2e-vae/toy.yaml`` into ``<out>/toy`` and its twin ``toy-e2e.yaml`` (identical
-   but for the VAE) into ``<out>/toy-e2e``, through ``train.py`` like ``fusedit.demo``;
+   but for the VAE) into ``<out>/toy-e2e``, through ``train.py`` like ``fusedit.tools.demo``;
 3. scores every kept checkpoint of both runs on the held-out prompts with the same prompts, seed,
    guidance and sampler (EMA weights, toy attribute scorer): ``<run>/<step>/toy_scores.json`` and
    ``<run>/<step>/heldout_grid.png``; the newest also as ``<run>/scores.json`` / ``heldout_grid.png``,
-   the files ``fusedit.demo`` writes;
+   the files ``fusedit.tools.demo`` writes;
 4. writes the side-by-side report ``<out>/report/index.html`` (``evaluation.report``, with the
    REPA-E run when it exists) and prints the two score tables side by side.
 
@@ -110,13 +110,13 @@ def check_study_folder(out: Path, max_steps: int) -> None:
 
 
 def latest_step(run: Path) -> int | None:
-    from fusedit.train.checkpoint import read_latest
+    from common.checkpoint import read_latest
 
     return read_latest(run) if (run / "latest").is_file() else None
 
 
 def train_run(toy: Path, run: Path, config: Path, vae_folder: str, steps: int | None, max_steps: int) -> None:
-    from fusedit.demo import toy_overrides, train
+    from fusedit.tools.demo import toy_overrides, train
 
     done = latest_step(run)
     if done is not None and done >= max_steps:
@@ -129,7 +129,7 @@ def train_run(toy: Path, run: Path, config: Path, vae_folder: str, steps: int | 
 # 3. scoring
 # --------------------------------------------------------------------------------------------
 def checkpoint_steps(run: Path) -> list[int]:
-    from fusedit.train.checkpoint import list_steps
+    from common.checkpoint import list_steps
 
     return list_steps(run)
 
@@ -142,17 +142,18 @@ def _same_settings(path: Path, scale: float, steps: int, seed: int) -> bool:
 
 
 def score_checkpoint(toy: Path, run: Path, step: int, guidance: float | None, seed: int) -> dict[str, Any]:
-    """``fusedit.demo.evaluate`` for one checkpoint step: every held-out prompt, EMA weights, fixed seed.
+    """``fusedit.tools.demo.evaluate`` for one checkpoint step: every held-out prompt, EMA weights, fixed seed.
 
     Image i starts from noise seeded by (seed, i), so both runs see identical noise for each prompt.
     Written to ``<run>/<step>/toy_scores.json`` + ``heldout_grid.png``; skipped when already there.
     """
     import torch
 
+    from common.files import write_text_atomic
+    from common.images import save_grid
     from fusedit.config import load_config
-    from fusedit.data.toy_scorer import ToyScorer
-    from fusedit.pipeline import DiTPipeline, save_grid
-    from fusedit.train.checkpoint import write_text_atomic
+    from fusedit.pipeline import DiTPipeline
+    from toyworld.scorer import ToyScorer
 
     cfg = load_config(run / "config.yaml")
     scale = cfg.gen.scale if guidance is None else guidance

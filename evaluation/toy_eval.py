@@ -55,7 +55,7 @@ def load_images(paths: list[Path]) -> torch.Tensor:
 
 def score_folder(images_dir: str | Path, toy: str | Path) -> dict[str, Any]:
     """Per-attribute accuracy (plus chance and joint accuracy) of every sample in the folder."""
-    from fusedit.data.toy_scorer import ToyScorer
+    from toyworld.scorer import ToyScorer
 
     scorer = ToyScorer.from_pretrained(Path(toy) / "scorer")
     paths, records = read_geneval_folder(images_dir)

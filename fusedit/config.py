@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
+
+from common.config import ConfigError, check_choice, check_positive, check_rate, merge_structured
 
 ATTENTION_KINDS = ("self", "cross")
 TIMESTEP_CONDITIONING = ("adaln-zero", "adaln-single", "addition", "none")
@@ -26,10 +26,6 @@ WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 VAE_KINDS = ("auto", "kl", "qwen")
 REPORTERS = ("tensorboard", "wandb")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, always phrased as ``field: what is wrong (what is allowed)``."""
 
 
 @dataclass
@@ -234,59 +230,6 @@ class TrainConfig:
         )
 
 
-def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
-    """Turn OmegaConf's multi-line messages into one line that starts with the field name."""
-    key = getattr(err, "full_key", None) or ""
-    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if "Missing mandatory value" in msg:
-        return f"{key}: required field is missing (set it in the YAML or as {key}=...)"
-    if "not in" in msg and "Key" in msg:
-        return f"{key}: unknown key ({msg})"
-    return f"{key}: {msg}" if key else msg
-
-
-def _parse_override(item: str) -> DictConfig:
-    """One ``key=value`` (the value is YAML: numbers, lists, quoted strings) -> a config layer."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. trainer.max_steps=100")
-    try:
-        return OmegaConf.from_dotlist([item])
-    except yaml.YAMLError as err:
-        hint = ' (quote list items holding braces: data.data_path=["a/{000..009}.tar"])'
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {str(err).splitlines()[0]}{hint}") from None
-
-
-def merge_structured(schema_cls: type, path: str | Path | None, overrides: list[str] | None) -> Any:
-    """Schema dataclass <- YAML file <- ``key=value`` overrides -> a dataclass instance.
-
-    Shared by both stages' configs (``fusedit.config`` and ``repae.config``): every failure is a
-    :class:`ConfigError` naming the field (unknown key, wrong type, missing required value).
-    """
-    layers: list[DictConfig] = [OmegaConf.structured(schema_cls)]
-    try:
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file not found: {p}")
-            loaded = OmegaConf.load(p)
-            if not isinstance(loaded, DictConfig):
-                raise ConfigError(f"{p}: top level must be a mapping of sections")
-            layers.append(loaded)
-        layers.extend(_parse_override(item) for item in overrides or [])
-        merged = OmegaConf.merge(*layers)
-        OmegaConf.resolve(merged)
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise ConfigError(
-                "; ".join(f"{k}: required field is missing (set it in the YAML or as {k}=...)" for k in missing)
-            )
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(_format_omegaconf_error(err)) from None
-    assert isinstance(cfg, schema_cls)
-    return cfg
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Schema <- YAML file <- ``key=value`` overrides, then :func:`validate`.
 
@@ -300,49 +243,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def _check_choice(errors: list[str], name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        errors.append(f"{name}: {value!r} is not one of {', '.join(map(repr, choices))}")
-
-
-def _check_positive(errors: list[str], name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        errors.append(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-def _check_rate(errors: list[str], name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        errors.append(f"{name}: must be a probability in [0, 1], got {value!r}")
-
-
 def _validate_trainer(t: TrainerConfig, errors: list[str]) -> None:
-    _check_choice(errors, "trainer.mixed_precision", t.mixed_precision, MIXED_PRECISION)
-    _check_choice(errors, "trainer.weighting_scheme", t.weighting_scheme, WEIGHTING_SCHEMES)
+    check_choice(errors, "trainer.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    check_choice(errors, "trainer.weighting_scheme", t.weighting_scheme, WEIGHTING_SCHEMES)
     for name in ("max_steps", "gradient_accumulation_steps", "logging_steps", "checkpointing_steps"):
-        _check_positive(errors, f"trainer.{name}", getattr(t, name))
-    _check_positive(errors, "trainer.sampling_steps", t.sampling_steps, allow_zero=True)
-    _check_positive(errors, "trainer.gradient_clipping", t.gradient_clipping, allow_zero=True)
-    _check_positive(errors, "trainer.logit_std", t.logit_std)
+        check_positive(errors, f"trainer.{name}", getattr(t, name))
+    check_positive(errors, "trainer.sampling_steps", t.sampling_steps, allow_zero=True)
+    check_positive(errors, "trainer.gradient_clipping", t.gradient_clipping, allow_zero=True)
+    check_positive(errors, "trainer.logit_std", t.logit_std)
     if t.checkpoints_total_limit is not None:
-        _check_positive(errors, "trainer.checkpoints_total_limit", t.checkpoints_total_limit)
+        check_positive(errors, "trainer.checkpoints_total_limit", t.checkpoints_total_limit)
     if t.resume_from not in (None, "latest") and not str(t.resume_from).isdigit():
         errors.append(f"trainer.resume_from: {t.resume_from!r} is not 'latest', a step number or null")
     for r in t.report_to:
-        _check_choice(errors, "trainer.report_to", r, REPORTERS)
+        check_choice(errors, "trainer.report_to", r, REPORTERS)
     if t.deepspeed_config is not None and not Path(t.deepspeed_config).is_file():
         errors.append(f"trainer.deepspeed_config: file not found: {t.deepspeed_config}")
 
 
 def _validate_model(m: ModelConfig, errors: list[str]) -> None:
-    _check_choice(errors, "model.name", m.name, ("baseline-dit", "DiT"))
-    _check_choice(errors, "model.encoder_type", m.encoder_type, ("llm",))
-    _check_choice(errors, "model.attention", m.attention, ATTENTION_KINDS)
-    _check_choice(errors, "model.pos_embed", m.pos_embed, POS_EMBED_KINDS)
-    _check_choice(errors, "model.timestep_conditioning", m.timestep_conditioning, TIMESTEP_CONDITIONING)
+    check_choice(errors, "model.name", m.name, ("baseline-dit", "DiT"))
+    check_choice(errors, "model.encoder_type", m.encoder_type, ("llm",))
+    check_choice(errors, "model.attention", m.attention, ATTENTION_KINDS)
+    check_choice(errors, "model.pos_embed", m.pos_embed, POS_EMBED_KINDS)
+    check_choice(errors, "model.timestep_conditioning", m.timestep_conditioning, TIMESTEP_CONDITIONING)
     for name in ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
-        _check_positive(errors, f"model.{name}", getattr(m, name))
-    _check_positive(errors, "model.num_key_value_heads", m.num_key_value_heads)
-    _check_positive(errors, "model.intermediate_size", m.intermediate_size)
+        check_positive(errors, f"model.{name}", getattr(m, name))
+    check_positive(errors, "model.num_key_value_heads", m.num_key_value_heads)
+    check_positive(errors, "model.intermediate_size", m.intermediate_size)
     if m.num_key_value_heads > 0 and m.num_attention_heads % m.num_key_value_heads:
         errors.append(
             f"model.num_key_value_heads: {m.num_key_value_heads} must divide "
@@ -361,10 +289,10 @@ def _validate_data(d: DataConfig, errors: list[str]) -> None:
         if "/PATH/TO/DATASET/" in p:
             errors.append(f"data.data_path: {p!r} still holds the /PATH/TO/DATASET/ placeholder")
     for name in ("batch_size", "resolution", "max_prompt_length", "pad_to_multiple_of", "num_open_shards"):
-        _check_positive(errors, f"data.{name}", getattr(d, name))
-    _check_positive(errors, "data.dataloader_num_workers", d.dataloader_num_workers, allow_zero=True)
-    _check_rate(errors, "data.original_caption_rate", d.original_caption_rate)
-    _check_rate(errors, "data.random_dropping_rate", d.random_dropping_rate)
+        check_positive(errors, f"data.{name}", getattr(d, name))
+    check_positive(errors, "data.dataloader_num_workers", d.dataloader_num_workers, allow_zero=True)
+    check_rate(errors, "data.original_caption_rate", d.original_caption_rate)
+    check_rate(errors, "data.random_dropping_rate", d.random_dropping_rate)
     if d.original_caption_rate > 0 and not d.caption_column.original:
         errors.append("data.caption_column.original: must be set when data.original_caption_rate > 0")
     if not d.caption_column.synthetic:
@@ -379,27 +307,18 @@ def validate(cfg: TrainConfig) -> None:
     _validate_trainer(cfg.trainer, errors)
     _validate_model(cfg.model, errors)
     _validate_data(cfg.data, errors)
-    _check_choice(errors, "vae.kind", cfg.vae.kind, VAE_KINDS)
+    check_choice(errors, "vae.kind", cfg.vae.kind, VAE_KINDS)
     if not 0.0 < cfg.ema.decay < 1.0:
         errors.append(f"ema.decay: must be in (0, 1), got {cfg.ema.decay!r}")
-    _check_positive(errors, "ema.update_steps", cfg.ema.update_steps)
-    _check_positive(errors, "noise_scheduler.shift", cfg.noise_scheduler.shift)
-    _check_positive(errors, "optimizer.lr", cfg.optimizer.lr)
-    _check_positive(errors, "optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)
+    check_positive(errors, "ema.update_steps", cfg.ema.update_steps)
+    check_positive(errors, "noise_scheduler.shift", cfg.noise_scheduler.shift)
+    check_positive(errors, "optimizer.lr", cfg.optimizer.lr)
+    check_positive(errors, "optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)
     if len(cfg.optimizer.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optimizer.betas):
         errors.append(f"optimizer.betas: expected two values in [0, 1), got {cfg.optimizer.betas!r}")
-    _check_choice(errors, "lr_scheduler.name", cfg.lr_scheduler.name, LR_SCHEDULES)
-    _check_positive(errors, "lr_scheduler.num_warmup_steps", cfg.lr_scheduler.num_warmup_steps, allow_zero=True)
+    check_choice(errors, "lr_scheduler.name", cfg.lr_scheduler.name, LR_SCHEDULES)
+    check_positive(errors, "lr_scheduler.num_warmup_steps", cfg.lr_scheduler.num_warmup_steps, allow_zero=True)
     for name in ("H", "W", "n_samples", "steps"):
-        _check_positive(errors, f"gen.{name}", getattr(cfg.gen, name))
+        check_positive(errors, f"gen.{name}", getattr(cfg.gen, name))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    tmp.replace(path)

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from fusedit.randomness import Generators, randn
+from common.randomness import Generators, randn
+
+if TYPE_CHECKING:
+    from fusedit.config import TrainConfig
 
 # The names diffusers' SD3 helpers understand. "logit_normal" and "mode" shape the timestep density
 # (loss weight 1); "sigma_sqrt" and "cosmap" weight the loss (uniform density); "none" is neither.
@@ -87,7 +91,7 @@ class FlowMatching:
 
         Drawn on the generator's device (so a CPU generator gives identical draws whatever
         accelerator trains), returned on `device` (default: that same device). A list of B CPU
-        generators draws sample i's sigma from generator i (see `fusedit.randomness`).
+        generators draws sample i's sigma from generator i (see `common.randomness`).
         """
         if isinstance(generator, Sequence):
             if len(generator) != batch_size:
@@ -203,3 +207,10 @@ def euler_sample(
             v = model_fn(x, t).float()
         x = x + (sigmas[k + 1] - sigmas[k]) * v
     return x
+
+
+def build_scheduler(cfg: TrainConfig):
+    ns = cfg.noise_scheduler
+    if ns.pretrained_model_name_or_path:
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(ns.pretrained_model_name_or_path, subfolder=ns.subfolder)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=ns.num_train_timesteps, shift=ns.shift)

@@ -21,83 +21,11 @@ parameter lists and checkpoints). Its own `.to()` moves the VAE and the constant
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 
-from fusedit.randomness import Generators, randn
-
-VAE_KINDS = ("auto", "kl", "qwen")
-_QWEN_CLASS = "AutoencoderKLQwenImage"
-
-
-@dataclass
-class VaeSpec:
-    """Where a VAE lives and which family it is; stored with checkpoints so eval loads the same one.
-
-    `kind="auto"` picks Qwen when "qwen" appears in the path (case-insensitive, the reference's
-    rule) or when the saved config's `_class_name` is `AutoencoderKLQwenImage`, so a local copy of
-    a Qwen VAE is recognised whatever its folder is called.
-    """
-
-    pretrained_model_name_or_path: str
-    subfolder: str | None = None
-    kind: str = "auto"
-
-    @classmethod
-    def from_config(cls, vae: object) -> VaeSpec:
-        """The spec of a config's ``vae`` section (fusedit.config.VaeConfig)."""
-        return cls(vae.pretrained_model_name_or_path, subfolder=vae.subfolder, kind=vae.kind)
-
-    def __post_init__(self) -> None:
-        if self.kind not in VAE_KINDS:
-            raise ValueError(f"VaeSpec.kind must be one of {VAE_KINDS}, got {self.kind!r}")
-
-    def resolve_kind(self) -> str:
-        """Return "kl" or "qwen"; reads the saved config only when the path does not decide it."""
-        if self.kind != "auto":
-            return self.kind
-        if "qwen" in str(self.pretrained_model_name_or_path).lower():
-            return "qwen"
-        config = AutoencoderKL.load_config(self.pretrained_model_name_or_path, subfolder=self.subfolder)
-        return "qwen" if config.get("_class_name") == _QWEN_CLASS else "kl"
-
-
-def _normalisation_constants(config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shift, scale) as float32 (1, C, 1, 1) tensors from a VAE config.
-
-    Per-channel statistics win when the config has both `latents_mean` and `latents_std`
-    (Qwen-Image); otherwise the scalar `shift_factor` (None means 0) and `scaling_factor` (FLUX,
-    SD3.5). Scalars are broadcast to one value per channel so callers see one shape always.
-    """
-    mean = config.get("latents_mean")
-    std = config.get("latents_std")
-    if mean is not None and std is not None:
-        shift = torch.tensor(mean, dtype=torch.float64)
-        scale = 1.0 / torch.tensor(std, dtype=torch.float64)
-    else:
-        channels = _latent_channels(config)
-        shift_factor = config.get("shift_factor")
-        shift = torch.full((channels,), 0.0 if shift_factor is None else float(shift_factor), dtype=torch.float64)
-        scale = torch.full((channels,), float(config["scaling_factor"]), dtype=torch.float64)
-    return shift.float().view(1, -1, 1, 1), scale.float().view(1, -1, 1, 1)
-
-
-def _latent_channels(config) -> int:
-    """KL configs call it `latent_channels`, the Qwen video VAE `z_dim`."""
-    return int(config["latent_channels"] if "latent_channels" in config else config["z_dim"])
-
-
-def _spatial_factor(config) -> int:
-    """Pixels per latent along each side.
-
-    KL: one x2 down-sample between consecutive `block_out_channels` levels. Qwen: one spatial x2
-    per `dim_mult` level but the last (its `temperal_downsample` list has that length too and only
-    says whether the *time* axis is also halved, irrelevant for single frames).
-    """
-    levels = config["block_out_channels"] if "block_out_channels" in config else config["dim_mult"]
-    return 2 ** (len(levels) - 1)
+from common.randomness import Generators, randn
+from common.vae_config import VaeSpec, latent_channels, normalisation_constants, spatial_factor
 
 
 class LatentCodec:
@@ -114,9 +42,9 @@ class LatentCodec:
         vae.eval().requires_grad_(False)
         self.vae = vae
         self.is_qwen = isinstance(vae, AutoencoderKLQwenImage)
-        self.latent_channels = _latent_channels(vae.config)
-        self.spatial_factor = _spatial_factor(vae.config)
-        shift, scale = _normalisation_constants(vae.config)
+        self.latent_channels = latent_channels(vae.config)
+        self.spatial_factor = spatial_factor(vae.config)
+        shift, scale = normalisation_constants(vae.config)
         self.shift = shift.to(self.device)
         self.scale = scale.to(self.device)
 

@@ -15,15 +15,12 @@ from pathlib import Path
 
 import torch
 
+from common.randomness import noise_seed
+from common.vae_config import VaeSpec
 from fusedit.flow import euler_sample, sampling_sigmas
-from fusedit.latents import LatentCodec, VaeSpec
+from fusedit.latents import LatentCodec
 from fusedit.models.dit import DiT
 from fusedit.text import TextEncoder, tokenize
-
-
-def noise_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """Seed of one image's initial noise: independent of how prompts are batched."""
-    return (seed * 1_000_003 + prompt_index * 1_009 + sample_index) % (2**63 - 1)
 
 
 class DiTPipeline:
@@ -59,9 +56,9 @@ class DiTPipeline:
         The VAE is the one recorded in ``<tag>/vae.json`` (the one the DiT was trained with);
         ``vae`` overrides it, e.g. when the checkpoint moved to a machine with another copy.
         """
+        from common.checkpoint import read_latest, step_dir
         from fusedit.config import load_config
-        from fusedit.train.checkpoint import read_latest, step_dir
-        from fusedit.train.trainer import build_scheduler
+        from fusedit.flow import build_scheduler
 
         run_dir = Path(run_dir)
         step = read_latest(run_dir) if str(tag) == "latest" else int(tag)
@@ -148,13 +145,3 @@ class DiTPipeline:
         latents = euler_sample(model_fn, latents, sigmas, guidance)
         images = self.codec.decode(latents)
         return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
-
-
-def save_grid(images: torch.Tensor, path: str | Path, ncol: int = 8) -> Path:
-    """Write images in [0, 1] as one PNG grid (rows of ``ncol``)."""
-    from torchvision.utils import save_image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, str(path), nrow=max(1, ncol), padding=2, pad_value=1.0)
-    return path

@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fusedit.data.webdata import BadSample, validate_data_paths
+from common.shards import BadSample, validate_data_paths
 from repae.data import LabelRule, RateLimitedLog, ShardFiles, index_shard, local_shard_path, to_uint8_chw
 
 log = logging.getLogger(__name__)
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from fusedit.train.distributed import cleanup, init_distributed
+    from common.distributed import cleanup, init_distributed
     from repae.vae import TrainableVAE, load_vae
 
     env = init_distributed(use_deepspeed=False)

@@ -16,7 +16,7 @@ A run directory (``<output_dir>/<exp_name>/``) looks like::
       trainer_state.json         step, world size, skipped non-finite steps
       data_state_rank{r}.json    per-rank loader position (exact data resume)
 
-Publishing reuses the text-to-image stage's atomic protocol (:mod:`fusedit.train.checkpoint`):
+Publishing reuses the text-to-image stage's atomic protocol (:mod:`common.checkpoint`):
 everything is written into ``.<step>.partial/`` and renamed only when complete, then ``latest``
 is replaced atomically, so a kill never corrupts the last good checkpoint. Nothing is ever
 loaded with unrestricted pickle: weights are safetensors, optimiser states are loaded with
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fusedit.train.checkpoint import read_latest, step_dir
+from common.checkpoint import read_latest, step_dir
 
 SIT_CONFIG = "sit_config.json"
 VAE_SOURCE = "vae_source.json"

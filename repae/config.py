@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from fusedit.config import ConfigError, _check_choice, _check_positive, _check_rate, merge_structured, save_config
+from common.config import ConfigError, check_choice, check_positive, check_rate, merge_structured, save_config
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 VAE_KINDS = ("auto", "kl", "qwen")
@@ -225,16 +225,16 @@ def load_repae_config(path: str | Path | None = None, overrides: list[str] | Non
 
 
 def _validate_run(r: RunSection, errors: list[str]) -> None:
-    _check_choice(errors, "run.mixed_precision", r.mixed_precision, MIXED_PRECISION)
+    check_choice(errors, "run.mixed_precision", r.mixed_precision, MIXED_PRECISION)
     for name in ("max_train_steps", "checkpointing_steps", "logging_steps", "max_nonfinite_steps"):
-        _check_positive(errors, f"run.{name}", getattr(r, name))
-    _check_positive(errors, "run.sampling_steps", r.sampling_steps, allow_zero=True)
+        check_positive(errors, f"run.{name}", getattr(r, name))
+    check_positive(errors, "run.sampling_steps", r.sampling_steps, allow_zero=True)
     if r.checkpoints_total_limit is not None:
-        _check_positive(errors, "run.checkpoints_total_limit", r.checkpoints_total_limit)
+        check_positive(errors, "run.checkpoints_total_limit", r.checkpoints_total_limit)
     if r.resume_from not in (None, "latest") and not str(r.resume_from).isdigit():
         errors.append(f"run.resume_from: {r.resume_from!r} is not 'latest', a step number or null")
     for rep in r.report_to:
-        _check_choice(errors, "run.report_to", rep, REPORTERS)
+        check_choice(errors, "run.report_to", rep, REPORTERS)
     if not r.exp_name or "/" in r.exp_name:
         errors.append(f"run.exp_name: must be a non-empty folder name, got {r.exp_name!r}")
 
@@ -242,11 +242,11 @@ def _validate_run(r: RunSection, errors: list[str]) -> None:
 def _validate_model(m: ModelSection, errors: list[str]) -> None:
     from repae.models.sit import SIT_ARCHS
 
-    _check_choice(errors, "model.arch", m.arch, tuple(SIT_ARCHS))
-    _check_positive(errors, "model.num_classes", m.num_classes)
-    _check_rate(errors, "model.class_dropout_prob", m.class_dropout_prob)
-    _check_rate(errors, "model.bn_momentum", m.bn_momentum)
-    _check_positive(errors, "model.encoder_depth", m.encoder_depth)
+    check_choice(errors, "model.arch", m.arch, tuple(SIT_ARCHS))
+    check_positive(errors, "model.num_classes", m.num_classes)
+    check_rate(errors, "model.class_dropout_prob", m.class_dropout_prob)
+    check_rate(errors, "model.bn_momentum", m.bn_momentum)
+    check_positive(errors, "model.encoder_depth", m.encoder_depth)
     depth = m.depth or SIT_ARCHS.get(m.arch, {}).get("depth", m.encoder_depth)
     if m.encoder_depth > depth:
         errors.append(f"model.encoder_depth: {m.encoder_depth} exceeds the SiT depth {depth}")
@@ -257,10 +257,10 @@ def _validate_model(m: ModelSection, errors: list[str]) -> None:
 
 
 def _validate_loss(loss: LossSection, errors: list[str]) -> None:
-    _check_choice(errors, "loss.reconstruction_loss", loss.reconstruction_loss, RECONSTRUCTION_LOSSES)
-    _check_choice(errors, "loss.perceptual_net", loss.perceptual_net, LPIPS_NETS)
-    _check_choice(errors, "loss.path_type", loss.path_type, PATH_TYPES)
-    _check_choice(errors, "loss.weighting", loss.weighting, WEIGHTINGS)
+    check_choice(errors, "loss.reconstruction_loss", loss.reconstruction_loss, RECONSTRUCTION_LOSSES)
+    check_choice(errors, "loss.perceptual_net", loss.perceptual_net, LPIPS_NETS)
+    check_choice(errors, "loss.path_type", loss.path_type, PATH_TYPES)
+    check_choice(errors, "loss.weighting", loss.weighting, WEIGHTINGS)
     for name in (
         "reconstruction_weight",
         "perceptual_weight",
@@ -273,8 +273,8 @@ def _validate_loss(loss: LossSection, errors: list[str]) -> None:
         "discriminator_start",
         "discriminator_warmup_steps",
     ):
-        _check_positive(errors, f"loss.{name}", getattr(loss, name), allow_zero=True)
-    _check_rate(errors, "loss.lecam_decay", loss.lecam_decay)
+        check_positive(errors, f"loss.{name}", getattr(loss, name), allow_zero=True)
+    check_rate(errors, "loss.lecam_decay", loss.lecam_decay)
     ckpt = loss.discriminator_checkpoint
     if ckpt is not None and not Path(ckpt).is_file():
         errors.append(f"loss.discriminator_checkpoint: file not found: {ckpt}")
@@ -290,16 +290,16 @@ def _validate_data(d: DataSection, errors: list[str]) -> None:
         if "/PATH/TO/" in p:
             errors.append(f"data.shards: {p!r} still holds a /PATH/TO/ placeholder")
     for name in ("resolution", "batch_size"):
-        _check_positive(errors, f"data.{name}", getattr(d, name))
-    _check_positive(errors, "data.num_workers", d.num_workers, allow_zero=True)
+        check_positive(errors, f"data.{name}", getattr(d, name))
+    check_positive(errors, "data.num_workers", d.num_workers, allow_zero=True)
     if d.label != "cls" and not d.label.startswith("toy:"):
         errors.append(f"data.label: {d.label!r} is neither 'cls' nor 'toy:<attr>+<attr>'")
 
 
 def _validate_sample(s: SampleSection, errors: list[str]) -> None:
-    _check_choice(errors, "sample.mode", s.mode, SAMPLER_MODES)
-    _check_positive(errors, "sample.num_steps", s.num_steps)
-    _check_positive(errors, "sample.num_images", s.num_images)
+    check_choice(errors, "sample.mode", s.mode, SAMPLER_MODES)
+    check_positive(errors, "sample.num_steps", s.num_steps)
+    check_positive(errors, "sample.num_images", s.num_images)
     if s.cfg_scale < 1.0:
         errors.append(f"sample.cfg_scale: must be >= 1 (1 disables guidance), got {s.cfg_scale}")
     if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:
@@ -316,21 +316,21 @@ def validate(cfg: RepaeConfig) -> None:
     _validate_loss(cfg.loss, errors)
     _validate_data(cfg.data, errors)
     _validate_sample(cfg.sample, errors)
-    _check_choice(errors, "vae.kind", cfg.vae.kind, VAE_KINDS)
+    check_choice(errors, "vae.kind", cfg.vae.kind, VAE_KINDS)
     if cfg.vae.checkpoint is not None and not Path(cfg.vae.checkpoint).is_file():
         errors.append(f"vae.checkpoint: file not found: {cfg.vae.checkpoint}")
     stats = cfg.vae.latents_stats
     if stats not in ("auto", "estimate", "config") and not Path(stats).is_file():
         errors.append(f"vae.latents_stats: not auto/estimate/config or an existing file: {stats!r}")
-    _check_positive(errors, "vae.stats_batches", cfg.vae.stats_batches)
+    check_positive(errors, "vae.stats_batches", cfg.vae.stats_batches)
     if not cfg.encoder.types:
         errors.append("encoder.types: at least one vision encoder is needed for the REPA loss")
     if not 0.0 <= cfg.ema.decay < 1.0:
         errors.append(f"ema.decay: must be in [0, 1), got {cfg.ema.decay!r}")
     for name in ("sit_lr", "vae_lr", "disc_lr", "eps"):
-        _check_positive(errors, f"optim.{name}", getattr(cfg.optim, name))
-    _check_positive(errors, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
-    _check_positive(errors, "optim.max_grad_norm", cfg.optim.max_grad_norm, allow_zero=True)
+        check_positive(errors, f"optim.{name}", getattr(cfg.optim, name))
+    check_positive(errors, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
+    check_positive(errors, "optim.max_grad_norm", cfg.optim.max_grad_norm, allow_zero=True)
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         errors.append(f"optim.betas: expected two values in [0, 1), got {cfg.optim.betas!r}")
     if errors:

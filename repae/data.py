@@ -47,7 +47,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -61,9 +60,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
-from fusedit.data.toy import ATTRIBUTES
-from fusedit.data.webdata import BadSample, decode_image, validate_data_paths
+from common.shards import BadSample, decode_image, validate_data_paths
 from repae.preprocess import adm_center_crop
+from toyworld.labels import parse_rule, toy_label, toy_num_classes
 
 log = logging.getLogger(__name__)
 
@@ -93,33 +92,6 @@ class RateLimitedLog:
 # ----------------------------------------------------------------------------- labels
 
 
-def _toy_attributes(rule: str) -> tuple[str, ...]:
-    names = tuple(a.strip() for a in rule.removeprefix("toy:").split("+"))
-    unknown = [a for a in names if a not in ATTRIBUTES]
-    if not names or unknown or len(set(names)) != len(names):
-        raise ValueError(f"toy label rule {rule!r}: use distinct attributes from {sorted(ATTRIBUTES)}, joined by '+'")
-    return names
-
-
-def toy_label(attrs: Mapping[str, str], rule: str) -> int:
-    """Class index of a toy sample: mixed-radix number over the rule's attributes, first most significant.
-
-    ``toy_label({"color": "orange", "shape": "square"}, "color+shape") == 1 * 4 + 1``. The
-    ``toy:`` prefix is optional. A missing or unknown attribute value raises ``BadSample``.
-    """
-    index = 0
-    for name in _toy_attributes(rule):
-        values = ATTRIBUTES[name]
-        if attrs.get(name) not in values:
-            raise BadSample(f"toy attribute {name!r} = {attrs.get(name)!r} is not one of {values}")
-        index = index * len(values) + values.index(attrs[name])
-    return index
-
-
-def toy_num_classes(rule: str) -> int:
-    return math.prod(len(ATTRIBUTES[name]) for name in _toy_attributes(rule))
-
-
 @dataclass(frozen=True)
 class LabelRule:
     """Where a label lives (``member``) and how its bytes become a class index."""
@@ -132,7 +104,7 @@ class LabelRule:
         if rule == "cls":
             return cls(rule, "cls")
         if rule.startswith("toy:"):
-            _toy_attributes(rule)
+            parse_rule(rule)
             return cls(rule, "json")
         raise ValueError(f"label rule {rule!r}: expected 'cls' or 'toy:<attr>+<attr>'")
 

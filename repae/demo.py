@@ -40,8 +40,8 @@ def toy_overrides(toy: Path, run: Path) -> list[str]:
 
 
 def ensure_world(toy: Path, encoder_steps: int | None, quick: bool) -> None:
-    from fusedit.data.toy import build_toy_world
     from repae.toy import build_toy_encoder
+    from toyworld.build import build_toy_world
 
     if not (toy / "world.json").is_file():
         build_toy_world(toy, quick=quick)
@@ -59,9 +59,9 @@ def compare(toy: Path, e2e: Path, run: Path, num_images: int) -> dict:
     """Original vs tuned toy VAE on the validation shard (images never used for tuning)."""
     import torch
 
-    from fusedit.data.toy import load_images
     from repae.diagnostics import VaeSource, compare_vaes, format_table
     from repae.losses import build_lpips
+    from toyworld.world import load_images
 
     images, _ = load_images(sorted((toy / "shards").glob("val-*.tar")))
     report = compare_vaes(
@@ -69,7 +69,7 @@ def compare(toy: Path, e2e: Path, run: Path, num_images: int) -> dict:
         torch.from_numpy(images[:num_images]),
         lpips_fn=build_lpips("vgg", "random"),
         rfid=True,
-        fid_extractor="evaluation.fid:random_conv_extractor",
+        fid_extractor="common.fid:random_conv_extractor",
     )
     (run / "vae_comparison.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))

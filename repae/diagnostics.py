@@ -9,7 +9,7 @@ E2E-tuned copy) on exactly the same images:
 
 * reconstruction: PSNR (dB, per image, peak-to-peak 2 in [-1, 1]), SSIM (Gaussian 11x11,
   sigma 1.5, on [0, 1]), LPIPS (``repae.losses.build_lpips``) and, optionally, rFID between the
-  originals and the reconstructions through ``evaluation/fid.py`` (clean-fid; needs a few hundred
+  originals and the reconstructions through ``common.fid`` (clean-fid; needs a few hundred
   images to mean anything, hence ``--no-rfid``);
 * the latent statistics the REPA-E paper discusses, from the posterior means *and* from posterior
   samples: per-channel mean, std and spatial variance (variance over (h, w) of each image's
@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.images import psnr
+
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 RFID_MIN_USEFUL = 500  # below this rFID is dominated by its small-sample bias; reported with a note
@@ -55,12 +57,6 @@ ImageSource = torch.Tensor | Callable[[], Iterable[Any]]
 # --------------------------------------------------------------------------------------------
 # Image metrics
 # --------------------------------------------------------------------------------------------
-def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for (B, 3, H, W) tensors in [-1, 1] (peak-to-peak 2); inf when exact."""
-    mse = (reference.double() - reconstruction.double()).pow(2).flatten(1).mean(1)
-    return 10.0 * torch.log10(4.0 / mse)
-
-
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
     """Normalised 2-D Gaussian (size, size), float64: the window of Wang et al. (2004)."""
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
@@ -168,8 +164,8 @@ class LatentStats:
 # Images in
 # --------------------------------------------------------------------------------------------
 def _to_uint8_chw(image, resolution: int) -> torch.Tensor:
-    """PIL image -> centre-cropped, resized uint8 (3, R, R): the same transform as evaluation/fid.py."""
-    from evaluation.fid import ResizeTo
+    """PIL image -> centre-cropped, resized uint8 (3, R, R): the same transform as common.fid."""
+    from common.fid import ResizeTo
 
     return torch.from_numpy(np.ascontiguousarray(ResizeTo(resolution)(np.asarray(image)).transpose(2, 0, 1)))
 
@@ -178,7 +174,7 @@ def folder_images(folder: str | Path, resolution: int, num_images: int | None = 
     """uint8 (3, R, R) images of a folder (recursive, sorted by path, hidden files skipped), first N."""
     from PIL import Image
 
-    from evaluation.fid import list_images
+    from common.fid import list_images
 
     files = list_images(folder)
     for path in files[:num_images] if num_images else files:
@@ -196,8 +192,8 @@ def shard_images(
     (jpg, jpeg, png, webp) is used; samples without one or with undecodable bytes are skipped
     and their keys appended to ``skipped``.
     """
-    from fusedit.data.toy import read_shard_samples
-    from fusedit.data.webdata import decode_image, validate_data_paths
+    from common.shards import decode_image, validate_data_paths
+    from toyworld.world import read_shard_samples
 
     urls = validate_data_paths([patterns] if isinstance(patterns, str) else list(patterns))
     produced = 0
@@ -507,7 +503,7 @@ def compare_vaes(
     ``specs``: ``VaeSource`` entries (loaded one at a time, then freed) or a mapping label ->
     loaded VAE / ``VaeSource`` (how the trainer passes its before/after models). ``images``: a
     uint8 (N,3,H,W) tensor or a callable returning a fresh iterable of uint8 images each time
-    (streamed once per VAE). ``rfid``: also FID(originals, reconstructions) via evaluation/fid.py,
+    (streamed once per VAE). ``rfid``: also FID(originals, reconstructions) via common.fid,
     with ``fid_extractor`` as its ``--feature-extractor`` (None = clean-fid InceptionV3).
     """
     entries = _resolve(specs)
@@ -517,7 +513,7 @@ def compare_vaes(
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="repae-diag-") as tmp:
         if rfid:
-            from evaluation.fid import load_feature_extractor
+            from common.fid import load_feature_extractor
 
             try:  # fail before hours of encoding, not after
                 load_feature_extractor(fid_extractor, torch.device(device or "cpu"))
@@ -588,7 +584,7 @@ def _diagnose_entry(label: str, spec: Any, factory: Callable, *, device, **kwarg
 
 def _add_rfid(vaes: dict[str, Any], tmp: Path, count: int, extractor: str | None, batch_size, device, notes) -> None:
     """FID(originals, reconstructions) for each VAE; the originals' statistics are computed once (cached)."""
-    from evaluation.fid import compute_fid
+    from common.fid import compute_fid
 
     if count < 2:
         notes.append(f"rfid: skipped, FID needs at least 2 images (got {count})")
@@ -729,7 +725,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fid-extractor",
         default=None,
         help="module:function features for rFID (default clean-fid InceptionV3; "
-        "evaluation.fid:random_conv_extractor runs offline)",
+        "common.fid:random_conv_extractor runs offline)",
     )
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--out", default=None, help="write the JSON report here")
@@ -752,7 +748,7 @@ def _image_source(
 
 def _folder_limit(folder: str, limit: int | None) -> int:
     """How many images a folder run will use (the progress bars' length); FileNotFoundError if none."""
-    from evaluation.fid import list_images
+    from common.fid import list_images
 
     count = len(list_images(folder))
     return min(count, limit) if limit else count

@@ -337,7 +337,7 @@ def _patch_size(timm_name: str) -> int:
 # --------------------------------------------------------------------------------------------
 def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
     """Raw content of a weights file: safetensors, or ``torch.load(weights_only=True)`` (never a full unpickle)."""
-    from fusedit.models.convert import load_weights_file
+    from common.weights import load_weights_file
 
     path = Path(path)
     if not path.is_file():

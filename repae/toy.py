@@ -1,7 +1,7 @@
 """The toy world as a class-conditional dataset with its own REPA alignment target.
 
 REPA-E is class-conditional and aligns SiT tokens with a pretrained vision encoder's patch
-tokens. Neither exists offline for the toy world (:mod:`fusedit.data.toy`: 32 px images of one
+tokens. Neither exists offline for the toy world (:mod:`toyworld.world`: 32 px images of one
 coloured shape), so this module provides both:
 
 * class labels from the attributes in each sample's ``json`` member: a *rule* such as
@@ -17,7 +17,6 @@ coloured shape), so this module provides both:
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusedit.data.toy import ATTRIBUTES as TOY_ATTRIBUTES
+from toyworld.labels import toy_label
+from toyworld.world import ATTRIBUTES as TOY_ATTRIBUTES
 
 ENCODER_DIR = ("repae", "encoder")
 HEADS_NAME = "heads.safetensors"
@@ -59,42 +59,6 @@ LEARNING_RATE = 3e-3  # 5e-3 was measured to stall shape learning
 # quality gate on held-out accuracy, every attribute. Quick builds (tests) use the one-block ViT.
 STEPS = {"full": 1200, "quick": 300}
 ACCURACY_GATE = {"full": 0.95, "quick": 0.4}  # chance is at most 1/3 (background)
-
-
-# --------------------------------------------------------------------------------------------
-# Labels
-# --------------------------------------------------------------------------------------------
-def parse_rule(rule: str) -> tuple[str, ...]:
-    """``"color+shape"`` -> ``("color", "shape")``; ValueError for unknown or repeated names."""
-    names = tuple(part.strip() for part in rule.split("+"))
-    unknown = [n for n in names if n not in TOY_ATTRIBUTES]
-    if not rule.strip() or unknown:
-        raise ValueError(f"bad toy label rule {rule!r}: use attributes from {list(TOY_ATTRIBUTES)} joined by '+'")
-    if len(set(names)) != len(names):
-        raise ValueError(f"bad toy label rule {rule!r}: an attribute appears twice")
-    return names
-
-
-def toy_num_classes(rule: str) -> int:
-    """Number of classes of a rule: the product of its attributes' vocabulary sizes."""
-    return math.prod(len(TOY_ATTRIBUTES[name]) for name in parse_rule(rule))
-
-
-def toy_label(attrs: Mapping[str, Any], rule: str) -> int:
-    """Mixed-radix class index, the first attribute of the rule most significant.
-
-    ``toy_label({"color": "orange", "shape": "square"}, "color+shape") == 1 * 4 + 1``. Values may be
-    names or already indices (as :class:`fusedit.data.toy_scorer.ToyScorer` accepts).
-    """
-    label = 0
-    for name in parse_rule(rule):
-        vocab = TOY_ATTRIBUTES[name]
-        value = attrs[name]
-        index = int(value) if not isinstance(value, str) else (vocab.index(value) if value in vocab else -1)
-        if not 0 <= index < len(vocab):
-            raise ValueError(f"toy attribute {name}={value!r} is not one of {list(vocab)}")
-        label = label * len(vocab) + index
-    return label
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +202,7 @@ def train_toy_encoder(
     """
     from timm.models.vision_transformer import VisionTransformer
 
-    from fusedit.data.toy_training import train_fixed_steps
+    from toyworld.training import train_fixed_steps
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -300,9 +264,9 @@ def build_toy_encoder(
     """
     from safetensors.torch import save_file
 
-    from fusedit.data.toy import load_images
-    from fusedit.data.toy_training import Gate, check_gates, evaluate_gates
     from repae.encoders import load_encoder
+    from toyworld.training import Gate, check_gates, evaluate_gates
+    from toyworld.world import load_images
 
     world = Path(world)
     out = world.joinpath(*ENCODER_DIR)

@@ -39,10 +39,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fusedit.train import checkpoint as ckpt_io
-from fusedit.train.distributed import DistEnv, barrier, init_distributed
-from fusedit.train.metrics import MetricsLogger
-from fusedit.train.trainer import step_seed
+from common import checkpoint as ckpt_io
+from common.distributed import DistEnv, barrier, init_distributed
+from common.metrics import MetricsLogger
+from common.randomness import step_seed
 from repae import checkpoint as rckpt
 from repae.config import ConfigError, RepaeConfig, load_repae_config, save_config
 from repae.ema import ModelEMA
@@ -243,7 +243,7 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------------
     def _check_data_paths(self) -> None:
-        from fusedit.data.webdata import validate_data_paths
+        from common.shards import validate_data_paths
 
         try:
             validate_data_paths(self.cfg.data.shards)
@@ -458,7 +458,7 @@ class Trainer:
         """A grid from the EMA SiT with fixed labels and noise (the reference used the live model)."""
         if not self.env.is_main:
             return
-        from fusedit.pipeline import save_grid
+        from common.images import save_grid
         from repae.samplers import euler_maruyama_sampler, euler_sampler
 
         s = self.cfg.sample

@@ -2,7 +2,7 @@
 
 The reference trains its own CompVis-layout autoencoder class and so can only tune its two
 hard-coded architectures (spec 9.17). We train diffusers models instead, which covers the
-reference VAEs (converted losslessly by `repae.convert`) *and* the text-to-image VAEs the
+reference VAEs (converted losslessly by `repae.reference.convert`) *and* the text-to-image VAEs the
 `fusedit` stage consumes: FLUX / SD3.5 style `AutoencoderKL` (no quant convs) and Qwen-Image's
 `AutoencoderKLQwenImage` (a video VAE that needs a frame axis).
 
@@ -35,9 +35,8 @@ from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fusedit.latents import VaeSpec, _latent_channels, _spatial_factor
-
-from .convert import ldm_to_diffusers_vae, load_reference_vae, load_strict
+from common.vae_config import VaeSpec, latent_channels, spatial_factor
+from repae.reference.convert import ldm_to_diffusers_vae, load_reference_vae, load_strict
 
 STATS_FILE = "latents_stats.safetensors"
 META_FILE = "e2e_vae.json"
@@ -102,7 +101,7 @@ def load_vae(
       `kind` exactly as `fusedit.latents.VaeSpec.resolve_kind` does.
 
     `checkpoint` replaces all weights, strictly (a missing, extra or mis-shaped key raises
-    `repae.convert.VAEKeyError` naming it): a `.safetensors` file is a diffusers-layout state dict,
+    `repae.reference.convert.VAEKeyError` naming it): a `.safetensors` file is a diffusers-layout state dict,
     anything else a reference LDM `.pt` (read with `weights_only=True`, then converted; KL only).
     Weights are loaded in float32 and cast to `torch_dtype` last.
     """
@@ -180,8 +179,8 @@ class TrainableVAE(nn.Module):
             raise TypeError(f"TrainableVAE supports AutoencoderKL and AutoencoderKLQwenImage, got {type(vae)}")
         self.vae = vae
         self.is_qwen = isinstance(vae, AutoencoderKLQwenImage)
-        self.latent_channels = _latent_channels(vae.config)
-        self.spatial_factor = _spatial_factor(vae.config)
+        self.latent_channels = latent_channels(vae.config)
+        self.spatial_factor = spatial_factor(vae.config)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -278,7 +277,7 @@ def save_e2e_vae(
     """
     model = _unwrap(vae)
     scale, bias = _check_stats(scale, bias, "save_e2e_vae")
-    channels = _latent_channels(model.config)
+    channels = latent_channels(model.config)
     if scale.numel() != channels:
         raise ValueError(f"stats have {scale.numel()} channels, the VAE has {channels}")
     folder = Path(folder)
@@ -323,8 +322,8 @@ def _metadata(model: DiffusersVAE, scale: torch.Tensor, bias: torch.Tensor, extr
         "format": "repae-e2e-vae",
         "version": 1,
         "class_name": type(model).__name__,
-        "latent_channels": _latent_channels(model.config),
-        "spatial_factor": _spatial_factor(model.config),
+        "latent_channels": latent_channels(model.config),
+        "spatial_factor": spatial_factor(model.config),
         "latents_scale": scale.tolist(),
         "latents_bias": bias.tolist(),
         "metadata": extra or {},

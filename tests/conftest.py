@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def quick_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small toy world (few hundred images, briefly trained VAE) built once for the session."""
-    from fusedit.data.toy import build_toy_world
+    from toyworld.build import build_toy_world
 
     out = tmp_path_factory.mktemp("toy") / "world"
     build_toy_world(out, seed=0, quick=True, progress=False)
@@ -29,7 +29,7 @@ def quick_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_train_overrides(world: Path, run: Path, **extra: object) -> list[str]:
     """Overrides that make configs/e2e-vae/toy.yaml train in seconds on the quick world."""
-    from fusedit.demo import toy_overrides
+    from fusedit.tools.demo import toy_overrides
 
     base = {
         "trainer.checkpoint_dir": str(run),

@@ -1,4 +1,4 @@
-"""fusedit.bench: the report is complete, and the speed-up is not bought by computing something else.
+"""fusedit.tools.bench: the report is complete, and the speed-up is not bought by computing something else.
 
 Every variant's first step starts from identical weights on the identical batch (same captions,
 noise and timesteps), so the reference formulation (dense float mask, text padded to
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fusedit import bench
-from fusedit.demo import toy_overrides
+from fusedit.tools import bench
+from fusedit.tools.demo import toy_overrides
 
 from .conftest import ROOT, TOY_CONFIG
 

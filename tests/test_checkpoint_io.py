@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedit.train import checkpoint as ckpt
+from common import checkpoint as ckpt
 from fusedit.train.ema import EMA
 
 

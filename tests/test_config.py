@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fusedit.config import ConfigError, load_config, save_config
+from common.config import ConfigError, save_config
+from fusedit.config import load_config
 from fusedit.train.deepspeed_config import load_deepspeed_json, resolve_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,16 +10,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from common.weights import CheckpointError, strip_prefixes
 from fusedit.models import DiT, count_parameters
-from fusedit.models.convert import (
-    CheckpointError,
+from fusedit.reference.convert import (
     dit_from_reference,
     dit_kwargs_from_reference_config,
     load_reference_dit,
     reference_text_encoder,
-    strip_prefixes,
 )
-from fusedit.models.reference_dit import ReferenceDiT, make_reference_config
+from fusedit.reference.reference_dit import ReferenceDiT, make_reference_config
 
 ATTENTIONS = ["self", "cross"]
 CONDITIONINGS = ["adaln-zero", "adaln-single", "addition", None]

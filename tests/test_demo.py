@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fusedit import demo
+from fusedit.tools import demo
 from tests.conftest import ROOT
 
 
@@ -19,7 +19,7 @@ def test_demo_quick_runs_end_to_end(quick_world: Path, tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "fusedit.demo",
+        "fusedit.tools.demo",
         "--quick",
         "--toy",
         str(quick_world),

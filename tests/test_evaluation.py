@@ -15,11 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation import fid, sampling, toy_eval
+from common import fid
+from evaluation import sampling, toy_eval
 from tests.conftest import ROOT, run_train, tiny_train_overrides
 
 STEPS = "2"  # denoising steps: enough to exercise CFG and the Euler loop, cheap on CPU
-FID_EXTRACTOR = "evaluation.fid:random_conv_extractor"
+FID_EXTRACTOR = "common.fid:random_conv_extractor"
 
 
 def _load_builder():

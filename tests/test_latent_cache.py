@@ -13,11 +13,13 @@ import pytest
 import torch
 from webdataset import TarWriter
 
-from fusedit.config import ConfigError, load_config
+from common.config import ConfigError
+from common.vae_config import VaeSpec
+from fusedit.config import load_config
 from fusedit.data import latent_cache
 from fusedit.data.webdata import LATENT_MEMBER, build_dataloader
-from fusedit.demo import toy_overrides
-from fusedit.latents import LatentCodec, VaeSpec
+from fusedit.latents import LatentCodec
+from fusedit.tools.demo import toy_overrides
 from tests.conftest import TOY_CONFIG, run_train, tiny_train_overrides
 
 

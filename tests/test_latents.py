@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 
-from fusedit.latents import LatentCodec, VaeSpec
+from common.vae_config import VaeSpec
+from fusedit.latents import LatentCodec
 
 QWEN_MEAN = [0.1, -0.2, 0.3, 0.5]
 QWEN_STD = [1.5, 0.5, 2.0, 3.0]

@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedit.config import ConfigError, load_config
+from common.config import ConfigError
+from common.shards import check_brace_syntax
+from fusedit.config import load_config
 from fusedit.models.dit import DiT, count_parameters
-from fusedit.plan import (
+from fusedit.tools.plan import (
     GEMMA_2B,
     build_plan,
-    check_brace_syntax,
     check_data_paths,
     dit_activation_bytes,
     dit_forward_flops,

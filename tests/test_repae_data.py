@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from fusedit.data.toy import write_toy_data
 from repae import preprocess as pp
 from repae.cache_latents import cache_latents
 from repae.cache_latents import main as cache_main
 from repae.data import LabeledImageLoader, label_fn, num_classes_for, split_member_name, toy_label, toy_num_classes
+from toyworld.world import write_toy_data
 
 RES = 16
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from repae import diagnostics as diag
 
-FID_EXTRACTOR = "evaluation.fid:random_conv_extractor"
+FID_EXTRACTOR = "common.fid:random_conv_extractor"
 
 
 # --------------------------------------------------------------------------------------------

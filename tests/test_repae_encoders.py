@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from repae import encoders as enc
 from repae import toy
+from toyworld import labels as toy_labels
 
 # Spec section 3: z_dim of every encoder.
 SPEC_DIMS = {
@@ -248,22 +249,22 @@ def test_hub_weights_offline_give_an_actionable_error(tmp_path, monkeypatch):
 # The toy world
 # --------------------------------------------------------------------------------------------
 def test_toy_labels_are_mixed_radix():
-    assert toy.toy_num_classes("color+shape") == 24
-    assert toy.toy_num_classes("color+shape+position+background") == 360
-    assert toy.toy_label({"color": "red", "shape": "circle"}, "color+shape") == 0
-    assert toy.toy_label({"color": "orange", "shape": "square"}, "color+shape") == 1 * 4 + 1
-    assert toy.toy_label({"color": "orange", "shape": "square"}, "shape+color") == 1 * 6 + 1
+    assert toy_labels.toy_num_classes("color+shape") == 24
+    assert toy_labels.toy_num_classes("color+shape+position+background") == 360
+    assert toy_labels.toy_label({"color": "red", "shape": "circle"}, "color+shape") == 0
+    assert toy_labels.toy_label({"color": "orange", "shape": "square"}, "color+shape") == 1 * 4 + 1
+    assert toy_labels.toy_label({"color": "orange", "shape": "square"}, "shape+color") == 1 * 6 + 1
     labels = {
-        toy.toy_label({"color": c, "shape": s}, "color + shape")
+        toy_labels.toy_label({"color": c, "shape": s}, "color + shape")
         for c in toy.TOY_ATTRIBUTES["color"]
         for s in toy.TOY_ATTRIBUTES["shape"]
     }
     assert labels == set(range(24))
     for bad in ("", "colour", "color+color"):
         with pytest.raises(ValueError):
-            toy.toy_num_classes(bad)
+            toy_labels.toy_num_classes(bad)
     with pytest.raises(ValueError, match="pink"):
-        toy.toy_label({"color": "pink"}, "color")
+        toy_labels.toy_label({"color": "pink"}, "color")
 
 
 def test_flip_augmentation_mirrors_position():
@@ -275,7 +276,7 @@ def test_flip_augmentation_mirrors_position():
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory) -> Path:
     """Only the shards of a small world (no VAE / scorer training): all the encoder needs."""
-    from fusedit.data.toy import write_toy_data
+    from toyworld.world import write_toy_data
 
     out = tmp_path_factory.mktemp("toy") / "world"
     write_toy_data(out, seed=0, num_train=1024, num_val=192, samples_per_shard=512, progress=False)
@@ -290,7 +291,7 @@ def test_toy_encoder_carries_semantics(toy_data):
     # chance: colour 1/6, shape 1/4; a shortcut (colour, position) -> shape scores far below chance
     assert accuracy["color"] >= 0.9 and accuracy["shape"] >= 0.55, report
     encoder = enc.load_encoder(f"local:{folder}", resolution=32)
-    from fusedit.data.toy import load_images
+    from toyworld.world import load_images
 
     images, attributes = load_images(sorted((toy_data / "shards").glob("val-*.tar")))
     images = torch.from_numpy(images)

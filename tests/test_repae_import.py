@@ -23,8 +23,8 @@ TINY_VAE = dict(
 
 
 def _reference_experiment(root: Path, joint: bool = True) -> tuple[Path, dict, AutoencoderKL]:
-    from repae.convert import diffusers_to_ldm_vae
     from repae.models.sit import SiT
+    from repae.reference.convert import diffusers_to_ldm_vae
 
     args = {
         "model": "SiT-S/2",
@@ -75,7 +75,7 @@ def _reference_experiment(root: Path, joint: bool = True) -> tuple[Path, dict, A
 def test_import_joint_experiment_then_sample_and_export(tmp_path: Path) -> None:
     from repae.checkpoint import load_sampling_bundle
     from repae.export import export_e2e_vae
-    from repae.import_reference import import_reference_run
+    from repae.reference.import_reference import import_reference_run
 
     exp, sit_state, vae = _reference_experiment(tmp_path)
     folder = import_reference_run(exp, tmp_path / "run", vae_config=TINY_VAE, z_dims=[8])
@@ -95,7 +95,7 @@ def test_import_joint_experiment_then_sample_and_export(tmp_path: Path) -> None:
 
 def test_import_ldm_only_experiment_names_its_frozen_vae(tmp_path: Path) -> None:
     from repae.checkpoint import read_json
-    from repae.import_reference import import_reference_run
+    from repae.reference.import_reference import import_reference_run
 
     exp, _, _ = _reference_experiment(tmp_path, joint=False)
     folder = import_reference_run(exp, tmp_path / "run", z_dims=[8])
@@ -107,7 +107,7 @@ def test_import_ldm_only_experiment_names_its_frozen_vae(tmp_path: Path) -> None
 def test_import_rejects_a_model_that_does_not_match_args(tmp_path: Path) -> None:
     import pytest
 
-    from repae.import_reference import import_reference_run
+    from repae.reference.import_reference import import_reference_run
 
     exp, _, _ = _reference_experiment(tmp_path)
     args = json.loads((exp / "args.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedit.train.distributed import DistEnv
+from common.distributed import DistEnv
 from tests.conftest import ROOT, launch
 
 CONFIG = ROOT / "configs" / "repae" / "toy.yaml"
@@ -271,7 +271,7 @@ def _sync_bn_worker(rank: int, world: int, port: int, z: torch.Tensor, out: str)
 def test_global_batchnorm_over_two_processes_equals_one_process_batchnorm(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    from fusedit.train.distributed import _free_port
+    from common.distributed import _free_port
 
     z = torch.randn(8, 4, 3, 3) * torch.tensor([1.0, 2.0, 0.5, 3.0]).view(1, 4, 1, 1) + 1.5
     mp.spawn(_sync_bn_worker, args=(2, _free_port(), z, str(tmp_path)), nprocs=2, join=True)

@@ -15,8 +15,9 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 from safetensors.torch import load_file, save_file
 
-from fusedit.latents import LatentCodec, VaeSpec
-from repae.convert import (
+from common.vae_config import VaeSpec
+from fusedit.latents import LatentCodec
+from repae.reference.convert import (
     VAEKeyError,
     check_keys,
     diffusers_config_from_ldm,
@@ -24,7 +25,7 @@ from repae.convert import (
     ldm_to_diffusers_vae,
     load_reference_vae,
 )
-from repae.models.ldm_vae import LDM_ARCHS, LDMAutoencoderKL, build_ldm_vae
+from repae.reference.ldm_vae import LDM_ARCHS, LDMAutoencoderKL, build_ldm_vae
 from repae.vae import (
     META_FILE,
     STATS_FILE,

@@ -1,4 +1,4 @@
-"""Demo intervals (fusedit.stats) and the lock checker (scripts/check_lock.py)."""
+"""Demo intervals (common.stats) and the lock checker (scripts/check_lock.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusedit.stats import stratified_bootstrap_ci
+from common.stats import stratified_bootstrap_ci
 from tests.conftest import ROOT
 
 

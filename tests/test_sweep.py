@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fusedit import sweep
+from fusedit.tools import sweep
 from tests.conftest import ROOT, TOY_CONFIG, tiny_train_overrides
 
 SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import dataset_download
-from fusedit.data import toy
-from fusedit.data.toy_scorer import ToyScorer
+from common.images import psnr
+from toyworld import build, text_encoder
+from toyworld import world as toy
+from toyworld.scorer import ToyScorer
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_data_is_deterministic(world, tmp_path):
     toy.write_toy_data(other, progress=False, **{**kwargs, "seed": 1, "num_train": 8, "num_val": 8})
     assert (other / "shards/val-000000.tar").read_bytes() != (out / "shards/val-000000.tar").read_bytes()
     captions = list(toy.all_captions())
-    first, second = toy.build_tokenizer(captions), toy.build_tokenizer(captions)
+    first, second = text_encoder.build_tokenizer(captions), text_encoder.build_tokenizer(captions)
     assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
 
 
@@ -158,7 +160,7 @@ def test_vae_loads_and_reconstructs(world, record_property):
         z = (posterior.sample(torch.Generator().manual_seed(0)) - vae.config.shift_factor) * vae.config.scaling_factor
     assert z.shape == (64, 4, 8, 8)
     assert 0.5 < z.std().item() < 2.0 and abs(z.mean().item()) < 0.5, "normalised latents ~ unit variance"
-    measured = toy.psnr(x, recon).mean().item()
+    measured = psnr(x, recon).mean().item()
     record_property("vae_psnr_db", report["psnr_db"])
     print(f"toy VAE (quick build) reconstruction PSNR: {report['psnr_db']:.2f} dB")
     assert abs(measured - report["psnr_db"]) < 1.5
@@ -203,10 +205,10 @@ def test_heldout_triples_never_in_training(world):
 
 def test_existing_world_is_reused(world):
     out, summary = world
-    again = toy.build_toy_world(out, seed=0, quick=True, progress=False)
+    again = build.build_toy_world(out, seed=0, quick=True, progress=False)
     assert again["reused"] and again["build_seconds"] == summary["build_seconds"]
     changed = {**summary["request"], "seed": 1}
-    assert toy._existing_world(out, changed) is None
+    assert build.existing_world(out, changed) is None
 
 
 def test_download_skips_only_files_with_matching_size(tmp_path):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fusedit.data import toy
-from fusedit.data.toy_training import (
+from toyworld import build
+from toyworld import world as toy
+from toyworld.training import (
     Gate,
     QualityGateError,
     check_gates,
@@ -42,7 +43,7 @@ def test_world_is_bit_identical_on_a_loaded_machine(quick_world: Path, tmp_path:
     """
     busy = _busy_processes(max(2, os.cpu_count() or 2))
     try:
-        loaded = toy.build_toy_world(tmp_path / "loaded", seed=0, quick=True, progress=False)
+        loaded = build.build_toy_world(tmp_path / "loaded", seed=0, quick=True, progress=False)
     finally:
         for process in busy:
             process.kill()
@@ -59,11 +60,11 @@ def test_world_is_bit_identical_on_a_loaded_machine(quick_world: Path, tmp_path:
 def test_world_records_gates_steps_versions_and_threads(quick_world: Path) -> None:
     world = json.loads((quick_world / "world.json").read_text())
     assert world["request"]["steps"] == {
-        "vae": toy.STEPS["vae"][1],
-        "scorer": toy.STEPS["scorer"][1],
+        "vae": build.STEPS["vae"][1],
+        "scorer": build.STEPS["scorer"][1],
         "text_encoder": 0,
     }
-    assert world["vae"]["steps"] == toy.STEPS["vae"][1] and world["scorer"]["steps"] == toy.STEPS["scorer"][1]
+    assert world["vae"]["steps"] == build.STEPS["vae"][1] and world["scorer"]["steps"] == build.STEPS["scorer"][1]
     parts = {(g["part"], g["metric"]) for g in world["gates"]}
     assert ("vae", "psnr_db") in parts
     assert {("scorer", f"heldout_clean.accuracy.{a}") for a in toy.ATTRIBUTES} <= parts
@@ -74,7 +75,7 @@ def test_world_records_gates_steps_versions_and_threads(quick_world: Path) -> No
 
 
 def test_full_build_gates_are_the_issue_thresholds() -> None:
-    gates = {(g.part, g.metric): g.minimum for g in toy.quality_gates(quick=False)}
+    gates = {(g.part, g.metric): g.minimum for g in build.quality_gates(quick=False)}
     assert gates[("vae", "psnr_db")] == 26.0
     for reading in ("heldout_clean", "heldout_vae"):
         for name in toy.ATTRIBUTES:
@@ -84,7 +85,7 @@ def test_full_build_gates_are_the_issue_thresholds() -> None:
 def test_missed_gate_fails_the_build_and_names_it(tmp_path: Path) -> None:
     out = tmp_path / "bad"
     with pytest.raises(QualityGateError) as caught:
-        toy.build_toy_world(out, seed=0, quick=True, vae_steps=2, scorer_steps=2, progress=False)
+        build.build_toy_world(out, seed=0, quick=True, vae_steps=2, scorer_steps=2, progress=False)
     message = str(caught.value)
     assert "vae: psnr_db = " in message and "gate >= 15.0" in message
     assert "scorer: heldout_clean.accuracy." in message

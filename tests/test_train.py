@@ -120,7 +120,7 @@ def test_sigkill_mid_run_leaves_a_resumable_checkpoint(quick_world: Path, tmp_pa
     finally:
         if proc.poll() is None:
             proc.kill()
-    from fusedit.train.checkpoint import read_latest
+    from common.checkpoint import read_latest
 
     step = read_latest(run)
     assert step is not None and step >= 4 and (run / str(step) / "ema" / "config.json").is_file()

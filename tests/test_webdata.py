@@ -17,8 +17,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 from webdataset import TarWriter
 
+from common.shards import validate_data_paths
 from fusedit.data import webdata
-from fusedit.data.webdata import StreamState, build_dataloader, validate_data_paths
+from fusedit.data.webdata import StreamState, build_dataloader
 
 WORDS = "a red blue green cat dog on the table sitting photo of small big".split()
 PER_SHARD = 20

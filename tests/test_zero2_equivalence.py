@@ -49,7 +49,7 @@ def _curve(run: Path) -> list[tuple[int, float, float]]:
 
 
 def _weights(run: Path, kind: str, step: int = STEPS) -> dict[str, torch.Tensor]:
-    from fusedit.train.checkpoint import load_weights
+    from common.checkpoint import load_weights
 
     return load_weights(run / str(step) / kind)
 

@@ -70,8 +70,8 @@ def main(argv: list[str]) -> int:
     import train
 
     args = train.parse_args(argv)
+    from common.distributed import cleanup
     from fusedit.config import load_config
-    from fusedit.train.distributed import cleanup
 
     logging.basicConfig(level=logging.WARNING)
     cfg = load_config(args.config, args.overrides)

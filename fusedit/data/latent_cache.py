@@ -46,16 +46,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError, TrainConfig, load_config
-from fusedit.data.webdata import (
-    LATENT_MEMBER,
-    BadSample,
-    _caption_columns,
-    _SampleTransform,
-    _ShardReader,
-    validate_data_paths,
-)
-from fusedit.latents import LatentCodec, VaeSpec
+from common.config import ConfigError
+from common.shards import BadSample, validate_data_paths
+from common.vae_config import VaeSpec
+from fusedit.config import TrainConfig, load_config
+from fusedit.data.webdata import LATENT_MEMBER, _caption_columns, _SampleTransform, _ShardReader
+from fusedit.latents import LatentCodec
 
 log = logging.getLogger(__name__)
 

@@ -48,19 +48,17 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import urlparse
 
-import braceexpand
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen, gopen_schemes
+from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from common.shards import BadSample, RateLimitedWarnings, decode_image, validate_data_paths
 from fusedit.text import tokenize
 
 log = logging.getLogger(__name__)
@@ -73,44 +71,9 @@ _SHARD, _SLOT, _SAMPLE = 0, 1, 2
 # A draw that opens this many shards in a row without finding a sample gives up: the data is
 # (nearly) all broken, and looping forever would hide it.
 MAX_EMPTY_SHARDS = 100
-# Warnings about corrupt data: the first few, then one per this many, with the running count.
-_WARN_FIRST, _WARN_EVERY = 20, 1000
 
 
 # ----------------------------------------------------------------------------- shard URLs
-
-
-def _is_remote(url: str) -> bool:
-    scheme = urlparse(url).scheme
-    return scheme not in ("", "file") and scheme in gopen_schemes
-
-
-def _local_path(url: str) -> str:
-    return url[len("file://") :] if url.startswith("file://") else url.removeprefix("file:")
-
-
-def validate_data_paths(data_path: list[str] | str) -> list[str]:
-    """Brace-expand every pattern (zero padding kept) and check local shards exist.
-
-    Returns the concatenated shard URLs. Raises ``FileNotFoundError`` naming the pattern when a
-    local shard is missing, so a typo fails at config validation rather than mid-run;
-    ``pipe:`` and remote URLs are accepted unchecked.
-    """
-    patterns = [data_path] if isinstance(data_path, str) else list(data_path)
-    if not patterns:
-        raise ValueError("data_path: no shard pattern given")
-    urls: list[str] = []
-    for pattern in patterns:
-        expanded = list(braceexpand.braceexpand(str(pattern)))
-        if not _is_remote(str(pattern)):
-            missing = [u for u in expanded if not os.path.isfile(_local_path(u))]
-            if missing:
-                raise FileNotFoundError(
-                    f"data_path {pattern!r}: {len(missing)} of {len(expanded)} shard(s) not found, "
-                    f"first missing: {missing[0]!r}"
-                )
-        urls.extend(expanded)
-    return urls
 
 
 def _fingerprint(urls: list[str]) -> str:
@@ -131,18 +94,6 @@ def _draw(n: int, *key: int) -> int:
 
 
 # ----------------------------------------------------------------------------- logging
-
-
-class _RateLimitedWarnings:
-    """Corrupt-data warnings: every one at first, then sparsely, so a bad shard cannot flood logs."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def warn(self, msg: str, *args: Any) -> None:
-        self.count += 1
-        if self.count <= _WARN_FIRST or self.count % _WARN_EVERY == 0:
-            log.warning("skipped corrupt data (#%d in this worker): " + msg, self.count, *args)
 
 
 # ----------------------------------------------------------------------------- shard reading
@@ -205,7 +156,7 @@ class _RoleStream:
         else:
             slots, self.next_k, self.draws = state["slots"], int(state["next_k"]), int(state["draws"])
         self.readers = [_ShardReader(self._url(k), k, off) for k, off in slots]
-        self.warnings = _RateLimitedWarnings()
+        self.warnings = RateLimitedWarnings()
         self.skipped = 0  # broken shards since the last pop_skipped()
 
     def _url(self, k: int) -> str:
@@ -253,17 +204,6 @@ class _RoleStream:
 
 
 # ----------------------------------------------------------------------------- sample decoding
-
-
-class BadSample(ValueError):
-    """A sample that cannot be used (missing member, undecodable image or caption)."""
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Fully decode image bytes to RGB; truncated or garbled files raise (tests count calls)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return img.convert("RGB")
 
 
 class _SampleTransform:

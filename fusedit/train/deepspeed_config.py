@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fusedit.config import ConfigError, TrainConfig
+from common.config import ConfigError
+from fusedit.config import TrainConfig
 
 # Used when no JSON is given: the same settings as configs/deepspeed/zero2.json.
 DEFAULT_ZERO2: dict[str, Any] = {

@@ -5,7 +5,7 @@ the VAE or the data stream work inside, only their contracts (docs/interfaces.md
 
 Randomness is explicit: the timestep, posterior noise and flow noise of sample ``i`` of the
 global batch of optimizer step ``s`` come from a CPU generator seeded with (seed, s, i)
-(`fusedit.randomness`), where ``i = (rank * accumulation + micro) * micro_batch + j``. Ranks
+(`common.randomness`), where ``i = (rank * accumulation + micro) * micro_batch + j``. Ranks
 therefore draw different noise (the reference seeded all ranks alike); a resumed run draws exactly
 what an uninterrupted one would have, without restoring RNG states; and the same global batch gets
 the same draws on 1 process or N, so ZeRO-2 runs at different world sizes are equivalent
@@ -27,31 +27,22 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError, TrainConfig, save_config
-from fusedit.flow import FlowMatching
-from fusedit.latents import LatentCodec, VaeSpec
+from common import checkpoint as ckpt
+from common.config import ConfigError, save_config
+from common.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, init_distributed
+from common.files import write_json_atomic
+from common.metrics import MetricsLogger
+from common.randomness import data_seed_after_restart, sample_generators
+from common.vae_config import VaeSpec
+from fusedit.config import TrainConfig
+from fusedit.flow import FlowMatching, build_scheduler
+from fusedit.latents import LatentCodec
 from fusedit.models.dit import DiT
-from fusedit.randomness import sample_generators
 from fusedit.text import TextEncoder
-from fusedit.train import checkpoint as ckpt
 from fusedit.train.deepspeed_config import load_deepspeed_json, resolve_deepspeed_config
-from fusedit.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, init_distributed
 from fusedit.train.ema import EMA
-from fusedit.train.metrics import MetricsLogger
 
 log = logging.getLogger("fusedit.train")
-
-
-def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
-    """A 63-bit seed that differs for every (seed, rank, step, micro-batch)."""
-    x = (seed * 1_000_003 + rank) * 1_000_033 + step
-    x = x * 1_009 + micro
-    return (x * 0x9E3779B97F4A7C15) % (2**63 - 1)
-
-
-def data_seed_after_restart(seed: int, step: int) -> int:
-    """The data stream's seed after a restart at ``step`` that cannot continue the old streams."""
-    return (seed * 1_000_003 + step * 7_919 + 1) % (2**31 - 1)
 
 
 def compile_in_place(engine, cfg: TrainConfig) -> None:
@@ -82,15 +73,6 @@ class Components:
     codec: LatentCodec
     flow: FlowMatching
     dit: DiT
-
-
-def build_scheduler(cfg: TrainConfig):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    ns = cfg.noise_scheduler
-    if ns.pretrained_model_name_or_path:
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(ns.pretrained_model_name_or_path, subfolder=ns.subfolder)
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=ns.num_train_timesteps, shift=ns.shift)
 
 
 def build_components(cfg: TrainConfig, device: torch.device, frozen_dtype: torch.dtype) -> Components:
@@ -241,7 +223,7 @@ class Trainer:
     # ----------------------------------------------------------------- set-up
     def _validate_inputs(self) -> None:
         """Cheap checks on files before processes, models or data are touched."""
-        from fusedit.data.webdata import validate_data_paths
+        from common.shards import validate_data_paths
 
         try:
             validate_data_paths(self.cfg.data.data_path)
@@ -484,14 +466,14 @@ class Trainer:
         self.engine.save_checkpoint(
             str(partial), tag="deepspeed", client_state=ckpt.universal_checkpoint_info(), save_latest=False
         )
-        ckpt.write_json_atomic(partial / f"data_state_rank{env.rank}.json", self.stream.state_dict())
+        write_json_atomic(partial / f"data_state_rank{env.rank}.json", self.stream.state_dict())
         if env.is_main:
             module = self.engine.module
             ckpt.save_weights_folder(self.model_config, _with_buffers(self.ema.state_dict(), module), partial / "ema")
             raw = dict(module.named_parameters())
             ckpt.save_weights_folder(self.model_config, _with_buffers(raw, module), partial / "model")
-            ckpt.write_json_atomic(partial / "vae.json", _vae_spec(self.cfg).__dict__)
-            ckpt.write_json_atomic(
+            write_json_atomic(partial / "vae.json", _vae_spec(self.cfg).__dict__)
+            write_json_atomic(
                 partial / "trainer_state.json",
                 {
                     "step": step,
@@ -517,7 +499,8 @@ class Trainer:
             return None
         out = None
         if self.env.is_main:
-            from fusedit.pipeline import DiTPipeline, save_grid
+            from common.images import save_grid
+            from fusedit.pipeline import DiTPipeline
 
             g = self.cfg.gen
             dit = DiT.from_config(self.model_config).to(self.device).eval()

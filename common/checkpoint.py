@@ -33,17 +33,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.files import write_text_atomic
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def partial_dir(run_dir: Path, step: int) -> Path:

@@ -225,7 +225,7 @@ def vae_round_trip(vae, images: torch.Tensor, generator: torch.Generator, batch_
 
 
 # --------------------------------------------------------------------------------------------
-# Training (called by fusedit.data.toy.build_toy_world)
+# Training (called by toyworld.world.build_toy_world)
 # --------------------------------------------------------------------------------------------
 def _targets(model: ToyScorer, attributes: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {k: model.labels(attributes, k) for k in model.attributes}
@@ -260,8 +260,8 @@ def train_scorer(
     recognise attributes independently of each other; ``heldout_vae`` is the same on their VAE
     round trips (what the demo's scores are read through).
     """
-    from fusedit.data.toy import ATTRIBUTES
-    from fusedit.data.toy_training import train_fixed_steps
+    from toyworld.training import train_fixed_steps
+    from toyworld.world import ATTRIBUTES
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,9 @@ from typing import Any, TextIO
 
 import torch
 
-from fusedit.config import ConfigError, TrainConfig, save_config
+from common.config import ConfigError, save_config
+from common.shards import check_brace_syntax, is_remote
+from fusedit.config import TrainConfig
 
 GIB = 1024**3
 
@@ -366,7 +367,7 @@ def _local_vae(cfg: TrainConfig, folder: Path) -> tuple[str, dict[str, Any]]:
 
 def describe_vae(cfg: TrainConfig) -> VaeInfo:
     """Size the frozen VAE on meta: local config.json, a known public config, or unknown."""
-    from fusedit.latents import _latent_channels, _spatial_factor
+    from common.vae_config import latent_channels, spatial_factor
 
     v = cfg.vae
     folder = _local_folder(v.pretrained_model_name_or_path, v.subfolder, "vae.pretrained_model_name_or_path")
@@ -386,7 +387,7 @@ def describe_vae(cfg: TrainConfig) -> VaeInfo:
     module = _build_vae_on_meta(class_name, kwargs)
     config = dict(module.config)
     is_qwen = class_name == "AutoencoderKLQwenImage"
-    return VaeInfo(_numel(module), _latent_channels(config), _spatial_factor(config), module, is_qwen, source)
+    return VaeInfo(_numel(module), latent_channels(config), spatial_factor(config), module, is_qwen, source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,59 +572,6 @@ def memory_plan(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Data paths
-# --------------------------------------------------------------------------------------------
-_RANGE = re.compile(r"^(-?\d+\.\.-?\d+|[A-Za-z]\.\.[A-Za-z])(\.\.-?\d+)?$")
-
-
-def check_brace_syntax(pattern: str) -> None:
-    """Raise ValueError for a brace pattern that braceexpand would silently take literally.
-
-    braceexpand leaves ``{000..0999x}`` or an unclosed ``{`` in the file name, so the run would
-    look for one odd file instead of a thousand shards. Every group must be a comma list or a
-    numeric/letter range (``{1..99}``, ``{a..f}``, optional ``..step``).
-    """
-    open_groups: list[list[int]] = []  # [start column, has a nested group]
-    i = 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            if open_groups:
-                open_groups[-1][1] = 1
-            open_groups.append([i, 0])
-        elif ch == "}":
-            if not open_groups:
-                raise ValueError(f"unmatched '}}' at column {i + 1}")
-            start, nested = open_groups.pop()
-            _check_group(pattern[start + 1 : i], bool(nested))
-        i += 1
-    if open_groups:
-        raise ValueError(f"unclosed '{{' at column {open_groups[-1][0] + 1}")
-
-
-def _check_group(body: str, nested: bool) -> None:
-    if _top_level_comma(body) or (not nested and _RANGE.match(body)):
-        return
-    raise ValueError(f"'{{{body}}}' is neither a comma list nor a range like {{000..999}}")
-
-
-def _top_level_comma(body: str) -> bool:
-    depth = 0
-    for ch in body:
-        depth += (ch == "{") - (ch == "}")
-        if ch == "," and depth == 0:
-            return True
-    return False
-
-
-def _is_remote(url: str) -> bool:
-    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url)) and not url.startswith("file:")
-
-
 def check_data_paths(patterns: list[str]) -> list[PatternReport]:
     """Syntax-check and count every pattern; count existing files for local ones only."""
     import braceexpand
@@ -635,7 +583,7 @@ def check_data_paths(patterns: list[str]) -> list[PatternReport]:
         except ValueError as err:
             raise ConfigError(f"data.data_path: {pattern!r}: {err}") from None
         urls = list(braceexpand.braceexpand(pattern))
-        local = not _is_remote(pattern)
+        local = not is_remote(pattern)
         existing = sum(os.path.isfile(u.removeprefix("file://").removeprefix("file:")) for u in urls) if local else None
         reports.append(PatternReport(pattern, len(urls), local, existing))
     return reports

@@ -1,6 +1,6 @@
 """Turn a released reference REPA-E / LDM experiment into a run folder of this repository.
 
-    python -m repae.import_reference --exp pretrained/sit-repae-sdvae --out exps/sit-repae-sdvae
+    python -m repae.reference.import_reference --exp pretrained/sit-repae-sdvae --out exps/sit-repae-sdvae
     python -m repae.generate --run-dir exps/sit-repae-sdvae --num-samples 50000 --mode sde --num-steps 250
     python -m repae.export --run exps/sit-repae-sdvae --out exps/e2e-sdvae
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fusedit.train.checkpoint import write_text_atomic
+from common.files import write_text_atomic
 from repae import checkpoint as rckpt
 
 LATENT_GEOMETRY = {"f8d4": (4, 8), "f16d32": (32, 16)}  # channels, spatial factor
@@ -112,7 +112,7 @@ def _strict_sit(config: dict[str, Any], state: dict[str, torch.Tensor], what: st
 def _write_vae(state: dict[str, torch.Tensor], arch: str, folder: Path, vae_config: dict | None) -> None:
     from diffusers import AutoencoderKL
 
-    from repae.convert import ldm_to_diffusers_vae, load_strict
+    from repae.reference.convert import ldm_to_diffusers_vae, load_strict
     from repae.vae import VAE_PRESETS
 
     config = dict(vae_config or VAE_PRESETS[arch])
@@ -174,7 +174,7 @@ def import_reference_run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m repae.import_reference",
+        prog="python -m repae.reference.import_reference",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,7 +1,7 @@
 """The main job on the toy world: build it, train the DiT, sample held-out prompts, score them.
 
-    python -m fusedit.demo --toy toy --run output/toy          # what `make demo` runs
-    python -m fusedit.demo --quick --run /tmp/demo             # minutes -> seconds (tests)
+    python -m fusedit.tools.demo --toy toy --run output/toy          # what `make demo` runs
+    python -m fusedit.tools.demo --quick --run /tmp/demo             # minutes -> seconds (tests)
 
 Training runs through ``train.py`` in a subprocess, exactly as a user would launch it. Sampling
 loads the run's EMA weights from safetensors, renders every held-out prompt (attribute triples
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "e2e-vae" / "toy.yaml"
 
 
@@ -63,7 +63,7 @@ def toy_overrides(toy: Path, vae_folder: str = "vae") -> list[str]:
 
 
 def ensure_world(toy: Path, quick: bool) -> None:
-    from fusedit.data.toy import build_toy_world
+    from toyworld.build import build_toy_world
 
     build_toy_world(toy, quick=quick)
 
@@ -147,10 +147,10 @@ def evaluate(toy: Path, run: Path, guidance: float | None, seed: int, samples: i
 
     The guidance scale is ``guidance`` if given, else chosen on ``prompts/guidance.json``.
     """
-    from fusedit.data.toy_scorer import ToyScorer
-    from fusedit.data.toy_training import library_versions, torch_threads
-    from fusedit.pipeline import save_grid
-    from fusedit.stats import summarize_correct
+    from common.images import save_grid
+    from common.stats import summarize_correct
+    from toyworld.scorer import ToyScorer
+    from toyworld.training import library_versions, torch_threads
 
     cfg, pipe = load_pipeline(run)
     scorer = ToyScorer.from_pretrained(toy / "scorer")
@@ -172,7 +172,7 @@ def evaluate(toy: Path, run: Path, guidance: float | None, seed: int, samples: i
         "chance": {k: 1.0 / len(scorer.attributes[k]) for k in intervals},
         "joint_accuracy": joint["mean"],
         "joint_interval": joint,
-        "interval_method": "95% stratified bootstrap over samples within each prompt (fusedit.stats)",
+        "interval_method": "95% stratified bootstrap over samples within each prompt (common.stats)",
         "goals": goal_report(intervals),
         "guidance_scale": guidance,
         "guidance_selection": selection,
@@ -225,7 +225,7 @@ def calibration_seconds() -> float:
     import torch
     from diffusers import AutoencoderKL
 
-    from fusedit.data.toy import vae_config
+    from toyworld.vae import vae_config
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**vae_config(32))
@@ -255,7 +255,7 @@ def planned_steps(config: str, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fusedit.data.toy_training import QualityGateError
+    from toyworld.training import QualityGateError
 
     args = parse_args(argv)
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """The reference KL autoencoder in the CompVis latent-diffusion layout (spec 1.1-1.4).
 
 Training never runs this module: the REPA-E stage trains diffusers `AutoencoderKL` models
-(`repae.vae`). It exists so the LDM <-> diffusers converter (`repae.convert`) can be checked
+(`repae.vae`). It exists so the LDM <-> diffusers converter (`repae.reference.convert`) can be checked
 *numerically* and not only by key names: a randomly initialised model built here, converted, must
 give the same moments and reconstructions as the diffusers model it was converted into. Its
 state-dict keys are exactly the reference checkpoint keys (spec 1.4), so a reference `.pt` loads

@@ -1,6 +1,6 @@
 """Warm training-step benchmark of the DiT hot path, optionally against the reference formulation.
 
-``python -m fusedit.bench -c CONFIG [--steps N] [--warmup W] [--batch-size B] [--text-tokens L]
+``python -m fusedit.tools.bench -c CONFIG [--steps N] [--warmup W] [--batch-size B] [--text-tokens L]
 [--text-lengths SPEC] [--loader] [--compare-reference] [--compile] [--out FILE.json] [key=value ...]``
 
 Why a separate tool rather than timing ``train.py``: the trainer's numbers mix the DiT with
@@ -18,7 +18,7 @@ and a FLOP count to turn seconds into MFU. What is measured:
   No DeepSpeed engine: on one device ZeRO partitions nothing, and its bookkeeping would blur the
   phases. Gradient all-reduce is therefore not measured;
 * ``--compare-reference`` adds, with the SAME weights (our state dict loaded into
-  :class:`~fusedit.models.reference_dit.ReferenceDiT`, which has the same key layout): the
+  :class:`~fusedit.reference.reference_dit.ReferenceDiT`, which has the same key layout): the
   reference formulation (dense additive float mask, text padded to ``data.max_prompt_length``,
   ``repeat_kv``, the redundant zero modulation, a Python-loop EMA over named parameters) and a
   middle point "ours_padded" (our model and EMA, text padded like the reference), so the speed-up
@@ -153,13 +153,13 @@ def _try_load(what: str, name: str, load: Callable[[], Any], notes: list[str]) -
 
 
 def load_frozen(cfg: Any, device: torch.device, dtype: torch.dtype, notes: list[str], stand_in: bool = False) -> Frozen:
-    """Text encoder and VAE as the trainer loads them, sized offline (fusedit.plan) when absent.
+    """Text encoder and VAE as the trainer loads them, sized offline (fusedit.tools.plan) when absent.
 
     ``stand_in`` skips loading on purpose (``--random-frozen``): the DiT's own MFU, without Gemma.
     """
     from fusedit.latents import LatentCodec
-    from fusedit.plan import describe_text_encoder, describe_vae, vae_encoder_forward_flops
     from fusedit.text import TextEncoder
+    from fusedit.tools.plan import describe_text_encoder, describe_vae, vae_encoder_forward_flops
     from fusedit.train.trainer import _vae_spec
 
     text_info, vae_info = describe_text_encoder(cfg), describe_vae(cfg)
@@ -204,7 +204,7 @@ def load_frozen(cfg: Any, device: torch.device, dtype: torch.dtype, notes: list[
 # --------------------------------------------------------------------------------------------
 def toy_caption(rng: np.random.Generator, drop_rate: float, original_rate: float) -> str:
     """A caption drawn like the toy loader draws one: dropped, short ("original") or detailed."""
-    from fusedit.data import toy
+    from toyworld import world as toy
 
     attrs = {k: str(rng.choice(v)) for k, v in toy.ATTRIBUTES.items()}
     if rng.random() < drop_rate:
@@ -430,8 +430,8 @@ class LoopEMA:
 def reference_config(kw: dict[str, Any]) -> dict:
     """The reference DiTConfig of ``DiT(**kw)``: the inverse of convert.dit_kwargs_from_reference_config,
     checked by a round trip so the two models cannot silently differ in a field."""
-    from fusedit.models.convert import dit_kwargs_from_reference_config
-    from fusedit.models.reference_dit import make_reference_config
+    from fusedit.reference.convert import dit_kwargs_from_reference_config
+    from fusedit.reference.reference_dit import make_reference_config
 
     base = {
         "hidden_size": kw["hidden_size"],
@@ -459,7 +459,7 @@ def reference_config(kw: dict[str, Any]) -> dict:
 
 def to_reference(dit: nn.Module, kw: dict[str, Any]) -> nn.Module:
     """A ReferenceDiT holding a copy of ``dit``'s weights (identical key layout, strict load)."""
-    from fusedit.models.reference_dit import ReferenceDiT
+    from fusedit.reference.reference_dit import ReferenceDiT
 
     with torch.device("meta"):
         ref = ReferenceDiT(reference_config(kw))
@@ -477,7 +477,7 @@ def fused_gelu(ref: nn.Module) -> nn.Module:
     model with a speed-up the original never paid for. Same function up to float rounding.
     """
     from fusedit.models.layers import ACTIVATIONS
-    from fusedit.models.reference_dit import RefMLP
+    from fusedit.reference.reference_dit import RefMLP
 
     fused = ACTIVATIONS["gelu_pytorch_tanh"]
     for module in ref.modules():
@@ -608,7 +608,7 @@ def train_step(v: Variant, batch: Batch, ctx: StepContext) -> dict[str, float]:
     batch) with step = batch index, so all variants noise the same latents with the same sigmas,
     and pay the same for drawing them.
     """
-    from fusedit.randomness import sample_generators
+    from common.randomness import sample_generators
 
     clock, dev = PhaseClock(ctx.device), ctx.device
     pad = ctx.max_len if v.pad_to_max else batch.ours_len
@@ -659,8 +659,8 @@ def run_interleaved(variants: list[Variant], source: BatchSource, ctx: StepConte
 # FLOPs and the report
 # --------------------------------------------------------------------------------------------
 def step_model_flops(kw: dict[str, Any], frozen: Frozen, n_image: int, n_text: int, batch: int, ckpt: bool) -> int:
-    """Model FLOPs of one step from fusedit.plan's counts; frozen encoders only when they really ran."""
-    from fusedit.plan import StepFlops, dit_forward_flops, text_encoder_forward_flops
+    """Model FLOPs of one step from fusedit.tools.plan's counts; frozen encoders only when they really ran."""
+    from fusedit.tools.plan import StepFlops, dit_forward_flops, text_encoder_forward_flops
 
     fwd, blocks = dit_forward_flops(kw, n_image, n_text)
     arch = frozen.text_flops_arch
@@ -778,7 +778,7 @@ def loss_check(variants: list[Variant], dtype: torch.dtype) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m fusedit.bench",
+        prog="python -m fusedit.tools.bench",
         description="Time warm DiT training steps (ours, optionally vs the reference formulation).",
     )
     p.add_argument("-c", "--config", required=True, help="training YAML")
@@ -842,8 +842,8 @@ def settings(args: argparse.Namespace, cfg: Any, dtype: torch.dtype, n_image: in
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build, run interleaved, and return the report as a dict."""
     from fusedit.config import load_config
-    from fusedit.flow import FlowMatching
-    from fusedit.train.trainer import build_scheduler, check_geometry
+    from fusedit.flow import FlowMatching, build_scheduler
+    from fusedit.train.trainer import check_geometry
 
     overrides = list(args.overrides) + ([f"data.batch_size={args.batch_size}"] if args.batch_size else [])
     cfg = load_config(args.config, overrides)

@@ -1,9 +1,9 @@
 """Submit a list or a grid of training runs through submitit, on SLURM or on this machine.
 
-    python -m fusedit.sweep --configs configs/e2e-vae/toy.yaml --grid optimizer.lr=1e-3,3e-4 --dry-run
-    python -m fusedit.sweep --configs a.yaml b.yaml --executor slurm --nodes 4 --gpus-per-node 8 \\
+    python -m fusedit.tools.sweep --configs configs/e2e-vae/toy.yaml --grid optimizer.lr=1e-3,3e-4 --dry-run
+    python -m fusedit.tools.sweep --configs a.yaml b.yaml --executor slurm --nodes 4 --gpus-per-node 8 \\
         --partition gpu --time 48:00:00 --deepspeed-config configs/deepspeed/zero2.json
-    python -m fusedit.sweep --configs configs/e2e-vae/toy.yaml --executor local --wait
+    python -m fusedit.tools.sweep --configs configs/e2e-vae/toy.yaml --executor local --wait
 
 Every (config, grid point) pair is one run with its own ``trainer.run`` and
 ``trainer.checkpoint_dir`` (``<output>/<config stem>__<key>=<value>...``), so runs never share
@@ -41,7 +41,7 @@ import submitit
 from submitit.core.job_environment import JobEnvironment
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = ROOT / "train.py"
 # The sweep owns these: every run needs its own folder, and a requeued run must resume.
 OWNED_KEYS = ("trainer.run", "trainer.checkpoint_dir")
@@ -167,7 +167,8 @@ def expand(configs: list[str], grid: dict[str, list[str]], fixed: list[str], out
 
 def validate_runs(runs: list[RunSpec]) -> list[str]:
     """Load every run's config now, so a typo fails here and not in a queue hours later."""
-    from fusedit.config import ConfigError, load_config
+    from common.config import ConfigError
+    from fusedit.config import load_config
 
     errors = []
     for run in runs:
@@ -491,7 +492,7 @@ def wait_all(submitted: list[tuple[RunSpec, Any]]) -> int:
 # ---------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m fusedit.sweep",
+        prog="python -m fusedit.tools.sweep",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -42,3 +42,20 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device | st
         return torch.stack(rows).to(device)
     draw_device = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=torch.float32).to(device)
+
+
+def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """A 63-bit seed that differs for every (seed, rank, step, micro-batch)."""
+    x = (seed * 1_000_003 + rank) * 1_000_033 + step
+    x = x * 1_009 + micro
+    return (x * 0x9E3779B97F4A7C15) % (2**63 - 1)
+
+
+def data_seed_after_restart(seed: int, step: int) -> int:
+    """The data stream's seed after a restart at ``step`` that cannot continue the old streams."""
+    return (seed * 1_000_003 + step * 7_919 + 1) % (2**31 - 1)
+
+
+def noise_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """Seed of one image's initial noise: independent of how prompts are batched."""
+    return (seed * 1_000_003 + prompt_index * 1_009 + sample_index) % (2**63 - 1)

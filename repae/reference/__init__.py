@@ -1,0 +1,1 @@
+"""Interoperability with the reference REPA-E code: CompVis VAE layout, converters, experiment importer."""

@@ -77,6 +77,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) scripts/check_layers.py
 
 clean:
 	rm -rf $(TOY) output .pytest_cache

@@ -4,7 +4,7 @@ Examples:
   python train.py -c configs/e2e-vae/toy.yaml                       # one process (CPU or one GPU)
   torchrun --nproc_per_node 8 train.py -c CONFIG --deepspeed_config_path configs/deepspeed/zero2.json
   srun torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d ... train.py -c CONFIG
-  python train.py -c CONFIG trainer.max_steps=1000 data.batch_size=16   # key=value overrides
+  python train.py -c CONFIG trainer.max_steps=1000 data.batch_size_per_gpu=16   # key=value overrides
   python train.py -c CONFIG --dry-run --world-size 32   # plan: params, FLOPs, memory per GPU; no GPU
 
 The YAML is merged onto the typed schema in fusedit/config.py, overrides on top; the whole

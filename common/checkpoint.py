@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.files import write_text_atomic
+from common.files import write_json_atomic, write_text_atomic
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -177,3 +177,80 @@ def universal_checkpoint_info() -> dict[str, Any]:
     )
 
     return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
+# --------------------------------------------------------------------------------------------
+# The save / publish / prune / resume sequence, for every trainer
+# --------------------------------------------------------------------------------------------
+def data_state_name(rank: int) -> str:
+    return f"data_state_rank{rank}.json"
+
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class CheckpointWriter:
+    """Owns a run directory's checkpoints: the one save sequence both stages' trainers use.
+
+    :meth:`save` is collective (every rank calls it at the same step):
+
+    1. rank 0 removes leftovers of killed saves and creates ``.<step>.partial/``; barrier;
+    2. every rank runs ``write_all(partial)`` (DeepSpeed's ``engine.save_checkpoint`` writes
+       per-rank ZeRO shards) and writes its own data position, ``data_state_rank{r}.json``;
+    3. rank 0 runs ``write_main(partial)`` (weights, configs) and writes ``trainer_state.json``;
+       barrier;
+    4. rank 0 publishes (rename to ``<step>/``, then ``latest``) and prunes to ``keep``; barrier.
+
+    A kill at any point leaves ``latest`` naming a complete folder. Resuming reads the same
+    names back (:meth:`resume_step`, :meth:`trainer_state`, :meth:`data_state`).
+    """
+
+    def __init__(self, run_dir: Path, rank: int, is_main: bool, keep: int | None, barrier: Any = None) -> None:
+        from common.distributed import barrier as default_barrier
+
+        self.run_dir, self.rank, self.is_main, self.keep = Path(run_dir), rank, is_main, keep
+        self.barrier = barrier or default_barrier
+
+    def folder(self, step: int) -> Path:
+        return step_dir(self.run_dir, step)
+
+    def save(
+        self,
+        step: int,
+        trainer_state: dict[str, Any],
+        data_state: dict[str, Any],
+        write_main: Any,
+        write_all: Any = None,
+    ) -> Path:
+        partial = partial_dir(self.run_dir, step)
+        if self.is_main:
+            if self.run_dir.is_dir():
+                clean_partials(self.run_dir)
+            partial.mkdir(parents=True)
+        self.barrier()
+        if write_all is not None:
+            write_all(partial)
+        write_json_atomic(partial / data_state_name(self.rank), data_state)
+        if self.is_main:
+            write_main(partial)
+            write_json_atomic(partial / TRAINER_STATE, trainer_state)
+        self.barrier()
+        if self.is_main:
+            publish(self.run_dir, step)
+            prune(self.run_dir, self.keep)
+        self.barrier()
+        return self.folder(step)
+
+    def resume_step(self, resume_from: str | None) -> int | None:
+        return resolve_resume(self.run_dir, resume_from)
+
+    def trainer_state(self, step: int) -> dict[str, Any]:
+        return json.loads((self.folder(step) / TRAINER_STATE).read_text())
+
+    def data_state(self, step: int, world_size: int) -> dict[str, Any] | None:
+        """This rank's saved data position, or None when it cannot continue (another world size)."""
+        saved = self.trainer_state(step).get("world_size")
+        path = self.folder(step) / data_state_name(self.rank)
+        if saved != world_size or not path.is_file():
+            return None
+        return json.loads(path.read_text())

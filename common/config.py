@@ -4,18 +4,33 @@ Each stage declares its schema as dataclasses and validates its own semantics; w
 stage does the same way lives here: a YAML file merged onto the schema (OmegaConf structured
 configs), ``key=value`` overrides on top, every failure a :class:`ConfigError` that starts with
 the field name, and the resolved config written atomically next to the run.
+
+Both stages speak one vocabulary (``trainer``, ``optimizer``, ``data.data_path``, batch sizes
+named by their scope). The spellings of the reference repositories and of this repository's
+older configs keep working through one mechanism, :class:`Alias` tables handed to
+:func:`merge_structured`: an old dotted key (or a whole old section, ``run.*``) is rewritten to
+the schema's key in the YAML mapping and in every ``key=value`` override before the merge, with
+one notice line per spelling used (:func:`config_notice`); keys that had no effect in the
+reference are accepted and ignored (again with a notice), and giving two spellings of one
+setting is a :class:`ConfigError` naming both.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.files import write_text_atomic
+
+log = logging.getLogger("common.config")
 
 
 class ConfigError(ValueError):
@@ -44,13 +59,183 @@ def parse_override(item: str) -> DictConfig:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {str(err).splitlines()[0]}{hint}") from None
 
 
-def merge_structured(schema_cls: type, path: str | Path | None, overrides: list[str] | None) -> Any:
+# ----------------------------------------------------------------------------------- aliases
+@dataclass(frozen=True)
+class Alias:
+    """One accepted spelling that is not the schema's own (an entry of an alias table).
+
+    Tables map an old dotted key to its :class:`Alias` (or simply to the new dotted key). A key
+    ending in ``.*`` renames a whole section (``"run.*": "trainer.*"``); an exact entry for one of
+    its fields (``"run.max_train_steps": "trainer.max_steps"``) wins over the section entry.
+
+    ``new``: the schema's dotted key; None = accepted and ignored (no effect).
+    ``note``: why / what it means, shown in parentheses in the notice (e.g. a batch's scope).
+    ``value``: rewrites the value on the way (``run.output_dir: X`` -> ``X/${trainer.run}``).
+    ``allowed``: for an ignored key, the only values accepted; any other value is a
+    :class:`ConfigError` saying it is not supported, followed by ``unsupported`` (the reason).
+    ``allowed=()`` rejects every value.
+    """
+
+    new: str | None
+    note: str = ""
+    value: Callable[[Any], Any] | None = None
+    allowed: tuple[Any, ...] | None = None
+    unsupported: str = ""
+
+
+AliasTable = Mapping[str, Union[str, Alias]]
+
+
+def config_notice(message: str) -> None:
+    """One line about an accepted old spelling (a logging warning; printed by rank 0 only)."""
+    if os.environ.get("RANK", "0") == "0":
+        log.warning("%s", message)
+
+
+def _as_alias(entry: str | Alias) -> Alias:
+    return entry if isinstance(entry, Alias) else Alias(entry)
+
+
+def _match(aliases: AliasTable, path: tuple) -> tuple[str, Alias, int] | None:
+    """The alias of the longest old key that ``path`` starts with: (old key, alias, its length)."""
+    parts = [str(p) for p in path]
+    for k in range(len(parts), 0, -1):
+        dotted = ".".join(parts[:k])
+        if dotted in aliases:
+            return dotted, _as_alias(aliases[dotted]), k
+        if k < len(parts) and f"{dotted}.*" in aliases:
+            return f"{dotted}.*", _as_alias(aliases[f"{dotted}.*"]), k
+    return None
+
+
+def _flatten(tree: Any, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
+    """Leaves of a nested mapping as (key path, value); an empty mapping is a leaf."""
+    if isinstance(tree, dict) and tree:
+        out: list[tuple[tuple, Any]] = []
+        for key, value in tree.items():
+            out.extend(_flatten(value, (*prefix, key)))
+        return out
+    return [(prefix, tree)]
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def resolve_alias_key(dotted: str, aliases: AliasTable | None) -> str | None:
+    """The schema key an (old or new) dotted key stands for; None when it is accepted and ignored."""
+    found = _match(aliases or {}, tuple(dotted.split(".")))
+    if found is None:
+        return dotted
+    old, alias, k = found
+    if alias.new is None:
+        return None
+    rest = dotted.split(".")[k:]
+    base = alias.new[:-2] if alias.new.endswith(".*") else alias.new
+    return ".".join([base, *rest])
+
+
+class _AliasedSource:
+    """Rewrites the mappings of one source (the YAML file, or all overrides together) to schema keys.
+
+    Remembers which spelling set each schema key, so two spellings of one setting in the same
+    source are an error, while a later override of the same spelling simply wins.
+    """
+
+    def __init__(self, aliases: AliasTable, where: str, notices: list[str]) -> None:
+        self.aliases, self.where, self.notices = aliases, where, notices
+        self.origin: dict[tuple, str] = {}
+
+    def _notice(self, message: str) -> None:
+        if message not in self.notices:
+            self.notices.append(message)
+
+    def rewrite(self, tree: dict) -> dict:
+        out: dict = {}
+        for path, value in _flatten(tree):
+            dotted = ".".join(str(p) for p in path)
+            found = _match(self.aliases, path)
+            if found is None:
+                self._put(out, path, value, dotted, dotted)
+                continue
+            old, alias, k = found
+            spelled = dotted if old.endswith(".*") else old  # what the user wrote (the notice's subject)
+            if alias.new is None:
+                self._ignore(spelled, alias, value)
+                continue
+            base = alias.new[:-2] if alias.new.endswith(".*") else alias.new
+            new_path = (*base.split("."), *path[k:])
+            new_dotted = ".".join(str(p) for p in new_path)
+            if alias.value is not None:
+                value = alias.value(value)
+            extra = f"; = {_render(value)}" if alias.value is not None else ""
+            note = f" ({alias.note}{extra})" if alias.note else (f" (= {_render(value)})" if extra else "")
+            self._notice(f"config: {spelled!r} is accepted as {new_dotted!r}{note}")
+            self._put(out, new_path, value, spelled, new_dotted)
+        return out
+
+    def _ignore(self, spelled: str, alias: Alias, value: Any) -> None:
+        if alias.allowed is not None and value not in alias.allowed:
+            allowed = " or ".join(_render(v) for v in alias.allowed)
+            fix = f"remove it or set it to {allowed}" if alias.allowed else "remove it"
+            reason = f" ({alias.unsupported})" if alias.unsupported else ""
+            raise ConfigError(f"{spelled}: {_render(value)} is not supported{reason}; {fix} ({self.where})")
+        note = f" ({alias.note})" if alias.note else ""
+        self._notice(f"config: {spelled!r} is accepted and ignored{note}")
+
+    def _put(self, out: dict, path: tuple, value: Any, spelled: str, new_dotted: str) -> None:
+        other = self.origin.get(path)
+        if other is not None and other != spelled:
+            raise ConfigError(
+                f"{new_dotted}: given twice, as {other!r} and as {spelled!r} ({self.where}); keep only one"
+            )
+        self.origin[path] = spelled
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(map(str, path[: i + 1]))}: is a value, not a section ({self.where})")
+            node = child
+        if path:
+            node[path[-1]] = value
+
+
+def apply_aliases(tree: Mapping, aliases: AliasTable, where: str = "config", notices: list[str] | None = None) -> dict:
+    """A plain nested mapping with every aliased key rewritten to the schema's key.
+
+    Ignored keys are dropped; notices (one per spelling) are appended to ``notices`` when given
+    (and not printed: the caller decides). Raises :class:`ConfigError` for two spellings of one
+    key or an unsupported value of an ignored key.
+    """
+    return _AliasedSource(aliases, where, notices if notices is not None else []).rewrite(dict(tree))
+
+
+def _aliased(layer: DictConfig, source: _AliasedSource) -> DictConfig:
+    tree = OmegaConf.to_container(layer, resolve=False)
+    assert isinstance(tree, dict)
+    return OmegaConf.create(source.rewrite(tree))
+
+
+def merge_structured(
+    schema_cls: type,
+    path: str | Path | None,
+    overrides: list[str] | None,
+    *,
+    aliases: AliasTable | None = None,
+    notify: Callable[[str], None] | None = config_notice,
+) -> Any:
     """Schema dataclass <- YAML file <- ``key=value`` overrides -> a dataclass instance.
 
     Shared by both stages' configs (``fusedit.config`` and ``repae.config``): every failure is a
     :class:`ConfigError` naming the field (unknown key, wrong type, missing required value).
+    ``aliases`` (a stage's :class:`Alias` table) rewrites accepted old spellings in the YAML and in
+    the overrides before the merge; each spelling used is reported once through ``notify``
+    (default :func:`config_notice`; None = silent).
     """
     layers: list[DictConfig] = [OmegaConf.structured(schema_cls)]
+    notices: list[str] = []
     try:
         if path is not None:
             p = Path(path)
@@ -59,8 +244,16 @@ def merge_structured(schema_cls: type, path: str | Path | None, overrides: list[
             loaded = OmegaConf.load(p)
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"{p}: top level must be a mapping of sections")
+            if aliases:
+                loaded = _aliased(loaded, _AliasedSource(aliases, str(p), notices))
             layers.append(loaded)
-        layers.extend(parse_override(item) for item in overrides or [])
+        parsed = [parse_override(item) for item in overrides or []]
+        if aliases:
+            source = _AliasedSource(aliases, "overrides", notices)
+            parsed = [_aliased(layer, source) for layer in parsed]
+        layers.extend(parsed)
+        for message in notices if notify is not None else ():
+            notify(message)
         merged = OmegaConf.merge(*layers)
         OmegaConf.resolve(merged)
         missing = sorted(OmegaConf.missing_keys(merged))
@@ -93,3 +286,31 @@ def check_rate(errors: list[str], name: str, value: float) -> None:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
     write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+# --------------------------------------------------------------------------------------------
+# The `trainer` section: the fields both stages share, checked the same way
+# --------------------------------------------------------------------------------------------
+MIXED_PRECISION = ("no", "bf16", "fp16")
+REPORTERS = ("tensorboard", "wandb")
+
+
+def normalise_trainer(trainer: Any) -> None:
+    """YAML reads a bare ``mixed_precision: no`` as the boolean false: give it back its name."""
+    if str(trainer.mixed_precision) in ("False", "false"):
+        trainer.mixed_precision = "no"
+
+
+def check_trainer(errors: list[str], t: Any) -> None:
+    """The shared ``trainer.*`` fields: precision, step counts, checkpoint retention, resume, reporters."""
+    check_choice(errors, "trainer.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    for name in ("max_steps", "logging_steps", "checkpointing_steps"):
+        check_positive(errors, f"trainer.{name}", getattr(t, name))
+    check_positive(errors, "trainer.sampling_steps", t.sampling_steps, allow_zero=True)
+    check_positive(errors, "trainer.gradient_clipping", t.gradient_clipping, allow_zero=True)
+    if t.checkpoints_total_limit is not None:
+        check_positive(errors, "trainer.checkpoints_total_limit", t.checkpoints_total_limit)
+    if t.resume_from not in (None, "latest") and not str(t.resume_from).isdigit():
+        errors.append(f"trainer.resume_from: {t.resume_from!r} is not 'latest', a step number or null")
+    for reporter in t.report_to:
+        check_choice(errors, "trainer.report_to", reporter, REPORTERS)

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.files import write_text_atomic, write_with
+
 DEFAULT_CACHE = Path(os.environ.get("FUSEDIT_FID_CACHE", "~/.cache/fusedit/fid")).expanduser()
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 INCEPTION = "inception_v3"
@@ -214,9 +216,9 @@ def reference_statistics(
             return stats["mu"], stats["sigma"], path, True
     mu, sigma = mean_cov(folder_features(files, extractor, resolution, description="real", **kwargs))
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, num_images=len(files), resolution=resolution)
-    os.replace(tmp, path)
+    write_with(
+        path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma, num_images=len(files), resolution=resolution), ".npz"
+    )
     return mu, sigma, path, False
 
 
@@ -327,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"fid.py: error: {e}") from e
     text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_text_atomic(args.out, text + "\n")
     print(text)
     return 0
 

@@ -1,4 +1,4 @@
-"""Random draws that belong to a sample, not to a process.
+"""Random draws that belong to a sample, not to a process; one seeding primitive for every stage.
 
 Training draws a timestep, posterior noise and flow noise for every sample. If those came from one
 generator per rank, the same global batch would be noised differently on 1 GPU and on 2, and a
@@ -7,21 +7,58 @@ same trajectory). So the trainer gives every sample of the global batch its own 
 seeded by (seed, step, index in the global batch): a sample's draws then depend only on where it
 sits in the global batch, never on how the batch is split over ranks or micro-batches. Draws are
 made on the CPU so that a GPU run and a CPU run draw the same numbers.
+
+Every seed in the project comes from :func:`derive_seed` and has **32 bits**. torch's CPU
+generator (mt19937) keeps only the low 32 bits of ``manual_seed``: a wider seed is truncated
+silently, and two seeds that differ only above bit 31 give the same stream. 32 bits are also
+what numpy's legacy seeding accepts. Within one stream (a fixed ``seed`` and ``key``) the map
+from ``index`` to seed is a bijection, so no two samples of one step, one prompt or one
+generation run ever share noise.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
+MASK32 = 0xFFFFFFFF
+# Streams: the first element of every key, so that two purposes never share a seed sequence.
+STREAM_SAMPLE = 1  # per-sample draws of one optimizer step (fusedit trainer)
+STREAM_STEP = 2  # one generator per (rank, step, micro-batch) (REPA-E trainers)
+STREAM_NOISE = 3  # initial noise of one generated image (fusedit pipeline)
+STREAM_RESTART = 4  # the data stream's seed after a restart at another world size
+STREAM_RECONSTRUCTION = 5  # posterior noise of one image in the VAE diagnostics
+STREAM_BENCH = 6  # synthetic batches of the step benchmark
+
+
+def fmix32(h: int) -> int:
+    """MurmurHash3's 32-bit finaliser: a bijection on [0, 2^32) that mixes every input bit."""
+    h &= MASK32
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & MASK32
+    return h ^ (h >> 16)
+
+
+def derive_seed(seed: int, key: Sequence[int], index: int) -> int:
+    """The 32-bit seed of item ``index`` of the stream named by (``seed``, ``key``).
+
+    ``index XOR hash32(seed, key)``, then :func:`fmix32`: injective in ``index`` (< 2^32) for one
+    stream; two streams collide on a given small index only if their hashes agree (chance 2^-32).
+    """
+    name = ",".join(str(int(v)) for v in (seed, *key))
+    stream = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
+    return fmix32((int(index) ^ stream) & MASK32)
+
 
 def sample_seed(seed: int, step: int, index: int) -> int:
-    """A 63-bit seed for sample ``index`` of the global batch of optimizer step ``step``."""
-    x = (seed * 1_000_003 + step) * 1_000_033 + index
-    return (x * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (2**63 - 1)
+    """Seed for sample ``index`` of the global batch of optimizer step ``step``."""
+    return derive_seed(seed, (STREAM_SAMPLE, step), index)
 
 
 def sample_generators(seed: int, step: int, first_index: int, count: int) -> list[torch.Generator]:
@@ -45,17 +82,25 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device | st
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
-    """A 63-bit seed that differs for every (seed, rank, step, micro-batch)."""
-    x = (seed * 1_000_003 + rank) * 1_000_033 + step
-    x = x * 1_009 + micro
-    return (x * 0x9E3779B97F4A7C15) % (2**63 - 1)
+    """Seed of the generator of one (rank, step, micro-batch): the REPA-E trainers' per-step draws."""
+    return derive_seed(seed, (STREAM_STEP, rank, step), micro)
 
 
 def data_seed_after_restart(seed: int, step: int) -> int:
     """The data stream's seed after a restart at ``step`` that cannot continue the old streams."""
-    return (seed * 1_000_003 + step * 7_919 + 1) % (2**31 - 1)
+    return derive_seed(seed, (STREAM_RESTART,), step)
 
 
 def noise_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """Seed of one image's initial noise: independent of how prompts are batched."""
-    return (seed * 1_000_003 + prompt_index * 1_009 + sample_index) % (2**63 - 1)
+    """Seed of one generated image's initial noise: independent of how prompts are batched."""
+    return derive_seed(seed, (STREAM_NOISE, prompt_index), sample_index)
+
+
+def index_seed(seed: int, index: int) -> int:
+    """Seed of item ``index`` of a run-wide sequence (REPA-E's 50k sample set, one per image)."""
+    return derive_seed(seed, (), index)
+
+
+def index_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per item (CPU so the draws are the same whatever device samples)."""
+    return [torch.Generator().manual_seed(index_seed(seed, i)) for i in indices]

@@ -50,20 +50,37 @@ class VaeSpec:
         return "qwen" if config.get("_class_name") == QWEN_CLASS else "kl"
 
 
-def normalisation_constants(config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shift, scale) as float32 (1, C, 1, 1) tensors from a VAE config.
+def per_channel_stats(config) -> tuple[list[float], list[float]] | None:
+    """(mean, std) per channel when the config has both ``latents_mean`` and ``latents_std``.
+
+    Qwen-Image and the E2E-VAEs this project exports carry them; SD/FLUX-style configs do not.
+    """
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is None or std is None:
+        return None
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def normalisation_source(config) -> str | None:
+    """Which constants :func:`normalisation_constants` reads: per-channel, scalar, or none at all."""
+    if per_channel_stats(config) is not None:
+        return "latents_mean/std"
+    return "scalar" if config.get("scaling_factor") is not None else None
+
+
+def normalisation_constants(config, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) as float32 (1, C, 1, 1) tensors from a VAE config: ``(z - shift) * scale``.
 
     Per-channel statistics win when the config has both `latents_mean` and `latents_std`
     (Qwen-Image); otherwise the scalar `shift_factor` (None means 0) and `scaling_factor` (FLUX,
     SD3.5). Scalars are broadcast to one value per channel so callers see one shape always.
     """
-    mean = config.get("latents_mean")
-    std = config.get("latents_std")
-    if mean is not None and std is not None:
-        shift = torch.tensor(mean, dtype=torch.float64)
-        scale = 1.0 / torch.tensor(std, dtype=torch.float64)
+    stats = per_channel_stats(config)
+    if stats is not None:
+        shift = torch.tensor(stats[0], dtype=torch.float64)
+        scale = 1.0 / torch.tensor(stats[1], dtype=torch.float64)
     else:
-        channels = latent_channels(config)
+        channels = channels or latent_channels(config)
         shift_factor = config.get("shift_factor")
         shift = torch.full((channels,), 0.0 if shift_factor is None else float(shift_factor), dtype=torch.float64)
         scale = torch.full((channels,), float(config["scaling_factor"]), dtype=torch.float64)

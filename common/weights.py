@@ -7,6 +7,7 @@ stage that reads weights it did not write itself.
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import zipfile
@@ -17,24 +18,28 @@ from typing import Any
 import torch
 
 PREFIXES = ("_orig_mod.", "module.")
+# Reference REPA-E training checkpoints pickle their argparse Namespace next to the tensors: the
+# one non-container class we allow-list, for those files only.
+TRAINING_ARGS = (argparse.Namespace,)
 
 
 class CheckpointError(ValueError):
-    """A reference checkpoint or config cannot be converted; the message says why."""
+    """A checkpoint (or a reference config) that cannot be loaded or converted; the message says why."""
 
 
 # --------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------
-def safe_torch_load(path: str | os.PathLike) -> Any:
-    """``torch.load`` restricted to tensors and plain containers; a clear error otherwise.
+def safe_torch_load(path: str | os.PathLike, allow: tuple[type, ...] = ()) -> Any:
+    """``torch.load`` restricted to tensors and plain containers (plus ``allow``); a clear error otherwise.
 
     Zip-format files (every torch.save since 1.6, DeepSpeed's included) are memory-mapped: a 3B
     model-states file is ~43 GB (weights + EMA + Adam moments) and only the ~10.6 GB copy we
     select should ever be read from disk.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:  # the weights_only refusal; I/O errors propagate as is
         lines = [ln.strip() for ln in str(err).splitlines() if "Unpickler error" in ln] or [type(err).__name__]
         reason = lines[0]
@@ -47,7 +52,7 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         ) from err
 
 
-def load_weights_file(path: str | os.PathLike) -> Any:
+def load_weights_file(path: str | os.PathLike, allow: tuple[type, ...] = ()) -> Any:
     """Raw content of a weights file: safetensors by extension, restricted torch.load otherwise."""
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -56,18 +61,20 @@ def load_weights_file(path: str | os.PathLike) -> Any:
         return load_file(os.fspath(path), device="cpu")
     if path.name.endswith(".zst"):
         raise CheckpointError(f"{path}: zstd-compressed exports are not supported; decompress it first")
-    return safe_torch_load(path)
+    return safe_torch_load(path, allow)
 
 
-def strip_prefixes(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove wrapper prefixes (``_orig_mod.`` from torch.compile, ``module.`` from DDP/DeepSpeed)."""
-    out = {}
-    for key, value in sd.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        out[key] = value
-    return out
+def strip_key(key: str, prefixes: tuple[str, ...] = PREFIXES) -> str:
+    """``key`` without any leading wrapper prefixes, also nested ones (``module._orig_mod.x``)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def strip_prefixes(sd: Mapping[str, Any], prefixes: tuple[str, ...] = PREFIXES) -> dict[str, Any]:
+    """A state dict without wrapper prefixes (``_orig_mod.`` from torch.compile, ``module.`` from DDP/DeepSpeed)."""
+    return {strip_key(key, prefixes): value for key, value in sd.items()}

@@ -35,6 +35,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from common.files import write_text_atomic
+
 # tab10: distinguishable, and the same run keeps the same colour in every plot
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
 NOT_PLOTTED = {"step", "time", "epoch"}
@@ -663,7 +665,7 @@ def build_report(
         f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     path = out / "index.html"
-    path.write_text(page, encoding="utf-8")
+    write_text_atomic(path, page)
     return path
 
 

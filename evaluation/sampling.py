@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from common.files import write_text_atomic, write_with
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS_DIR = ROOT / "prompts"
@@ -153,31 +154,12 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a hidden temp file and rename, so a killed run never leaves a half file.
-
-    The temp name starts with a dot and does not end in an image extension, so neither the
-    resume check nor the scorers' globs (GenEval matches ``\\d+\\.png``) can pick it up.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_png(pixels: torch.Tensor, path: Path) -> None:
     """One (H,W,3) uint8 image as PNG, atomically."""
     from PIL import Image
 
     image = Image.fromarray(pixels.numpy())
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_with(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def grid_2x2(pixels: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.files import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "e2e-vae"
 # (run name, training config, VAE folder inside the toy world)
@@ -106,7 +108,7 @@ def check_study_folder(out: Path, max_steps: int) -> None:
                 "pick another --out (or delete that folder)"
             )
     out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"max_steps": max_steps}, indent=2) + "\n")
+    write_json_atomic(record, {"max_steps": max_steps})
 
 
 def latest_step(run: Path) -> int | None:
@@ -186,7 +188,7 @@ def score_run(toy: Path, run: Path, guidance: float | None, seed: int) -> dict[i
     results = {step: score_checkpoint(toy, run, step, guidance, seed) for step in checkpoint_steps(run)}
     if results:
         newest = max(results)
-        (run / "scores.json").write_text(json.dumps(results[newest], indent=2) + "\n")
+        write_json_atomic(run / "scores.json", results[newest], sort_keys=False)
         shutil.copyfile(run / str(newest) / "heldout_grid.png", run / "heldout_grid.png")
     return results
 

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.files import write_text_atomic
+
 SAMPLE = re.compile(r"^\d+\.png$")  # GenEval's own rule for what counts as a sample
 
 
@@ -87,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"toy_eval.py: error: {e}\n")
     text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_text_atomic(args.out, text + "\n")
     print(text)
     return 0
 

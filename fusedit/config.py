@@ -16,16 +16,23 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from common.config import ConfigError, check_choice, check_positive, check_rate, merge_structured
+from common.config import (
+    Alias,
+    ConfigError,
+    check_choice,
+    check_positive,
+    check_rate,
+    check_trainer,
+    merge_structured,
+    normalise_trainer,
+)
 
 ATTENTION_KINDS = ("self", "cross")
 TIMESTEP_CONDITIONING = ("adaln-zero", "adaln-single", "addition", "none")
 POS_EMBED_KINDS = ("ape", "1d-rope", "2d-rope", "m-rope")
-MIXED_PRECISION = ("no", "bf16", "fp16")
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 VAE_KINDS = ("auto", "kl", "qwen")
-REPORTERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -148,7 +155,9 @@ class CaptionColumns:
 @dataclass
 class DataConfig:
     data_path: list[str] = MISSING
-    batch_size: int = 32
+    # Images per GPU per micro-step (DeepSpeed's train_micro_batch_size_per_gpu). The global batch is
+    # batch_size_per_gpu x trainer.gradient_accumulation_steps x GPUs (the reference: 32 x 1 x 32 = 1024).
+    batch_size_per_gpu: int = 32
     resolution: int = 256
     center_crop: bool = True
     image_column: str = "jpg"
@@ -177,6 +186,7 @@ class GenConfig:
     val_prompt_file: Optional[str] = None
     H: int = 256
     W: int = 256
+    # Images per prompt (rank 0 draws the whole grid).
     n_samples: int = 1
     scale: float = 6.0
     steps: int = 25
@@ -230,33 +240,95 @@ class TrainConfig:
         )
 
 
+# Accepted spellings of the reference Fuse-DiT YAML (spec 1.2) and of older configs of this
+# repository: old dotted key -> schema key (see common.config.Alias). Each one used prints a notice.
+_XLA_ONLY = "XLA/TPU trainer only; no effect on GPUs"
+ALIASES: dict[str, str | Alias] = {
+    "data.batch_size": Alias("data.batch_size_per_gpu", note="per GPU, as the reference's data.batch_size"),
+    # model: the reference builds the DiT from the text encoder's HF config plus base_config_override.
+    "model.dit_num_hidden_layers": "model.num_hidden_layers",
+    "model.dit_hidden_size": "model.hidden_size",
+    "model.base_config_override.hidden_activation": "model.hidden_act",
+    **{
+        f"model.base_config_override.{name}": f"model.{name}"
+        for name in (
+            "head_dim",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "rope_theta",
+            "initializer_range",
+        )
+    },
+    "model.base_config_override.attention_bias": Alias(
+        None, note="the DiT's attention has no biases", allowed=(False,), unsupported="the DiT has no attention biases"
+    ),
+    "model.base_config_override.*": Alias(
+        None,
+        allowed=(),
+        unsupported="only the DiT's own sizes map onto model.*: hidden_activation, head_dim, hidden_size, "
+        "intermediate_size, num_attention_heads, num_key_value_heads, rms_norm_eps, rope_theta, initializer_range; "
+        "the frozen text encoder is loaded unmodified",
+    ),
+    # DiTConfig options the six reference configs leave at their defaults.
+    "model.initial_layers": Alias(
+        None, note="reference default", allowed=(0,), unsupported="every DiT layer is a joint layer"
+    ),
+    "model.shared_attention_layers": Alias(
+        None, note="reference default", allowed=("all",), unsupported="every layer attends to the text"
+    ),
+    "model.text_modulation_embeds_dim": Alias(
+        None, note="reference default", allowed=(None,), unsupported="no pooled-text modulation"
+    ),
+    # Reference keys without effect in its GPU trainer (spec 1.2, 4).
+    "trainer.cache_dir": Alias(None, note="XLA compile cache only; no effect on GPUs"),
+    "trainer.validation_steps": Alias(None, note="never read by the reference trainer"),
+    "trainer.consolidation_steps": Alias(
+        None, note="compressed EMA export; every checkpoint here holds the EMA weights"
+    ),
+    "trainer.hard_skip_resume": Alias(
+        None,
+        note="false: resume restores the data position and the RNG state",
+        allowed=(False,),
+        unsupported="a resume always restores the data position and the RNG state",
+    ),
+    "data.device_prefetch_size": Alias(None, note=_XLA_ONLY),
+    "data.loader_prefetch_size": Alias(None, note=_XLA_ONLY),
+    "data.apply_chat_template": Alias(
+        None, note="prompts are tokenised without a chat template", allowed=(False,), unsupported="no chat template"
+    ),
+    "gen.model_type": Alias(None, note="training samples always use the trained DiT"),
+    "gen.instruction": Alias(
+        None,
+        note="training samples use no instruction prefix",
+        allowed=("",),
+        unsupported="training samples use no instruction prefix",
+    ),
+}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Schema <- YAML file <- ``key=value`` overrides, then :func:`validate`.
+
+    Old spellings (the reference Fuse-DiT YAML, ``data.batch_size``) are accepted through
+    :data:`ALIASES`, each with a one-line notice.
 
     Raises :class:`ConfigError` naming the bad field for unknown keys, wrong types, missing
     required values and out-of-range settings.
     """
-    cfg = merge_structured(TrainConfig, path, overrides)
-    if cfg.trainer.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as a boolean
-        cfg.trainer.mixed_precision = "no"
+    cfg = merge_structured(TrainConfig, path, overrides, aliases=ALIASES)
+    normalise_trainer(cfg.trainer)
     validate(cfg)
     return cfg
 
 
 def _validate_trainer(t: TrainerConfig, errors: list[str]) -> None:
-    check_choice(errors, "trainer.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    check_trainer(errors, t)
     check_choice(errors, "trainer.weighting_scheme", t.weighting_scheme, WEIGHTING_SCHEMES)
-    for name in ("max_steps", "gradient_accumulation_steps", "logging_steps", "checkpointing_steps"):
-        check_positive(errors, f"trainer.{name}", getattr(t, name))
-    check_positive(errors, "trainer.sampling_steps", t.sampling_steps, allow_zero=True)
-    check_positive(errors, "trainer.gradient_clipping", t.gradient_clipping, allow_zero=True)
+    check_positive(errors, "trainer.gradient_accumulation_steps", t.gradient_accumulation_steps)
     check_positive(errors, "trainer.logit_std", t.logit_std)
-    if t.checkpoints_total_limit is not None:
-        check_positive(errors, "trainer.checkpoints_total_limit", t.checkpoints_total_limit)
-    if t.resume_from not in (None, "latest") and not str(t.resume_from).isdigit():
-        errors.append(f"trainer.resume_from: {t.resume_from!r} is not 'latest', a step number or null")
-    for r in t.report_to:
-        check_choice(errors, "trainer.report_to", r, REPORTERS)
     if t.deepspeed_config is not None and not Path(t.deepspeed_config).is_file():
         errors.append(f"trainer.deepspeed_config: file not found: {t.deepspeed_config}")
 
@@ -276,8 +348,10 @@ def _validate_model(m: ModelConfig, errors: list[str]) -> None:
             f"model.num_key_value_heads: {m.num_key_value_heads} must divide "
             f"model.num_attention_heads ({m.num_attention_heads}) for grouped-query attention"
         )
-    if m.pos_embed == "2d-rope" and m.head_dim % 4:
-        errors.append(f"model.head_dim: 2d-rope needs a multiple of 4, got {m.head_dim}")
+    if m.pos_embed in ("2d-rope", "m-rope") and m.head_dim % 4:
+        errors.append(f"model.head_dim: {m.pos_embed} needs a multiple of 4, got {m.head_dim}")
+    elif m.head_dim % 2:
+        errors.append(f"model.head_dim: rotary and attention kernels need an even head size, got {m.head_dim}")
     if m.pos_embed == "ape" and m.hidden_size % 4:
         errors.append(f"model.hidden_size: the 2-D sin-cos APE needs a multiple of 4, got {m.hidden_size}")
 
@@ -288,7 +362,7 @@ def _validate_data(d: DataConfig, errors: list[str]) -> None:
     for p in d.data_path:
         if "/PATH/TO/DATASET/" in p:
             errors.append(f"data.data_path: {p!r} still holds the /PATH/TO/DATASET/ placeholder")
-    for name in ("batch_size", "resolution", "max_prompt_length", "pad_to_multiple_of", "num_open_shards"):
+    for name in ("batch_size_per_gpu", "resolution", "max_prompt_length", "pad_to_multiple_of", "num_open_shards"):
         check_positive(errors, f"data.{name}", getattr(d, name))
     check_positive(errors, "data.dataloader_num_workers", d.dataloader_num_workers, allow_zero=True)
     check_rate(errors, "data.original_caption_rate", d.original_caption_rate)
@@ -299,6 +373,21 @@ def _validate_data(d: DataConfig, errors: list[str]) -> None:
         errors.append("data.caption_column.synthetic: must name the caption member (e.g. 'txt')")
     if d.cached_latents and not d.center_crop:
         errors.append("data.cached_latents: a latent cache fixes the crop; it needs data.center_crop=true")
+
+
+def check_geometry(cfg: TrainConfig, spatial_factor: int) -> None:
+    """Resolution and sample sizes must map to whole patches once the VAE's factor is known.
+
+    Called by the trainer (after loading the VAE), the planner and the benchmark (from the VAE
+    config alone), so the three agree on what a valid geometry is.
+    """
+    unit = spatial_factor * cfg.model.patch_size
+    for name, value in (("data.resolution", cfg.data.resolution), ("gen.H", cfg.gen.H), ("gen.W", cfg.gen.W)):
+        if value % unit:
+            raise ConfigError(
+                f"{name}: {value} is not a multiple of VAE factor {spatial_factor} "
+                f"x patch {cfg.model.patch_size} = {unit}"
+            )
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from common.files import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,22 +59,12 @@ def read_json(path: str | Path) -> Any:
         raise SourceError(f"{path}: not valid JSON ({e})") from e
 
 
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write via a temp file + rename so an interrupted build never leaves a truncated prompt file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def dump_json(path: str | Path, obj: Any) -> Path:
-    return write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    return write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def dump_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
-    return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def clean(text: str) -> str:
@@ -240,7 +231,7 @@ def build(args: argparse.Namespace) -> tuple[Path, int]:
     if args.command == "coco":
         captions, files = coco_prompts(args.captions, args.num, args.seed)
         if args.image_list:
-            write_atomic(args.image_list, "".join(f + "\n" for f in files))
+            write_text_atomic(args.image_list, "".join(f + "\n" for f in files))
         return dump_json(args.out, captions), len(captions)
     if args.command == "mjhq":
         prompts = mjhq_prompts(args.meta)

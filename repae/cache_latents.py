@@ -24,10 +24,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from common.files import write_json_atomic, write_with
 from common.shards import BadSample, validate_data_paths
 from repae.data import LabelRule, RateLimitedLog, ShardFiles, index_shard, local_shard_path, to_uint8_chw
 
@@ -88,17 +87,11 @@ def _write_shard(out: Path, stem: str, acc: _Accumulator, settings: _Settings, s
     """Tensors then key list, each to a temporary name and renamed: the .json is the commit marker
     (an older one is removed first, so it can never vouch for tensors of another run)."""
     (out / f"{stem}.json").unlink(missing_ok=True)
-    tmp = out / f"{stem}.safetensors.tmp"
     metadata = {**settings.request, "source": source, "storage": "fp16" if settings.fp16 else "fp32"}
-    save_file(acc.tensors(settings.fp16), str(tmp), metadata=metadata)
-    os.replace(tmp, out / f"{stem}.safetensors")
-    _write_json(out / f"{stem}.json", acc.keys)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj) + "\n")
-    os.replace(tmp, path)
+    write_with(
+        out / f"{stem}.safetensors", lambda tmp: save_file(acc.tensors(settings.fp16), str(tmp), metadata=metadata)
+    )
+    write_json_atomic(out / f"{stem}.json", acc.keys, indent=None, sort_keys=False)
 
 
 class _Accumulator:
@@ -350,11 +343,10 @@ def merge_stats(out_dir: str | Path, stems: list[str]) -> dict[str, Any]:
         "std": std.tolist(),
         "definition": "per-channel moments of z = mean + std * eps over all cached posteriors (exact in eps)",
     }
-    _write_json(out / STATS_JSON, stats)
+    write_json_atomic(out / STATS_JSON, stats, indent=None, sort_keys=False)
     scale = (1.0 / std).float().view(1, -1, 1, 1)
-    tmp = out / f"{STATS_TENSORS}.tmp"
-    save_file({"latents_scale": scale, "latents_bias": mean.float().view(1, -1, 1, 1)}, str(tmp))
-    os.replace(tmp, out / STATS_TENSORS)
+    tensors = {"latents_scale": scale, "latents_bias": mean.float().view(1, -1, 1, 1)}
+    write_with(out / STATS_TENSORS, lambda tmp: save_file(tensors, str(tmp)))
     if not all(math.isfinite(v) and v > 0 for v in stats["std"]):
         log.warning("latent statistics have a zero or non-finite channel std: %s", stats["std"])
     return stats

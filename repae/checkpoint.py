@@ -1,6 +1,6 @@
 """Checkpoints of the REPA-E trainers, and loading a run back for sampling.
 
-A run directory (``<output_dir>/<exp_name>/``) looks like::
+A run directory (``trainer.checkpoint_dir``, by default ``exps/<trainer.run>/``) looks like::
 
     config.yaml                  resolved config (written once by rank 0)
     metrics.jsonl                one JSON object per logging step
@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.checkpoint import read_latest, step_dir
+from common.weights import safe_torch_load
 
 SIT_CONFIG = "sit_config.json"
 VAE_SOURCE = "vae_source.json"
@@ -47,10 +48,6 @@ def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     return load_file(str(path), device=str(device))
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -144,13 +141,23 @@ def load_sampling_bundle(
 
 
 def _run_config(run_dir: Path) -> dict:
-    """The resolved config the run was trained with (``config.yaml``), as a plain dict."""
+    """The resolved config the run was trained with (``config.yaml``), as a plain dict.
+
+    Always in the current vocabulary: a run saved with the older names (``run.*``, ``optim.*``,
+    ``data.batch_size``, ...) is read through the stage's aliases (quietly).
+    """
     path = run_dir / "config.yaml"
     if not path.is_file():
         return {}
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    from common.config import apply_aliases
+    from repae.config import ALIASES
+
+    loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    if not isinstance(loaded, dict):
+        return {}
+    return OmegaConf.to_container(OmegaConf.create(apply_aliases(loaded, ALIASES, str(path))), resolve=True)
 
 
 def save_optimizers(path: Path, states: dict[str, Any]) -> None:
@@ -159,4 +166,4 @@ def save_optimizers(path: Path, states: dict[str, Any]) -> None:
 
 def load_optimizers(path: Path) -> dict[str, Any]:
     """Optimiser and scaler states: tensors, numbers, lists and dicts only (``weights_only``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_torch_load(path)

@@ -9,6 +9,12 @@ The defaults are the reference's ``train_repae.py`` CLI defaults and
 or unsafe: bf16 instead of fp16 (fp16 runs collapse around 90k steps), LPIPS fed the [-1, 1]
 range it expects, a discriminator warm-up when there is no pretrained discriminator, and a
 resume that restores everything.
+
+The vocabulary is the text-to-image stage's (``trainer``, ``optimizer``, ``data.data_path``,
+``data.dataloader_num_workers``), with the batch named by its scope (``data.global_batch_size``).
+The older spellings of this stage (``run.*``, ``optim.*``, ``data.batch_size``, ``data.shards``,
+``data.num_workers``) are still accepted through :data:`ALIASES`, each with a one-line notice;
+the reference ``train_repae.py`` flags are translated by :mod:`repae.flags`.
 """
 
 from __future__ import annotations
@@ -17,28 +23,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from common.config import ConfigError, check_choice, check_positive, check_rate, merge_structured, save_config
+from common.config import (
+    Alias,
+    ConfigError,
+    check_choice,
+    check_positive,
+    check_rate,
+    check_trainer,
+    merge_structured,
+    normalise_trainer,
+    save_config,
+)
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
 VAE_KINDS = ("auto", "kl", "qwen")
 PATH_TYPES = ("linear", "cosine")
 WEIGHTINGS = ("uniform", "lognormal")
-REPORTERS = ("tensorboard", "wandb")
 SAMPLER_MODES = ("ode", "sde")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 LPIPS_NETS = ("vgg", "alex", "squeeze")
 
-__all__ = ["ConfigError", "RepaeConfig", "load_repae_config", "save_config"]
+__all__ = ["ALIASES", "ConfigError", "RepaeConfig", "load_repae_config", "save_config"]
 
 
 @dataclass
-class RunSection:
-    """Where the run lives and how it is driven."""
+class TrainerSection:
+    """Where the run lives and how it is driven (the names of the text-to-image stage's ``trainer``)."""
 
-    exp_name: str = "repae"
-    output_dir: str = "exps"
+    # The run's name (the reference's --exp-name): folder name, tqdm and tracker run name.
+    run: str = "repae"
+    # The run directory: config.yaml, metrics, checkpoints (<step>/, latest), previews.
+    checkpoint_dir: str = "exps/${trainer.run}"
     seed: int = 0
-    max_train_steps: int = 400_000
+    max_steps: int = 400_000
+    # Global L2-norm clipping of each of the three optimisers' gradients; 0 disables it.
+    gradient_clipping: float = 1.0
     checkpointing_steps: int = 50_000
     # Newest N checkpoints are kept (the reference kept every one).
     checkpoints_total_limit: Optional[int] = 3
@@ -72,7 +90,8 @@ class VaeSection:
     kind: str = "auto"
     checkpoint: Optional[str] = None
     latents_stats: str = "auto"
-    # Batches per process used when the statistics are estimated from data.
+    # Loader batches each process reads when the statistics are estimated from data
+    # (stats_batches x data.global_batch_size images in all).
     stats_batches: int = 16
 
 
@@ -153,8 +172,11 @@ class LossSection:
 
 
 @dataclass
-class OptimSection:
-    """Three AdamW optimisers (SiT, VAE, discriminator) with their own rates; constant LR."""
+class OptimizerSection:
+    """Three AdamW optimisers (SiT, VAE, discriminator) with their own rates; constant LR.
+
+    Clipping is ``trainer.gradient_clipping`` (as in the text-to-image stage).
+    """
 
     sit_lr: float = 1.0e-4
     vae_lr: float = 1.0e-4
@@ -162,7 +184,6 @@ class OptimSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     eps: float = 1.0e-8
-    max_grad_norm: float = 1.0
 
 
 @dataclass
@@ -174,13 +195,15 @@ class EmaSection:
 class DataSection:
     """Labelled image shards (`python -m repae.preprocess`), or the toy world's shards."""
 
-    shards: list[str] = field(default_factory=list)
+    # Webdataset shard brace patterns (as fusedit's data.data_path).
+    data_path: list[str] = field(default_factory=list)
     # "cls" (ImageNet shards) or "toy:<attr>+<attr>" (labels from the toy attributes).
     label: str = "cls"
     resolution: int = 256
-    # Global batch (split evenly over processes), as in the reference CLI.
-    batch_size: int = 256
-    num_workers: int = 4
+    # Images per optimizer step over all processes (split evenly; the reference's --batch-size).
+    global_batch_size: int = 256
+    # Loader workers per process.
+    dataloader_num_workers: int = 4
     # train_ldm: cached posteriors from `python -m repae.cache_latents`.
     latents_dir: Optional[str] = None
 
@@ -195,48 +218,66 @@ class SampleSection:
     cfg_scale: float = 4.0
     guidance_low: float = 0.0
     guidance_high: float = 1.0
+    # Images in a preview grid (drawn by rank 0 alone).
     num_images: int = 16
 
 
 @dataclass
 class RepaeConfig:
-    run: RunSection = field(default_factory=RunSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
     vae: VaeSection = field(default_factory=VaeSection)
     model: ModelSection = field(default_factory=ModelSection)
     encoder: EncoderSection = field(default_factory=EncoderSection)
     loss: LossSection = field(default_factory=LossSection)
-    optim: OptimSection = field(default_factory=OptimSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     ema: EmaSection = field(default_factory=EmaSection)
     data: DataSection = field(default_factory=DataSection)
     sample: SampleSection = field(default_factory=SampleSection)
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.exp_name
+        return Path(self.trainer.checkpoint_dir)
+
+
+def _under_run_name(output_dir: object) -> str:
+    """``run.output_dir: X`` (the folder holding ``<exp_name>/``) -> ``trainer.checkpoint_dir: X/${trainer.run}``."""
+    return f"{str(output_dir).rstrip('/')}/${{trainer.run}}"
+
+
+_GLOBAL = "the global batch, split evenly over the processes, as before"
+# This stage's older spellings: old dotted key -> schema key (see common.config.Alias).
+ALIASES: dict[str, str | Alias] = {
+    "run.*": "trainer.*",
+    "run.exp_name": "trainer.run",
+    "run.output_dir": Alias("trainer.checkpoint_dir", value=_under_run_name),
+    "run.max_train_steps": "trainer.max_steps",
+    "optim.*": "optimizer.*",
+    "optim.max_grad_norm": "trainer.gradient_clipping",
+    "data.batch_size": Alias("data.global_batch_size", note=_GLOBAL),
+    "data.shards": "data.data_path",
+    "data.num_workers": Alias("data.dataloader_num_workers", note="per process"),
+}
 
 
 def load_repae_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RepaeConfig:
-    """Schema <- YAML <- overrides, then :func:`validate` (raises :class:`ConfigError`)."""
-    cfg = merge_structured(RepaeConfig, path, overrides)
-    if cfg.run.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as a boolean
-        cfg.run.mixed_precision = "no"
+    """Schema <- YAML <- overrides, then :func:`validate` (raises :class:`ConfigError`).
+
+    Older spellings (``run.*``, ``optim.*``, ``data.batch_size``, ...) are accepted through
+    :data:`ALIASES`, each with a one-line notice.
+    """
+    cfg = merge_structured(RepaeConfig, path, overrides, aliases=ALIASES)
+    normalise_trainer(cfg.trainer)
     validate(cfg)
     return cfg
 
 
-def _validate_run(r: RunSection, errors: list[str]) -> None:
-    check_choice(errors, "run.mixed_precision", r.mixed_precision, MIXED_PRECISION)
-    for name in ("max_train_steps", "checkpointing_steps", "logging_steps", "max_nonfinite_steps"):
-        check_positive(errors, f"run.{name}", getattr(r, name))
-    check_positive(errors, "run.sampling_steps", r.sampling_steps, allow_zero=True)
-    if r.checkpoints_total_limit is not None:
-        check_positive(errors, "run.checkpoints_total_limit", r.checkpoints_total_limit)
-    if r.resume_from not in (None, "latest") and not str(r.resume_from).isdigit():
-        errors.append(f"run.resume_from: {r.resume_from!r} is not 'latest', a step number or null")
-    for rep in r.report_to:
-        check_choice(errors, "run.report_to", rep, REPORTERS)
-    if not r.exp_name or "/" in r.exp_name:
-        errors.append(f"run.exp_name: must be a non-empty folder name, got {r.exp_name!r}")
+def _validate_trainer(t: TrainerSection, errors: list[str]) -> None:
+    check_trainer(errors, t)
+    check_positive(errors, "trainer.max_nonfinite_steps", t.max_nonfinite_steps)
+    if not t.run or "/" in t.run:
+        errors.append(f"trainer.run: must be a non-empty folder name, got {t.run!r}")
+    if not t.checkpoint_dir:
+        errors.append("trainer.checkpoint_dir: must name the run directory")
 
 
 def _validate_model(m: ModelSection, errors: list[str]) -> None:
@@ -284,14 +325,14 @@ def _validate_loss(loss: LossSection, errors: list[str]) -> None:
 
 
 def _validate_data(d: DataSection, errors: list[str]) -> None:
-    if not d.shards:
-        errors.append("data.shards: must list at least one shard pattern (python -m repae.preprocess writes them)")
-    for p in d.shards:
+    if not d.data_path:
+        errors.append("data.data_path: must list at least one shard pattern (python -m repae.preprocess writes them)")
+    for p in d.data_path:
         if "/PATH/TO/" in p:
-            errors.append(f"data.shards: {p!r} still holds a /PATH/TO/ placeholder")
-    for name in ("resolution", "batch_size"):
+            errors.append(f"data.data_path: {p!r} still holds a /PATH/TO/ placeholder")
+    for name in ("resolution", "global_batch_size"):
         check_positive(errors, f"data.{name}", getattr(d, name))
-    check_positive(errors, "data.num_workers", d.num_workers, allow_zero=True)
+    check_positive(errors, "data.dataloader_num_workers", d.dataloader_num_workers, allow_zero=True)
     if d.label != "cls" and not d.label.startswith("toy:"):
         errors.append(f"data.label: {d.label!r} is neither 'cls' nor 'toy:<attr>+<attr>'")
 
@@ -311,7 +352,7 @@ def _validate_sample(s: SampleSection, errors: list[str]) -> None:
 def validate(cfg: RepaeConfig) -> None:
     """Semantic checks the type system cannot express; raises one ConfigError listing all."""
     errors: list[str] = []
-    _validate_run(cfg.run, errors)
+    _validate_trainer(cfg.trainer, errors)
     _validate_model(cfg.model, errors)
     _validate_loss(cfg.loss, errors)
     _validate_data(cfg.data, errors)
@@ -327,11 +368,11 @@ def validate(cfg: RepaeConfig) -> None:
         errors.append("encoder.types: at least one vision encoder is needed for the REPA loss")
     if not 0.0 <= cfg.ema.decay < 1.0:
         errors.append(f"ema.decay: must be in [0, 1), got {cfg.ema.decay!r}")
+    o = cfg.optimizer
     for name in ("sit_lr", "vae_lr", "disc_lr", "eps"):
-        check_positive(errors, f"optim.{name}", getattr(cfg.optim, name))
-    check_positive(errors, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
-    check_positive(errors, "optim.max_grad_norm", cfg.optim.max_grad_norm, allow_zero=True)
-    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
-        errors.append(f"optim.betas: expected two values in [0, 1), got {cfg.optim.betas!r}")
+        check_positive(errors, f"optimizer.{name}", getattr(o, name))
+    check_positive(errors, "optimizer.weight_decay", o.weight_decay, allow_zero=True)
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        errors.append(f"optimizer.betas: expected two values in [0, 1), got {o.betas!r}")
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.files import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "repae" / "toy.yaml"
 
@@ -33,9 +35,9 @@ def toy_overrides(toy: Path, run: Path) -> list[str]:
     return [
         f"vae.name_or_path={toy / 'vae'}",
         f'encoder.types=["local:{toy / "repae" / "encoder"}"]',
-        f'data.shards=["{shards}"]',
-        f"run.output_dir={run.parent}",
-        f"run.exp_name={run.name}",
+        f'data.data_path=["{shards}"]',
+        f"trainer.run={run.name}",
+        f"trainer.checkpoint_dir={run}",
     ]
 
 
@@ -71,7 +73,7 @@ def compare(toy: Path, e2e: Path, run: Path, num_images: int) -> dict:
         rfid=True,
         fid_extractor="common.fid:random_conv_extractor",
     )
-    (run / "vae_comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(run / "vae_comparison.json", report, sort_keys=False)
     print(format_table(report))
     return report
 
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "joint_tuning_s": round(t2 - t1, 1),
         "export_and_compare_s": round(time.time() - t2, 1),
     }
-    (run / "demo_timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    write_json_atomic(run / "demo_timing.json", timing, sort_keys=False)
     print(f"E2E-VAE: {e2e}\ncomparison: {run / 'vae_comparison.json'}\ntiming: {timing}")
     return 0
 

@@ -31,7 +31,6 @@ non-finite number (PSNR of an exact reconstruction) is written as null and expla
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -45,7 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.files import write_json_atomic
 from common.images import psnr
+from common.randomness import STREAM_RECONSTRUCTION, derive_seed
+from common.vae_config import normalisation_constants, normalisation_source
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
@@ -268,16 +270,14 @@ def as_trainable(vae: nn.Module) -> nn.Module:
 def config_normalisation(config: Mapping[str, Any], channels: int) -> dict[str, Any] | None:
     """(shift, scale) per channel the VAE's config implies, plus where they came from; None if none.
 
-    Per-channel ``latents_mean`` / ``latents_std`` (Qwen-Image, our saved E2E VAEs) win over the
-    scalar ``shift_factor`` / ``scaling_factor`` (SD, FLUX): the same rule as fusedit.latents.
+    The same rule as training reads (:func:`common.vae_config.normalisation_constants`):
+    per-channel ``latents_mean`` / ``latents_std`` win over the scalar factors.
     """
-    mean, std = config.get("latents_mean"), config.get("latents_std")
-    if mean is not None and std is not None:
-        return {"shift": [float(v) for v in mean], "scale": [1.0 / float(v) for v in std], "source": "latents_mean/std"}
-    if config.get("scaling_factor") is None:
+    source = normalisation_source(config)
+    if source is None:
         return None
-    shift = float(config.get("shift_factor") or 0.0)
-    return {"shift": [shift] * channels, "scale": [float(config["scaling_factor"])] * channels, "source": "scalar"}
+    shift, scale = normalisation_constants(config, channels)
+    return {"shift": shift.flatten().tolist(), "scale": scale.flatten().tolist(), "source": source}
 
 
 def _config(model: nn.Module) -> dict[str, Any]:
@@ -391,8 +391,7 @@ def _noise(shape: torch.Size, seed: int, first_index: int) -> torch.Tensor:
     """
     per_image, draws = tuple(shape[1:]), []
     for i in range(shape[0]):
-        # CPU generators keep only 32 bits of a seed: mix (seed, index) into 32 bits properly
-        key = int(np.random.SeedSequence([seed, first_index + i]).generate_state(1)[0])
+        key = derive_seed(seed, (STREAM_RECONSTRUCTION,), first_index + i)
         draws.append(torch.randn(per_image, generator=torch.Generator().manual_seed(key)))
     return torch.stack(draws)
 
@@ -802,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         report["notes"].append("lpips: random backbone; values are comparable only with each other")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(args.out, report, sort_keys=False)
     print(format_table(report))
     return 0
 

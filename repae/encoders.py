@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.weights import strip_prefixes
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -377,8 +379,7 @@ def load_into(model: nn.Module, content: Mapping[str, Any], *, source: str) -> N
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     state = dict(content)
-    if state and all(k.startswith("module.") for k in state):  # a bare DDP-wrapped state dict
-        state = {k[len("module.") :]: v for k, v in state.items()}
+    state = strip_prefixes(state, ("module.",))  # a bare DDP-wrapped state dict
     state = checkpoint_filter_fn(state, model)
     state = {k: v for k, v in state.items() if not k.startswith(_UNUSED_PREFIXES)}
     own = model.state_dict()

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import shutil
 import sys
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.files import write_json_atomic, write_with
+from common.randomness import index_generators
 from repae.samplers import MODES, expected_nfe, run_sampler
 
 CHUNK_SIZE = 250  # images per part file: 200 parts for 50k, an even split over 1, 2, 4, 5 or 8 ranks
@@ -55,7 +56,6 @@ PARTS_DIR = "parts"
 # Used when neither the command line nor the run's config `sample` section says otherwise.
 FALLBACK_SAMPLING = {"mode": "ode", "num_steps": 50, "heun": False, "cfg_scale": 1.0, "guidance_low": 0.0,
                      "guidance_high": 1.0}  # fmt: skip
-_MASK32 = 0xFFFFFFFF
 
 
 # -------------------------------------------------------------------------------- labels, seeds
@@ -77,32 +77,6 @@ def plan_labels(num_samples: int, num_classes: int, mode: str = "balanced", seed
     extra = torch.randperm(num_classes, generator=g)[:rem]
     labels = torch.cat([torch.arange(num_classes, dtype=torch.int64).repeat(full), extra])
     return labels[torch.randperm(num_samples, generator=g)]
-
-
-def _fmix32(h: int) -> int:
-    """MurmurHash3's 32-bit finaliser: a bijection of [0, 2^32) that scrambles nearby inputs."""
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _MASK32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """The 32-bit generator seed of sample ``index`` under global ``seed``.
-
-    torch's CPU generator only uses the low 32 bits of its seed, so seed and index cannot simply
-    be packed into 64 bits. Instead: index XOR hash(seed), then a bijective mix. For one seed the
-    map is injective over all indices < 2^32 (no two images of a run share noise); two seeds
-    collide on an index < 2^16 only if their hashes agree on the top 16 bits (chance 2^-16).
-    """
-    key = int.from_bytes(hashlib.blake2b(str(int(seed)).encode(), digest_size=4).digest(), "little")
-    return _fmix32((int(index) ^ key) & _MASK32)
-
-
-def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per sample (CPU so the draws are the same whatever device samples)."""
-    return [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
 
 
 # ------------------------------------------------------------------------------- chunks, parts
@@ -137,16 +111,12 @@ def part_done(path: Path, image_shape: tuple[int, int, int] | None = None, count
 
 def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
     """Write through ``write(file)`` into a temp file next to ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+
+    def to_file(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_with(path, to_file, fsync=True)
 
 
 def save_part(path: Path, images: np.ndarray) -> None:
@@ -195,7 +165,7 @@ def generate_images(
     device: torch.device,
 ) -> np.ndarray:
     """uint8 (len(indices), H, W, 3): sample, decode and convert the images with these global indices."""
-    generators = sample_generators(seed, indices)
+    generators = index_generators(seed, indices)
     noise = torch.stack([torch.randn(tuple(bundle.latent_shape), generator=g) for g in generators]).to(device)
     y = labels[indices.start : indices.stop].to(device)
     latents = run_sampler(velocity, noise, y, null_label=null_label_of(bundle), generator=generators, **sampler_kwargs)
@@ -415,8 +385,7 @@ def read_settings(out_dir: Path) -> dict | None:
 
 def write_settings(out_dir: Path, settings: dict, runtime: dict, complete: bool) -> None:
     record = {"settings": settings, "runtime": runtime, "complete": complete, "npz": NPZ_NAME}
-    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-    _write_atomic(Path(out_dir) / SETTINGS_NAME, lambda f: f.write(text.encode()))
+    write_json_atomic(Path(out_dir) / SETTINGS_NAME, record)
 
 
 def check_output(out_dir: Path, settings: dict) -> bool:
@@ -443,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # `--run-dir` is the spelling to use under torchrun: its own parser rejects `--run` as an
     # ambiguous abbreviation of its `--run-path`, even after the script name.
-    p.add_argument("--run-dir", "--run", dest="run", required=True, help="run directory (<output_dir>/<exp_name>)")
+    p.add_argument("--run-dir", "--run", dest="run", required=True, help="run directory (trainer.checkpoint_dir)")
     p.add_argument("--tag", default="latest", help="'latest' or a checkpoint step")
     p.add_argument("--no-ema", action="store_true", help="sample with the live SiT instead of the EMA")
     p.add_argument("--num-samples", type=int, default=50_000)

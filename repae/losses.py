@@ -28,7 +28,6 @@ What differs from the reference loss module, on purpose (spec section 9):
 
 from __future__ import annotations
 
-import argparse
 import math
 import warnings
 from collections.abc import Iterator, Mapping
@@ -39,8 +38,9 @@ from typing import Any, Protocol
 import lpips
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from common.weights import TRAINING_ARGS, load_weights_file, safe_torch_load, strip_prefixes
 
 LPIPS_NETS = ("vgg", "alex", "squeeze")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
@@ -66,10 +66,7 @@ def _read_state_dict(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"state dict file not found: {path}")
-    if path.suffix == ".safetensors":
-        return dict(load_file(str(path), device="cpu"))
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_file(path, allow=TRAINING_ARGS)
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a state dict (a mapping), got {type(state).__name__}")
     return dict(state)
@@ -157,7 +154,7 @@ def _new_lpips(net: str, random_backbone: bool) -> lpips.LPIPS:
         warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
         metric = lpips.LPIPS(net=net, version="0.1", pretrained=False, pnet_rand=random_backbone, verbose=False)
     heads_file = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
-    heads = torch.load(heads_file, map_location="cpu", weights_only=True)
+    heads = safe_torch_load(heads_file)
     # lin0..linN are also registered as the `lins` ModuleList (same tensors): check the lin<i> names only.
     expected = {k: v for k, v in metric.state_dict().items() if k.startswith("lin") and not k.startswith("lins.")}
     problems = _describe_mismatch(expected, heads)
@@ -273,10 +270,7 @@ def _unwrap_discriminator_state(state: dict[str, Any]) -> dict[str, Any]:
     for key in ("discriminator", "state_dict"):
         if isinstance(state.get(key), Mapping):
             state = dict(state[key])
-    for prefix in ("module.", "_orig_mod.", "discriminator."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
+    return strip_prefixes(state, ("module.", "_orig_mod.", "discriminator."))
 
 
 def load_discriminator_checkpoint(disc: nn.Module, path: str | Path) -> None:

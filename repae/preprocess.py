@@ -35,6 +35,8 @@ from typing import Any
 
 from PIL import Image
 
+from common.files import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 SHARD_PREFIX = "imagenet"
@@ -243,14 +245,8 @@ class _ShardWriter:
         _meta_path(self.out, self.k).unlink(missing_ok=True)  # the meta vouches for the tar: never a stale one
         os.replace(self.tmp, self.final)
         meta = {"shard": self.final.name, "count": self.count, "corrupt": self.corrupt, "request": self.request}
-        _write_json_atomic(_meta_path(self.out, self.k), meta)
+        write_json_atomic(_meta_path(self.out, self.k), meta, indent=1, sort_keys=False)
         return meta
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def _encoded(job: _Job, sources: list[Source], num_workers: int) -> Iterator[tuple[Source, bytes | None, str | None]]:
@@ -308,7 +304,7 @@ def preprocess(
                 writer.add(*next(encoded))
                 bar.update(1)
             metas[k] = writer.finish()
-    _write_json_atomic(out / "classes.json", classes)
+    write_json_atomic(out / "classes.json", classes, indent=1, sort_keys=False)
     return _write_manifest(out, root, metas, len(groups), resolution, fmt, len(classes), origin)
 
 
@@ -344,7 +340,7 @@ def _write_manifest(
         log.warning("%d shard(s) in %s are not part of this run (e.g. %s)", len(stale), out, stale[0])
     if corrupt:
         log.warning("skipped %d corrupt source image(s), e.g. %s", len(corrupt), corrupt[0]["source"])
-    _write_json_atomic(out / "manifest.json", manifest)
+    write_json_atomic(out / "manifest.json", manifest, indent=1, sort_keys=False)
     return manifest
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.files import write_json_atomic
 from toyworld.labels import toy_label
 from toyworld.world import ATTRIBUTES as TOY_ATTRIBUTES
 
@@ -285,7 +286,7 @@ def build_toy_encoder(
     out.mkdir(parents=True, exist_ok=True)
     save_file(_cpu_state(model), str(out / "model.safetensors"))
     save_file(_cpu_state(heads), str(out / HEADS_NAME))
-    (out / "encoder.json").write_text(json.dumps(toy_encoder_config(resolution, vit), indent=2) + "\n")
+    write_json_atomic(out / "encoder.json", toy_encoder_config(resolution, vit), sort_keys=False)
     encoder = load_encoder(f"local:{out}", resolution=resolution)
     report = {
         **stats,
@@ -300,7 +301,7 @@ def build_toy_encoder(
     }
     gates = [Gate("repae_encoder", f"val.accuracy.{name}", ACCURACY_GATE[kind]) for name in TOY_ATTRIBUTES]
     report["gates"] = evaluate_gates(gates, report)
-    (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(out / REPORT_NAME, report, sort_keys=False)
     _record_in_world(world, report)
     _say(progress, f"REPA encoder: {steps} steps, held-out accuracy {report['val']['accuracy']}")
     check_gates(report["gates"], str(world))
@@ -314,9 +315,7 @@ def _record_in_world(world: Path, report: dict[str, Any]) -> None:
         return
     record = json.loads(path.read_text())
     record["repae_encoder"] = {k: report[k] for k in ("steps", "batch_size", "seed", "quick", "val", "gates")}
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(path)
+    write_json_atomic(path, record, sort_keys=False)
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
     python -m repae.train -c configs/repae/toy.yaml [key=value ...]
     torchrun --nproc_per_node=8 -m repae.train -c configs/repae/sdvae.yaml
     accelerate launch -m repae.train -c configs/repae/sdvae.yaml
+    python -m repae.train -c configs/repae/sdvae.yaml --exp-name x --batch-size 256   # reference flags (repae.flags)
 
 One step, in the reference order (spec 5.2), with this repository's fixes:
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
@@ -39,10 +39,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import checkpoint as ckpt_io
-from common.distributed import DistEnv, barrier, init_distributed
+from common.checkpoint import CheckpointWriter
+from common.distributed import DistEnv, all_reduce_mean, init_distributed
+from common.files import write_json_atomic
 from common.metrics import MetricsLogger
 from common.randomness import step_seed
+from common.signals import StopSignal
+from common.vae_config import per_channel_stats
 from repae import checkpoint as rckpt
 from repae.config import ConfigError, RepaeConfig, load_repae_config, save_config
 from repae.ema import ModelEMA
@@ -63,11 +66,6 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    model = model.module if isinstance(model, DDP) else model
-    return getattr(model, "_orig_mod", model)
-
-
 def allreduce_grads(params: list[nn.Parameter]) -> None:
     """Average gradients over processes in one flat buffer (for modules not wrapped in DDP)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -82,14 +80,18 @@ def allreduce_grads(params: list[nn.Parameter]) -> None:
         g.copy_(synced)
 
 
-def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    if not values or not (dist.is_initialized() and dist.get_world_size() > 1):
-        return values
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Means over processes of on-device scalars: one stack, one all-reduce, one host copy."""
+    if not values:
+        return {}
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    stacked = torch.stack([values[k].detach().double().reshape(()) for k in keys])
+    return dict(zip(keys, all_reduce_mean(stacked).tolist()))
+
+
+def on_device(values: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """Detached scalar tensors on ``device`` (Python numbers are copied there, no host sync)."""
+    return {k: torch.as_tensor(v, device=device).detach().float().reshape(()) for k, v in values.items()}
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -100,19 +102,25 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 class Optim:
     """An AdamW, its GradScaler (enabled only for fp16) and its clipping, stepped as one unit."""
 
-    def __init__(self, params: list[nn.Parameter], lr: float, cfg, fp16: bool, device: torch.device) -> None:
+    def __init__(
+        self, params: list[nn.Parameter], lr: float, cfg, fp16: bool, device: torch.device, max_norm: float
+    ) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.opt = torch.optim.AdamW(
             self.params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-        self.max_norm = cfg.max_grad_norm
+        self.max_norm = max_norm
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self) -> tuple[float, bool]:
-        """Unscale, clip, step unless the gradient is non-finite; returns (grad norm, stepped)."""
+    def step(self) -> tuple[torch.Tensor, bool]:
+        """Unscale, clip, step unless the gradient is non-finite; returns (grad norm, stepped).
+
+        The finiteness check is the one host sync a step needs per optimiser (to skip the update);
+        the norm stays on the device for the metrics.
+        """
         self.scaler.unscale_(self.opt)
         if self.max_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
@@ -123,7 +131,7 @@ class Optim:
             self.scaler.step(self.opt)  # the scaler skips the update itself on inf/nan
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        return float(norm), finite
+        return norm.detach(), finite
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
@@ -178,10 +186,10 @@ def vae_source(cfg: RepaeConfig) -> dict[str, Any]:
 
 def stats_from_vae_config(vae) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-channel (scale, bias) from a VAE config's latents_mean/std (Qwen-Image, exported E2E-VAEs)."""
-    config = vae.vae.config
-    mean, std = config.get("latents_mean"), config.get("latents_std")
-    if mean is None or std is None:
+    stats = per_channel_stats(vae.vae.config)
+    if stats is None:
         return None
+    mean, std = stats
     return 1.0 / torch.tensor(std, dtype=torch.float32), torch.tensor(mean, dtype=torch.float32)
 
 
@@ -227,18 +235,18 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        self._stop_signal: int | None = None
-        self._install_signals()
-        if cfg.data.batch_size % env.world_size:
+        self.stop_signal = StopSignal()
+        self.checkpoints = CheckpointWriter(self.run_dir, env.rank, env.is_main, cfg.trainer.checkpoints_total_limit)
+        if cfg.data.global_batch_size % env.world_size:
             raise ConfigError(
-                f"data.batch_size: the global batch {cfg.data.batch_size} is not divisible by "
+                f"data.global_batch_size: {cfg.data.global_batch_size} is not divisible by "
                 f"the {env.world_size} processes"
             )
-        self.local_batch = cfg.data.batch_size // env.world_size
-        torch.manual_seed(cfg.run.seed + env.rank)
+        self.local_batch = cfg.data.global_batch_size // env.world_size
+        torch.manual_seed(cfg.trainer.seed + env.rank)
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = cfg.run.allow_tf32
-            torch.backends.cudnn.allow_tf32 = cfg.run.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = cfg.trainer.allow_tf32
+            torch.backends.cudnn.allow_tf32 = cfg.trainer.allow_tf32
         self._check_data_paths()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -246,23 +254,23 @@ class Trainer:
         from common.shards import validate_data_paths
 
         try:
-            validate_data_paths(self.cfg.data.shards)
+            validate_data_paths(self.cfg.data.data_path)
         except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(f"data.shards: {err}") from None
+            raise ConfigError(f"data.data_path: {err}") from None
 
     def _build_loader(self):
         from repae.data import LabeledImageLoader
 
         d = self.cfg.data
         return LabeledImageLoader(
-            d.shards,
+            d.data_path,
             batch_size=self.local_batch,
             resolution=d.resolution,
             label=d.label,
             rank=self.env.rank,
             world_size=self.env.world_size,
-            seed=self.cfg.run.seed,
-            num_workers=d.num_workers,
+            seed=self.cfg.trainer.seed,
+            num_workers=d.dataloader_num_workers,
             latents_dir=d.latents_dir,
         )
 
@@ -299,73 +307,60 @@ class Trainer:
                 raise ConfigError("vae.latents_stats=config: the VAE config has no latents_mean/latents_std")
         if stats is None:
             batches = [next(loader_iter) for _ in range(self.cfg.vae.stats_batches)]
-            stats = estimate_latent_stats(vae, batches, self.device, self.cfg.run.seed)
-            source = f"estimated from {len(batches) * self.cfg.data.batch_size} images"
+            stats = estimate_latent_stats(vae, batches, self.device, self.cfg.trainer.seed)
+            source = f"estimated from {len(batches) * self.cfg.data.global_batch_size} images"
         scale, bias = stats
         self.sit.init_bn(scale.to(self.device), bias.to(self.device))
         if self.env.is_main:
             log.info("latent statistics (%s): mean %s, std %s", source, _fmt(bias), _fmt(1.0 / scale))
 
-    # -- signals -----------------------------------------------------------------------------
-    def _install_signals(self) -> None:
-        def handler(signum, _frame):
-            self._stop_signal = signum
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            with contextlib.suppress(ValueError):  # not the main thread (e.g. some launchers)
-                signal.signal(sig, handler)
-
-    def _signalled(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag)
-        return bool(flag.item())
-
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> int:
         cfg = self.cfg
         logger = MetricsLogger(
-            self.run_dir, cfg.run.report_to, cfg.run.project, cfg.run.exp_name, {}, enabled=self.env.is_main
+            self.run_dir, cfg.trainer.report_to, cfg.trainer.project, cfg.trainer.run, {}, enabled=self.env.is_main
         )
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            total=cfg.run.max_train_steps,
+            total=cfg.trainer.max_steps,
             initial=self.step,
-            desc=f"{self.kind} {cfg.run.exp_name}",
+            desc=f"{self.kind} {cfg.trainer.run}",
             disable=not self.env.is_main,
             dynamic_ncols=True,
         )
-        if cfg.run.sampling_steps and self.step == 0:
+        if cfg.trainer.sampling_steps and self.step == 0:
             self.preview()
-        window: dict[str, float] = {}
+        window: dict[str, torch.Tensor] = {}
         window_n = 0
         t0 = time.time()
         try:
-            while self.step < cfg.run.max_train_steps:
+            while self.step < cfg.trainer.max_steps:
                 batch = next(self.data_iter)
                 metrics = self.train_step(batch)
                 self.step += 1
                 bar.update(1)
-                for k, v in metrics.items():
-                    window[k] = window.get(k, 0.0) + float(v)
+                for k, v in metrics.items():  # on the device: no host sync until the logging step
+                    window[k] = window[k] + v if k in window else v.detach().clone()
                 window_n += 1
-                if self.step % cfg.run.logging_steps == 0 or self.step == cfg.run.max_train_steps:
-                    values = mean_over_ranks({k: v / window_n for k, v in window.items()}, self.device)
+                logging_step = self.step % cfg.trainer.logging_steps == 0 or self.step == cfg.trainer.max_steps
+                if logging_step:
+                    values = mean_over_ranks({k: v / window_n for k, v in window.items()})
                     values["steps_per_s"] = window_n / max(time.time() - t0, 1e-9)
                     values["skipped_samples"] = getattr(self.loader, "skipped", 0)
                     logger.log(self.step, values)
                     bar.set_postfix({k: f"{values[k]:.3g}" for k in self.postfix_keys if k in values})
                     window, window_n, t0 = {}, 0, time.time()
-                done = self.step == cfg.run.max_train_steps
-                if self.step % cfg.run.checkpointing_steps == 0 or done:
+                done = self.step == cfg.trainer.max_steps
+                # One collective to agree on a stop, on logging steps only (see common.signals).
+                stop = logging_step and self.stop_signal.agreed(self.device)
+                if self.step % cfg.trainer.checkpointing_steps == 0 or done or stop:
                     self.save()
-                if cfg.run.sampling_steps and (self.step % cfg.run.sampling_steps == 0 or done):
-                    self.preview()
-                if self._signalled():
-                    self.save()
-                    log.warning("signal %s: checkpointed at step %d, stopping", self._stop_signal, self.step)
+                if stop:
+                    log.warning("signal %s: checkpointed at step %d, stopping", self.stop_signal.received, self.step)
                     return 1
+                if cfg.trainer.sampling_steps and (self.step % cfg.trainer.sampling_steps == 0 or done):
+                    self.preview()
         finally:
             bar.close()
             logger.close()
@@ -379,7 +374,7 @@ class Trainer:
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
         log.warning("step %d: non-finite gradient, update skipped (%d in a row)", self.step, self.nonfinite_in_a_row)
-        if self.nonfinite_in_a_row >= self.cfg.run.max_nonfinite_steps:
+        if self.nonfinite_in_a_row >= self.cfg.trainer.max_nonfinite_steps:
             raise FloatingPointError(
                 f"{self.nonfinite_in_a_row} steps in a row had non-finite gradients; the last good "
                 f"checkpoint is untouched in {self.run_dir}"
@@ -389,13 +384,13 @@ class Trainer:
         """Images and labels on the device, this step's generator, and the encoders' target tokens."""
         images = batch["images"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
-        with torch.no_grad(), autocast(self.device, self.cfg.run.mixed_precision):
+        with torch.no_grad(), autocast(self.device, self.cfg.trainer.mixed_precision):
             zs = [enc(images).float() for enc in self.encoders]
         return images, labels, self.generator(), zs
 
     def generator(self, micro: int = 0) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(
-            step_seed(self.cfg.run.seed, self.env.rank, self.step, micro)
+            step_seed(self.cfg.trainer.seed, self.env.rank, self.step, micro)
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -411,35 +406,26 @@ class Trainer:
         }
 
     def save(self) -> None:
-        run_dir = self.run_dir
-        partial = ckpt_io.partial_dir(run_dir, self.step)
-        if self.env.is_main:
-            ckpt_io.clean_partials(run_dir)
-            partial.mkdir(parents=True)
-        barrier()
-        rckpt.write_json(partial / f"data_state_rank{self.env.rank}.json", self.loader.state_dict())
-        if self.env.is_main:
+        """Collective: every rank's data position, rank 0's models and records (common.checkpoint)."""
+
+        def write_main(partial: Path) -> None:
             self.save_models(partial)
-            rckpt.write_json(partial / "trainer_state.json", self.trainer_state())
-            rckpt.write_json(partial / rckpt.SIT_CONFIG, self.sit_config)
-        barrier()
-        if self.env.is_main:
-            ckpt_io.publish(run_dir, self.step)
-            ckpt_io.prune(run_dir, self.cfg.run.checkpoints_total_limit)
-        barrier()
+            write_json_atomic(partial / rckpt.SIT_CONFIG, self.sit_config)
+
+        self.checkpoints.save(self.step, self.trainer_state(), self.loader.state_dict(), write_main)
 
     def resume(self) -> bool:
-        step = ckpt_io.resolve_resume(self.run_dir, self.cfg.run.resume_from)
+        step = self.checkpoints.resume_step(self.cfg.trainer.resume_from)
         if step is None:
             return False
-        folder = ckpt_io.step_dir(self.run_dir, step)
-        state = rckpt.read_json(folder / "trainer_state.json")
+        folder = self.checkpoints.folder(step)
+        state = self.checkpoints.trainer_state(step)
         if state.get("kind") != self.kind:
             raise RuntimeError(f"{folder} was written by the {state.get('kind')} trainer, not {self.kind}")
         self.load_models(folder)
-        data_state = folder / f"data_state_rank{self.env.rank}.json"
-        if data_state.is_file() and state["world_size"] == self.env.world_size:
-            self.loader.load_state_dict(rckpt.read_json(data_state))
+        data_state = self.checkpoints.data_state(step, self.env.world_size)
+        if data_state is not None:
+            self.loader.load_state_dict(data_state)
         else:
             log.warning(
                 "resuming with %d processes from a %d-process checkpoint: data order restarts",
@@ -463,13 +449,13 @@ class Trainer:
 
         s = self.cfg.sample
         sit = self.ema.model
-        g = torch.Generator(device=self.device).manual_seed(self.cfg.run.seed)
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed)
         n = s.num_images
         noise = torch.randn((n, *self.latent_shape), generator=g, device=self.device)
         labels = torch.arange(n, device=self.device) % self.cfg.model.num_classes
 
         def velocity(x, t, y):
-            with autocast(self.device, self.cfg.run.mixed_precision):
+            with autocast(self.device, self.cfg.trainer.mixed_precision):
                 return sit(x, t, y).output.float()
 
         kwargs = dict(
@@ -509,11 +495,11 @@ class JointTrainer(Trainer):
         self.loss_fn = VAELoss(**cfg.loss.vae_loss_kwargs()).to(self.device)
         if cfg.loss.discriminator_checkpoint:
             load_discriminator_checkpoint(self.loss_fn.discriminator, cfg.loss.discriminator_checkpoint)
-        fp16 = cfg.run.mixed_precision == "fp16"
-        o = cfg.optim
-        self.opt_sit = Optim(list(self.sit.parameters()), o.sit_lr, o, fp16, self.device)
-        self.opt_vae = Optim(list(self.vae.parameters()), o.vae_lr, o, fp16, self.device)
-        self.opt_disc = Optim(list(self.loss_fn.discriminator_parameters()), o.disc_lr, o, fp16, self.device)
+        fp16 = cfg.trainer.mixed_precision == "fp16"
+        o, clip = cfg.optimizer, cfg.trainer.gradient_clipping
+        self.opt_sit = Optim(list(self.sit.parameters()), o.sit_lr, o, fp16, self.device, clip)
+        self.opt_vae = Optim(list(self.vae.parameters()), o.vae_lr, o, fp16, self.device, clip)
+        self.opt_disc = Optim(list(self.loss_fn.discriminator_parameters()), o.disc_lr, o, fp16, self.device, clip)
         self.loader = self._build_loader()
         self.data_iter = iter(self.loader)
         if not self.resume():
@@ -533,7 +519,7 @@ class JointTrainer(Trainer):
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.sit_train = DDP(self.sit, device_ids=ids)
             self.vae_train = DDP(self.vae, device_ids=ids, find_unused_parameters=self.vae.is_qwen)
-        if self.cfg.run.compile:
+        if self.cfg.trainer.compile:
             self.sit_train = torch.compile(self.sit_train)
             self.vae_train = torch.compile(self.vae_train)
 
@@ -559,7 +545,7 @@ class JointTrainer(Trainer):
         rckpt.save_tensors(self.sit.state_dict(), folder / "sit.safetensors")
         rckpt.save_tensors(self.ema.state_dict(), folder / "ema.safetensors")
         self.vae.vae.save_pretrained(folder / "vae", safe_serialization=True)
-        rckpt.write_json(folder / rckpt.VAE_SOURCE, {"folder": "vae"})
+        write_json_atomic(folder / rckpt.VAE_SOURCE, {"folder": "vae"})
         disc = {k: v for k, v in self.loss_fn.state_dict().items() if not k.startswith("lpips.")}
         rckpt.save_tensors(disc, folder / "discriminator.safetensors")
         rckpt.save_optimizers(
@@ -571,12 +557,12 @@ class JointTrainer(Trainer):
         return self.vae.decode(z).float()
 
     # -- the step ----------------------------------------------------------------------------
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         cfg, dev = self.cfg, self.device
         images, labels, g, zs = self.batch_inputs(batch)
         x = to_unit(images)
         self.vae_train.train()
-        with autocast(dev, cfg.run.mixed_precision):
+        with autocast(dev, cfg.trainer.mixed_precision):
             posterior, z, recon = self.vae_train(x, generator=g)
         t, noise = self._time_and_noise(z, g)
         metrics = self.vae_phase(x, recon, posterior, z, labels, zs, t, noise)
@@ -592,7 +578,7 @@ class JointTrainer(Trainer):
         noise = torch.randn(z.shape, generator=g, device=self.device, dtype=torch.float32)
         return t, noise
 
-    def vae_phase(self, x, recon, posterior, z, labels, zs, t, noise) -> dict[str, float]:
+    def vae_phase(self, x, recon, posterior, z, labels, zs, t, noise) -> dict[str, torch.Tensor]:
         """VAE losses + REPA through the frozen, eval-mode SiT; steps the VAE only."""
         from repae.losses import repa_loss
         from repae.transport import interpolate
@@ -603,7 +589,7 @@ class JointTrainer(Trainer):
         for p in trainable:
             p.requires_grad_(False)
         try:
-            with autocast(self.device, cfg.run.mixed_precision):
+            with autocast(self.device, cfg.trainer.mixed_precision):
                 rec_loss, gdict = self.loss_fn.generator_loss(
                     x, recon, posterior, self.step, last_layer=self.vae.last_layer()
                 )
@@ -616,21 +602,21 @@ class JointTrainer(Trainer):
         self.opt_vae.backward(loss)
         norm, finite = self.opt_vae.step()
         self._guard(finite)
-        gdict = {k: float(v) for k, v in gdict.items()}
-        return {**gdict, "vae_loss": loss.item(), "vae_align_loss": align.item(), "grad_norm_vae": norm}
+        metrics = {**gdict, "vae_loss": loss, "vae_align_loss": align, "grad_norm_vae": norm}
+        return on_device(metrics, self.device)
 
-    def disc_phase(self, x, recon) -> dict[str, float]:
-        with autocast(self.device, self.cfg.run.mixed_precision):
+    def disc_phase(self, x, recon) -> dict[str, torch.Tensor]:
+        with autocast(self.device, self.cfg.trainer.mixed_precision):
             d_loss, ddict = self.loss_fn.discriminator_loss(x, recon.detach(), self.step)
         if not d_loss.requires_grad:  # before discriminator_start: nothing to train
-            return {"d_loss": float(d_loss), **{k: float(v) for k, v in ddict.items()}}
+            return on_device({"d_loss": d_loss, **ddict}, self.device)
         self.opt_disc.backward(d_loss)
         allreduce_grads(self.opt_disc.params)
         norm, finite = self.opt_disc.step()
         self._guard(finite)
-        return {"d_loss": d_loss.item(), "grad_norm_disc": norm, **{k: float(v) for k, v in ddict.items()}}
+        return on_device({"d_loss": d_loss, "grad_norm_disc": norm, **ddict}, self.device)
 
-    def sit_phase(self, z, labels, zs, t, noise, g) -> dict[str, float]:
+    def sit_phase(self, z, labels, zs, t, noise, g) -> dict[str, torch.Tensor]:
         """Denoising + REPA on the detached latent; BatchNorm in train mode over the global batch."""
         from repae.losses import repa_loss
         from repae.transport import denoising_loss, interpolate
@@ -638,7 +624,7 @@ class JointTrainer(Trainer):
         cfg = self.cfg
         self.sit.train()
         drop = torch.rand(labels.shape, generator=g, device=self.device) < cfg.model.class_dropout_prob
-        with autocast(self.device, cfg.run.mixed_precision):
+        with autocast(self.device, cfg.trainer.mixed_precision):
             x_n = batch_normalize(self.sit.bn, z.detach().float())
             x_t, target = interpolate(x_n, noise, t, cfg.loss.path_type)
             out = self.sit_train(x_t, t, labels, force_drop_ids=drop)
@@ -648,22 +634,23 @@ class JointTrainer(Trainer):
         self.opt_sit.backward(loss)
         norm, finite = self.opt_sit.step()
         self._guard(finite)
-        return {"sit_loss": loss.item(), "denoising_loss": den.item(), "proj_loss": proj.item(), "grad_norm_sit": norm}
+        metrics = {"sit_loss": loss, "denoising_loss": den, "proj_loss": proj, "grad_norm_sit": norm}
+        return on_device(metrics, self.device)
 
 
-def parse_args(argv: list[str] | None, description: str = __doc__) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m repae.train", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("-c", "--config", required=True, help="YAML config, e.g. configs/repae/toy.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.max_train_steps=100")
-    return parser.parse_args(argv)
+def parse_args(
+    argv: list[str] | None, description: str = __doc__, prog: str = "python -m repae.train"
+) -> argparse.Namespace:
+    """``-c CONFIG`` (optional), ``key=value`` overrides and the reference train_repae.py flags (repae.flags)."""
+    from repae.flags import parse_train_args
+
+    return parse_train_args(argv, description, prog)
 
 
 def run(trainer_cls, argv: list[str] | None, description: str) -> int:
     """Parse, validate (before any heavy work), start the process group, train, clean up."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    args = parse_args(argv, description)
+    args = parse_args(argv, description, f"python -m repae.{'train_ldm' if trainer_cls.kind == 'ldm' else 'train'}")
     try:
         cfg = load_repae_config(args.config, args.overrides)
     except ConfigError as err:

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from common.files import write_json_atomic
 from repae import checkpoint as rckpt
 from repae.config import ConfigError, RepaeConfig
 from repae.ema import ModelEMA
-from repae.train import Optim, Trainer, autocast, load_configured_vae, run, to_unit, vae_source
+from repae.train import Optim, Trainer, autocast, load_configured_vae, on_device, run, to_unit, vae_source
 
 
 class LdmTrainer(Trainer):
@@ -38,8 +39,15 @@ class LdmTrainer(Trainer):
         if res % self.vae.spatial_factor:
             raise ConfigError(f"data.resolution: {res} is not a multiple of the VAE factor {self.vae.spatial_factor}")
         self._build_sit(self.vae.latent_channels, res // self.vae.spatial_factor)
-        o = cfg.optim
-        self.opt_sit = Optim(list(self.sit.parameters()), o.sit_lr, o, cfg.run.mixed_precision == "fp16", self.device)
+        o = cfg.optimizer
+        self.opt_sit = Optim(
+            list(self.sit.parameters()),
+            o.sit_lr,
+            o,
+            cfg.trainer.mixed_precision == "fp16",
+            self.device,
+            cfg.trainer.gradient_clipping,
+        )
         self.loader = self._build_loader()
         self.data_iter = iter(self.loader)
         if not self.resume():
@@ -49,11 +57,11 @@ class LdmTrainer(Trainer):
         if env.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.sit_train = DDP(self.sit, device_ids=ids)
-        if cfg.run.compile:
+        if cfg.trainer.compile:
             self.sit_train = torch.compile(self.sit_train)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            rckpt.write_json(self.run_dir / "vae_source.json", vae_source(cfg))
+            write_json_atomic(self.run_dir / "vae_source.json", vae_source(cfg))
 
     def load_models(self, folder: Path) -> None:
         self.sit.load_state_dict(rckpt.load_tensors(folder / "sit.safetensors", self.device), strict=True)
@@ -66,7 +74,7 @@ class LdmTrainer(Trainer):
 
         rckpt.save_tensors(self.sit.state_dict(), folder / "sit.safetensors")
         rckpt.save_tensors(self.ema.state_dict(), folder / "ema.safetensors")
-        rckpt.write_json(folder / rckpt.VAE_SOURCE, vae_source(self.cfg))
+        write_json_atomic(folder / rckpt.VAE_SOURCE, vae_source(self.cfg))
         rckpt.save_optimizers(folder / "optimizers.pt", {"sit": self.opt_sit.state_dict()})
         save_config(self.cfg, self.run_dir / "config.yaml")
 
@@ -83,7 +91,7 @@ class LdmTrainer(Trainer):
         with torch.no_grad():
             return self.vae.encode(to_unit(images)).sample(g).float()
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         from repae.losses import repa_loss
         from repae.transport import denoising_loss, interpolate, sample_time
 
@@ -95,7 +103,7 @@ class LdmTrainer(Trainer):
         drop = torch.rand(labels.shape, generator=g, device=dev) < cfg.model.class_dropout_prob
         self.sit.train()
         self.sit.bn.eval()  # fixed statistics of the frozen VAE
-        with autocast(dev, cfg.run.mixed_precision):
+        with autocast(dev, cfg.trainer.mixed_precision):
             x_t, target = interpolate(self.sit.normalize(z), noise, t, cfg.loss.path_type)
             out = self.sit_train(x_t, t, labels, force_drop_ids=drop)
             den = denoising_loss(out.output.float(), target).mean()
@@ -105,7 +113,8 @@ class LdmTrainer(Trainer):
         norm, finite = self.opt_sit.step()
         self._guard(finite)
         self.ema.update(self.sit)
-        return {"sit_loss": loss.item(), "denoising_loss": den.item(), "proj_loss": proj.item(), "grad_norm_sit": norm}
+        metrics = {"sit_loss": loss, "denoising_loss": den, "proj_loss": proj, "grad_norm_sit": norm}
+        return on_device(metrics, self.device)
 
 
 def main(argv: list[str] | None = None) -> int:

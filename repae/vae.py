@@ -35,7 +35,9 @@ from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.files import write_json_atomic
 from common.vae_config import VaeSpec, latent_channels, spatial_factor
+from common.weights import load_weights_file
 from repae.reference.convert import ldm_to_diffusers_vae, load_reference_vae, load_strict
 
 STATS_FILE = "latents_stats.safetensors"
@@ -231,10 +233,7 @@ def load_latents_stats(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Ten
     path = Path(path)
     if path.is_dir():
         path = path / STATS_FILE
-    if path.suffix == ".safetensors":
-        stats = load_file(str(path))
-    else:
-        stats = torch.load(path, map_location="cpu", weights_only=True)
+    stats = load_weights_file(path)
     if not isinstance(stats, dict) or not {"latents_scale", "latents_bias"} <= set(stats):
         raise ValueError(f"{path}: expected a dict with 'latents_scale' and 'latents_bias'")
     return _check_stats(stats["latents_scale"], stats["latents_bias"], str(path))
@@ -287,7 +286,7 @@ def save_e2e_vae(
         model.save_pretrained(tmp, safe_serialization=True)
         _write_stats_into_config(tmp / "config.json", scale, bias, is_qwen=isinstance(model, AutoencoderKLQwenImage))
         save_file({"latents_scale": scale.view(1, -1, 1, 1), "latents_bias": bias.view(1, -1, 1, 1)}, tmp / STATS_FILE)
-        _write_json(tmp / META_FILE, _metadata(model, scale, bias, metadata))
+        write_json_atomic(tmp / META_FILE, _metadata(model, scale, bias, metadata), default=str)
         _replace_dir(tmp, folder)
     finally:
         if tmp.exists():
@@ -314,7 +313,7 @@ def _write_stats_into_config(config_path: Path, scale: torch.Tensor, bias: torch
     if not is_qwen:
         config["scaling_factor"] = 1.0
         config["shift_factor"] = None
-    _write_json(config_path, config)
+    write_json_atomic(config_path, config, default=str)
 
 
 def _metadata(model: DiffusersVAE, scale: torch.Tensor, bias: torch.Tensor, extra: dict | None) -> dict:
@@ -328,10 +327,6 @@ def _metadata(model: DiffusersVAE, scale: torch.Tensor, bias: torch.Tensor, extr
         "latents_bias": bias.tolist(),
         "metadata": extra or {},
     }
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

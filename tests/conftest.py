@@ -36,7 +36,7 @@ def tiny_train_overrides(world: Path, run: Path, **extra: object) -> list[str]:
         "trainer.logging_steps": 1,
         "trainer.sampling_steps": 0,
         "trainer.report_to": "[]",
-        "data.batch_size": 4,
+        "data.batch_size_per_gpu": 4,
         "data.dataloader_num_workers": 0,
         "model.hidden_size": 32,
         "model.num_hidden_layers": 2,

@@ -30,8 +30,8 @@ def minimal(tmp_path: Path) -> Path:
 
 
 def test_defaults_and_overrides(minimal: Path) -> None:
-    cfg = load_config(minimal, ["trainer.max_steps=10", "data.batch_size=4", "trainer.run=abc"])
-    assert cfg.trainer.max_steps == 10 and cfg.data.batch_size == 4
+    cfg = load_config(minimal, ["trainer.max_steps=10", "data.batch_size_per_gpu=4", "trainer.run=abc"])
+    assert cfg.trainer.max_steps == 10 and cfg.data.batch_size_per_gpu == 4
     assert cfg.trainer.checkpoint_dir == "output/abc"  # interpolation resolved after overrides
     assert cfg.ema.decay == 0.9999 and cfg.noise_scheduler.shift == 3.0
 
@@ -102,9 +102,9 @@ def test_deepspeed_auto_fields_are_filled(minimal: Path) -> None:
     raw = load_deepspeed_json(ROOT / "configs" / "deepspeed" / "zero2.json")
     ds = resolve_deepspeed_config(raw, cfg, world_size=4)
     assert ds["zero_optimization"]["stage"] == 2
-    assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size_per_gpu
     assert ds["gradient_accumulation_steps"] == 3
-    assert ds["train_batch_size"] == cfg.data.batch_size * 3 * 4
+    assert ds["train_batch_size"] == cfg.data.batch_size_per_gpu * 3 * 4
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert ds["zero_optimization"]["reduce_bucket_size"] == cfg.model.hidden_size**2
     assert ds["fp16"]["loss_scale_window"] == 1000  # untouched JSON settings survive

@@ -115,7 +115,7 @@ model: {{base: "{root}/text_encoder", hidden_size: 32, num_hidden_layers: 2, num
         num_key_value_heads: 1, head_dim: 16, intermediate_size: 64, patch_size: 1,
         pos_embed_max_size: 8, sample_size: 8}}
 vae: {{pretrained_model_name_or_path: "{root}/vae"}}
-data: {{data_path: ["{root}/shards/train-{{000..003}}.tar"], resolution: 16, batch_size: 2,
+data: {{data_path: ["{root}/shards/train-{{000..003}}.tar"], resolution: 16, batch_size_per_gpu: 2,
        max_prompt_length: 12}}
 gen: {{H: 16, W: 16}}
 """

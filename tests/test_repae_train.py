@@ -31,10 +31,10 @@ def tiny_overrides(world: Path, run: Path, **extra: object) -> list[str]:
     from repae.demo import toy_overrides
 
     base = {
-        "run.max_train_steps": 2,
-        "run.checkpointing_steps": 2,
-        "run.logging_steps": 1,
-        "run.sampling_steps": 0,
+        "trainer.max_steps": 2,
+        "trainer.checkpointing_steps": 2,
+        "trainer.logging_steps": 1,
+        "trainer.sampling_steps": 0,
         "model.hidden_size": 32,
         "model.depth": 2,
         "model.num_heads": 2,
@@ -43,8 +43,8 @@ def tiny_overrides(world: Path, run: Path, **extra: object) -> list[str]:
         "loss.disc_channels": 8,
         "loss.discriminator_warmup_steps": 0,
         "loss.perceptual_net": "alex",
-        "data.batch_size": 4,
-        "data.num_workers": 0,
+        "data.global_batch_size": 4,
+        "data.dataloader_num_workers": 0,
         "vae.stats_batches": 1,
         "ema.decay": 0.5,
     }
@@ -140,7 +140,7 @@ def test_denoising_loss_never_reaches_the_vae_and_sit_step_updates_batchnorm(rep
     vae_before = _snapshot(tr.vae)
     mean_before = tr.sit.bn.running_mean.clone()
     tr.disc_phase(x, recon)
-    metrics = tr.sit_phase(z, labels, zs, t, noise, g)
+    metrics = {k: float(v) for k, v in tr.sit_phase(z, labels, zs, t, noise, g).items()}  # device scalars
     assert all(p.grad is None for p in tr.vae.parameters()), "the SiT/discriminator step left VAE gradients"
     assert _changed(vae_before, tr.vae) == []
     assert not torch.equal(mean_before, tr.sit.bn.running_mean), "train-mode BatchNorm did not update its stats"
@@ -149,9 +149,9 @@ def test_denoising_loss_never_reaches_the_vae_and_sit_step_updates_batchnorm(rep
 
 def test_initial_denoising_loss_is_about_two(repae_world: Path, tmp_path: Path) -> None:
     """Zero-initialised output: E||eps - x_n||^2 = 2 per element for unit-variance x_n (spec 10.6)."""
-    tr = make_trainer(repae_world, tmp_path / "run", **{"data.batch_size": 16})
+    tr = make_trainer(repae_world, tmp_path / "run", **{"data.global_batch_size": 16})
     _, labels, zs, _, z, _, t, noise, g = _phase_inputs(tr)
-    metrics = tr.sit_phase(z, labels, zs, t, noise, g)
+    metrics = {k: float(v) for k, v in tr.sit_phase(z, labels, zs, t, noise, g).items()}  # device scalars
     assert 1.6 < metrics["denoising_loss"] < 2.4
 
 
@@ -177,10 +177,10 @@ def test_joint_run_resumes_exactly_and_exports_an_e2e_vae(repae_world: Path, tmp
     from repae.checkpoint import load_sit
 
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_module("repae.train", ["-c", str(CONFIG), *tiny_overrides(repae_world, straight, **{"run.max_train_steps": 4})])
+    run_module("repae.train", ["-c", str(CONFIG), *tiny_overrides(repae_world, straight, **{"trainer.max_steps": 4})])
     run_module("repae.train", ["-c", str(CONFIG), *tiny_overrides(repae_world, split)])
     proc = run_module(
-        "repae.train", ["-c", str(CONFIG), *tiny_overrides(repae_world, split, **{"run.max_train_steps": 4})]
+        "repae.train", ["-c", str(CONFIG), *tiny_overrides(repae_world, split, **{"trainer.max_steps": 4})]
     )
     assert "resumed from" in proc.stderr
     for name in (
@@ -301,7 +301,7 @@ def test_mixed_precision_joint_step_is_finite(repae_world: Path, tmp_path: Path,
     """bf16 autocast, and fp16 with one GradScaler per optimiser (the reference shared one)."""
     import math
 
-    tr = make_trainer(repae_world, tmp_path / "run", **{"run.mixed_precision": precision})
+    tr = make_trainer(repae_world, tmp_path / "run", **{"trainer.mixed_precision": precision})
     scalers = {id(o.scaler) for o in (tr.opt_sit, tr.opt_vae, tr.opt_disc)}
     assert len(scalers) == 3
     assert all(o.scaler.is_enabled() == (precision == "fp16") for o in (tr.opt_sit, tr.opt_vae, tr.opt_disc))

@@ -34,7 +34,7 @@ def _train(world: Path, run: Path, nproc: int, batch: int, accum: int) -> None:
         world,
         run,
         **{
-            "data.batch_size": batch,
+            "data.batch_size_per_gpu": batch,
             "trainer.gradient_accumulation_steps": accum,
             "trainer.max_steps": STEPS,
             "trainer.checkpointing_steps": 2,

@@ -29,7 +29,7 @@ class FixedGlobalBatches:
     def __init__(self, trainer: Trainer, min_tokens: int = 3) -> None:
         cfg = trainer.cfg
         self.trainer = trainer
-        self.micro = cfg.data.batch_size
+        self.micro = cfg.data.batch_size_per_gpu
         self.accum = cfg.trainer.gradient_accumulation_steps
         self.global_batch = self.micro * self.accum * trainer.env.world_size
         self.size = cfg.data.resolution

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.files import write_json_atomic
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 REPORT_NAME = "report.json"
@@ -132,7 +134,7 @@ class ToyScorer(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(out / WEIGHTS_NAME))
-        (out / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
+        write_json_atomic(out / CONFIG_NAME, self.config, sort_keys=False)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> ToyScorer:
@@ -291,5 +293,5 @@ def train_scorer(
             recon = vae.decode(vae.encode(val).latent_dist.mode()).sample.clamp(-1, 1)
         report["heldout_vae"] = _evaluate(model, recon, val_attributes)
     model.save_pretrained(out_dir)
-    (Path(out_dir) / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(Path(out_dir) / REPORT_NAME, report, sort_keys=False)
     return report

@@ -47,6 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.config import ConfigError
+from common.files import write_json_atomic
 from common.shards import BadSample, validate_data_paths
 from common.vae_config import VaeSpec
 from fusedit.config import TrainConfig, load_config
@@ -202,9 +203,7 @@ def build_cache(
         "data_path": str(out / f"latents-{{000000..{len(urls) - 1:06d}}}.tar"),
         "counts": _sum_stats(out),
     }
-    tmp = out / f".{CACHE_INFO}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, out / CACHE_INFO)
+    write_json_atomic(out / CACHE_INFO, info, sort_keys=False)
     return info
 
 
@@ -218,7 +217,7 @@ def _write_stats(out: Path, index: int, encoder: _ShardEncoder) -> None:
     path = out / f".stats-part{index}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     merged = {k: int(old.get(k, 0)) + v for k, v in encoder.counts.items()}
-    path.write_text(json.dumps(merged) + "\n")
+    write_json_atomic(path, merged, indent=None, sort_keys=False)
 
 
 def _sum_stats(out: Path) -> dict[str, int]:

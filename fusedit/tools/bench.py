@@ -50,12 +50,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from common.files import write_json_atomic
+from common.randomness import STREAM_BENCH, derive_seed
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s per GPU. H200 has H100's compute, more memory.
 PEAK_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -278,7 +280,7 @@ class BatchSource:
         self.cfg, self.frozen, self.device, self.cached = cfg, frozen, device, cached
         self.kind, self.nums = parse_lengths(spec)
         self.max_len = cfg.data.max_prompt_length
-        self.batch_size = cfg.data.batch_size
+        self.batch_size = cfg.data.batch_size_per_gpu
         self.padded_length = lambda longest: _padded_length(longest, self.max_len, cfg.data.pad_to_multiple_of)
         self.latent_side = cfg.data.resolution // frozen.spatial_factor
         self.loader = self._loader() if use_loader else None
@@ -300,7 +302,9 @@ class BatchSource:
         if self.loader is not None:
             return self._from_loader(index)
         rng = np.random.default_rng([self.cfg.trainer.seed, index])
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed * 7919 + index)
+        gen = torch.Generator(device=self.device).manual_seed(
+            derive_seed(self.cfg.trainer.seed, (STREAM_BENCH,), index)
+        )
         lengths, ids = self._text(rng)
         batch = Batch(index, lengths, self.padded_length(max(lengths)), self.device, ids=ids)
         self._images(batch, gen)
@@ -784,7 +788,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-c", "--config", required=True, help="training YAML")
     p.add_argument("--steps", type=int, default=10, help="timed repetitions (each runs every variant once)")
     p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (compile, allocator, caches)")
-    p.add_argument("--batch-size", type=int, default=None, help="micro-batch (default: data.batch_size)")
+    p.add_argument("--batch-size", type=int, default=None, help="micro-batch (default: data.batch_size_per_gpu)")
     p.add_argument("--text-tokens", type=int, default=None, help="every caption exactly L tokens (= fixed:L)")
     p.add_argument(
         "--text-lengths",
@@ -822,7 +826,7 @@ def settings(args: argparse.Namespace, cfg: Any, dtype: torch.dtype, n_image: in
     return {
         "config": args.config,
         "overrides": args.overrides,
-        "batch_size": cfg.data.batch_size,
+        "batch_size": cfg.data.batch_size_per_gpu,
         "steps": args.steps,
         "warmup": args.warmup,
         "image_tokens": n_image,
@@ -841,16 +845,15 @@ def settings(args: argparse.Namespace, cfg: Any, dtype: torch.dtype, n_image: in
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build, run interleaved, and return the report as a dict."""
-    from fusedit.config import load_config
+    from fusedit.config import check_geometry, load_config
     from fusedit.flow import FlowMatching, build_scheduler
-    from fusedit.train.trainer import check_geometry
 
-    overrides = list(args.overrides) + ([f"data.batch_size={args.batch_size}"] if args.batch_size else [])
+    overrides = list(args.overrides) + ([f"data.batch_size_per_gpu={args.batch_size}"] if args.batch_size else [])
     cfg = load_config(args.config, overrides)
     device, notes = pick_device(args.device), []
     dtype = train_dtype(cfg, device, notes)
     frozen = load_frozen(cfg, device, dtype, notes, stand_in=args.random_frozen)
-    check_geometry(cfg, SimpleNamespace(spatial_factor=frozen.spatial_factor))
+    check_geometry(cfg, frozen.spatial_factor)
     kw = cfg.dit_kwargs(frozen.latent_channels, frozen.text_hidden)
     t = cfg.trainer
     flow = FlowMatching(build_scheduler(cfg), t.weighting_scheme, t.logit_mean, t.logit_std, t.mode_scale)
@@ -882,7 +885,7 @@ def build_report(
     notes: list[str],
 ) -> dict[str, Any]:
     """The JSON report: machine, settings, per-variant throughput/phases/MFU, comparison, loss check."""
-    b, side = cfg.data.batch_size, cfg.data.resolution // frozen.spatial_factor // cfg.model.patch_size
+    b, side = cfg.data.batch_size_per_gpu, cfg.data.resolution // frozen.spatial_factor // cfg.model.patch_size
     n_image, ckpt = side * side, cfg.trainer.enable_gradient_checkpointing
     ours = variants[0]
     # Model FLOPs count the text at OUR padded length for every variant: padding beyond it is waste,
@@ -968,7 +971,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_summary(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(args.out, report, sort_keys=False)
     return report
 
 

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.files import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "e2e-vae" / "toy.yaml"
 
@@ -184,7 +186,7 @@ def evaluate(toy: Path, run: Path, guidance: float | None, seed: int, samples: i
         "threads": torch_threads(),
     }
     save_grid(images[::samples], run / "heldout_grid.png", ncol=8)
-    (run / "scores.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(run / "scores.json", result, sort_keys=False)
     return result
 
 
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             "trainer.logging_steps=2",
             "trainer.checkpointing_steps=3",
             "trainer.sampling_steps=0",
-            "data.batch_size=8",
+            "data.batch_size_per_gpu=8",
             "data.dataloader_num_workers=0",
         ]
     if args.steps is not None:
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         result["timing_s"]["calibration_unit"] = round(unit, 3)
         result["timing_s"]["expected"] = round(expect, 1)
-    (run / "scores.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(run / "scores.json", result, sort_keys=False)
     print(f"wrote {run / 'scores.json'} and {run / 'heldout_grid.png'}")
     print(summary_line(result, total), flush=True)
     return 0 if args.quick or result["goals"]["met"] else 3

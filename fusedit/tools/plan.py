@@ -22,7 +22,6 @@ It never creates a process group and never imports DeepSpeed.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -32,8 +31,9 @@ from typing import Any, TextIO
 import torch
 
 from common.config import ConfigError, save_config
+from common.files import write_json_atomic
 from common.shards import check_brace_syntax, is_remote
-from fusedit.config import TrainConfig
+from fusedit.config import TrainConfig, check_geometry
 
 GIB = 1024**3
 
@@ -594,13 +594,7 @@ def check_data_paths(patterns: list[str]) -> list[PatternReport]:
 # --------------------------------------------------------------------------------------------
 def _tokens(cfg: TrainConfig, vae: VaeInfo, text_tokens: int | None) -> Tokens:
     """Token counts; the resolution must map to whole patches (as the trainer checks)."""
-    unit = vae.spatial_factor * cfg.model.patch_size
-    for name, value in (("data.resolution", cfg.data.resolution), ("gen.H", cfg.gen.H), ("gen.W", cfg.gen.W)):
-        if value % unit:
-            raise ConfigError(
-                f"{name}: {value} is not a multiple of VAE factor {vae.spatial_factor} x patch "
-                f"{cfg.model.patch_size} = {unit}"
-            )
+    check_geometry(cfg, vae.spatial_factor)
     latent = cfg.data.resolution // vae.spatial_factor
     side = latent // cfg.model.patch_size
     if text_tokens is None:
@@ -654,7 +648,7 @@ def _step_flops(
         vae_encoder_forward_per_sample=0
         if cfg.data.cached_latents
         else vae_encoder_forward_flops(vae, cfg.data.resolution),
-        samples_per_gpu=cfg.data.batch_size * cfg.trainer.gradient_accumulation_steps,
+        samples_per_gpu=cfg.data.batch_size_per_gpu * cfg.trainer.gradient_accumulation_steps,
         world_size=world_size,
         gradient_checkpointing=cfg.trainer.enable_gradient_checkpointing,
     )
@@ -663,7 +657,7 @@ def _step_flops(
 def _memory_plans(
     cfg: TrainConfig, n_dit: int, acts: Activations, frozen: dict[str, int], world_size: int
 ) -> dict[int, MemoryPlan]:
-    mp, micro = cfg.trainer.mixed_precision, cfg.data.batch_size
+    mp, micro = cfg.trainer.mixed_precision, cfg.data.batch_size_per_gpu
     return {
         stage: memory_plan(
             n_dit, frozen, acts, zero_stage=stage, world_size=world_size, micro_batch=micro, mixed_precision=mp
@@ -707,7 +701,7 @@ def build_plan(
         mixed_precision=cfg.trainer.mixed_precision,
         world_size=world_size,
         zero_stage=zero_stage,
-        micro_batch=cfg.data.batch_size,
+        micro_batch=cfg.data.batch_size_per_gpu,
         gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
         components=components,
         tokens=tokens,
@@ -876,9 +870,7 @@ def write_outputs(plan: Plan, cfg: TrainConfig) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     config_file, plan_file = out / "config.resolved.yaml", out / "plan.json"
     save_config(cfg, config_file)
-    tmp = plan_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-    tmp.replace(plan_file)
+    write_json_atomic(plan_file, plan.to_dict(), sort_keys=False)
     return config_file, plan_file
 
 

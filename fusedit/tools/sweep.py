@@ -125,7 +125,7 @@ def short_keys(keys: list[str]) -> dict[str, str]:
 
 
 def run_name(stem: str, point: dict[str, str], shorts: dict[str, str]) -> str:
-    """``toy__lr=1e-3__batch_size=32``: readable in ``ls`` and safe as a folder and job name."""
+    """``toy__lr=1e-3__batch_size_per_gpu=32``: readable in ``ls`` and safe as a folder and job name."""
     clean = lambda text: _NAME_UNSAFE.sub("_", text).strip("_") or "_"
     return "__".join([clean(stem)] + [f"{clean(shorts[k])}={clean(v)}" for k, v in point.items()])
 

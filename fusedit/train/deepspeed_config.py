@@ -88,12 +88,12 @@ def resolve_deepspeed_config(raw: dict[str, Any], cfg: TrainConfig, world_size: 
                 f"deepspeed.{section}: remove it from the JSON; the optimizer and LR schedule come "
                 f"from the YAML 'optimizer' and 'lr_scheduler' sections (one source of truth)"
             )
-    micro = cfg.data.batch_size
+    micro = cfg.data.batch_size_per_gpu
     accum = cfg.trainer.gradient_accumulation_steps
-    _fill(ds, "train_micro_batch_size_per_gpu", micro, "data.batch_size")
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, "data.batch_size_per_gpu")
     _fill(ds, "gradient_accumulation_steps", accum, "trainer.gradient_accumulation_steps")
     _fill(ds, "gradient_clipping", float(cfg.trainer.gradient_clipping), "trainer.gradient_clipping")
-    _fill(ds, "train_batch_size", micro * accum * world_size, "batch_size x accumulation x world size")
+    _fill(ds, "train_batch_size", micro * accum * world_size, "batch_size_per_gpu x accumulation x world size")
     _fill_section_flag(ds, "bf16", cfg.trainer.mixed_precision == "bf16")
     _fill_section_flag(ds, "fp16", cfg.trainer.mixed_precision == "fp16")
     zero = ds.setdefault("zero_optimization", {"stage": 0})

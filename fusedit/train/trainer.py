@@ -17,14 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from common import checkpoint as ckpt
@@ -33,8 +31,9 @@ from common.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier
 from common.files import write_json_atomic
 from common.metrics import MetricsLogger
 from common.randomness import data_seed_after_restart, sample_generators
+from common.signals import StopSignal
 from common.vae_config import VaeSpec
-from fusedit.config import TrainConfig
+from fusedit.config import TrainConfig, check_geometry
 from fusedit.flow import FlowMatching, build_scheduler
 from fusedit.latents import LatentCodec
 from fusedit.models.dit import DiT
@@ -85,7 +84,7 @@ def build_components(cfg: TrainConfig, device: torch.device, frozen_dtype: torch
         torch_dtype=frozen_dtype,
     ).to(device)
     codec = LatentCodec.from_spec(_vae_spec(cfg), torch_dtype=frozen_dtype).to(device)
-    check_geometry(cfg, codec)
+    check_geometry(cfg, codec.spatial_factor)
     if cfg.model.text_hidden_size and cfg.model.text_hidden_size != text_encoder.hidden_size:
         raise ConfigError(
             f"model.text_hidden_size: {cfg.model.text_hidden_size} but the text encoder "
@@ -124,7 +123,7 @@ def loader_from_config(
     return build_dataloader(
         d.data_path,
         tokenizer,
-        batch_size=d.batch_size,
+        batch_size=d.batch_size_per_gpu,
         resolution=d.resolution,
         center_crop=d.center_crop,
         image_column=d.image_column,
@@ -149,17 +148,6 @@ def _vae_spec(cfg: TrainConfig) -> VaeSpec:
     return VaeSpec.from_config(cfg.vae)
 
 
-def check_geometry(cfg: TrainConfig, codec: LatentCodec) -> None:
-    """Resolution must map to a whole number of patches; sample sizes likewise."""
-    unit = codec.spatial_factor * cfg.model.patch_size
-    for name, value in (("data.resolution", cfg.data.resolution), ("gen.H", cfg.gen.H), ("gen.W", cfg.gen.W)):
-        if value % unit:
-            raise ConfigError(
-                f"{name}: {value} is not a multiple of VAE factor {codec.spatial_factor} x patch "
-                f"{cfg.model.patch_size} = {unit}"
-            )
-
-
 def load_val_prompts(cfg: TrainConfig) -> list[str]:
     if cfg.gen.val_prompt:
         return list(cfg.gen.val_prompt)
@@ -176,8 +164,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, deepspeed_config_path: str | None = None) -> None:
         self.cfg = cfg
-        self._stop_signal: int | None = None
-        self._install_signals()  # early: a preemption during start-up still stops cleanly
+        self.stop_signal = StopSignal()  # early: a preemption during start-up still stops cleanly
         self.run_dir = Path(cfg.trainer.checkpoint_dir)
         ds_path = deepspeed_config_path or cfg.trainer.deepspeed_config
         ds_raw = load_deepspeed_json(ds_path)  # parse errors before any heavy work
@@ -203,7 +190,10 @@ class Trainer:
         self.samples_seen = 0
         self.data_seed = cfg.trainer.seed
         self.stream = None
-        resume_step = ckpt.resolve_resume(self.run_dir, cfg.trainer.resume_from) if self.run_dir else None
+        self.checkpoints = ckpt.CheckpointWriter(
+            self.run_dir, self.env.rank, self.env.is_main, cfg.trainer.checkpoints_total_limit
+        )
+        resume_step = self.checkpoints.resume_step(cfg.trainer.resume_from)
         self.resume_universal = resume_step is not None and self._prepare_universal_resume(resume_step)
         self.engine = self._build_engine()
         data_state = self._resume(resume_step) if resume_step is not None else None
@@ -292,8 +282,8 @@ class Trainer:
         """True when ``step`` was written at another world size: convert it (rank 0, once) to
         DeepSpeed's universal form and have the engine load that, re-partitioning the ZeRO
         optimizer state (fp32 master weights and Adam moments) for this world size."""
-        folder = ckpt.step_dir(self.run_dir, step)
-        saved = _read_json(folder / "trainer_state.json").get("world_size")
+        folder = self.checkpoints.folder(step)
+        saved = self.checkpoints.trainer_state(step).get("world_size")
         if saved == self.env.world_size:
             return False
         if self.env.is_main:
@@ -311,7 +301,7 @@ class Trainer:
 
     def _resume(self, step: int) -> dict | None:
         """Restore engine, EMA and counters of ``step``; return this rank's data position."""
-        folder = ckpt.step_dir(self.run_dir, step)
+        folder = self.checkpoints.folder(step)
         tag = ckpt.UNIVERSAL_TAG if self.resume_universal else "deepspeed"
         load_path, _ = self.engine.load_checkpoint(
             str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -319,14 +309,14 @@ class Trainer:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {folder / tag}")
         self.ema.load_state_dict({k: v.to(self.device) for k, v in ckpt.load_weights(folder / "ema").items()})
-        state = _read_json(folder / "trainer_state.json")
+        state = self.checkpoints.trainer_state(step)
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.data_seed = int(state.get("data_seed", self.cfg.trainer.seed))
-        data_file = folder / f"data_state_rank{self.env.rank}.json"
         if self.env.is_main:
             log.info("resumed from %s at step %d", folder, self.step)
-        if not self.resume_universal and data_file.is_file():
-            return _read_json(data_file)
+        data_state = self.checkpoints.data_state(step, self.env.world_size)
+        if data_state is not None:
+            return data_state
         # Stream positions are per rank and cannot be re-dealt to another world size. A fresh
         # stream under the old seed would replay the run's first samples, so it gets a new seed.
         self.data_seed = data_seed_after_restart(self.cfg.trainer.seed, self.step)
@@ -341,20 +331,11 @@ class Trainer:
         return None
 
     # --------------------------------------------------------------- training
-    def _signal_handler(self, signum, _frame) -> None:
-        self._stop_signal = signum
-
-    def _install_signals(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._signal_handler)
-
-    def _should_stop_for_signal(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
-        return bool(all_reduce_sum(flag).item() > 0)
-
     def sample_generators(self, micro: int, count: int) -> list[torch.Generator]:
         """One generator per sample of this micro-batch, keyed by its place in the global batch."""
-        first = (self.env.rank * self.cfg.trainer.gradient_accumulation_steps + micro) * self.cfg.data.batch_size
+        first = (
+            self.env.rank * self.cfg.trainer.gradient_accumulation_steps + micro
+        ) * self.cfg.data.batch_size_per_gpu
         return sample_generators(self.cfg.trainer.seed, self.step, first, count)
 
     def micro_step(self, batch: dict[str, Any], micro: int) -> torch.Tensor:
@@ -382,7 +363,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         data_iter = iter(self.loader)
         accum = cfg.trainer.gradient_accumulation_steps
-        global_batch = cfg.data.batch_size * accum * env.world_size
+        global_batch = cfg.data.batch_size_per_gpu * accum * env.world_size
         bar = tqdm(
             total=cfg.trainer.max_steps,
             initial=self.step,
@@ -412,7 +393,8 @@ class Trainer:
             if self.step % cfg.ema.update_steps == 0:
                 self.ema.update(self.engine.module)
             bar.update(1)
-            if self.step % cfg.trainer.logging_steps == 0 or self.step == cfg.trainer.max_steps:
+            logging_step = self.step % cfg.trainer.logging_steps == 0 or self.step == cfg.trainer.max_steps
+            if logging_step:
                 elapsed = time.perf_counter() - window_start
                 last = self._log(loss_sum / (window_steps * accum), skipped, window_steps, elapsed, data_wait)
                 bar.set_postfix(
@@ -424,11 +406,14 @@ class Trainer:
                 skipped, window_start, window_steps, data_wait = 0, time.perf_counter(), 0, 0.0
             if cfg.trainer.sampling_steps and self.step % cfg.trainer.sampling_steps == 0:
                 self.sample_grid()
-            stop = self._should_stop_for_signal()
+            # One collective to agree on a stop, on logging steps only (see common.signals).
+            stop = logging_step and self.stop_signal.agreed(self.device)
             if self.step % cfg.trainer.checkpointing_steps == 0 or self.step == cfg.trainer.max_steps or stop:
                 self.save_checkpoint()
             if stop:
-                log.warning("signal %s received: checkpointed at step %d, stopping", self._stop_signal, self.step)
+                log.warning(
+                    "signal %s received: checkpointed at step %d, stopping", self.stop_signal.received, self.step
+                )
                 break
         bar.close()
         self.metrics.close()
@@ -439,7 +424,7 @@ class Trainer:
         stats = torch.stack([mean_loss.float(), torch.tensor(float(skipped), device=self.device)])
         loss = all_reduce_mean(stats[:1]).item()
         skipped_all = int(all_reduce_sum(stats[1:]).item())
-        images = steps * cfg.data.batch_size * cfg.trainer.gradient_accumulation_steps * self.env.world_size
+        images = steps * cfg.data.batch_size_per_gpu * cfg.trainer.gradient_accumulation_steps * self.env.world_size
         grad_norm = self.engine.get_global_grad_norm()
         values = {
             "train/loss": loss,
@@ -457,39 +442,29 @@ class Trainer:
 
     # ---------------------------------------------------------- checkpointing
     def save_checkpoint(self) -> Path:
-        env, step = self.env, self.step
-        partial = ckpt.partial_dir(self.run_dir, step)
-        if env.is_main:
-            ckpt.clean_partials(self.run_dir)
-            partial.mkdir(parents=True)
-        barrier()
-        self.engine.save_checkpoint(
-            str(partial), tag="deepspeed", client_state=ckpt.universal_checkpoint_info(), save_latest=False
+        """Collective: DeepSpeed state on every rank, weights and records on rank 0 (common.checkpoint)."""
+        state = {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "world_size": self.env.world_size,
+            "seed": self.cfg.trainer.seed,
+            "data_seed": self.data_seed,
+            "time": time.time(),
+        }
+        return self.checkpoints.save(
+            self.step, state, self.stream.state_dict(), write_main=self._write_weights, write_all=self._write_engine
         )
-        write_json_atomic(partial / f"data_state_rank{env.rank}.json", self.stream.state_dict())
-        if env.is_main:
-            module = self.engine.module
-            ckpt.save_weights_folder(self.model_config, _with_buffers(self.ema.state_dict(), module), partial / "ema")
-            raw = dict(module.named_parameters())
-            ckpt.save_weights_folder(self.model_config, _with_buffers(raw, module), partial / "model")
-            write_json_atomic(partial / "vae.json", _vae_spec(self.cfg).__dict__)
-            write_json_atomic(
-                partial / "trainer_state.json",
-                {
-                    "step": step,
-                    "samples_seen": self.samples_seen,
-                    "world_size": env.world_size,
-                    "seed": self.cfg.trainer.seed,
-                    "data_seed": self.data_seed,
-                    "time": time.time(),
-                },
-            )
-        barrier()
-        if env.is_main:
-            ckpt.publish(self.run_dir, step)
-            ckpt.prune(self.run_dir, self.cfg.trainer.checkpoints_total_limit)
-        barrier()
-        return ckpt.step_dir(self.run_dir, step)
+
+    def _write_engine(self, partial: Path) -> None:
+        client_state = ckpt.universal_checkpoint_info()
+        self.engine.save_checkpoint(str(partial), tag="deepspeed", client_state=client_state, save_latest=False)
+
+    def _write_weights(self, partial: Path) -> None:
+        module = self.engine.module
+        ckpt.save_weights_folder(self.model_config, _with_buffers(self.ema.state_dict(), module), partial / "ema")
+        raw = dict(module.named_parameters())
+        ckpt.save_weights_folder(self.model_config, _with_buffers(raw, module), partial / "model")
+        write_json_atomic(partial / "vae.json", _vae_spec(self.cfg).__dict__)
 
     # --------------------------------------------------------------- sampling
     def sample_grid(self) -> Path | None:
@@ -541,13 +516,3 @@ def _with_buffers(params: dict[str, torch.Tensor], module: torch.nn.Module) -> d
         if name in persistent:
             out.setdefault(name, buf)
     return out
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(Path(path).read_text())
-
-
-def is_distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1

@@ -21,17 +21,17 @@ outside [1, depth] and wrongly sized inputs raise a clear ``ValueError`` (defect
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
 from torch import nn
+
+from common.weights import TRAINING_ARGS, load_weights_file, strip_prefixes
 
 TIMESTEP_FREQ_DIM = 256
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -353,20 +353,6 @@ def build_sit(arch: str, **kwargs) -> SiT:
     return SiT(**{**SIT_ARCHS[arch], **kwargs})
 
 
-def _strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove DDP (``module.``) / torch.compile (``_orig_mod.``) prefixes, also nested ones."""
-    out = {}
-    for name, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if name.startswith(prefix):
-                    name, stripped = name[len(prefix) :], True
-        out[name] = value
-    return out
-
-
 def load_reference_sit(path: str | Path, key: str = "ema") -> dict[str, torch.Tensor]:
     """SiT state dict from a reference checkpoint (``checkpoints/0400000.pt``) or a .safetensors file.
 
@@ -375,10 +361,9 @@ def load_reference_sit(path: str | Path, key: str = "ema") -> dict[str, torch.Te
     reference samples with) or ``model``; a file that already is a flat state dict is accepted.
     """
     path = Path(path)
+    obj = load_weights_file(path, allow=TRAINING_ARGS)
     if path.suffix == ".safetensors":
-        return _strip_wrapper_prefixes(load_file(str(path)))
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return strip_prefixes(obj)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     if key in obj and isinstance(obj[key], dict):
@@ -387,4 +372,4 @@ def load_reference_sit(path: str | Path, key: str = "ema") -> dict[str, torch.Te
         state = obj
     else:
         raise KeyError(f"{path}: no SiT state dict under {key!r}; top-level keys: {sorted(map(str, obj))}")
-    return _strip_wrapper_prefixes(state)
+    return strip_prefixes(state)

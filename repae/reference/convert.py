@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from common.weights import safe_torch_load, strip_key
+
 RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 ATTN_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 ATTN_LINEAR = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers attention parts stored as Linear
@@ -191,16 +193,6 @@ def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: 
     model.load_state_dict(sd, strict=True)
 
 
-def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
-    return key
-
-
 def load_reference_vae(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A reference VAE `.pt` (a plain LDM-layout state dict) as a dict of tensors.
 
@@ -209,7 +201,7 @@ def load_reference_vae(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     `first_stage_model.*` entries are kept; `module.`/`_orig_mod.` prefixes (DDP, torch.compile).
     `loss.*` entries (the LPIPS/discriminator of a CompVis autoencoder checkpoint) are dropped.
     """
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = safe_torch_load(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -219,7 +211,7 @@ def load_reference_vae(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for key, value in obj.items():
         if whole_ldm and not key.startswith("first_stage_model."):
             continue
-        key = _strip(key)
+        key = strip_key(key, PREFIXES)
         if key.startswith("loss."):
             continue
         if not isinstance(value, torch.Tensor):

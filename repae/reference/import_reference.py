@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from common.files import write_text_atomic
+from common.files import write_json_atomic, write_text_atomic
+from common.weights import TRAINING_ARGS, safe_torch_load
 from repae import checkpoint as rckpt
 
 LATENT_GEOMETRY = {"f8d4": (4, 8), "f16d32": (32, 16)}  # channels, spatial factor
@@ -47,8 +48,7 @@ def find_checkpoint(exp_dir: Path, step: int | None) -> Path:
 
 
 def read_reference(path: Path) -> dict[str, Any]:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = safe_torch_load(path, allow=TRAINING_ARGS)
     if not isinstance(obj, dict) or "ema" not in obj:
         raise ValueError(f"{path}: not a reference training checkpoint (expected keys model, ema, ...)")
     return obj
@@ -89,11 +89,12 @@ def encoder_dims(args: dict[str, Any]) -> list[int]:
 
 
 def _strict_sit(config: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    from repae.models.sit import SiT, _strip_wrapper_prefixes
+    from common.weights import strip_prefixes
+    from repae.models.sit import SiT
 
     with torch.device("meta"):
         sit = SiT(**config)
-    state = _strip_wrapper_prefixes(state)
+    state = strip_prefixes(state)
     missing = sorted(set(sit.state_dict()) - set(state))
     extra = sorted(set(state) - set(sit.state_dict()))
     if missing or extra:
@@ -145,17 +146,17 @@ def import_reference_run(
     folder.mkdir(parents=True, exist_ok=True)
     rckpt.save_tensors(ema, folder / "ema.safetensors")
     rckpt.save_tensors(model, folder / "sit.safetensors")
-    rckpt.write_json(folder / rckpt.SIT_CONFIG, config)
+    write_json_atomic(folder / rckpt.SIT_CONFIG, config)
     joint = isinstance(ckpt.get("vae"), dict)
     if joint:
         _write_vae(ckpt["vae"], args.get("vae") or "f8d4", folder / "vae", vae_config)
-        rckpt.write_json(folder / rckpt.VAE_SOURCE, {"folder": "vae"})
+        write_json_atomic(folder / rckpt.VAE_SOURCE, {"folder": "vae"})
         if isinstance(ckpt.get("discriminator"), dict):
             disc = {f"discriminator.{k}": v for k, v in ckpt["discriminator"].items()}
             rckpt.save_tensors(disc, folder / "discriminator.safetensors")
     else:
         source = {"name_or_path": args.get("vae") or "f16d32", "checkpoint": args.get("vae_ckpt"), "kind": "kl"}
-        rckpt.write_json(folder / rckpt.VAE_SOURCE, source)
+        write_json_atomic(folder / rckpt.VAE_SOURCE, source)
     channels, factor = LATENT_GEOMETRY[args.get("vae") or "f8d4"]
     side = int(args.get("resolution") or 256) // factor
     state = {
@@ -167,7 +168,7 @@ def import_reference_run(
         "resolution": int(args.get("resolution") or 256),
         "imported_from": str(path),
     }
-    rckpt.write_json(folder / "trainer_state.json", state)
+    write_json_atomic(folder / "trainer_state.json", state)
     write_text_atomic(out / "latest", f"{step_value}\n")
     return folder
 

@@ -26,3 +26,19 @@ def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
     """
     mse = (reference.double() - reconstruction.double().clamp(-1, 1)).pow(2).flatten(1).mean(1)
     return 10.0 * torch.log10(4.0 / mse)
+
+
+PIXEL_ROUNDING = ("round", "truncate")
+
+
+def quantise(images: torch.Tensor, low: float = -1.0, rounding: str = "round") -> torch.Tensor:
+    """Float images in ``[low, 1]`` -> uint8 of the same shape: ``(x - low) * 255 / (1 - low)``, clamped.
+
+    ``round`` takes the nearest level (what a PNG viewer and PIL's conversion give). ``truncate``
+    drops the fraction, as the reference REPA-E ``generate.py`` does: on average 0.5 grey levels
+    darker, which moves FID, so sample sets meant to be compared with published numbers use it.
+    """
+    if rounding not in PIXEL_ROUNDING:
+        raise ValueError(f"rounding must be one of {PIXEL_ROUNDING}, got {rounding!r}")
+    levels = ((images.float() - low) * (255.0 / (1.0 - low))).clamp(0, 255)
+    return (levels.round() if rounding == "round" else levels.floor()).to(torch.uint8)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from common.files import write_text_atomic, write_with
+from common.images import quantise
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS_DIR = ROOT / "prompts"
@@ -151,7 +152,7 @@ def load_named_prompts(path: str | Path) -> list[PromptItem]:
 # --------------------------------------------------------------------------------------------
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) in [0,1] -> (B,H,W,3) uint8, rounded like the reference's PIL conversion."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return quantise(images, low=0.0).permute(0, 2, 3, 1).contiguous()
 
 
 def save_png(pixels: torch.Tensor, path: Path) -> None:

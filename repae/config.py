@@ -144,6 +144,10 @@ class LossSection:
     discriminator_checkpoint: Optional[str] = None
     disc_channels: int = 64
     disc_layers: int = 3
+    # True reproduces the published recipe's losses exactly: LPIPS fed [-3, 1] (the reference maps
+    # its [-1, 1] images again) and separate discriminator passes for real and fake images. False
+    # (default) keeps this repository's fixes. See README "Reproducing published numbers".
+    reference_faithful: bool = False
     proj_coeff: float = 0.5
     vae_align_proj_coeff: float = 1.5
     path_type: str = "linear"
@@ -167,6 +171,7 @@ class LossSection:
             "discriminator_warmup_steps",
             "disc_channels",
             "disc_layers",
+            "reference_faithful",
         )
         return {n: getattr(self, n) for n in names}
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.files import write_json_atomic
-from common.images import psnr
+from common.images import psnr, quantise
 from common.randomness import STREAM_RECONSTRUCTION, derive_seed
 from common.vae_config import normalisation_constants, normalisation_source
 
@@ -243,11 +243,6 @@ def _save_pngs(batch_uint8: torch.Tensor, folder: Path, start: int) -> None:
         Image.fromarray(image).save(folder / f"{start + i:06d}.png")
 
 
-def _quantise(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8 with rounding (what a PNG of the reconstruction holds)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 # --------------------------------------------------------------------------------------------
 # One VAE
 # --------------------------------------------------------------------------------------------
@@ -359,7 +354,7 @@ def diagnose_vae(
                 stats_sample.update(z)
                 post_std.update(std)
                 if recon_dir is not None:
-                    _save_pngs(_quantise(recon), Path(recon_dir), done)
+                    _save_pngs(quantise(recon), Path(recon_dir), done)
                 if real_dir is not None:
                     _save_pngs(batch, Path(real_dir), done)
                 done += len(batch)

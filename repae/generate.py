@@ -20,7 +20,9 @@ What differs from the reference ``generate.py`` (spec 9, defects 10 and 15), on 
   Heun, CFG and interval, seed, label sampling, number of samples, precision), so a finished set
   short-circuits only an identical configuration; an explicit ``--out`` holding a different
   configuration is refused instead of silently reused.
-* Pixels are rounded (not truncated): ((x + 1) / 2 * 255).round().clamp(0, 255).
+* Pixels are truncated to uint8 as in the reference (``--pixels truncate``, the default, so FID
+  compares with published numbers); ``--pixels round`` takes the nearest level instead (+0.5 grey
+  levels on average). The choice is a setting: it names the folder and is kept in generate.json.
 * Labels are class-balanced by default (the later upstream protocol): N/C images per class.
 * Optional bf16 autocast of the SiT on CUDA (the VAE decode stays float32).
 """
@@ -44,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from common.files import write_json_atomic, write_with
+from common.images import PIXEL_ROUNDING, quantise
 from common.randomness import index_generators
 from repae.samplers import MODES, expected_nfe, run_sampler
 
@@ -123,10 +126,9 @@ def save_part(path: Path, images: np.ndarray) -> None:
     _write_atomic(path, lambda f: np.save(f, images, allow_pickle=False))
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B,3,H,W) in [-1,1] -> (B,H,W,3) uint8, rounded to the nearest level (not truncated)."""
-    pixels = ((images.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+def to_uint8(images: torch.Tensor, rounding: str = "truncate") -> np.ndarray:
+    """(B,3,H,W) in [-1,1] -> (B,H,W,3) uint8 (:func:`common.images.quantise`; the reference truncates)."""
+    return quantise(images, rounding=rounding).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------- generation
@@ -163,13 +165,14 @@ def generate_images(
     seed: int,
     velocity: Callable,
     device: torch.device,
+    pixels: str = "truncate",
 ) -> np.ndarray:
     """uint8 (len(indices), H, W, 3): sample, decode and convert the images with these global indices."""
     generators = index_generators(seed, indices)
     noise = torch.stack([torch.randn(tuple(bundle.latent_shape), generator=g) for g in generators]).to(device)
     y = labels[indices.start : indices.stop].to(device)
     latents = run_sampler(velocity, noise, y, null_label=null_label_of(bundle), generator=generators, **sampler_kwargs)
-    return to_uint8(bundle.decode(latents))
+    return to_uint8(bundle.decode(latents), pixels)
 
 
 def _distributed() -> bool:
@@ -195,6 +198,7 @@ def generate_to_npz(
     chunk_size: int = CHUNK_SIZE,
     precision: str = "fp32",
     keep_parts: bool = False,
+    pixels: str = "truncate",
 ) -> Path:
     """Generate this rank's missing chunks, then (rank 0, once every chunk exists) assemble the npz.
 
@@ -217,7 +221,7 @@ def generate_to_npz(
         batches = []
         for b in range(start, end, batch_size):
             indices = range(b, min(b + batch_size, end))
-            batches.append(generate_images(bundle, indices, labels, sampler_kwargs, seed, velocity, device))
+            batches.append(generate_images(bundle, indices, labels, sampler_kwargs, seed, velocity, device, pixels))
             bar.update(len(indices))
         save_part(part_path(out_dir, start, end), np.concatenate(batches))
     bar.close()
@@ -333,7 +337,7 @@ def validate_sampling(s: dict) -> None:
 
 def build_settings(
     *, run: str, tag: str, step: int | None, ema: bool, sampling: dict, num_samples: int, seed: int,
-    label_sampling: str, num_classes: int, precision: str,
+    label_sampling: str, num_classes: int, precision: str, pixels: str = "truncate",
 ) -> dict:  # fmt: skip
     """Everything that changes the images; two runs with equal settings produce the same npz."""
     return {
@@ -347,6 +351,7 @@ def build_settings(
         "label_sampling": label_sampling,
         "num_classes": int(num_classes),
         "precision": precision,
+        "pixels": pixels,
     }
 
 
@@ -357,7 +362,7 @@ def _fmt(value: float) -> str:
 def output_name(settings: dict) -> str:
     """Folder name carrying every setting.
 
-    e.g. ``myrun-400000-ema-sde250-cfg1.8-0-0.825-seed0-balanced-n50000-fp32``.
+    e.g. ``myrun-400000-ema-sde250-cfg1.8-0-0.825-seed0-balanced-n50000-fp32-truncate``.
     """
     where = settings["step"] if settings["step"] is not None else settings["tag"]
     sampler = f"{settings['mode']}{settings['num_steps']}" + ("-heun" if settings["heun"] else "")
@@ -374,6 +379,7 @@ def output_name(settings: dict) -> str:
         settings["label_sampling"],
         f"n{settings['num_samples']}",
         settings["precision"],
+        settings["pixels"],
     ]
     return "-".join(parts)
 
@@ -430,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-root", default=None, help="parent of the derived folder (default: <run>/samples)")
     p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK) if available, else cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--pixels",
+        choices=PIXEL_ROUNDING,
+        default="truncate",
+        help="uint8 conversion: truncate (the reference's; compare FID with published numbers) or round",
+    )
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="images per part file")
     p.add_argument("--keep-parts", action="store_true", help="keep the part files after assembling the npz")
     p.add_argument("--no-progress", action="store_true")
@@ -492,6 +504,7 @@ def prepare(args: argparse.Namespace, device: torch.device) -> Job:
         label_sampling=args.label_sampling,
         num_classes=bundle.num_classes,
         precision=precision,
+        pixels=args.pixels,
     )
     root = Path(args.sample_root) if args.sample_root else Path(args.run) / "samples"
     out_dir = Path(args.out) if args.out else root / output_name(settings)
@@ -530,6 +543,7 @@ def run_job(job: Job, args: argparse.Namespace, rank: int, world_size: int, devi
         chunk_size=args.chunk_size,
         precision=job.precision,
         keep_parts=args.keep_parts,
+        pixels=job.settings["pixels"],
     )
     if rank == 0:
         write_settings(out_dir, job.settings, runtime, complete=True)

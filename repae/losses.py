@@ -101,9 +101,11 @@ class FrozenLPIPS(nn.Module):
     not carry ~60 MB of VGG. Loading a state dict without them is therefore not an error.
     """
 
-    def __init__(self, metric: lpips.LPIPS) -> None:
+    def __init__(self, metric: lpips.LPIPS, reference_range: bool = False) -> None:
         super().__init__()
         self.metric = metric
+        # The reference maps its [-1, 1] inputs once more (x -> 2x - 1), so LPIPS sees [-3, 1].
+        self.reference_range = bool(reference_range)
         self.requires_grad_(False)
         super().train(False)
         self.register_state_dict_post_hook(_drop_own_keys)
@@ -116,8 +118,9 @@ class FrozenLPIPS(nn.Module):
         """Per-sample LPIPS distance (B,) between images in [-1, 1], computed in float32."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             # Our images are already in [-1, 1], the range lpips.LPIPS expects with
-            # normalize=False: feed them unchanged (the reference rescaled them again, defect 8).
-            return self.metric(x.float(), y.float(), normalize=False).flatten()
+            # normalize=False: feed them unchanged (the reference rescaled them again, defect 8;
+            # reference_range=True reproduces that, as the published E2E-VAEs were trained).
+            return self.metric(x.float(), y.float(), normalize=self.reference_range).flatten()
 
 
 def _drop_own_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -184,7 +187,7 @@ def _load_lpips_backbone(metric: lpips.LPIPS, path: str | Path) -> None:
     metric.net.load_state_dict(found, strict=True)
 
 
-def build_lpips(net: str = "vgg", backbone: str = "torchvision") -> FrozenLPIPS:
+def build_lpips(net: str = "vgg", backbone: str = "torchvision", reference_range: bool = False) -> FrozenLPIPS:
     """LPIPS perceptual distance (frozen, eval) on images in [-1, 1]; forward gives (B,) distances.
 
     `net` is the trunk: "vgg" (the reference's choice), "alex" or "squeeze". The calibrated
@@ -219,7 +222,7 @@ def build_lpips(net: str = "vgg", backbone: str = "torchvision") -> FrozenLPIPS:
     else:
         metric = _new_lpips(net, random_backbone=True)
         _load_lpips_backbone(metric, backbone)
-    return FrozenLPIPS(metric)
+    return FrozenLPIPS(metric, reference_range)
 
 
 # ---------------------------------------------------------------------------------- discriminator
@@ -430,8 +433,12 @@ class VAELoss(nn.Module):
         discriminator_warmup_steps: int = 0,
         disc_channels: int = 64,
         disc_layers: int = 3,
+        reference_faithful: bool = False,
     ) -> None:
         super().__init__()
+        # The published recipe's two quirks (spec 4.3, 4.4): LPIPS fed [-3, 1] and the discriminator
+        # run separately on real and fake images. Off by default (our fixes); on to reproduce it.
+        self.reference_faithful = bool(reference_faithful)
         if reconstruction_loss not in RECONSTRUCTION_LOSSES:
             raise ValueError(f"reconstruction_loss must be one of {RECONSTRUCTION_LOSSES}, got {reconstruction_loss!r}")
         self.reconstruction_loss = reconstruction_loss
@@ -445,7 +452,11 @@ class VAELoss(nn.Module):
         self.lecam_weight = float(lecam_weight)
         self.lecam_decay = float(lecam_decay)
         self.discriminator_warmup_steps = int(discriminator_warmup_steps)
-        self.lpips = build_lpips(perceptual_net, perceptual_backbone) if self.perceptual_weight > 0 else None
+        self.lpips = (
+            build_lpips(perceptual_net, perceptual_backbone, reference_range=self.reference_faithful)
+            if self.perceptual_weight > 0
+            else None
+        )
         self.discriminator = NLayerDiscriminator(3, disc_channels, disc_layers)
         # Always registered (persistent) so checkpoints have the same keys whether LeCam is on or not.
         self.register_buffer("lecam_ema_real", torch.zeros(()))
@@ -497,8 +508,11 @@ class VAELoss(nn.Module):
             gan = d_weight = x.new_zeros(())
             if factor > 0 and self.discriminator_weight > 0:
                 with _frozen(self.discriminator):
-                    logits = self.discriminator(torch.cat([x.detach(), recon]))
-                gan = hinge_g_loss(logits[x.shape[0] :])
+                    if self.reference_faithful:  # the reference: fake images alone
+                        fake_logits = self.discriminator(recon)
+                    else:
+                        fake_logits = self.discriminator(torch.cat([x.detach(), recon]))[x.shape[0] :]
+                gan = hinge_g_loss(fake_logits)
                 d_weight = self._gan_weight(rec + perc, gan, last_layer)
             weighted_gan = d_weight * factor * gan
             total = rec + perc + kl + weighted_gan
@@ -542,9 +556,13 @@ class VAELoss(nn.Module):
             logs = dict.fromkeys(("discriminator_loss", "logits_real", "logits_fake", "lecam_loss"), 0.0)
             return zero, logs
         with torch.autocast(device_type=x.device.type, enabled=False):
-            batch = x.shape[0]
-            logits = self.discriminator(torch.cat([x.detach().float(), recon.detach().float()]))
-            real, fake = logits[:batch], logits[batch:]
+            if self.reference_faithful:  # the reference: two passes, two sets of batch statistics
+                real = self.discriminator(x.detach().float())
+                fake = self.discriminator(recon.detach().float())
+            else:
+                batch = x.shape[0]
+                logits = self.discriminator(torch.cat([x.detach().float(), recon.detach().float()]))
+                real, fake = logits[:batch], logits[batch:]
             loss = self.discriminator_factor * hinge_d_loss(real, fake)
             lecam = zero
             if self.lecam_weight > 0:

@@ -32,9 +32,14 @@ SDE_LAST_TIME = 0.04  # the SDE grid runs 1 -> 0.04 with noise, then one determi
 
 # ----------------------------------------------------------------------------------- time grids
 def ode_time_grid(num_steps: int) -> torch.Tensor:
-    """(N+1,) float64 grid t_i = 1 - i/N, i = 0..N (1 -> 0)."""
+    """(N+1,) float64 grid from 1 to 0: ``torch.linspace(1, 0, N + 1)``, the reference's grid bit for bit.
+
+    ``1 - i/N`` is the same grid on paper but differs by one ulp at many points, and a CFG interval
+    bound that falls on a grid point (N = 50, guidance_low = 0.2) then flips that step in or out
+    of guidance: sampled latents moved by up to 4.6e-2 against the reference.
+    """
     _check_steps(num_steps)
-    return 1.0 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+    return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
 
 
 def sde_time_grid(num_steps: int) -> torch.Tensor:
@@ -111,7 +116,7 @@ def euler_sampler(
     guidance_high: float = 1.0,
     null_label: int,
 ) -> torch.Tensor:
-    """Integrate dx/dt = v from t=1 (``noise``) to t=0 on the grid t_i = 1 - i/N (spec 7.1).
+    """Integrate dx/dt = v from t=1 (``noise``) to t=0 on the grid t_i = 1 - i/N (spec 7.1; :func:`ode_time_grid`).
 
     Euler: x <- x + (t_{i+1} - t_i) v(x, t_i). Heun adds, on every step but the last (whose end
     point t=0 the model never saw in training), a corrector v' at (x_Euler, t_{i+1}) and steps with

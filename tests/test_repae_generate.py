@@ -223,12 +223,23 @@ def test_sample_seeds_are_distinct_within_and_across_global_seeds():
     assert all(0 <= s < 2**32 for s in seeds0)
 
 
-def test_to_uint8_rounds_instead_of_truncating():
+def test_to_uint8_truncates_like_the_reference_and_can_round():
     levels = torch.tensor([-1.0, -2.0, 1.0, 3.0, 2 * 0.6 / 255 - 1, 2 * 254.5001 / 255 - 1])
     x = levels.view(1, 1, 1, -1).expand(1, 3, 1, -1)
     out = gen.to_uint8(x)
     assert out.dtype == np.uint8 and out.shape == (1, 1, 6, 3)
-    assert out[0, 0, :, 0].tolist() == [0, 0, 255, 255, 1, 255]
+    reference = (255 * ((x + 1) / 2)).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # spec 7.4
+    assert (out == reference).all() and out[0, 0, :, 0].tolist() == [0, 0, 255, 255, 0, 254]
+    assert gen.to_uint8(x, "round")[0, 0, :, 0].tolist() == [0, 0, 255, 255, 1, 255]
+
+
+def test_ode_grid_is_the_references_linspace_not_one_minus_i_over_n():
+    from repae.samplers import ode_time_grid
+
+    grid = ode_time_grid(50)
+    assert torch.equal(grid, torch.linspace(1, 0, 51, dtype=torch.float64))
+    ours_before = 1.0 - torch.arange(51, dtype=torch.float64) / 50
+    assert (grid != ours_before).any(), "the two grids differ by an ulp somewhere (why the choice matters)"
 
 
 # --------------------------------------------------------------------------- tiny generator
@@ -353,7 +364,7 @@ def test_cli_names_folder_from_settings_skips_done_and_refuses_foreign_out(tmp_p
     base = ["--run", str(run), "--num-samples", "10", "--batch-size", "4", "--no-progress", "--device", "cpu"]
     assert gen.main(base) == 0
     folders = list((run / "samples").iterdir())
-    assert [f.name for f in folders] == ["myrun-1234-ema-ode3-cfg1-0-1-seed0-balanced-n10-fp32"]  # run config
+    assert [f.name for f in folders] == ["myrun-1234-ema-ode3-cfg1-0-1-seed0-balanced-n10-fp32-truncate"]  # run config
     record = json.loads((folders[0] / gen.SETTINGS_NAME).read_text())
     assert record["complete"] and record["settings"]["mode"] == "ode" and record["settings"]["num_steps"] == 3
     arr, lab = _npz(folders[0] / gen.NPZ_NAME)
@@ -366,7 +377,7 @@ def test_cli_names_folder_from_settings_skips_done_and_refuses_foreign_out(tmp_p
 
     assert gen.main([*base, "--mode", "sde", "--cfg-scale", "1.5", "--guidance-high", "0.7", "--seed", "3"]) == 0
     names = sorted(f.name for f in (run / "samples").iterdir())
-    assert "myrun-1234-ema-sde250-cfg1.5-0-0.7-seed3-balanced-n10-fp32" in names
+    assert "myrun-1234-ema-sde250-cfg1.5-0-0.7-seed3-balanced-n10-fp32-truncate" in names
     assert counting.calls == 3 * 250
 
     capsys.readouterr()

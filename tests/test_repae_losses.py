@@ -393,7 +393,7 @@ def test_lpips_torchvision_backbone_offline_error(tmp_path, monkeypatch, no_netw
 def test_vae_loss_lpips_frozen_excluded_and_eval(vgg_random, monkeypatch):
     import repae.losses as losses
 
-    monkeypatch.setattr(losses, "build_lpips", lambda net, backbone: vgg_random)
+    monkeypatch.setattr(losses, "build_lpips", lambda net, backbone, **_: vgg_random)
     loss_fn = VAELoss(perceptual_weight=1.0, perceptual_backbone="random", disc_channels=8)
     loss_fn.train()
     assert not loss_fn.lpips.training and not loss_fn.lpips.metric.lin0.training
@@ -408,3 +408,30 @@ def test_vae_loss_lpips_frozen_excluded_and_eval(vgg_random, monkeypatch):
     total.backward()
     assert logs["perceptual_loss"] > 0 and recon.grad is not None
     assert all(p.grad is None for p in loss_fn.lpips.parameters())
+
+
+# ------------------------------------------------------------------ the reference-faithful recipe
+def test_reference_faithful_lpips_sees_the_references_range():
+    """The reference maps [-1, 1] images once more (x -> 2x - 1): LPIPS sees [-3, 1] (spec 4.4)."""
+    ours = build_lpips("squeeze", "random")
+    faithful = build_lpips("squeeze", "random", reference_range=True)
+    x, recon = _images()
+    x, recon = x.detach(), recon.detach()
+    assert torch.allclose(faithful(x, recon), ours(2 * x - 1, 2 * recon - 1))
+    assert not torch.allclose(faithful(x, recon), ours(x, recon))
+
+
+def test_reference_faithful_discriminator_runs_real_and_fake_apart():
+    calls = []
+    for faithful in (False, True):
+        loss_fn = _loss(reference_faithful=faithful, discriminator_weight=0.1)
+        loss_fn.train()
+        sizes = []
+        hook = loss_fn.discriminator.register_forward_pre_hook(lambda _m, args, s=sizes: s.append(args[0].shape[0]))
+        x, recon = _images()
+        loss_fn.discriminator_loss(x, recon, step=0)
+        loss_fn.generator_loss(x, recon, _posterior(), step=0)
+        hook.remove()
+        calls.append(sizes)
+    assert calls[0] == [4, 4]  # ours: one concatenated pass each (real + fake)
+    assert calls[1] == [2, 2, 2]  # reference: real, fake for D; fake alone for G

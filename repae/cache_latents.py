@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", required=True, nargs="+", help="brace pattern(s) of labelled tar shards")
     parser.add_argument("--out", required=True)
     parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="images per process per encoder call")
     parser.add_argument("--label", default="cls", help="'cls' or 'toy:<attr>+<attr>'")
     parser.add_argument("--fp16", action="store_true", help="store mean/std as float16")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast for encoding")

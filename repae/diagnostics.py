@@ -709,7 +709,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--shards", action="append", help="local webdataset tar pattern(s), brace-expanded")
     p.add_argument("--resolution", type=int, default=256, help="centre-crop and resize to this size")
     p.add_argument("--num-images", type=int, default=1000, help="use the first N images (0 = all)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (one process)")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior-sample noise")
     p.add_argument("--reconstruct-from", choices=("mean", "sample"), default="mean")
     p.add_argument("--lpips-backbone", default="torchvision", help="torchvision | random | PATH (repae.losses)")

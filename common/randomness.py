@@ -45,15 +45,24 @@ def fmix32(h: int) -> int:
     return h ^ (h >> 16)
 
 
+def stream_hash(seed: int, key: Sequence[int]) -> int:
+    """32-bit hash naming the stream (``seed``, ``key``); compute it once per stream, not per item."""
+    name = ",".join(str(int(v)) for v in (seed, *key))
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
+
+
+def seed_in_stream(stream: int, index: int) -> int:
+    """Seed of item ``index`` of the stream whose :func:`stream_hash` is ``stream``."""
+    return fmix32((int(index) ^ stream) & MASK32)
+
+
 def derive_seed(seed: int, key: Sequence[int], index: int) -> int:
     """The 32-bit seed of item ``index`` of the stream named by (``seed``, ``key``).
 
     ``index XOR hash32(seed, key)``, then :func:`fmix32`: injective in ``index`` (< 2^32) for one
     stream; two streams collide on a given small index only if their hashes agree (chance 2^-32).
     """
-    name = ",".join(str(int(v)) for v in (seed, *key))
-    stream = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
-    return fmix32((int(index) ^ stream) & MASK32)
+    return seed_in_stream(stream_hash(seed, key), index)
 
 
 def sample_seed(seed: int, step: int, index: int) -> int:
@@ -63,7 +72,8 @@ def sample_seed(seed: int, step: int, index: int) -> int:
 
 def sample_generators(seed: int, step: int, first_index: int, count: int) -> list[torch.Generator]:
     """CPU generators for samples ``first_index .. first_index + count - 1`` of step ``step``."""
-    return [torch.Generator().manual_seed(sample_seed(seed, step, first_index + i)) for i in range(count)]
+    stream = stream_hash(seed, (STREAM_SAMPLE, step))  # once per call: this runs every micro-step
+    return [torch.Generator().manual_seed(seed_in_stream(stream, first_index + i)) for i in range(count)]
 
 
 def randn(shape: Sequence[int], generator: Generators, device: torch.device | str) -> torch.Tensor:
@@ -103,4 +113,5 @@ def index_seed(seed: int, index: int) -> int:
 
 def index_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per item (CPU so the draws are the same whatever device samples)."""
-    return [torch.Generator().manual_seed(index_seed(seed, i)) for i in indices]
+    stream = stream_hash(seed, ())
+    return [torch.Generator().manual_seed(seed_in_stream(stream, i)) for i in indices]

@@ -80,18 +80,20 @@ def allreduce_grads(params: list[nn.Parameter]) -> None:
         g.copy_(synced)
 
 
-def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Means over processes of on-device scalars: one stack, one all-reduce, one host copy."""
+def mean_over_ranks(values: dict[str, torch.Tensor | float], device: torch.device) -> dict[str, float]:
+    """Means over processes of scalars (device tensors or numbers): one stack, one all-reduce, one host copy."""
     if not values:
         return {}
     keys = sorted(values)
-    stacked = torch.stack([values[k].detach().double().reshape(()) for k in keys])
+    stacked = torch.stack([torch.as_tensor(values[k], device=device).detach().double().reshape(()) for k in keys])
     return dict(zip(keys, all_reduce_mean(stacked).tolist()))
 
 
-def on_device(values: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """Detached scalar tensors on ``device`` (Python numbers are copied there, no host sync)."""
-    return {k: torch.as_tensor(v, device=device).detach().float().reshape(()) for k, v in values.items()}
+def detached(values: dict[str, Any]) -> dict[str, torch.Tensor | float]:
+    """Step metrics without a host sync: tensors are detached where they are, numbers stay numbers
+    (the loss module's logs are already floats; copying them back to the device every step would
+    only add transfers). :func:`mean_over_ranks` moves everything to the device once per log."""
+    return {k: v.detach().float().reshape(()) if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()}
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -341,11 +343,11 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 for k, v in metrics.items():  # on the device: no host sync until the logging step
-                    window[k] = window[k] + v if k in window else v.detach().clone()
+                    window[k] = window[k] + v if k in window else v
                 window_n += 1
                 logging_step = self.step % cfg.trainer.logging_steps == 0 or self.step == cfg.trainer.max_steps
                 if logging_step:
-                    values = mean_over_ranks({k: v / window_n for k, v in window.items()})
+                    values = mean_over_ranks({k: v / window_n for k, v in window.items()}, self.device)
                     values["steps_per_s"] = window_n / max(time.time() - t0, 1e-9)
                     values["skipped_samples"] = getattr(self.loader, "skipped", 0)
                     logger.log(self.step, values)
@@ -557,7 +559,7 @@ class JointTrainer(Trainer):
         return self.vae.decode(z).float()
 
     # -- the step ----------------------------------------------------------------------------
-    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | float]:
         cfg, dev = self.cfg, self.device
         images, labels, g, zs = self.batch_inputs(batch)
         x = to_unit(images)
@@ -578,7 +580,7 @@ class JointTrainer(Trainer):
         noise = torch.randn(z.shape, generator=g, device=self.device, dtype=torch.float32)
         return t, noise
 
-    def vae_phase(self, x, recon, posterior, z, labels, zs, t, noise) -> dict[str, torch.Tensor]:
+    def vae_phase(self, x, recon, posterior, z, labels, zs, t, noise) -> dict[str, torch.Tensor | float]:
         """VAE losses + REPA through the frozen, eval-mode SiT; steps the VAE only."""
         from repae.losses import repa_loss
         from repae.transport import interpolate
@@ -603,20 +605,20 @@ class JointTrainer(Trainer):
         norm, finite = self.opt_vae.step()
         self._guard(finite)
         metrics = {**gdict, "vae_loss": loss, "vae_align_loss": align, "grad_norm_vae": norm}
-        return on_device(metrics, self.device)
+        return detached(metrics)
 
-    def disc_phase(self, x, recon) -> dict[str, torch.Tensor]:
+    def disc_phase(self, x, recon) -> dict[str, torch.Tensor | float]:
         with autocast(self.device, self.cfg.trainer.mixed_precision):
             d_loss, ddict = self.loss_fn.discriminator_loss(x, recon.detach(), self.step)
         if not d_loss.requires_grad:  # before discriminator_start: nothing to train
-            return on_device({"d_loss": d_loss, **ddict}, self.device)
+            return detached({"d_loss": d_loss, **ddict})
         self.opt_disc.backward(d_loss)
         allreduce_grads(self.opt_disc.params)
         norm, finite = self.opt_disc.step()
         self._guard(finite)
-        return on_device({"d_loss": d_loss, "grad_norm_disc": norm, **ddict}, self.device)
+        return detached({"d_loss": d_loss, "grad_norm_disc": norm, **ddict})
 
-    def sit_phase(self, z, labels, zs, t, noise, g) -> dict[str, torch.Tensor]:
+    def sit_phase(self, z, labels, zs, t, noise, g) -> dict[str, torch.Tensor | float]:
         """Denoising + REPA on the detached latent; BatchNorm in train mode over the global batch."""
         from repae.losses import repa_loss
         from repae.transport import denoising_loss, interpolate
@@ -635,7 +637,7 @@ class JointTrainer(Trainer):
         norm, finite = self.opt_sit.step()
         self._guard(finite)
         metrics = {"sit_loss": loss, "denoising_loss": den, "proj_loss": proj, "grad_norm_sit": norm}
-        return on_device(metrics, self.device)
+        return detached(metrics)
 
 
 def parse_args(

@@ -24,7 +24,7 @@ from common.files import write_json_atomic
 from repae import checkpoint as rckpt
 from repae.config import ConfigError, RepaeConfig
 from repae.ema import ModelEMA
-from repae.train import Optim, Trainer, autocast, load_configured_vae, on_device, run, to_unit, vae_source
+from repae.train import Optim, Trainer, autocast, detached, load_configured_vae, run, to_unit, vae_source
 
 
 class LdmTrainer(Trainer):
@@ -91,7 +91,7 @@ class LdmTrainer(Trainer):
         with torch.no_grad():
             return self.vae.encode(to_unit(images)).sample(g).float()
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | float]:
         from repae.losses import repa_loss
         from repae.transport import denoising_loss, interpolate, sample_time
 
@@ -114,7 +114,7 @@ class LdmTrainer(Trainer):
         self._guard(finite)
         self.ema.update(self.sit)
         metrics = {"sit_loss": loss, "denoising_loss": den, "proj_loss": proj, "grad_norm_sit": norm}
-        return on_device(metrics, self.device)
+        return detached(metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,10 @@ original?), so the report puts runs next to each other: every logged metric of e
 same axes, one table per checkpoint step with a column per run (and their difference for a pair),
 and the held-out grids of the same prompts and seeds side by side. Optionally the REPA-E run that
 produced the tuned VAE: its curves and the original-vs-tuned VAE table (PSNR/SSIM/LPIPS/rFID,
-per-channel latent spatial variance).
+per-channel latent spatial variance). Optionally, first on the page, a multi-seed paired study
+(``--study``: the summary of ``evaluation.statistics.summarize_study`` as JSON): a verdict per
+metric, each arm's mean curve over a shaded interval band, and tables of the per-step difference
+B - A, the area under the curve and the steps to a threshold.
 
 The page is self-contained and static: no JavaScript, no external CSS or fonts, images copied next
 to it and referenced by relative path, so the folder can be zipped, mailed or served as is. Plots
@@ -31,7 +34,7 @@ import math
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -359,6 +362,134 @@ def _draw_legend(draw, box, names: list[str], colors: Mapping[str, str], font, s
         x -= 12 * s
 
 
+# a band's opacity: the mean lines, the grid and the other arm's band stay visible through it
+BAND_ALPHA = 0.22
+Band = list[tuple[float, float | None, float | None, float | None]]  # (step, mean, low, high)
+
+
+def _finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _band_points(points: Iterable[Mapping[str, Any]]) -> Band:
+    """(step, mean, low, high) per record with a finite step, sorted; non-finite numbers become None."""
+    out = []
+    for point in points:
+        if not isinstance(point, Mapping) or not _finite(point.get("step")):
+            continue
+        mean, low, high = (float(point[k]) if _finite(point.get(k)) else None for k in ("mean", "low", "high"))
+        if low is not None and high is not None and low > high:
+            low, high = high, low
+        out.append((float(point["step"]), mean, low, high))
+    return sorted(out, key=lambda p: p[0])
+
+
+def _paste_vertical_text(image, text: str, x: int, y_mid: float, font, color: str) -> None:
+    """``text`` rotated a quarter turn (read bottom to top), its left edge at ``x``, centred on ``y_mid``."""
+    from PIL import Image, ImageColor, ImageDraw
+
+    probe = ImageDraw.Draw(image)
+    box = probe.textbbox((0, 0), text, font=font)
+    mask = Image.new("L", (box[2] - box[0] + 4, box[3] - box[1] + 4), 0)
+    ImageDraw.Draw(mask).text((2 - box[0], 2 - box[1]), text, fill=255, font=font)
+    mask = mask.rotate(90, expand=True)
+    top = max(0, int(y_mid - mask.height / 2))
+    image.paste(ImageColor.getrgb(color), (x, top, x + mask.width, top + mask.height), mask)
+
+
+def band_plot(
+    curves: Mapping[str, list[dict]],
+    colors: Mapping[str, str],
+    title: str,
+    path: Path,
+    *,
+    ylabel: str | None = None,
+) -> Path:
+    """One PNG: per arm a translucent band from ``low`` to ``high`` under its ``mean`` line (points marked).
+
+    ``curves``: arm -> ``[{"step", "mean", "low", "high", ...}, ...]`` (None or non-finite where
+    undefined). Neighbouring steps with both bounds make a band; an interval standing alone (a
+    single step, or between steps without bounds) is an error bar instead. With a single step each
+    arm is nudged sideways so that the error bars do not hide each other. Same axes, ticks and
+    legend as :func:`line_plot`; log y when every value is positive and spans more than two decades.
+    """
+    from PIL import Image, ImageColor, ImageDraw
+
+    s, width, height = 2, 560, 320
+    left, right, top, bottom = (80 if ylabel else 64) * s, 14 * s, 30 * s, 40 * s
+    image = Image.new("RGB", (width * s, height * s), "white")
+    draw = ImageDraw.Draw(image)
+    font, small = _font(13 * s), _font(11 * s)
+    points = {name: _band_points(curve) for name, curve in curves.items()}
+    points = {k: v for k, v in points.items() if any(p[1] is not None or p[2] is not None for p in v)}
+    xs = [p[0] for v in points.values() for p in v]
+    values = [y for v in points.values() for p in v for y in p[1:] if y is not None]
+    log = _use_log(values)
+    ty = (lambda y: math.log10(y)) if log else (lambda y: y)
+    draw.text((left, 8 * s), title + ("  (log scale)" if log else ""), fill="black", font=font)
+    box = (left, top, width * s - right, height * s - bottom)
+    draw.rectangle(box, outline="#444444", width=s)
+    if ylabel:
+        _paste_vertical_text(image, ylabel, 4 * s, (box[1] + box[3]) / 2, small, "#444444")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not xs:
+        draw.text((left + 10 * s, top + 10 * s), "no finite values", fill="#888888", font=small)
+        image.resize((width, height), Image.LANCZOS).save(path)
+        return path
+    x0, x1 = _padded(min(xs), max(xs), 0.02)
+    y0, y1 = _padded(min(map(ty, values)), max(map(ty, values)), 0.06)
+    to_px = lambda x, y: (  # noqa: E731
+        box[0] + (x - x0) / (x1 - x0) * (box[2] - box[0]),
+        box[3] - (y - y0) / (y1 - y0) * (box[3] - box[1]),
+    )
+    _draw_ticks(draw, box, (x0, x1), (y0, y1), to_px, small, s, log)
+    single = len(set(xs)) == 1
+    names = list(points)
+    nudge = {n: (i - (len(names) - 1) / 2) * 8 * s if single else 0.0 for i, n in enumerate(names)}
+    px = lambda name, x, y: (to_px(x, ty(y))[0] + nudge[name], to_px(x, ty(y))[1])  # noqa: E731
+
+    # bands: runs of neighbouring steps that all have both bounds; each arm composited on its own layer
+    canvas = image.convert("RGBA")
+    lone: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
+    for name, pts in points.items():
+        rgb = ImageColor.getrgb(colors.get(name, "black"))[:3]
+        layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+        layer_draw = ImageDraw.Draw(layer)
+        runs: list[list[tuple[float, float, float]]] = [[]]
+        for x, _, low, high in pts:
+            if low is None or high is None:
+                runs.append([])
+            else:
+                runs[-1].append((x, low, high))
+        for run in runs:
+            if len(run) == 1:
+                lone[name].append(run[0])
+            elif len(run) > 1:
+                outline = [px(name, x, hi) for x, _, hi in run] + [px(name, x, lo) for x, lo, _ in reversed(run)]
+                layer_draw.polygon(outline, fill=(*rgb, round(255 * BAND_ALPHA)))
+        canvas = Image.alpha_composite(canvas, layer)
+    image = canvas.convert("RGB")
+    draw = ImageDraw.Draw(image)
+
+    for name, pts in points.items():
+        color = colors.get(name, "black")
+        for x, low, high in lone[name]:  # error bars with caps
+            (bx, by_low), (_, by_high) = px(name, x, low), px(name, x, high)
+            draw.line((bx, by_low, bx, by_high), fill=color, width=2 * s)
+            for by in (by_low, by_high):
+                draw.line((bx - 4 * s, by, bx + 4 * s, by), fill=color, width=2 * s)
+        xy = [px(name, x, mean) for x, mean, _, _ in pts if mean is not None]
+        if len(xy) > 1:
+            draw.line(xy, fill=color, width=2 * s, joint="curve")
+        if len(xy) <= 30:
+            for cx, cy in xy:
+                draw.ellipse((cx - 3 * s, cy - 3 * s, cx + 3 * s, cy + 3 * s), fill=color)
+    _draw_legend(draw, box, names, colors, small, s)
+    draw.text((box[2] - 30 * s, height * s - 18 * s), "step", fill="#444444", font=small)
+    image.resize((width, height), Image.LANCZOS).save(path)
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # HTML
 # --------------------------------------------------------------------------------------------
@@ -380,6 +511,7 @@ figure { margin: 0; } figcaption { font-size: .85rem; color: #555; margin-top: .
 .missing { color: #888; font-style: italic; padding: 2rem; border: 1px dashed #ccc; }
 .swatch { display: inline-block; width: .8rem; height: .8rem; border-radius: 2px; margin-right: .3rem; }
 code { background: #f6f6f6; padding: 0 .2rem; } .note { color: #555; font-size: .9rem; }
+.verdicts li { margin: .2rem 0; } .verdict { font-weight: 600; }
 """
 
 
@@ -612,6 +744,223 @@ def repae_section(run: Path, out: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Paired study: statistics over seeds (evaluation.statistics.summarize_study)
+# --------------------------------------------------------------------------------------------
+DASH = "\u2014"
+MINUS = "\u2212"
+
+
+def _value_text(value: Any, signed: bool = False) -> str:
+    if not _finite(value):
+        return DASH
+    return ("+" if signed and value > 0 else "") + fmt(value)
+
+
+def _interval_text(entry: Any, signed: bool = False) -> str:
+    """'mean [low, high]'; the mean alone without bounds; a dash for an undefined mean."""
+    entry = entry if isinstance(entry, Mapping) else {}
+    mean, low, high = entry.get("mean"), entry.get("low"), entry.get("high")
+    if not _finite(mean):
+        return DASH
+    text = _value_text(mean, signed)
+    if _finite(low) or _finite(high):
+        text += f" [{_value_text(low, signed)}, {_value_text(high, signed)}]"
+    return text
+
+
+def _interval_cell(entry: Any, signed: bool = False, higher_is_better: bool | None = None) -> str:
+    """A table cell of :func:`_interval_text`; a difference whose interval excludes 0 is coloured
+    green when it favours arm B (up for higher-is-better metrics, down otherwise), red when not."""
+    entry = entry if isinstance(entry, Mapping) else {}
+    cls = "num"
+    low, high = entry.get("low"), entry.get("high")
+    if higher_is_better is not None and _finite(low) and _finite(high) and (low > 0 or high < 0):
+        cls += " pos" if (low > 0) == higher_is_better else " neg"
+    mean = entry.get("mean")
+    attr = f' data-value="{esc(mean)}"' if _finite(mean) else ""
+    return f'<td class="{cls}"{attr}>{esc(_interval_text(entry, signed))}</td>'
+
+
+def _verdict(entry: Any) -> str:
+    verdict = entry.get("verdict") if isinstance(entry, Mapping) else None
+    return str(verdict) if verdict not in (None, "") else DASH
+
+
+def _study_metrics(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(metric, statistics) with the higher-is-better metrics first, lower-is-better last (order kept within)."""
+    metrics = summary.get("metrics") if isinstance(summary.get("metrics"), Mapping) else {}
+    items = [(str(k), v) for k, v in metrics.items() if isinstance(v, Mapping)]
+    return sorted(items, key=lambda kv: not kv[1].get("higher_is_better", True))
+
+
+def _metric_label(metric: str, info: Mapping[str, Any]) -> str:
+    return metric if info.get("higher_is_better", True) else f"{metric} (lower is better)"
+
+
+def _study_arms(summary: Mapping[str, Any]) -> list[str]:
+    arms = [str(a) for a in summary.get("arms") or [] if a is not None]
+    if len(arms) >= 2:
+        return arms[:2]
+    found = {str(a): None for _, info in _study_metrics(summary) for a in (info.get("curves") or {})}
+    return (arms + [a for a in found if a not in arms] + ["A", "B"])[:2]
+
+
+def _by_step(points: Any) -> dict[float, Mapping[str, Any]]:
+    if not isinstance(points, list):
+        return {}
+    return {float(p["step"]): p for p in points if isinstance(p, Mapping) and _finite(p.get("step"))}
+
+
+def _step_text(step: Any) -> str:
+    return fmt(step) if _finite(step) else DASH
+
+
+def _verdict_item(metric: str, info: Mapping[str, Any], arms: list[str]) -> str:
+    final = info.get("final") if isinstance(info.get("final"), Mapping) else {}
+    auc = info.get("auc") if isinstance(info.get("auc"), Mapping) else {}
+    diff = f"{arms[1]} {MINUS} {arms[0]}"
+    step = f" (step {_step_text(final.get('step'))})" if final.get("step") is not None else ""
+    final_text = f"final{step}: {diff} = {_interval_text(final.get('difference'), signed=True)}"
+    auc_text = f"area under the curve: {diff} = {_interval_text(auc.get('difference'), signed=True)}"
+    label = _metric_label(metric, info)
+    return (
+        f'<li data-metric="{esc(metric)}"><b>{esc(label)}</b>: {esc(final_text)}, '
+        f'<span class="verdict" data-kind="final">{esc(_verdict(final))}</span>; {esc(auc_text)}, '
+        f'<span class="verdict" data-kind="auc">{esc(_verdict(auc))}</span></li>'
+    )
+
+
+def _differences_table(metric: str, slug: str, info: Mapping[str, Any], arms: list[str], level: str) -> str:
+    """A row per step: each arm's mean [interval], B - A [interval] and its verdict."""
+    curves = info.get("curves") if isinstance(info.get("curves"), Mapping) else {}
+    by_arm = {arm: _by_step(curves.get(arm)) for arm in arms}
+    differences = _by_step(info.get("differences"))
+    steps = sorted(set(differences) | {s for points in by_arm.values() for s in points})
+    hib = bool(info.get("higher_is_better", True))
+    head = ["step", *(f"{a} mean [{level}]" for a in arms), f"{arms[1]} {MINUS} {arms[0]} [{level}]", "verdict"]
+    out = [f'<table class="study" id="study-diff-{esc(slug)}" data-metric="{esc(metric)}">']
+    out.append(f"<caption>{esc(_metric_label(metric, info))}: {esc(arms[1])} {MINUS} {esc(arms[0])} by step</caption>")
+    out.append(f"<thead><tr>{''.join(f'<th>{esc(h)}</th>' for h in head)}</tr></thead><tbody>")
+    for step in steps:
+        diff = differences.get(step, {})
+        cells = [f'<td class="num">{esc(_step_text(step))}</td>']
+        cells += [_interval_cell(by_arm[a].get(step)) for a in arms]
+        cells += [_interval_cell(diff, signed=True, higher_is_better=hib), f"<td>{esc(_verdict(diff))}</td>"]
+        out.append(f'<tr data-step="{esc(_step_text(step))}">{"".join(cells)}</tr>')
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _auc_table(metric: str, slug: str, info: Mapping[str, Any], arms: list[str], level: str) -> str:
+    """Per arm: area under the curve [interval] and steps to the threshold (mean, seeds reaching it, per seed)."""
+    auc = info.get("auc") if isinstance(info.get("auc"), Mapping) else {}
+    stt = info.get("steps_to_threshold") if isinstance(info.get("steps_to_threshold"), Mapping) else {}
+    reached = stt.get("reached") if isinstance(stt.get("reached"), Mapping) else {}
+    threshold = f"steps to threshold {_value_text(stt.get('threshold'))}"
+    if _finite(stt.get("fraction")):
+        threshold += f" (fraction {fmt(stt['fraction'])})"
+    head = ["arm", f"area under the curve [{level}]", threshold, "seeds reaching it", "per seed"]
+    out = [f'<table class="study" id="study-auc-{esc(slug)}" data-metric="{esc(metric)}">']
+    out.append(f"<caption>{esc(_metric_label(metric, info))}: area under the curve, steps to threshold</caption>")
+    out.append(f"<thead><tr>{''.join(f'<th>{esc(h)}</th>' for h in head)}</tr></thead><tbody>")
+    for arm in arms:
+        entry = stt.get(arm) if isinstance(stt.get(arm), Mapping) else {}
+        per_seed = entry.get("per_seed") if isinstance(entry.get("per_seed"), list) else []
+        mean = entry.get("mean")
+        count = reached.get(arm)
+        if _finite(count):
+            count_text = f"{fmt(count)}/{len(per_seed)}" if per_seed else fmt(count)
+        else:
+            count_text = DASH
+        seeds = ", ".join(_value_text(v) if _finite(v) else "not reached" for v in per_seed) or DASH
+        cells = [
+            f"<td>{esc(arm)}</td>",
+            _interval_cell(auc.get(arm)),
+            _num_cell(mean) if _finite(mean) else '<td class="num">not reached</td>',
+            f'<td class="num">{esc(count_text)}</td>',
+            f"<td>{esc(seeds)}</td>",
+        ]
+        out.append(f'<tr data-arm="{esc(arm)}">{"".join(cells)}</tr>')
+    hib = bool(info.get("higher_is_better", True))
+    diff = [
+        f"<td>{esc(arms[1])} {MINUS} {esc(arms[0])}</td>",
+        _interval_cell(auc.get("difference"), signed=True, higher_is_better=hib),
+        f'<td colspan="3">{esc(_verdict(auc))}</td>',
+    ]
+    out.append(f'<tr data-arm="difference">{"".join(diff)}</tr>')
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def study_section(
+    summary: Mapping[str, Any],
+    out: Path,
+    *,
+    title: str = "Paired study",
+    notes: Sequence[str] = (),
+    colors: Mapping[str, str] | None = None,
+) -> str:
+    """HTML for a multi-seed paired study (``evaluation.statistics.summarize_study``'s summary).
+
+    A verdict per metric (final step and area under the curve), then per metric: a band plot of
+    both arms' mean and interval against step (``out/plots/study-<slug>.png``), a table of the
+    arms and their difference B - A by step, and a table of area under the curve and steps to
+    threshold per arm. Lower-is-better metrics (FD) come last and say so. ``notes``: lines on
+    the study's settings (seeds, prompts, guidance chosen on validation prompts, ...).
+    """
+    out = Path(out)
+    arms = _study_arms(summary)
+    colors = {a: (colors or {}).get(a, PALETTE[i % len(PALETTE)]) for i, a in enumerate(arms)}
+    level = summary.get("level")
+    level_text = f"{float(level) * 100:g}% interval" if _finite(level) and 0 < level < 1 else "interval"
+    metrics = _study_metrics(summary)
+    seeds: dict[str, int] = {}
+    for _, info in metrics:
+        for arm, points in (info.get("curves") or {}).items():
+            for p in points if isinstance(points, list) else []:
+                if isinstance(p, Mapping) and _finite(p.get("seeds")):
+                    seeds[str(arm)] = max(seeds.get(str(arm), 0), int(p["seeds"]))
+    arm_items = "".join(
+        f'<li><span class="swatch" style="background:{esc(colors[a])}"></span><b>{esc(a)}</b>'
+        f"{esc(f': {seeds[a]} seeds' if a in seeds else '')}</li>"
+        for a in arms
+    )
+    parts = [f'<h2 id="study">{esc(title)}</h2>', f"<ul class='runs'>{arm_items}</ul>"]
+    parts.append(
+        f'<p class="note">Means over seeds with their {esc(level_text)}; differences are '
+        f"{esc(arms[1])} {MINUS} {esc(arms[0])}, paired by seed.</p>"
+    )
+    lines = [str(n) for n in ([notes] if isinstance(notes, str) else notes) if str(n).strip()]
+    if lines:
+        parts.append(f"<ul class='note study-notes'>{''.join(f'<li>{esc(n)}</li>' for n in lines)}</ul>")
+    if not metrics:
+        parts.append('<p class="missing">The study summary holds no metrics.</p>')
+        return "\n".join(parts)
+    parts.append(
+        f"<ul class='verdicts' id='study-verdicts'>{''.join(_verdict_item(m, i, arms) for m, i in metrics)}</ul>"
+    )
+    used: set[str] = set()
+    for metric, info in metrics:
+        slug = base = _slug(metric)
+        for n in range(2, len(metrics) + 2):  # "a/b" and "a_b" must not share a file
+            if slug not in used:
+                break
+            slug = f"{base}-{n}"
+        used.add(slug)
+        label = _metric_label(metric, info)
+        curves = info.get("curves") if isinstance(info.get("curves"), Mapping) else {}
+        rel = f"plots/study-{slug}.png"
+        band_plot({a: curves.get(a) or [] for a in arms}, colors, label, out / rel, ylabel=metric)
+        figure = _figure(rel, f"{label}: mean and {level_text} over seeds", f"{metric} of {' and '.join(arms)}")
+        parts += [f'<h3 id="study-{esc(slug)}">{esc(label)}</h3>', f"<div class='row plots'>{figure}</div>"]
+        parts += [
+            _differences_table(metric, slug, info, arms, level_text),
+            _auc_table(metric, slug, info, arms, level_text),
+        ]
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
 # The page
 # --------------------------------------------------------------------------------------------
 def build_report(
@@ -621,14 +970,22 @@ def build_report(
     grids: Mapping[str, Path] | None = None,
     repae: Path | None = None,
     title: str = "Paired runs",
+    *,
+    study: Mapping[str, Any] | None = None,
+    study_notes: Sequence[str] = (),
 ) -> Path:
     """Write ``out/index.html`` (+ ``out/plots``, ``out/grids``) comparing ``runs`` (name -> run folder).
 
     ``scores`` / ``grids``: per-run scores JSON / final held-out grid when not the run's own
-    ``scores.json`` / ``heldout_grid.png``. ``repae``: a REPA-E run folder to append. Returns the page.
+    ``scores.json`` / ``heldout_grid.png``. ``repae``: a REPA-E run folder to append. ``study``: a
+    multi-seed study summary (``evaluation.statistics.summarize_study``) shown first, with
+    ``study_notes`` on its settings; with a study, ``runs`` may be empty (a study-only page).
+    Returns the page.
     """
-    if not runs:
+    if not runs and study is None:
         raise ValueError("build_report: no runs")
+    if study is not None and not isinstance(study, Mapping):
+        raise ValueError(f"build_report: the study summary must be a JSON object, got {type(study).__name__}")
     unknown = (set(scores or {}) | set(grids or {})) - set(runs)
     if unknown:
         raise ValueError(f"--scores/--grids name runs that were not given with --run: {sorted(unknown)}")
@@ -647,16 +1004,22 @@ def build_report(
     body = [
         f"<h1>{esc(title)}</h1>",
         f"<p class='note'>Generated {esc(_dt.datetime.now().isoformat(timespec='seconds'))}.</p>",
-        _runs_list(runs, colors, records),
-        "<h2>Scores by checkpoint step</h2>",
-        settings_note(tables, names),
-        scores_section(tables, names),
-        "<h2>Samples: same prompts, same seeds</h2>",
-        grids_section(found_grids, names, out),
-        training_samples_section(runs, names, out),
-        "<h2>Training curves</h2>",
-        plots_section(records, colors, out, ""),
     ]
+    if study is not None:
+        body.append(study_section(study, out, notes=study_notes, colors=colors))
+    if runs:
+        body += [
+            "<h2>Runs</h2>" if study is not None else "",
+            _runs_list(runs, colors, records),
+            "<h2>Scores by checkpoint step</h2>",
+            settings_note(tables, names),
+            scores_section(tables, names),
+            "<h2>Samples: same prompts, same seeds</h2>",
+            grids_section(found_grids, names, out),
+            training_samples_section(runs, names, out),
+            "<h2>Training curves</h2>",
+            plots_section(records, colors, out, ""),
+        ]
     if repae is not None:
         body += ["<h2>REPA-E stage: the tuned VAE</h2>", repae_section(Path(repae), out)]
     page = (
@@ -705,21 +1068,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--run", action="append", required=True, metavar="NAME=RUN_DIR", help="a run (repeat; order kept)")
+    p.add_argument("--run", action="append", metavar="NAME=RUN_DIR", help="a run (repeat; order kept)")
     p.add_argument("--out", required=True, type=Path, help="report folder (index.html, plots/, grids/)")
     p.add_argument("--scores", action="append", metavar="NAME=JSON", help="scores JSON (default <run>/scores.json)")
     p.add_argument("--grids", action="append", metavar="NAME=PNG", help="final grid (default <run>/heldout_grid.png)")
     p.add_argument("--repae", type=Path, default=None, metavar="RUN_DIR", help="REPA-E run to append (curves, VAEs)")
     p.add_argument("--title", default="Paired runs", help="page title")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--study", type=Path, default=None, metavar="JSON", help="multi-seed study summary to show first (statistics)"
+    )
+    p.add_argument("--study-note", action="append", default=[], metavar="TEXT", help="a line on the study's settings")
+    args = p.parse_args(argv)
+    if not args.run and args.study is None:
+        p.error("give at least one --run NAME=RUN_DIR, or --study JSON")
+    return args
+
+
+def read_study(path: Path) -> Mapping[str, Any]:
+    """The study summary JSON (``evaluation.statistics.summarize_study``, as written), or ValueError."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--study {path}: cannot read the summary ({err})") from None
+    if not isinstance(data, Mapping) or not isinstance(data.get("metrics"), Mapping):
+        raise ValueError(f"--study {path}: not a study summary (a JSON object with 'metrics')")
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = _pairs(args.run, "--run")
     try:
+        study = read_study(args.study) if args.study is not None else None
         path = build_report(
-            runs, args.out, _pairs(args.scores, "--scores"), _pairs(args.grids, "--grids"), args.repae, args.title
+            runs,
+            args.out,
+            _pairs(args.scores, "--scores"),
+            _pairs(args.grids, "--grids"),
+            args.repae,
+            args.title,
+            study=study,
+            study_notes=args.study_note,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -4,7 +4,9 @@ Two tiny fake runs (metrics.jsonl, scores JSON, PNG grids, a FID JSON under a st
 fake REPA-E run are turned into a report; Chromium loads ``index.html`` from disk and we assert
 that it loaded, logged no console or network error, shows the tables with the expected numbers,
 and that every <img> decoded (naturalWidth > 0). A deliberately broken page proves the checker
-sees what it should.
+sees what it should. A synthetic multi-seed study summary (the format of
+``evaluation.statistics.summarize_study``) gets the same treatment, plus a look at its band plots'
+pixels.
 
 Chromium is driven through the DevTools protocol over ``--remote-debugging-pipe`` (fds 3/4,
 NUL-separated JSON): no Python package, no browser download, no port. ``make test`` installs
@@ -17,6 +19,7 @@ import html
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import threading
@@ -27,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from evaluation.report import build_report, fmt, main, nice_ticks, read_metrics
+from evaluation.report import BAND_ALPHA, PALETTE, band_plot, build_report, fmt, main, nice_ticks, read_metrics
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 EVIL = '<script>alert("x")</script>&'
@@ -195,6 +198,236 @@ def test_metrics_reader_and_helpers(tmp_path: Path) -> None:
     assert fmt(float("nan")) == "n/a" and fmt(None) == "n/a" and fmt(72) == "72" and fmt(1 / 3) == "0.3333"
     with pytest.raises(ValueError, match="not given with --run"):
         build_report({"a": tmp_path}, tmp_path / "o", scores={"b": f})
+
+
+# --------------------------------------------------------------------------------------------
+# The paired-study section
+# --------------------------------------------------------------------------------------------
+ARMS = ("orig", "e2e")
+
+
+def _curve(means: list[float], half: float, steps: list[int]) -> list[dict[str, Any]]:
+    return [{"step": s, "mean": m, "low": m - half, "high": m + half, "seeds": 3} for s, m in zip(steps, means)]
+
+
+def _differences(means: list[float], half: float, steps: list[int], verdicts: list[str]) -> list[dict[str, Any]]:
+    return [
+        {"step": s, "mean": m, "low": m - half, "high": m + half, "verdict": v}
+        for s, m, v in zip(steps, means, verdicts)
+    ]
+
+
+def _study_summary(steps: list[int] = [100, 200, 300]) -> dict[str, Any]:  # noqa: B006 (read only)
+    """Two arms, two metrics (``fd`` lower-is-better and listed first: the report must put it last)."""
+    keep = slice(-len(steps), None)  # a shorter study keeps the last steps
+    one = len(steps) == 1
+    undefined = {"mean": None, "low": None, "high": None}
+    fd_diff = _differences(
+        [-5.0, -8.0, -10.0][keep], 4.0, steps, ["fd: no call", "fd: e2e lower", "fd: e2e lower"][keep]
+    )
+    acc_diff = _differences(
+        [0.05, 0.15, 0.2][keep],
+        0.06,
+        steps,
+        ["acc: no detectable difference", "acc: e2e higher", "acc: e2e higher"][keep],
+    )
+    return {
+        "arms": list(ARMS),
+        "level": 0.95,
+        "metrics": {
+            "fd": {
+                "higher_is_better": False,
+                "curves": {
+                    "orig": _curve([40.0, 30.0, 25.0][keep], 3.0, steps),
+                    "e2e": _curve([35.0, 22.0, 15.0][keep], 2.5, steps),
+                },
+                "differences": fd_diff,
+                "final": {"step": steps[-1], "difference": fd_diff[-1], "verdict": "FD-FINAL: e2e lower"},
+                "auc": {
+                    "orig": undefined if one else {"mean": 6000.0, "low": 5500.0, "high": 6500.0},
+                    "e2e": undefined if one else {"mean": 4000.0, "low": 3600.0, "high": 4400.0},
+                    "difference": undefined if one else {"mean": -2000.0, "low": -2600.0, "high": -1400.0},
+                    "verdict": None if one else "FD-AUC: e2e lower",
+                },
+                "steps_to_threshold": {
+                    "threshold": 26.5,
+                    "fraction": 0.9,
+                    "orig": {"mean": None, "per_seed": [None, None, None]},
+                    "e2e": {"mean": 200.0, "per_seed": [200.0, 200.0, 200.0]},
+                    "reached": {"orig": 0, "e2e": 3},
+                },
+            },
+            "joint accuracy": {
+                "higher_is_better": True,
+                "curves": {
+                    "orig": _curve([0.5, 0.6, 0.7][keep], 0.05, steps),
+                    "e2e": _curve([0.55, 0.75, 0.9][keep], 0.06, steps),
+                },
+                "differences": acc_diff,
+                "final": {"step": steps[-1], "difference": acc_diff[-1], "verdict": "ACC-FINAL: e2e higher"},
+                "auc": {
+                    "orig": {"mean": 120.0, "low": 110.0, "high": 130.0},
+                    "e2e": {"mean": 150.0, "low": 140.0, "high": 160.0},
+                    "difference": {"mean": 30.0, "low": 20.0, "high": 40.0},
+                    "verdict": "ACC-AUC: e2e higher",
+                },
+                "steps_to_threshold": {
+                    "threshold": 0.68,
+                    "fraction": 0.9,
+                    "orig": {"mean": 300.0, "per_seed": [300.0, None, None]},
+                    "e2e": {"mean": 200.0, "per_seed": [200.0, 200.0, 200.0]},
+                    "reached": {"orig": 1, "e2e": 3},
+                },
+            },
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def study(report: dict[str, Any]) -> dict[str, Any]:
+    """The fake report again, now with a study summary given by --study, and a study-only single-step page."""
+    root = report["root"]
+    summary = root / "study summary.json"
+    summary.write_text(json.dumps(_study_summary()))
+    out, single = root / "study-out", root / "study-single"
+    start = time.perf_counter()
+    rc = main(
+        [
+            *("--run", f"orig={root / 'run a'}", "--run", f"e2e={root / 'run-b'}", "--study", str(summary)),
+            *("--study-note", "3 seeds per arm; guidance 1.5 chosen on validation prompts", "--study-note", EVIL),
+            *("--scores", f"e2e={root / 'elsewhere' / 'b_scores.json'}", "--repae", str(root / "repae")),
+            *("--grids", f"e2e={root / 'elsewhere' / 'grid b.png'}", "--out", str(out), "--title", "study"),
+        ]
+    )
+    assert rc == 0, "report CLI with --study failed"
+    page = build_report({}, single, study=_study_summary([300]), title="single step")
+    return {"out": out, "page": out / "index.html", "single": page, "seconds": time.perf_counter() - start}
+
+
+def test_study_section_html(study: dict[str, Any]) -> None:
+    page = study["page"].read_text()
+    assert study["seconds"] < 10
+    # first after the title, before the runs' own sections; notes escaped
+    assert page.index("<h1>") < page.index('<h2 id="study">') < page.index("Scores by checkpoint step")
+    assert "3 seeds per arm; guidance 1.5 chosen on validation prompts" in page
+    assert EVIL not in page and html.escape(EVIL) in page
+    # a verdict item per metric, lower-is-better last and labelled
+    items = re.findall(r'<li data-metric="([^"]+)">(.*?)</li>', page)
+    assert [m for m, _ in items] == ["joint accuracy", "fd"]
+    acc, fd = (re.sub(r"<[^>]+>", "", text) for _, text in items)
+    assert "ACC-FINAL: e2e higher" in acc and "ACC-AUC: e2e higher" in acc and "(lower is better)" not in acc
+    assert fd.startswith("fd (lower is better)") and "FD-FINAL: e2e lower" in fd and "FD-AUC: e2e lower" in fd
+    assert "final (step 300): e2e \u2212 orig = +0.2 [+0.14, +0.26]" in acc
+    assert page.index('id="study-diff-joint_accuracy"') < page.index('id="study-diff-fd"')
+    parser = Tables()
+    parser.feed(page)
+    diff = parser.tables["study-diff-joint_accuracy"]
+    assert diff[0] == [
+        "step",
+        "orig mean [95% interval]",
+        "e2e mean [95% interval]",
+        "e2e \u2212 orig [95% interval]",
+        "verdict",
+    ]
+    assert diff[1] == [
+        "100",
+        "0.5 [0.45, 0.55]",
+        "0.55 [0.49, 0.61]",
+        "+0.05 [-0.01, +0.11]",
+        "acc: no detectable difference",
+    ]
+    assert diff[3] == ["300", "0.7 [0.65, 0.75]", "0.9 [0.84, 0.96]", "+0.2 [+0.14, +0.26]", "acc: e2e higher"]
+    assert parser.tables["study-diff-fd"][2] == [
+        "200",
+        "30 [27, 33]",
+        "22 [19.5, 24.5]",
+        "-8 [-12, -4]",
+        "fd: e2e lower",
+    ]
+    # a difference whose interval excludes 0 is coloured by whether it favours e2e (down is good for fd)
+    assert re.search(r'<td class="num pos" data-value="-8\.0">', page) and re.search(
+        r'class="num pos" data-value="0\.15"', page
+    )
+    assert re.search(r'<td class="num" data-value="0\.05">', page)  # interval straddles 0: no colour
+    auc = {r[0]: r for r in parser.tables["study-auc-joint_accuracy"]}
+    assert auc["arm"][2] == "steps to threshold 0.68 (fraction 0.9)"
+    assert auc["orig"][1:] == ["120 [110, 130]", "300", "1/3", "300, not reached, not reached"]
+    assert auc["e2e"][1:] == ["150 [140, 160]", "200", "3/3", "200, 200, 200"]
+    assert auc["e2e \u2212 orig"][1:] == ["+30 [+20, +40]", "ACC-AUC: e2e higher"]
+    assert {r[0]: r for r in parser.tables["study-auc-fd"]}["orig"][2:4] == ["not reached", "0/3"]
+    # the runs' report is all still there, plus one band plot per metric
+    assert "scores-40" in parser.tables and "vae-comparison" in parser.tables
+    assert len(parser.images) == 9 and parser.images[:2] == ["plots/study-joint_accuracy.png", "plots/study-fd.png"]
+    for src in parser.images:
+        assert (study["out"] / src).is_file(), src
+
+
+def test_study_single_step_page(study: dict[str, Any]) -> None:
+    page = study["single"].read_text()
+    parser = Tables()
+    parser.feed(page)
+    assert "Scores by checkpoint step" not in page and "run a" not in page  # a study-only page
+    assert [r[0] for r in parser.tables["study-diff-fd"]] == ["step", "300"]
+    auc = {r[0]: r for r in parser.tables["study-auc-fd"]}
+    assert auc["orig"][1] == "\u2014" and auc["e2e \u2212 orig"][1:] == ["\u2014", "\u2014"]  # None shown as a dash
+    assert sorted(parser.images) == ["plots/study-fd.png", "plots/study-joint_accuracy.png"]
+
+
+def _rgb(color: str) -> tuple[int, int, int]:
+    from PIL import ImageColor
+
+    return ImageColor.getrgb(color)[:3]
+
+
+def _tint(color: str) -> tuple[int, int, int]:
+    """A band's colour over the white background."""
+    return tuple(round(255 * (1 - BAND_ALPHA) + c * BAND_ALPHA) for c in _rgb(color))
+
+
+def _near(pixels, color: tuple[int, int, int], tol: int = 4):
+    """Boolean mask (height x width, or per pixel of a column) of pixels within ``tol`` of ``color``."""
+    import numpy as np
+
+    return (np.abs(pixels.astype(int) - np.array(color)) <= tol).all(axis=-1)
+
+
+def _pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_band_plot_pixels(study: dict[str, Any], tmp_path: Path) -> None:
+    import numpy as np
+
+    colors = {"orig": PALETTE[0], "e2e": PALETTE[1]}
+    for name in ("study-joint_accuracy.png", "study-fd.png"):
+        image = _pixels(study["out"] / "plots" / name)
+        h, w, _ = image.shape
+        assert (w, h) == (560, 320) and len(np.unique(image.reshape(-1, 3), axis=0)) > 50, name  # drawn, not blank
+        # down the middle column: each arm's mean line lies inside its band, tinted above and below it
+        column = image[:, w // 2]
+        for arm, color in colors.items():
+            line = np.flatnonzero(_near(column, _rgb(color), 30))
+            assert line.size, (name, arm)
+            y = round(line.mean())
+            for side in (slice(y - 10, y - 3), slice(y + 4, y + 11)):
+                assert _near(column[side], _tint(color)).sum() >= 4, (name, arm, column[side].tolist())
+            assert _near(image, _tint(color)).sum() > 2000, (name, arm)
+    # control: intervals of zero width draw no band
+    flat = {
+        arm: [{"step": s, "mean": m + shift, "low": m + shift, "high": m + shift} for s, m in ((1, 0.1), (2, 0.4))]
+        for arm, shift in (("orig", 0.0), ("e2e", 0.3))
+    }
+    image = _pixels(band_plot(flat, colors, "flat", tmp_path / "flat.png"))
+    assert not any(_near(image, _tint(c), 2).any() for c in colors.values())
+    # a single step: per arm an error bar (its colour over a tall, thin span inside the axes), no band
+    image = _pixels(study["single"].parent / "plots" / "study-joint_accuracy.png")
+    for arm, color in colors.items():
+        ys, xs = np.nonzero(_near(image[33:], _rgb(color), 30))  # below the title and legend
+        assert ys.size and np.ptp(ys) > 40 and np.ptp(xs) < 20, (arm, xs.min(), xs.max())
+        assert not _near(image, _tint(color), 2).any(), arm
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,3 +602,18 @@ def test_checker_sees_broken_pages(tmp_path: Path, browser: Browser) -> None:
     assert any("missing.png" in e for e in errors)
     widths = json.loads(browser.evaluate("JSON.stringify([...document.images].map(i => i.naturalWidth))"))
     assert widths == [40, 0]
+
+
+def test_study_report_in_headless_chromium(study: dict[str, Any], browser: Browser) -> None:
+    for page, images in ((study["page"], 9), (study["single"], 2)):
+        browser.load(page.resolve().as_uri())
+        state = json.loads(browser.evaluate(PAGE_STATE))
+        assert browser.errors() == [], page
+        assert state["scripts"] == 0 and len(state["images"]) == images
+        broken = [i for i in state["images"] if not (i["complete"] and i["w"] > 0)]
+        assert broken == [], broken
+        assert {i["w"] for i in state["images"] if i["src"].startswith("plots/study-")} == {560}
+        fd = {r[0]: r for r in state["tables"]["study-auc-fd"]}
+        assert fd["orig"][2:4] == ["not reached", "0/3"]
+    diff = state["tables"]["study-diff-joint_accuracy"]
+    assert diff[1] == ["300", "0.7 [0.65, 0.75]", "0.9 [0.84, 0.96]", "+0.2 [+0.14, +0.26]", "acc: e2e higher"]

@@ -33,6 +33,7 @@ STREAM_NOISE = 3  # initial noise of one generated image (fusedit pipeline)
 STREAM_RESTART = 4  # the data stream's seed after a restart at another world size
 STREAM_RECONSTRUCTION = 5  # posterior noise of one image in the VAE diagnostics
 STREAM_BENCH = 6  # synthetic batches of the step benchmark
+STREAM_LATENT_STATS = 7  # posterior noise of one image when measuring latent statistics
 
 
 def fmix32(h: int) -> int:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import AutoencoderKL
 
@@ -88,7 +89,9 @@ def test_import_joint_experiment_then_sample_and_export(tmp_path: Path) -> None:
         assert torch.equal(bundle.vae.vae.state_dict()[k], v), k
     images = bundle.decode(torch.zeros(2, 4, 4, 4))
     assert images.shape == (2, 3, 32, 32)
-    exported = AutoencoderKL.from_pretrained(export_e2e_vae(tmp_path / "run", tmp_path / "e2e"))
+    with pytest.raises(FileNotFoundError, match="--stats ema"):  # no config.yaml: no training images known
+        export_e2e_vae(tmp_path / "run", tmp_path / "e2e")
+    exported = AutoencoderKL.from_pretrained(export_e2e_vae(tmp_path / "run", tmp_path / "e2e", stats="ema"))
     assert torch.allclose(torch.tensor(exported.config.latents_mean), torch.full((4,), 0.3))
     assert torch.allclose(torch.tensor(exported.config.latents_std), torch.full((4,), (2.0 + 1e-4) ** 0.5))
 

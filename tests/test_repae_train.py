@@ -197,7 +197,7 @@ def test_joint_run_resumes_exactly_and_exports_an_e2e_vae(repae_world: Path, tmp
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
 
     out = tmp_path / "e2e"
-    run_module("repae.export", ["--run", str(straight), "--out", str(out)])
+    run_module("repae.export", ["--run", str(straight), "--out", str(out), "--stats", "ema"])
     vae = AutoencoderKL.from_pretrained(out)
     scale, bias = load_sit(straight / "4").latents_stats()
     assert torch.allclose(torch.tensor(vae.config.latents_mean), bias, atol=1e-6)

@@ -263,7 +263,7 @@ def _build_vae(
 ) -> tuple[Any, dict[str, Any]]:
     _say(progress, f"training the VAE for {steps} steps on {len(train.images)} images")
     vae = train_vae(train.images, train.images.shape[-1], steps, seed, progress)
-    stats = calibrate_vae(vae, train.images[:1024], seed)
+    stats = calibrate_vae(vae, train.images[:1024], seed, channel_images=train.images)
     report = {**vae_psnr(vae, val.images), **stats, "steps": steps, "lr": VAE_LR}
     vae.save_pretrained(out / "vae", safe_serialization=True)
     write_json_atomic(out / "vae" / "report.json", report, sort_keys=False)

@@ -85,13 +85,22 @@ def _start_nearly_deterministic(vae, log_variance: float = -6.0) -> None:
         vae.quant_conv.bias[channels:].fill_(log_variance)
 
 
-def calibrate_vae(vae, images, seed: int, batch_size: int = 256) -> dict[str, float]:
-    """Set FLUX-style ``shift_factor`` (mean) and ``scaling_factor`` (1/std) from sampled latents.
+def calibrate_vae(vae, images, seed: int, batch_size: int = 256, channel_images=None) -> dict[str, Any]:
+    """Set the latent normalisation constants in the VAE's config from sampled latents.
 
-    Downstream code normalises with ``(z - shift) * scale``; measuring on posterior samples (what
-    training encodes) makes those normalised latents zero-mean with unit variance.
+    * per-channel ``latents_mean`` / ``latents_std`` from posterior samples of ``channel_images``
+      (default ``images``; :func:`common.latent_stats.measure_latents`): what the text-to-image
+      trainer normalises with (``common.vae_config.normalisation_constants`` prefers them), so its
+      latents are zero-mean with unit variance *per channel*. One scalar cannot do that here: the
+      toy VAE's channel stds differ by ~4x (channel 2 carries most of the signal), and scalar
+      factors gave per-channel stds of 0.47-1.78 after normalisation;
+    * FLUX-style scalar ``shift_factor`` (mean) and ``scaling_factor`` (1/std) over all channels
+      of ``images``, kept as before: the scorer's round-trip augmentation
+      (:func:`toyworld.scorer.vae_round_trip`) perturbs latents in that scale.
     """
     import torch
+
+    from common.latent_stats import measure_latents
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -102,8 +111,22 @@ def calibrate_vae(vae, images, seed: int, batch_size: int = 256) -> dict[str, fl
             ]
         )
     shift, std = latents.mean().item(), latents.std().item()
-    vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / std)
-    return {"shift_factor": shift, "scaling_factor": 1.0 / std, "latent_std": std}
+    channel_images = images if channel_images is None else channel_images
+    mean_c, std_c = measure_latents(vae, channel_images, batch_size=batch_size, seed=seed)
+    vae.register_to_config(
+        shift_factor=shift,
+        scaling_factor=1.0 / std,
+        latents_mean=[float(v) for v in mean_c],
+        latents_std=[float(v) for v in std_c],
+    )
+    return {
+        "shift_factor": shift,
+        "scaling_factor": 1.0 / std,
+        "latent_std": std,
+        "latents_mean": [float(v) for v in mean_c],
+        "latents_std": [float(v) for v in std_c],
+        "latents_stats_images": len(channel_images),
+    }
 
 
 def vae_psnr(vae, images, batch_size: int = 256) -> dict[str, float]:

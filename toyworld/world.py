@@ -8,7 +8,8 @@ module builds, offline and from one seed, everything a real run downloads:
   out of training so compositional generalisation can be measured;
 * a word-level tokenizer with Gemma's special-token ids and a tiny Gemma text encoder, both saved
   so ``AutoTokenizer`` / ``AutoModel.from_pretrained(dir)`` load them like ``google/gemma-2b``;
-* a tiny ``diffusers.AutoencoderKL`` trained for a fixed number of steps, carrying FLUX-style
+* a tiny ``diffusers.AutoencoderKL`` trained for a fixed number of steps, carrying per-channel
+  ``latents_mean`` / ``latents_std`` (what the trainers normalise with) and FLUX-style scalar
   ``shift_factor`` / ``scaling_factor`` in its config;
 * an attribute classifier (:mod:`toyworld.scorer`) that scores generated images.
 
@@ -87,7 +88,7 @@ SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<bos>", "<unk>")  # Gemma 
 
 # 2: text encoder left at its seeded init (LM training collapsed colour words)
 # 3: fixed-step training with quality gates (no wall-clock budgets)
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: the toy VAE carries per-channel latents_mean/latents_std
 SUPERSAMPLE = 4  # draw at 4x and box-downsample: cheap, exact antialiasing
 JPEG_QUALITY = 95
 TAR_MTIME = 1_700_000_000  # fixed member mtime so tar files are byte-identical across builds

@@ -2,7 +2,7 @@
 
     python -m repae.reference.import_reference --exp pretrained/sit-repae-sdvae --out exps/sit-repae-sdvae
     python -m repae.generate --run-dir exps/sit-repae-sdvae --num-samples 50000 --mode sde --num-steps 250
-    python -m repae.export --run exps/sit-repae-sdvae --out exps/e2e-sdvae
+    python -m repae.export --run exps/sit-repae-sdvae --out exps/e2e-sdvae --stats ema   # no data recorded
 
 A reference experiment is ``args.json`` + ``checkpoints/<step:07d>.pt`` (a pickle with ``model``,
 ``ema``, ``vae``, ``discriminator``, optimiser states, an ``argparse.Namespace`` and ``steps``;

@@ -56,10 +56,12 @@ demo: $(STAMP)
 repae: $(STAMP)
 	$(PY) -m repae.demo --toy $(TOY) --run output/repae/toy
 
-# The paired study on the toy world: original VAE vs its REPA-E twin (runs `make repae` first when
-# toy/e2e-vae is missing); report in output/study/report/index.html. Resumes; ~15 min on 2 cores.
+# The paired studies on the toy world, 3 training seeds per arm: the text-to-image DiT and the
+# class-conditional SiT (train_ldm) on the original VAE vs its REPA-E twin (runs `make repae` first
+# when toy/e2e-vae is missing). Results with intervals in output/study/{t2i,ldm}/results.json,
+# reports in output/study/index.html. Resumes after a kill.
 study: $(STAMP)
-	$(PY) -m evaluation.study --toy $(TOY) --out output/study
+	$(PY) -m evaluation.study --toy $(TOY) --out output/study --seeds 3
 
 # Headless Chromium for tests/test_report.py (Debian's package). Never fatal: without apt or root
 # the browser test skips and names the missing binary.

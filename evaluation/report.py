@@ -9,7 +9,7 @@ same axes, one table per checkpoint step with a column per run (and their differ
 and the held-out grids of the same prompts and seeds side by side. Optionally the REPA-E run that
 produced the tuned VAE: its curves and the original-vs-tuned VAE table (PSNR/SSIM/LPIPS/rFID,
 per-channel latent spatial variance). Optionally, first on the page, a multi-seed paired study
-(``--study``: the summary of ``evaluation.statistics.summarize_study`` as JSON): a verdict per
+(``--study``: the summary of ``evaluation.paired_stats.summarize_study`` as JSON): a verdict per
 metric, each arm's mean curve over a shaded interval band, and tables of the per-step difference
 B - A, the area under the curve and the steps to a threshold.
 
@@ -744,7 +744,7 @@ def repae_section(run: Path, out: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Paired study: statistics over seeds (evaluation.statistics.summarize_study)
+# Paired study: statistics over seeds (evaluation.paired_stats.summarize_study)
 # --------------------------------------------------------------------------------------------
 DASH = "\u2014"
 MINUS = "\u2212"
@@ -900,7 +900,7 @@ def study_section(
     notes: Sequence[str] = (),
     colors: Mapping[str, str] | None = None,
 ) -> str:
-    """HTML for a multi-seed paired study (``evaluation.statistics.summarize_study``'s summary).
+    """HTML for a multi-seed paired study (``evaluation.paired_stats.summarize_study``'s summary).
 
     A verdict per metric (final step and area under the curve), then per metric: a band plot of
     both arms' mean and interval against step (``out/plots/study-<slug>.png``), a table of the
@@ -978,7 +978,7 @@ def build_report(
 
     ``scores`` / ``grids``: per-run scores JSON / final held-out grid when not the run's own
     ``scores.json`` / ``heldout_grid.png``. ``repae``: a REPA-E run folder to append. ``study``: a
-    multi-seed study summary (``evaluation.statistics.summarize_study``) shown first, with
+    multi-seed study summary (``evaluation.paired_stats.summarize_study``) shown first, with
     ``study_notes`` on its settings; with a study, ``runs`` may be empty (a study-only page).
     Returns the page.
     """
@@ -1085,7 +1085,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_study(path: Path) -> Mapping[str, Any]:
-    """The study summary JSON (``evaluation.statistics.summarize_study``, as written), or ValueError."""
+    """The study summary JSON (``evaluation.paired_stats.summarize_study``, as written), or ValueError."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:

@@ -1,114 +1,259 @@
-"""The paired study on the toy world: the same DiT trained on the original and on the REPA-E tuned VAE.
+"""A paired, multi-seed study: every arm x seed trained alike, every checkpoint scored alike, with intervals.
 
-    python -m evaluation.study --toy toy --out output/study            # what `make study` runs
-    python -m evaluation.study --toy toy --out /tmp/study --steps 20   # smoke run, about two minutes
+    python -m evaluation.study --toy toy --out output/study          # what `make study` runs: both toy pairs
+    python -m evaluation.study --toy toy --out /tmp/s --seeds 2 --steps 40 --eval-every 20 --samples 1
+    python -m evaluation.study --toy toy --kind t2i --arm original=configs/e2e-vae/toy.yaml \\
+        --arm e2e=configs/e2e-vae/toy-e2e.yaml --seeds 3 --eval-every 250 optimizer.lr=5e-4
+    # the paired 3B study on SLURM (training through submitit, one job per arm x seed):
+    python -m evaluation.study --kind t2i --executor slurm --nodes 4 --gpus-per-node 8 --time 48:00:00 \\
+        --arm fluxvae=configs/e2e-vae/sa-w2048-3b-res256-fluxvae-fulldataset-500k.yaml \\
+        --arm e2efluxvae=configs/e2e-vae/sa-w2048-3b-res256-e2efluxvae-fulldataset-500k.yaml \\
+        --seeds 3 --eval-every 50000 --out /shared/studies/flux --train-only
 
-1. ``toy/e2e-vae`` missing: runs the REPA-E stage first (``python -m repae.demo``), which
-   tunes the toy VAE and exports it there;
-2. trains ``configs/e2e-vae/toy.yaml`` into ``<out>/toy`` and its twin ``toy-e2e.yaml`` (identical
-   but for the VAE) into ``<out>/toy-e2e``, through ``train.py`` like ``fusedit.tools.demo``;
-3. scores every kept checkpoint of both runs on the held-out prompts with the same prompts, seed,
-   guidance and sampler (EMA weights, toy attribute scorer): ``<run>/<step>/toy_scores.json`` and
-   ``<run>/<step>/heldout_grid.png``; the newest also as ``<run>/scores.json`` / ``heldout_grid.png``,
-   the files ``fusedit.tools.demo`` writes;
-4. writes the side-by-side report ``<out>/report/index.html`` (``evaluation.report``, with the
-   REPA-E run when it exists) and prints the two score tables side by side.
+What a study is. The first ``--arm`` is the baseline (the original VAE), the second its twin
+(the E2E-VAE). Seed k of every arm runs with ``trainer.seed=k`` — initialisation, data order and
+noise change with it, everything else stays identical — and keeps a checkpoint every
+``--eval-every`` steps (``trainer.checkpointing_steps``; none is pruned). ``key=value`` overrides
+apply to every run. Runs live in ``<out>/<arm>/seed<k>``; the study folder records its
+specification and refuses to resume with another one.
 
-Every stage resumes: a run whose ``latest`` checkpoint has reached ``max_steps`` is not started
-again (``train.py`` would resume and stop at once, after loading everything), an interrupted one
-resumes from its newest checkpoint, and a checkpoint already scored with the same settings is not
-sampled again. ``--steps N`` shortens both runs alike (checkpoints and training-time samples at
-N/2 and N, logging every N/50 steps, warm-up N/25 steps, the full run's proportions); the study
-folder records its length and refuses to mix runs of another length.
+Toy world (``--toy``). Without ``--arm`` the two toy pairs run one after another: the
+text-to-image pair (``configs/e2e-vae/toy.yaml`` vs ``toy-e2e.yaml``, ``--kind t2i``) in
+``<out>/t2i`` and the ImageNet-stage pair (``configs/repae/toy-ldm.yaml`` on ``toy/vae`` vs
+``toy/e2e-vae``, class-conditional SiT + REPA on a frozen VAE, ``--kind ldm``) in ``<out>/ldm``;
+``toy/e2e-vae`` is made first by ``python -m repae.demo`` when missing. Each checkpoint is scored by
+:mod:`evaluation.toy_study_eval`: t2i: all held-out triples x backgrounds x caption templates x
+``--samples`` sampling seeds; ldm: all 24 classes x ``--samples``; attribute accuracies from the toy
+scorer and a toy Fréchet distance on its features. The guidance scale is chosen once per study, on
+the *validation* set (the world's guidance prompts, training triples; for ldm another sampling
+seed), at the last checkpoint of every run, and then used for every reported image.
+
+Statistics (:mod:`evaluation.paired_stats`): per metric and checkpoint the mean over seeds with a
+95% interval (bootstrap over seeds and prompts, widened to a Student-t interval over seeds when
+there are few), the paired difference twin - baseline with its interval and a verdict, the area
+under the score-vs-step curve and the steps to reach 90% of the best arm's final score.
+``<out>/results.json`` holds them, ``<out>/report/index.html`` shows them.
+
+Cluster. ``--executor slurm`` (or ``local``: submitit on this machine) submits every arm x seed
+through :mod:`fusedit.tools.sweep` (requeue on preemption, resume from ``latest``) and waits. Toy
+scoring then runs here; real configs are trained with ``--train-only`` and evaluated per kept
+checkpoint by the benchmark samplers (``evaluation/sample_*_ckpt.py``) + ``evaluation/fid.py``.
+Every stage resumes: finished runs are not restarted and scored checkpoints are not rescored.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from common.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs" / "e2e-vae"
-# (run name, training config, VAE folder inside the toy world)
-PAIR = (("toy", "toy.yaml", "vae"), ("toy-e2e", "toy-e2e.yaml", "e2e-vae"))
+TOY_T2I = (
+    ("original", ROOT / "configs/e2e-vae/toy.yaml", "vae"),
+    ("e2e", ROOT / "configs/e2e-vae/toy-e2e.yaml", "e2e-vae"),
+)
+TOY_LDM = (
+    ("original", ROOT / "configs/repae/toy-ldm.yaml", "vae"),
+    ("e2e", ROOT / "configs/repae/toy-ldm.yaml", "e2e-vae"),
+)
+ENTRY = {"t2i": (), "ldm": ("-m", "repae.train_ldm")}
+GUIDANCE_GRID = {"t2i": (1.0, 1.5, 2.0, 3.0), "ldm": (1.0, 1.5, 2.0, 3.0)}
+EVAL_FILE = "study_eval.json"
+# Toy default lengths, chosen so `make study` (both pairs, 3 seeds) fits 45 minutes on 2 cores.
+TOY_DEFAULTS = {
+    "t2i": {"steps": 600, "eval_every": 200, "samples": 4},  # 36 units x 4 templates x 4 = 576 images
+    "ldm": {"steps": 600, "eval_every": 200, "samples": 8},  # 24 classes x 8 = 192 images
+}
 
 
+@dataclass
+class Arm:
+    name: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Study:
+    """Everything that defines a study; recorded in ``<out>/study.json``."""
+
+    kind: str
+    arms: list[Arm]
+    seeds: list[int]
+    max_steps: int
+    eval_every: int
+    overrides: list[str]
+    samples: int
+    out: str
+
+    def run_dir(self, arm: str, seed: int) -> Path:
+        return Path(self.out) / arm / f"seed{seed}"
+
+    def record(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("out")
+        return data
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m evaluation.study",
         description=__doc__.split("\n\n")[0],
-        epilog=__doc__,
+        epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--toy", type=Path, default=Path("toy"), help="toy world folder")
-    p.add_argument("--out", type=Path, default=Path("output/study"), help="study folder (two runs + report)")
-    p.add_argument("--repae-run", type=Path, default=Path("output/repae/toy"), help="REPA-E run (made if needed)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of both runs (default: the config's)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale for scoring (default: gen.scale)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both runs")
+    what = p.add_argument_group("what to compare")
+    what.add_argument(
+        "--arm", action="append", default=[], metavar="NAME=CONFIG", help="an arm; the first is the baseline"
+    )
+    what.add_argument("--kind", choices=("t2i", "ldm"), default=None, help="trainer: train.py (t2i) or repae.train_ldm")
+    what.add_argument("--toy", type=Path, default=None, help="toy world folder: toy pairs and toy scoring")
+    what.add_argument("--seeds", type=int, default=3, help="training seeds per arm (default: %(default)s)")
+    what.add_argument(
+        "--steps", type=int, default=None, help="training steps of every run (default: toy 600 / the config's)"
+    )
+    what.add_argument("--eval-every", type=int, default=None, help="checkpoint (and score) every N steps")
+    what.add_argument("--samples", type=int, default=None, help="sampling seeds per prompt unit (toy scoring)")
+    what.add_argument("--guidance", type=float, default=None, help="fixed CFG scale (default: chosen on validation)")
+    what.add_argument("--out", type=Path, default=Path("output/study"), help="study folder (runs, results, report)")
+    what.add_argument("--repae-run", type=Path, default=Path("output/repae/toy"), help="REPA-E run made when needed")
+    what.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every run")
+    where = p.add_argument_group("where it runs")
+    where.add_argument(
+        "--executor",
+        choices=("inline", "local", "slurm"),
+        default="inline",
+        help="inline: one run after another here; local/slurm: submitit jobs (fusedit.tools.sweep)",
+    )
+    where.add_argument("--nodes", type=int, default=1, help="SLURM nodes per run")
+    where.add_argument("--gpus-per-node", type=int, default=1, help="processes per node (torchrun when > 1)")
+    where.add_argument("--partition", default=None)
+    where.add_argument("--account", default=None)
+    where.add_argument("--time", default="24:00:00", help="per-job limit: minutes, HH:MM:SS or D-HH:MM:SS")
+    where.add_argument("--deepspeed-config", default=None, help="DeepSpeed JSON for train.py")
+    where.add_argument("--train-only", action="store_true", help="train (or submit) and stop; score later")
+    where.add_argument("--dry-run", action="store_true", help="print the runs and their commands, run nothing")
+    fid = p.add_argument_group("scoring real configs (no --toy): benchmark sampler + FID per kept checkpoint")
+    fid.add_argument("--fid-bench", default="mjhq", choices=("mjhq", "coco", "genaibench"), help="prompt set")
+    fid.add_argument("--fid-real", default=None, help="folder of real images (the FID reference)")
+    fid.add_argument("--fid-real-list", default=None, help="text file of paths under --fid-real to use")
+    fid.add_argument("--fid-prompts", default=None, help="prompt file (default: the benchmark's, prompts/)")
+    fid.add_argument("--fid-samples", type=int, default=None, help="first N prompts (default: all)")
+    fid.add_argument("--fid-resolution", type=int, default=None, help="FID resolution (default: the run's gen.H)")
+    fid.add_argument("--fid-extractor", default=None, help="module:function features (default: InceptionV3)")
+    fid.add_argument("--eval-gpus", type=int, default=1, help="processes (GPUs) per scoring job")
     args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be at least 1")
+    for flag in ("seeds", "steps", "eval_every", "samples"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.arm and len(args.arm) != 2:
+        p.error(f"--arm: a paired study has two arms (baseline first), got {len(args.arm)}")
+    if args.arm and args.kind is None:
+        p.error("--arm needs --kind t2i or --kind ldm")
+    if not args.arm and args.toy is None:
+        p.error("give two --arm NAME=CONFIG, or --toy for the toy pairs")
+    if args.toy is None and not (args.train_only or args.dry_run):
+        if args.fid_real is None:
+            p.error("scoring real configs needs --fid-real (the real images), or --train-only")
+        if args.guidance is None:
+            p.error("scoring real configs needs --guidance, chosen beforehand on a validation prompt set")
+        if args.kind == "ldm":
+            p.error(
+                "--kind ldm on real configs: train with --train-only, score with repae.generate + evaluation/fid.py"
+            )
+    for item in args.overrides:
+        if "=" not in item:
+            p.error(f"override {item!r} is not key=value")
     return args
 
 
-# --------------------------------------------------------------------------------------------
-# 1. the tuned VAE
-# --------------------------------------------------------------------------------------------
-def ensure_e2e_vae(toy: Path, repae_run: Path) -> None:
-    """Run the toy REPA-E stage when ``<toy>/e2e-vae`` is missing (it exports the folder last)."""
-    if (toy / "e2e-vae" / "config.json").is_file():
-        print(f"E2E-VAE present: {toy / 'e2e-vae'}", flush=True)
-        return
-    cmd = [sys.executable, "-m", "repae.demo", "--toy", str(toy), "--run", str(repae_run)]
-    print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+def parse_arm(text: str) -> tuple[str, Path]:
+    name, sep, config = text.partition("=")
+    if not sep or not name or not config:
+        raise SystemExit(f"--arm {text!r}: expected NAME=CONFIG")
+    if not Path(config).is_file():
+        raise SystemExit(f"--arm {name}: config {config} not found")
+    return name, Path(config).resolve()  # runs start in the repository root, wherever this was called
 
 
 # --------------------------------------------------------------------------------------------
-# 2. training
+# Runs
 # --------------------------------------------------------------------------------------------
-def config_max_steps(config: Path) -> int:
-    from fusedit.config import load_config
+@functools.lru_cache(maxsize=32)
+def config_max_steps(kind: str, config: Path) -> int:
+    if kind == "t2i":
+        from fusedit.config import load_config
 
-    return int(load_config(config).trainer.max_steps)
+        return int(load_config(config).trainer.max_steps)
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(config).trainer.max_steps)
 
 
-def step_overrides(steps: int | None) -> list[str]:
-    """A shorter run in the full run's proportions (2500 steps: checkpoints and samples every 1250,
-    logging every 50, warm-up 100)."""
-    if steps is None:
-        return []
-    half = max(1, steps // 2)
-    return [
-        f"trainer.max_steps={steps}",
-        f"trainer.checkpointing_steps={half}",
-        f"trainer.sampling_steps={half}",
-        f"trainer.logging_steps={max(1, steps // 50)}",
-        f"lr_scheduler.num_warmup_steps={max(1, steps // 25)}",
+def seed_overrides(study: Study, arm: Arm, seed: int) -> list[str]:
+    """What differs between the runs of a study: the seed and the folder; the rest is the study's.
+
+    When the study shortens a text-to-image config (``--steps`` below its ``trainer.max_steps``,
+    as the toy studies do), logging and warm-up shrink in proportion, so a short run keeps the full
+    run's shape; a study at the config's own length changes neither.
+    """
+    run = study.run_dir(arm.name, seed)
+    keep = study.max_steps // study.eval_every + 8  # room for stop checkpoints off the grid
+    out = [
+        f"trainer.seed={seed}",
+        f"trainer.max_steps={study.max_steps}",
+        f"trainer.checkpointing_steps={study.eval_every}",
+        f"trainer.checkpoints_total_limit={keep}",
+        f"trainer.sampling_steps={study.max_steps}",
+        f"trainer.run={arm.name}-seed{seed}",
+        f"trainer.checkpoint_dir={run}",
     ]
+    if study.kind == "t2i" and study.max_steps < config_max_steps(study.kind, Path(arm.config)):
+        out += [f"trainer.logging_steps={max(1, study.max_steps // 40)}"]
+        out += [f"lr_scheduler.num_warmup_steps={max(1, study.max_steps // 25)}"]
+    return out
 
 
-def check_study_folder(out: Path, max_steps: int) -> None:
-    """Refuse to resume a study made with another length: its checkpoints would mix two schedules."""
-    record = out / "study.json"
-    if record.is_file():
-        previous = json.loads(record.read_text()).get("max_steps")
-        if previous != max_steps:
-            raise SystemExit(
-                f"{out} holds a study of {previous} steps, this one asks for {max_steps}: "
-                "pick another --out (or delete that folder)"
+def scored_steps(study: Study, run: Path) -> list[int]:
+    """The kept checkpoints on the study's grid (multiples of ``eval_every``, and the last step).
+
+    A stop signal saves an extra checkpoint wherever training was; it is for resuming, not scoring.
+    """
+    return [s for s in checkpoint_steps(run) if s % study.eval_every == 0 or s == study.max_steps]
+
+
+def run_specs(study: Study) -> list:
+    """One :class:`fusedit.tools.sweep.RunSpec` per arm x seed (what inline and submitit both launch)."""
+    from fusedit.tools.sweep import RunSpec
+
+    specs = []
+    for arm in study.arms:
+        for seed in study.seeds:
+            overrides = [*arm.overrides, *study.overrides, *seed_overrides(study, arm, seed)]
+            specs.append(
+                RunSpec(
+                    name=f"{arm.name}-seed{seed}",
+                    config=arm.config,
+                    overrides=tuple(overrides),
+                    checkpoint_dir=str(study.run_dir(arm.name, seed)),
+                    entry=ENTRY[study.kind],
+                )
             )
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(record, {"max_steps": max_steps})
+    return specs
 
 
 def latest_step(run: Path) -> int | None:
@@ -117,138 +262,462 @@ def latest_step(run: Path) -> int | None:
     return read_latest(run) if (run / "latest").is_file() else None
 
 
-def train_run(toy: Path, run: Path, config: Path, vae_folder: str, steps: int | None, max_steps: int) -> None:
-    from fusedit.tools.demo import toy_overrides, train
+def finished(spec, max_steps: int) -> bool:
+    done = latest_step(Path(spec.checkpoint_dir))
+    return done is not None and done >= max_steps
 
-    done = latest_step(run)
-    if done is not None and done >= max_steps:
-        print(f"{run.name}: already trained to step {done}, not restarted", flush=True)
+
+def train_inline(specs: list, max_steps: int, args: argparse.Namespace | None = None) -> None:
+    """One run after another, each a subprocess exactly as a user launches it; finished runs are skipped.
+
+    The command is the submitit job's (plain python, or torchrun with ``--gpus-per-node`` > 1).
+    """
+    from fusedit.tools.sweep import make_job
+
+    for i, spec in enumerate(specs, 1):
+        if finished(spec, max_steps):
+            print(f"[{i}/{len(specs)}] {spec.name}: trained to step {max_steps}, not restarted", flush=True)
+            continue
+        cmd = make_job(spec, _settings(args, local=True)).command()
+        print(f"[{i}/{len(specs)}] {spec.name}\n$ " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def _settings(args: argparse.Namespace | None, local: bool = False):
+    from fusedit.tools.sweep import Settings, parse_time
+
+    if args is None:
+        return Settings(executor="local", gpus_per_node=1)
+    return Settings(
+        executor="local" if local else args.executor,
+        nodes=1 if local else args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        partition=args.partition,
+        account=args.account,
+        time_min=parse_time(args.time),
+        deepspeed_config=args.deepspeed_config,
+    )
+
+
+def active_job(spec) -> str | None:
+    """The id of this run's earlier submission when it is still queued or running (then not resubmitted).
+
+    ``<run>/submitted.json`` records every submission; SLURM is asked through ``squeue``, a local
+    job (submitit's local executor: the id is a pid) through the process table.
+    """
+    record = Path(spec.checkpoint_dir) / "submitted.json"
+    if not record.is_file():
+        return None
+    job = json.loads(record.read_text())
+    if job["executor"] == "slurm":
+        state = subprocess.run(["squeue", "-h", "-j", job["job_id"]], capture_output=True, text=True)
+        return job["job_id"] if state.returncode == 0 and state.stdout.strip() else None
+    import psutil
+
+    return job["job_id"] if psutil.pid_exists(int(job["job_id"])) else None
+
+
+def train_submitit(specs: list, max_steps: int, args: argparse.Namespace) -> None:
+    """Submit the unfinished runs through the sweep tool (SLURM or submitit's local executor) and wait.
+
+    SLURM jobs are all submitted at once; local ones one after another (they share this machine's
+    devices). A run whose earlier job is still queued or running is not submitted again: rerunning
+    the command after the driver died waits for nothing and submits only what is missing.
+    """
+    from fusedit.tools.sweep import submit, wait_all
+
+    todo = []
+    for spec in specs:
+        if finished(spec, max_steps):
+            continue
+        running = active_job(spec)
+        if running:
+            print(f"{spec.name}: job {running} still queued or running; not resubmitted", flush=True)
+        else:
+            todo.append(spec)
+    if not todo:
+        print("every run is trained or still in a job of an earlier submission", flush=True)
         return
-    train(str(config), run, toy_overrides(toy, vae_folder=vae_folder) + step_overrides(steps))
+    settings = _settings(args)
+    groups = [todo] if args.executor == "slurm" else [[spec] for spec in todo]
+    failed = 0
+    for group in groups:
+        submitted = submit(group, settings)
+        for spec, job in submitted:
+            record = {"job_id": str(job.job_id), "executor": args.executor}
+            write_json_atomic(Path(spec.checkpoint_dir) / "submitted.json", record)
+            print(f"submitted {spec.name}  job={job.job_id}  logs {job.paths.stdout}", flush=True)
+        failed += wait_all(submitted)
+    if failed:
+        raise SystemExit("some runs failed; fix them and run the same command again (finished runs are kept)")
 
 
 # --------------------------------------------------------------------------------------------
-# 3. scoring
+# Study folder
 # --------------------------------------------------------------------------------------------
+def check_study_folder(study: Study, write: bool = True) -> None:
+    """Refuse to resume a study folder made with another specification: its runs would mix two designs."""
+    out = Path(study.out)
+    record = out / "study.json"
+    current = study.record()
+    if record.is_file():
+        previous = json.loads(record.read_text())
+        if previous != current:
+            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+            raise SystemExit(
+                f"{out} holds another study (differs in {', '.join(changed)}): pick another --out or delete it"
+            )
+    if write:  # a dry run checks but leaves no trace
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, current, sort_keys=False)
+
+
+def ensure_e2e_vae(toy: Path, repae_run: Path) -> None:
+    """Run the toy REPA-E stage when ``<toy>/e2e-vae`` is missing (it exports the folder last)."""
+    if (toy / "e2e-vae" / "config.json").is_file():
+        return
+    cmd = [sys.executable, "-m", "repae.demo", "--toy", str(toy), "--run", str(repae_run)]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def toy_arm_overrides(toy: Path, kind: str, vae_folder: str) -> list[str]:
+    """Point a toy config at the world folder wherever it lives, with this arm's VAE."""
+    if kind == "t2i":
+        from fusedit.tools.demo import toy_overrides
+
+        return toy_overrides(toy, vae_folder=vae_folder)
+    world = json.loads((toy / "world.json").read_text())
+    pattern = world.get("train_pattern") or "shards/train-*.tar"
+    shards = pattern if Path(pattern).is_absolute() else str(toy / pattern)
+    return [
+        f"vae.name_or_path={toy / vae_folder}",
+        f'encoder.types=["local:{toy / "repae" / "encoder"}"]',
+        f'data.data_path=["{shards}"]',
+    ]
+
+
+def toy_study(toy: Path, kind: str, args: argparse.Namespace, out: Path) -> Study:
+    defaults = TOY_DEFAULTS[kind]
+    pair = TOY_T2I if kind == "t2i" else TOY_LDM
+    arms = [Arm(name, str(config), toy_arm_overrides(toy, kind, folder)) for name, config, folder in pair]
+    return Study(
+        kind=kind,
+        arms=arms,
+        seeds=list(range(args.seeds)),
+        max_steps=args.steps or defaults["steps"],
+        eval_every=min(args.eval_every or defaults["eval_every"], args.steps or defaults["steps"]),
+        overrides=list(args.overrides),
+        samples=args.samples or defaults["samples"],
+        out=str(out),
+    )
+
+
+def config_study(args: argparse.Namespace) -> Study:
+    arms = [Arm(name, str(config)) for name, config in map(parse_arm, args.arm)]
+    steps = args.steps or config_max_steps(args.kind, Path(arms[0].config))
+    return Study(
+        kind=args.kind,
+        arms=arms,
+        seeds=list(range(args.seeds)),
+        max_steps=steps,
+        eval_every=min(args.eval_every or steps, steps),
+        overrides=list(args.overrides),
+        samples=args.samples or 4,
+        out=str(args.out.resolve()),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring (toy)
+# --------------------------------------------------------------------------------------------
+def choose_guidance(toy: Path, study: Study, fixed: float | None) -> dict[str, Any]:
+    """One CFG scale for every arm and checkpoint, chosen on the validation set at the last checkpoints.
+
+    Criterion: joint accuracy averaged over every run of both arms (each arm weighs the same), so
+    the choice favours neither VAE. Text-to-image never looks at the reported prompts; a
+    class-conditional model has only its classes, so there the selection differs by sampling seed. Ties go to the
+    smaller scale. Cached in ``<out>/guidance.json``.
+    """
+    from evaluation.toy_study_eval import selection_scores
+
+    path = Path(study.out) / "guidance.json"
+    if fixed is not None:
+        return {"chosen": fixed, "by": "--guidance"}
+    if path.is_file():
+        return json.loads(path.read_text())
+    grid = GUIDANCE_GRID[study.kind]
+    table: dict[str, list[dict]] = {}
+    for arm in study.arms:
+        for seed in study.seeds:
+            run = study.run_dir(arm.name, seed)
+            rows = selection_scores(toy, study.kind, run, study.max_steps, grid, samples=1)
+            table[f"{arm.name}-seed{seed}"] = rows
+    mean_joint = {s: float(np.mean([rows[i]["joint"] for rows in table.values()])) for i, s in enumerate(grid)}
+    chosen = max(grid, key=lambda s: (round(mean_joint[s], 6), -s))
+    result = {
+        "chosen": chosen,
+        "by": "joint accuracy on the validation set, averaged over every run of both arms, last checkpoint",
+        "validation": "guidance.json prompts (training triples), sampling seed 1000"
+        if study.kind == "t2i"
+        else "the same 24 classes (a class-conditional model has no other prompts), sampling seed 1000",
+        "mean_joint": {str(s): round(v, 4) for s, v in mean_joint.items()},
+        "per_run": table,
+    }
+    write_json_atomic(path, result, sort_keys=False)
+    return result
+
+
+def score_runs(
+    toy: Path, study: Study, scale: float, prompt_set: str = "heldout", seed: int = 0
+) -> dict[str, dict[int, dict[int, dict]]]:
+    """``scores[arm][seed][step]``: every kept checkpoint scored once with the study's settings."""
+    from common.files import write_text_atomic
+    from common.images import save_grid
+    from evaluation.toy_study_eval import score_checkpoint
+
+    scores: dict[str, dict[int, dict[int, dict]]] = {}
+    for arm in study.arms:
+        scores[arm.name] = {}
+        for seed in study.seeds:
+            run = study.run_dir(arm.name, seed)
+            scores[arm.name][seed] = {}
+            for step in scored_steps(study, run):
+                path = run / str(step) / EVAL_FILE
+                settings = {"guidance_scale": scale, "samples": study.samples}
+                if prompt_set != "heldout" or seed != 0:
+                    settings.update(prompt_set=prompt_set, seed=seed)
+                if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
+                    scores[arm.name][seed][step] = json.loads(path.read_text())
+                    continue
+                t0 = time.perf_counter()
+                result = score_checkpoint(
+                    toy, study.kind, run, step, scale=scale, samples=study.samples, seed=seed, prompt_set=prompt_set
+                )
+                grid = result.pop("grid")
+                save_grid((grid + 1) / 2, run / str(step) / "study_grid.png", ncol=8)
+                result["settings"] = settings
+                write_text_atomic(path, json.dumps(result) + "\n")
+                scores[arm.name][seed][step] = result
+                acc = ", ".join(f"{k} {v:.3f}" for k, v in result["accuracy"].items())
+                print(
+                    f"{arm.name} seed {seed} step {step}: {acc}, fd {result['fd']:.2f} "
+                    f"({result['images']} images, {time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
+    return scores
+
+
 def checkpoint_steps(run: Path) -> list[int]:
     from common.checkpoint import list_steps
 
     return list_steps(run)
 
 
-def _same_settings(path: Path, scale: float, steps: int, seed: int) -> bool:
-    if not path.is_file():
-        return False
-    old = json.loads(path.read_text())
-    return (old.get("guidance_scale"), old.get("steps"), old.get("seed")) == (scale, steps, seed)
+def score_table(scores: dict[str, dict[int, dict[int, dict]]]) -> dict[str, dict[str, dict[int, np.ndarray]]]:
+    """``table[metric][arm][step]``: (seeds, units, per_unit) 0/1 cubes per attribute, (seeds,) FDs.
 
-
-def score_checkpoint(toy: Path, run: Path, step: int, guidance: float | None, seed: int) -> dict[str, Any]:
-    """``fusedit.tools.demo.evaluate`` for one checkpoint step: every held-out prompt, EMA weights, fixed seed.
-
-    Image i starts from noise seeded by (seed, i), so both runs see identical noise for each prompt.
-    Written to ``<run>/<step>/toy_scores.json`` + ``heldout_grid.png``; skipped when already there.
+    Only steps every seed of an arm reached are kept (a run still training would bias the mean).
     """
-    import torch
+    table: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+    for arm, by_seed in scores.items():
+        steps = sorted(set.intersection(*(set(s) for s in by_seed.values()))) if by_seed else []
+        for step in steps:
+            first = by_seed[min(by_seed)][step]
+            for metric in first["correct"]:
+                cube = np.stack(
+                    [np.asarray(by_seed[s][step]["correct"][metric], dtype=np.float64) for s in sorted(by_seed)]
+                )
+                table.setdefault(metric, {}).setdefault(arm, {})[step] = cube
+            fds = np.array([by_seed[s][step]["fd"] for s in sorted(by_seed)], dtype=np.float64)
+            table.setdefault("fd", {}).setdefault(arm, {})[step] = fds
+    return table
 
-    from common.files import write_text_atomic
-    from common.images import save_grid
-    from fusedit.config import load_config
-    from fusedit.pipeline import DiTPipeline
-    from toyworld.scorer import ToyScorer
 
-    cfg = load_config(run / "config.yaml")
-    scale = cfg.gen.scale if guidance is None else guidance
-    folder = run / str(step)
-    if _same_settings(folder / "toy_scores.json", scale, cfg.gen.steps, seed):
-        print(f"{run.name} step {step}: already scored", flush=True)
-        return json.loads((folder / "toy_scores.json").read_text())
-    prompts = json.loads((toy / "prompts" / "heldout.json").read_text())
-    pipe = DiTPipeline.from_checkpoint(run, step, use_ema=True)
-    with torch.inference_mode():
-        images = pipe(
-            [p["prompt"] for p in prompts],
-            height=cfg.gen.H,
-            width=cfg.gen.W,
-            num_inference_steps=cfg.gen.steps,
-            guidance_scale=scale,
-            seed=seed,
-            batch_size=64,
+def aggregate(study: Study, scores: dict, guidance: dict[str, Any]) -> dict[str, Any]:
+    from evaluation.paired_stats import summarize_study
+
+    table = score_table(scores)
+    higher = {m: m != "fd" for m in table}
+    arms = (study.arms[0].name, study.arms[1].name)
+    summary = summarize_study(table, arms=arms, higher_is_better=higher)
+    some = next(iter(next(iter(next(iter(scores.values())).values())).values()))
+    summary["design"] = {
+        **study.record(),
+        "units": some["units"],
+        "per_unit": some["per_unit"],
+        "images_per_checkpoint": some["images"],
+        "guidance_scale": guidance["chosen"],
+        "guidance_selection": {k: v for k, v in guidance.items() if k != "per_run"},
+        "sampling_interval_halfwidth": sampling_halfwidths(table),
+    }
+    return summary
+
+
+def sampling_halfwidths(table: dict) -> dict[str, float]:
+    """The widest per-run, per-checkpoint 95% sampling interval (half-width) of each attribute.
+
+    What one checkpoint's score could move with other sampling seeds: the measurement's own
+    precision, before training-seed variance (which the study's intervals add on top).
+    """
+    from common.stats import stratified_bootstrap_ci
+
+    widest: dict[str, float] = {}
+    for metric, by_arm in table.items():
+        if metric == "fd":
+            continue
+        for cubes in by_arm.values():
+            for cube in cubes.values():
+                for matrix in cube:
+                    ci = stratified_bootstrap_ci(matrix, resamples=500)
+                    widest[metric] = max(widest.get(metric, 0.0), (ci["high"] - ci["low"]) / 2)
+    return {k: round(v, 4) for k, v in widest.items()}
+
+
+def score_real(study: Study, args: argparse.Namespace) -> dict[str, Any]:
+    """Real configs: every kept checkpoint sampled with a benchmark's prompts and scored by FID."""
+    from evaluation import study_fid
+    from evaluation.paired_stats import summarize_study
+
+    runs = {a.name: {seed: study.run_dir(a.name, seed) for seed in study.seeds} for a in study.arms}
+    steps = {run: scored_steps(study, run) for by_seed in runs.values() for run in by_seed.values()}
+    resolution = args.fid_resolution or _run_resolution(next(iter(steps)))
+    settings = study_fid.FidSettings(
+        bench=args.fid_bench,
+        real_images=str(Path(args.fid_real).resolve()),
+        resolution=resolution,
+        guidance=args.guidance,
+        num_samples=args.fid_samples,
+        real_list=args.fid_real_list,
+        feature_extractor=args.fid_extractor,
+        processes=args.eval_gpus,
+        prompts=str(Path(args.fid_prompts).resolve()) if args.fid_prompts else None,
+        cache_dir=str(Path(study.out) / "fid-cache"),
+    )
+    executor = None
+    if args.executor != "inline":
+        from fusedit.tools.sweep import parse_time
+
+        folder = Path(study.out) / "eval-logs"
+        executor = study_fid.make_executor(
+            args.executor, folder, args.eval_gpus, parse_time(args.time), args.partition, args.account
         )
-    result = ToyScorer.from_pretrained(toy / "scorer").score(images * 2.0 - 1.0, prompts)
-    result.update(guidance_scale=scale, steps=cfg.gen.steps, seed=seed, ema=True, checkpoint=str(step))
-    save_grid(images, folder / "heldout_grid.png", ncol=8)
-    write_text_atomic(folder / "toy_scores.json", json.dumps(result, indent=2) + "\n")  # key order kept
-    print(f"{run.name} step {step}: scored {result['n']} held-out prompts", flush=True)
-    return result
+    fids = study_fid.score_all(runs, steps, settings, executor)
+    table: dict[str, dict[str, dict[int, np.ndarray]]] = {"fid": {}}
+    for arm, by_seed in fids.items():
+        common_steps = sorted(set.intersection(*(set(v) for v in by_seed.values())))
+        table["fid"][arm] = {s: np.array([by_seed[k][s] for k in sorted(by_seed)]) for s in common_steps}
+    arms = (study.arms[0].name, study.arms[1].name)
+    summary = summarize_study(table, arms=arms, higher_is_better={"fid": False})
+    summary["design"] = {**study.record(), "fid": {k: v for k, v in vars(settings).items()}}
+    return summary
 
 
-def score_run(toy: Path, run: Path, guidance: float | None, seed: int) -> dict[int, dict[str, Any]]:
-    """Score every kept checkpoint; the newest is also published as ``<run>/scores.json`` / ``heldout_grid.png``."""
-    results = {step: score_checkpoint(toy, run, step, guidance, seed) for step in checkpoint_steps(run)}
-    if results:
-        newest = max(results)
-        write_json_atomic(run / "scores.json", results[newest], sort_keys=False)
-        shutil.copyfile(run / str(newest) / "heldout_grid.png", run / "heldout_grid.png")
-    return results
+def _run_resolution(run: Path) -> int:
+    from fusedit.config import load_config
+
+    return int(load_config(run / "config.yaml").gen.H)
 
 
-# --------------------------------------------------------------------------------------------
-# 4. report and summary
-# --------------------------------------------------------------------------------------------
-def side_by_side(results: dict[str, dict[int, dict[str, Any]]]) -> str:
-    """Text tables, one per checkpoint step: metric, chance, then a column per run and their difference."""
-    from evaluation.report import SETTINGS, fmt, score_rows
-
-    names = list(results)
-    blocks = []
-    for step in sorted({s for r in results.values() for s in r}):
-        rows = {n: score_rows(results[n][step]) if step in results[n] else {} for n in names}
-        metrics = list(dict.fromkeys(m for r in rows.values() for m in r))
-        table = [["step " + str(step), "chance", *names, f"{names[-1]} - {names[0]}"]]
-        for m in metrics:
-            values = [rows[n].get(m, (None, None))[0] for n in names]
-            chance = next((rows[n][m][1] for n in names if m in rows[n] and rows[n][m][1] is not None), None)
-            a, b = values[0], values[-1]
-            numbers = isinstance(a, int | float) and isinstance(b, int | float)
-            delta = fmt(b - a) if numbers and not (m in SETTINGS and a == b) else ""
-            table.append([m, fmt(chance) if chance is not None else "", *map(fmt, values), delta])
-        blocks.append(_text_table(table))
-    return "\n\n".join(blocks)
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    for metric, m in summary["metrics"].items():
+        final = m["final"]
+        lines.append(f"  {metric:10s} step {final['step']}: {final['verdict']}; AUC: {m['auc']['verdict']}")
+    return lines
 
 
-def _text_table(table: list[list[str]]) -> str:
-    """First column left-aligned, numbers right-aligned, a rule under the header."""
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
-
-
-def write_report(out: Path, runs: dict[str, Path], repae_run: Path) -> Path:
+def write_report(study: Study, summary: dict[str, Any], title: str) -> Path:
     from evaluation.report import build_report
 
-    repae = repae_run if (repae_run / "metrics.jsonl").is_file() else None
-    return build_report(runs, out / "report", repae=repae, title="Toy study: original VAE vs E2E-VAE")
+    runs = {f"{a.name}-seed{s}": study.run_dir(a.name, s) for a in study.arms for s in study.seeds[:1]}
+    d = summary["design"]
+    notes = [
+        f"{len(study.seeds)} training seeds per arm; {study.max_steps} steps; a checkpoint every {study.eval_every}"
+    ]
+    if "fid" in d:
+        f = d["fid"]
+        notes.append(f"FID on {f['bench']} prompts ({f['num_samples'] or 'all'}), guidance {f['guidance']}")
+    else:
+        notes += [
+            f"{d['images_per_checkpoint']} images per checkpoint ({d['units']} prompt units x {d['per_unit']})",
+            f"guidance scale {d['guidance_scale']}: {d['guidance_selection'].get('by')}",
+            f"widest per-checkpoint sampling interval (±): {d['sampling_interval_halfwidth']}",
+        ]
+    return build_report(runs, Path(study.out) / "report", title=title, study=summary, study_notes=notes)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+def run_study(study: Study, args: argparse.Namespace, toy: Path | None, title: str) -> dict[str, Any] | None:
+    check_study_folder(study, write=not args.dry_run)
+    specs = run_specs(study)
+    if args.dry_run:
+        from fusedit.tools.sweep import describe
+
+        for i, spec in enumerate(specs, 1):
+            print(f"[{i}/{len(specs)}] {spec.name}", *describe(spec, _settings(args)), sep="\n")
+        return None
+    t0 = time.perf_counter()
+    if args.executor == "inline":
+        train_inline(specs, study.max_steps, args)
+    else:
+        train_submitit(specs, study.max_steps, args)
+    t1 = time.perf_counter()
+    if args.train_only:
+        print("trained; run the same command without --train-only to score the kept checkpoints", flush=True)
+        return None
+    if toy is None:
+        summary = score_real(study, args)
+    else:
+        guidance = choose_guidance(toy, study, args.guidance)
+        scores = score_runs(toy, study, guidance["chosen"])
+        summary = aggregate(study, scores, guidance)
+    summary["timing_s"] = {"train": round(t1 - t0, 1), "score": round(time.perf_counter() - t1, 1)}
+    write_json_atomic(Path(study.out) / "results.json", summary, sort_keys=False)
+    page = write_report(study, summary, title)
+    print(f"\n{title}\n" + "\n".join(summary_lines(summary)) + f"\nreport: {page}", flush=True)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    toy, out, repae_run = args.toy.resolve(), args.out.resolve(), args.repae_run.resolve()
-    if not (toy / "world.json").is_file():
+    toy = args.toy.resolve() if args.toy is not None else None
+    if toy is not None and not (toy / "world.json").is_file():
         raise SystemExit(f"{toy}: no toy world (build it: python dataset_download.py --toy {args.toy})")
-    max_steps = args.steps if args.steps is not None else config_max_steps(CONFIGS / PAIR[0][1])
-    check_study_folder(out, max_steps)
-    ensure_e2e_vae(toy, repae_run)
-    runs = {name: out / name for name, _, _ in PAIR}
-    for name, config, vae_folder in PAIR:
-        train_run(toy, runs[name], CONFIGS / config, vae_folder, args.steps, max_steps)
-    results = {name: score_run(toy, runs[name], args.guidance, args.seed) for name in runs}
-    page = write_report(out, runs, repae_run)
-    print(f"\nreport: {page}\n")
-    print(side_by_side(results))
-    print(f"\nstudy: {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    out = args.out.resolve()
+    if args.arm:
+        studies = [(config_study(args), "Paired study")]
+    else:
+        if not args.dry_run:
+            ensure_e2e_vae(toy, args.repae_run.resolve())
+        kinds = [args.kind] if args.kind else ["t2i", "ldm"]
+        titles = {
+            "t2i": "Toy text-to-image: original VAE vs E2E-VAE",
+            "ldm": "Toy train_ldm: SiT + REPA on a frozen VAE",
+        }
+        studies = [(toy_study(toy, k, args, out / k), titles[k]) for k in kinds]
+    timings = {}
+    for study, title in studies:
+        t0 = time.perf_counter()
+        run_study(study, args, toy, title)
+        timings[study.kind] = round(time.perf_counter() - t0, 1)
+    if len(studies) > 1 and not args.dry_run:
+        index_page(out, [(s, t) for s, t in studies])
+    print(f"\nstudy: {(time.perf_counter() - start) / 60:.1f} min {timings}", flush=True)
     return 0
+
+
+def index_page(out: Path, studies: list[tuple[Study, str]]) -> Path:
+    """``<out>/index.html``: one link per study report."""
+    from common.files import write_text_atomic
+
+    items = "".join(f'<li><a href="{Path(s.out).name}/report/index.html">{t}</a></li>' for s, t in studies)
+    page = out / "index.html"
+    write_text_atomic(page, f"<!doctype html><meta charset='utf-8'><title>Study</title><ul>{items}</ul>\n")
+    return page
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ fake REPA-E run are turned into a report; Chromium loads ``index.html`` from dis
 that it loaded, logged no console or network error, shows the tables with the expected numbers,
 and that every <img> decoded (naturalWidth > 0). A deliberately broken page proves the checker
 sees what it should. A synthetic multi-seed study summary (the format of
-``evaluation.statistics.summarize_study``) gets the same treatment, plus a look at its band plots'
+``evaluation.paired_stats.summarize_study``) gets the same treatment, plus a look at its band plots'
 pixels.
 
 Chromium is driven through the DevTools protocol over ``--remote-debugging-pipe`` (fds 3/4,

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from evaluation import statistics as st
-from evaluation.statistics import (
+from evaluation import paired_stats as st
+from evaluation.paired_stats import (
     area_under_curve,
     hierarchical_bootstrap,
     paired_difference,

@@ -62,6 +62,9 @@ class RunSpec:
     overrides: tuple[str, ...]
     checkpoint_dir: str
     point: tuple[tuple[str, str], ...] = ()
+    # What runs instead of train.py: e.g. ("-m", "repae.train_ldm") for the class-conditional
+    # stage of a study (evaluation.study). Empty: train.py, the text-to-image trainer.
+    entry: tuple[str, ...] = ()
 
     @property
     def log_folder(self) -> Path:
@@ -290,6 +293,8 @@ class TrainJob(Checkpointable):
         return state
 
     def train_args(self) -> list[str]:
+        if self.run.entry:  # another trainer: it takes -c and key=value overrides, no DeepSpeed JSON
+            return [*self.run.entry, "-c", self.run.config, *self.run.overrides]
         args = [str(TRAIN_SCRIPT), "-c", self.run.config]
         if self.deepspeed_config:
             args += ["--deepspeed_config_path", self.deepspeed_config]

@@ -1,5 +1,8 @@
 """Statistics of a paired training study: is the DiT trained on the E2E-tuned VAE really better?
 
+(Not named ``statistics``: ``evaluation/*.py`` scripts run as files put this folder first on
+``sys.path``, where a ``statistics.py`` would shadow the standard library's for every import.)
+
 The study trains arm A (original VAE) and arm B (its end-to-end tuned twin) with several training
 seeds each and scores every checkpoint on the same prompts with the same sampling seeds. Three
 sources of noise stand between a measured difference and the truth, and the intervals here try to

@@ -40,6 +40,7 @@ ARMS: dict[str, tuple[list[str], int]] = {
     "default": ([], 600),  # 600 steps, alignment weight into the VAE 1.5, SiT encoder depth 2
     "steps-300": ([], 300),
     "align-0.5": (["loss.vae_align_proj_coeff=0.5"], 600),
+    "align-0.5-steps-300": (["loss.vae_align_proj_coeff=0.5"], 300),
     "reference-faithful": (["loss.reference_faithful=true"], 600),
     "depth-1": (["model.encoder_depth=1"], 600),
     "steps-1200": (["trainer.max_steps=1200", "trainer.checkpointing_steps=600"], 1200),
@@ -74,15 +75,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def tune(toy: Path, out: Path, arm: str, base_run: Path | None) -> Path:
     """The arm's joint tuning (resumed when interrupted) and its export (statistics from training images).
 
-    Arms without overrides share one run: ``base_run`` when given (the ``make repae`` run, so the
-    sweep does not repeat it), else ``<out>/default/repae``.
+    Arms with the same overrides share one run (``steps-300`` is ``default`` at step 300); those
+    without any use ``base_run`` when given (the ``make repae`` run, so the sweep does not repeat
+    it), else ``<out>/default/repae``. An arm whose checkpoint step was pruned fails to export.
     """
     from common.checkpoint import read_latest
     from repae.demo import train
     from repae.export import export_e2e_vae
 
     overrides, tag = ARMS[arm]
-    run = (base_run or out / "default" / "repae") if not overrides else out / arm / "repae"
+    owner = next(name for name, (o, _) in ARMS.items() if o == overrides)  # arms of one recipe share a run
+    run = (base_run or out / "default" / "repae") if not overrides else out / owner / "repae"
     vae = out / arm / "e2e-vae"
     if not (vae / "config.json").is_file():
         if not ((run / "latest").is_file() and read_latest(run) >= tag):

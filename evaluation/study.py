@@ -387,14 +387,11 @@ def toy_arm_overrides(toy: Path, kind: str, vae_folder: str) -> list[str]:
         from fusedit.tools.demo import toy_overrides
 
         return toy_overrides(toy, vae_folder=vae_folder)
-    world = json.loads((toy / "world.json").read_text())
-    pattern = world.get("train_pattern") or "shards/train-*.tar"
-    shards = pattern if Path(pattern).is_absolute() else str(toy / pattern)
-    return [
-        f"vae.name_or_path={toy / vae_folder}",
-        f'encoder.types=["local:{toy / "repae" / "encoder"}"]',
-        f'data.data_path=["{shards}"]',
-    ]
+    from repae.demo import toy_overrides as repae_toy_overrides
+
+    vae = f"vae.name_or_path={toy / vae_folder}"
+    base = repae_toy_overrides(toy, Path(ROOT))  # its trainer.* keys are the study's to set
+    return [vae if o.startswith("vae.name_or_path=") else o for o in base if not o.startswith("trainer.")]
 
 
 def toy_study(toy: Path, kind: str, args: argparse.Namespace, out: Path) -> Study:

@@ -131,20 +131,11 @@ def t2i_images(run: Path, step: int, prompts: list[dict], scale: float, seed: in
     """EMA DiT of ``<run>/<step>``: prompt-major images in [-1, 1]."""
     from fusedit.config import load_config
     from fusedit.pipeline import DiTPipeline
+    from fusedit.tools.demo import sample
 
     cfg = load_config(run / "config.yaml")
     pipe = DiTPipeline.from_checkpoint(run, step, use_ema=True)
-    with torch.inference_mode():
-        images = pipe(
-            [p["prompt"] for p in prompts],
-            height=cfg.gen.H,
-            width=cfg.gen.W,
-            num_inference_steps=cfg.gen.steps,
-            guidance_scale=scale,
-            seed=seed,
-            num_images_per_prompt=samples,
-            batch_size=128,
-        )
+    images = sample(pipe, cfg, prompts, scale, seed, samples)
     return images * 2.0 - 1.0
 
 

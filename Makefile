@@ -56,7 +56,7 @@ demo: $(STAMP)
 repae: $(STAMP)
 	$(PY) -m repae.demo --toy $(TOY) --run output/repae/toy
 
-# The paired studies on the toy world, 3 training seeds per arm: the text-to-image DiT and the
+# The paired studies on the toy world, 3 training seeds per arm, 450 steps: the text-to-image DiT and the
 # class-conditional SiT (train_ldm) on the original VAE vs its REPA-E twin (runs `make repae` first
 # when toy/e2e-vae is missing). Results with intervals in output/study/{t2i,ldm}/results.json,
 # reports in output/study/index.html. Resumes after a kill.

@@ -99,14 +99,21 @@ def prune(run_dir: Path, keep: int | None) -> list[int]:
     steps = [s for s in list_steps(run_dir) if s != latest]
     doomed = steps[: max(0, len(steps) - (keep - 1))]
     for s in doomed:
-        shutil.rmtree(step_dir(run_dir, s), ignore_errors=True)
+        # Rename first (atomic), delete second: a kill mid-delete leaves a dot-folder that no step
+        # listing counts and the next save cleans up, never a half-deleted "<step>/" that looks
+        # like a checkpoint to list_steps, the studies' scorers or resume_from=<step>.
+        trash = run_dir / f".{s}.pruned"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(step_dir(run_dir, s), trash)
+        shutil.rmtree(trash, ignore_errors=True)
     return doomed
 
 
 def clean_partials(run_dir: Path) -> None:
-    """Remove leftovers of a save that was killed half-way (they were never published)."""
-    for p in Path(run_dir).glob(".*.partial"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Remove leftovers of a save, re-save or prune that was killed half-way (never checkpoints)."""
+    for pattern in (".*.partial", ".*.old", ".*.pruned"):
+        for p in Path(run_dir).glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def read_latest(run_dir: Path) -> int | None:

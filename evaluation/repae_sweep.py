@@ -42,7 +42,9 @@ ARMS: dict[str, tuple[list[str], int]] = {
     "align-0.5": (["loss.vae_align_proj_coeff=0.5"], 600),
     "align-0.5-steps-300": (["loss.vae_align_proj_coeff=0.5"], 300),
     "reference-faithful": (["loss.reference_faithful=true"], 600),
+    "reference-faithful-steps-300": (["loss.reference_faithful=true"], 300),
     "depth-1": (["model.encoder_depth=1"], 600),
+    "depth-1-steps-300": (["model.encoder_depth=1"], 300),
     "steps-1200": (["trainer.max_steps=1200", "trainer.checkpointing_steps=600"], 1200),
 }
 DOWNSTREAM_SEED_BASE = 100  # never the seeds a reported study uses (0..K-1)
@@ -89,7 +91,10 @@ def tune(toy: Path, out: Path, arm: str, base_run: Path | None) -> Path:
     vae = out / arm / "e2e-vae"
     if not (vae / "config.json").is_file():
         if not ((run / "latest").is_file() and read_latest(run) >= tag):
-            train(toy, run, overrides)
+            # Train only as far as this arm needs: the learning rates are constant and the GAN ramp
+            # counts steps, so a 300-step run is the 600-step run's first half, and a later arm of
+            # the same recipe resumes it.
+            train(toy, run, [*overrides, f"trainer.max_steps={tag}"])
         export_e2e_vae(run, vae, tag=str(tag))
     return vae
 
@@ -137,7 +142,7 @@ def downstream(toy: Path, out: Path, vaes: dict[str, Path], args: argparse.Names
         samples=args.samples,
         out=str(out / "downstream"),
     )
-    st.check_study_folder(design)  # refuses to mix runs of another length or seed count
+    st.check_study_folder(design, grow_arms=True)  # new arms may join; another length or seed count is refused
     st.train_inline(st.run_specs(design), design.max_steps)
     table = st.score_table(st.score_runs(toy, design, GUIDANCE, prompt_set="validation", seed=VALIDATION_SEED))
     result: dict[str, Any] = {}

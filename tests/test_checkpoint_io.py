@@ -53,6 +53,28 @@ def test_republish_same_step_and_prune(tmp_path: Path) -> None:
         ckpt.resolve_resume(tmp_path, "10")
 
 
+def test_prune_killed_mid_delete_leaves_no_half_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill while a pruned folder is deleted must not leave a "<step>/" that list_steps counts."""
+    for step in (10, 20, 30):
+        _fake_save(tmp_path, step)
+        ckpt.publish(tmp_path, step)
+
+    def killed(path, ignore_errors=False):  # the delete dies half-way: one file gone, then the kill
+        if not Path(path).exists():
+            return
+        victim = next(p for p in Path(path).rglob("*") if p.is_file())
+        victim.unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.prune(tmp_path, keep=2)
+    monkeypatch.undo()
+    assert ckpt.list_steps(tmp_path) == [20, 30] and ckpt.read_latest(tmp_path) == 30
+    ckpt.clean_partials(tmp_path)  # what the next save does first
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_weights_folder_roundtrip_is_safetensors(tmp_path: Path) -> None:
     state = {"a.weight": torch.randn(3, 4), "b": torch.arange(5.0)}
     ckpt.save_weights_folder({"_class_name": "X"}, state, tmp_path / "w")

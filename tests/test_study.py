@@ -122,6 +122,26 @@ def test_study_folder_refuses_another_design(tmp_path: Path) -> None:
         study.check_study_folder(s)
 
 
+def test_a_sweep_may_add_arms_but_not_change_one(tmp_path: Path) -> None:
+    """grow_arms: a new arm joins the record; an existing arm with other overrides, or another length, is refused."""
+    study = study_module()
+    arms = [study.Arm("original", "x.yaml", ["vae=a"]), study.Arm("one", "x.yaml", ["vae=b"])]
+    s = study.Study("t2i", arms, [100], 600, 600, [], 2, str(tmp_path))
+    study.check_study_folder(s, grow_arms=True)
+    s.arms = [arms[0], study.Arm("two", "x.yaml", ["vae=c"])]  # a later call names only its own arms
+    study.check_study_folder(s, grow_arms=True)
+    names = [a["name"] for a in json.loads((tmp_path / "study.json").read_text())["arms"]]
+    assert names == ["original", "one", "two"]
+    s.arms = [study.Arm("one", "x.yaml", ["vae=changed"])]
+    with pytest.raises(SystemExit, match="holds arms"):
+        study.check_study_folder(s, grow_arms=True)
+    s.arms, s.max_steps = arms, 300
+    with pytest.raises(SystemExit, match="differs in max_steps"):
+        study.check_study_folder(s, grow_arms=True)
+    with pytest.raises(SystemExit, match="differs in arms"):
+        study.check_study_folder(s)  # a study proper never grows
+
+
 def _run_study(argv: list[str], **kwargs) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(

@@ -37,11 +37,13 @@ def _busy_processes(count: int) -> list[subprocess.Popen]:
 
 @pytest.mark.multiprocess
 def test_world_is_bit_identical_on_a_loaded_machine(quick_world: Path, tmp_path: Path) -> None:
-    """The session's quick world (built idle) and one built under 2x CPU oversubscription match.
+    """The session's quick world (built idle) and one built with the cores oversubscribed match.
 
-    With the old wall-clock budgets the loaded build trained fewer steps and got other weights.
+    With the old wall-clock budgets any load made the build train fewer steps and get other
+    weights. One spinning process per two cores (here: the build's two threads and one spinner on
+    two cores, 1.5x) shows it as well as 2x did, and costs the suite less time.
     """
-    busy = _busy_processes(max(2, os.cpu_count() or 2))
+    busy = _busy_processes(max(1, (os.cpu_count() or 2) // 2))
     try:
         loaded = build.build_toy_world(tmp_path / "loaded", seed=0, quick=True, progress=False)
     finally:

@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # the non-finite guard: the last checkpoint is intact
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     finally:
         cleanup()
     if rank == 0 and last:

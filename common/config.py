@@ -308,6 +308,7 @@ def check_trainer(errors: list[str], t: Any) -> None:
         check_positive(errors, f"trainer.{name}", getattr(t, name))
     check_positive(errors, "trainer.sampling_steps", t.sampling_steps, allow_zero=True)
     check_positive(errors, "trainer.gradient_clipping", t.gradient_clipping, allow_zero=True)
+    check_positive(errors, "trainer.max_nonfinite_steps", t.max_nonfinite_steps)
     if t.checkpoints_total_limit is not None:
         check_positive(errors, "trainer.checkpoints_total_limit", t.checkpoints_total_limit)
     if t.resume_from not in (None, "latest") and not str(t.resume_from).isdigit():

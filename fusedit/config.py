@@ -68,6 +68,9 @@ class TrainerConfig:
     deepspeed_config: Optional[str] = None
     # Deterministic kernels cost speed on GPUs; off unless asked (reference defect 24).
     deterministic: bool = False
+    # A step whose loss or gradient norm is not finite is skipped on every rank (weights, optimizer
+    # state and EMA untouched); this many skips in a row stop the run (same field as repae).
+    max_nonfinite_steps: int = 20
 
 
 @dataclass

@@ -278,7 +278,6 @@ def load_repae_config(path: str | Path | None = None, overrides: list[str] | Non
 
 def _validate_trainer(t: TrainerSection, errors: list[str]) -> None:
     check_trainer(errors, t)
-    check_positive(errors, "trainer.max_nonfinite_steps", t.max_nonfinite_steps)
     if not t.run or "/" in t.run:
         errors.append(f"trainer.run: must be a non-empty folder name, got {t.run!r}")
     if not t.checkpoint_dir:

@@ -350,6 +350,7 @@ class Trainer:
                     values = mean_over_ranks({k: v / window_n for k, v in window.items()}, self.device)
                     values["steps_per_s"] = window_n / max(time.time() - t0, 1e-9)
                     values["skipped_samples"] = getattr(self.loader, "skipped", 0)
+                    values["nonfinite_total"] = self.nonfinite_total  # optimizer steps skipped by the guard
                     logger.log(self.step, values)
                     bar.set_postfix({k: f"{values[k]:.3g}" for k in self.postfix_keys if k in values})
                     window, window_n, t0 = {}, 0, time.time()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TOY_CONFIG, run_train, tiny_train_overrides
+from tests.conftest import ROOT, TOY_CONFIG, launch, run_train, tiny_train_overrides
 
 ZERO2 = str(ROOT / "configs" / "deepspeed" / "zero2.json")
 
@@ -25,6 +25,26 @@ def _metrics(run: Path) -> list[dict]:
 
 def _weights(run: Path, step: int, kind: str) -> dict[str, torch.Tensor]:
     return load_file(str(run / str(step) / kind / "diffusion_pytorch_model.safetensors"))
+
+
+def _optimizer_state(run: Path, step: int) -> dict[str, torch.Tensor]:
+    """The Adam moments and fp32 master weights of rank 0's ZeRO partition, flattened to name -> tensor."""
+    (path,) = (run / str(step) / "deepspeed").rglob("*optim_states.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)  # written by this test's own run
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(node, prefix: str) -> None:
+        if torch.is_tensor(node):
+            out[prefix] = node
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}")
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{prefix}.{i}")
+
+    walk(state["optimizer_state_dict"], "")
+    return {k: v for k, v in out.items() if "exp_avg" in k or "fp32" in k}  # moments and master weights
 
 
 def test_invalid_config_fails_before_heavy_work(quick_world: Path, tmp_path: Path) -> None:
@@ -145,3 +165,38 @@ def test_compiled_training_matches_eager(quick_world: Path, tmp_path: Path) -> N
     assert wa.keys() == wb.keys()  # compiled in place: no _orig_mod. prefixes in checkpoints
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.e2e
+def test_nonfinite_steps_are_skipped_then_stop_the_run(quick_world: Path, tmp_path: Path) -> None:
+    """A NaN loss at step 3 leaves weights, EMA and optimizer as they were; two in a row (5, 6) stop the run."""
+    run = tmp_path / "run"
+    overrides = tiny_train_overrides(
+        quick_world,
+        run,
+        **{
+            "trainer.max_steps": 8,
+            "trainer.checkpointing_steps": 1,
+            "trainer.max_nonfinite_steps": 2,
+            "trainer.checkpoints_total_limit": 10,
+        },
+    )
+    script = str(ROOT / "tests" / "nonfinite_train.py")
+    proc = launch([script, "3,5,6", "-c", str(TOY_CONFIG), *overrides], check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "step 6: 2 steps in a row had a non-finite loss or gradient norm" in proc.stderr
+    assert "trainer.max_nonfinite_steps=2" in proc.stderr and "weights are those of step 4" in proc.stderr
+    assert f"last good checkpoint: {run / '5'}" in proc.stderr
+    assert (run / "latest").read_text().strip() == "5"
+
+    skipped = {m["step"]: m["train/nonfinite_skipped"] for m in _metrics(run)}
+    assert skipped == {1: 0, 2: 0, 3: 1, 4: 0, 5: 1}
+    for kind in ("model", "ema"):
+        two, three, four = (_weights(run, s, kind) for s in (2, 3, 4))
+        assert all(torch.equal(two[k], three[k]) for k in two), f"{kind} moved on the skipped step"
+        assert any(not torch.equal(three[k], four[k]) for k in three), f"{kind} did not move on a good step"
+        assert all(torch.equal(four[k], _weights(run, 5, kind)[k]) for k in four)
+    optim = {s: _optimizer_state(run, s) for s in (2, 3, 4)}
+    assert all(torch.equal(optim[2][k], optim[3][k]) for k in optim[2]), "Adam moments moved on the skipped step"
+    assert any(not torch.equal(optim[3][k], optim[4][k]) for k in optim[3])
+    assert json.loads((run / "5" / "trainer_state.json").read_text())["nonfinite_total"] == 2

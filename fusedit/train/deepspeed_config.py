@@ -96,6 +96,8 @@ def resolve_deepspeed_config(raw: dict[str, Any], cfg: TrainConfig, world_size: 
     _fill(ds, "train_batch_size", micro * accum * world_size, "batch_size_per_gpu x accumulation x world size")
     _fill_section_flag(ds, "bf16", cfg.trainer.mixed_precision == "bf16")
     _fill_section_flag(ds, "fp16", cfg.trainer.mixed_precision == "fp16")
+    if ds["bf16"].get("enabled"):  # ZeRO-1/2 skip a non-finite step in bf16 only with this (the trainer's guard)
+        ds["bf16"].setdefault("check_grad_overflow", True)
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if zero.get("reduce_bucket_size") == "auto":
         # The size Hugging Face's integration uses: one hidden x hidden block per bucket.

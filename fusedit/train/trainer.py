@@ -171,6 +171,7 @@ class Trainer:
         self._validate_inputs()
         self.env: DistEnv = init_distributed()
         self.ds_config = resolve_deepspeed_config(ds_raw, cfg, self.env.world_size)
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.device = self.env.device
         if cfg.trainer.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -188,6 +189,8 @@ class Trainer:
         self.ema = EMA(self.parts.dit, cfg.ema.decay).to(self.device)
         self.step = 0
         self.samples_seen = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
         self.data_seed = cfg.trainer.seed
         self.stream = None
         self.checkpoints = ckpt.CheckpointWriter(
@@ -311,6 +314,7 @@ class Trainer:
         self.ema.load_state_dict({k: v.to(self.device) for k, v in ckpt.load_weights(folder / "ema").items()})
         state = self.checkpoints.trainer_state(step)
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.data_seed = int(state.get("data_seed", self.cfg.trainer.seed))
         if self.env.is_main:
             log.info("resumed from %s at step %d", folder, self.step)
@@ -372,54 +376,117 @@ class Trainer:
             dynamic_ncols=True,
         )
         loss_sum = torch.zeros((), device=self.device)
-        skipped = 0
+        skipped = nonfinite = 0
         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
         last: dict[str, Any] = {}
         self.engine.train()
-        while self.step < cfg.trainer.max_steps:
-            for micro in range(accum):
-                t0 = time.perf_counter()
-                batch = next(data_iter)
-                data_wait += time.perf_counter() - t0
-                self.stream.update(batch)
-                skipped += int(batch.get("skipped", 0))
-                loss = self.micro_step(batch, micro)
-                self.engine.backward(loss)
-                self.engine.step()
-                loss_sum += loss.detach()
-            self.step += 1
-            self.samples_seen += global_batch
-            window_steps += 1
-            if self.step % cfg.ema.update_steps == 0:
-                self.ema.update(self.engine.module)
-            bar.update(1)
-            logging_step = self.step % cfg.trainer.logging_steps == 0 or self.step == cfg.trainer.max_steps
-            if logging_step:
-                elapsed = time.perf_counter() - window_start
-                last = self._log(loss_sum / (window_steps * accum), skipped, window_steps, elapsed, data_wait)
-                bar.set_postfix(
-                    loss=f"{last['train/loss']:.4f}",
-                    lr=f"{last['train/lr']:.2e}",
-                    img_s=f"{last['perf/images_per_s']:.1f}",
-                )
-                loss_sum.zero_()
-                skipped, window_start, window_steps, data_wait = 0, time.perf_counter(), 0, 0.0
-            if cfg.trainer.sampling_steps and self.step % cfg.trainer.sampling_steps == 0:
-                self.sample_grid()
-            # One collective to agree on a stop, on logging steps only (see common.signals).
-            stop = logging_step and self.stop_signal.agreed(self.device)
-            if self.step % cfg.trainer.checkpointing_steps == 0 or self.step == cfg.trainer.max_steps or stop:
-                self.save_checkpoint()
-            if stop:
-                log.warning(
-                    "signal %s received: checkpointed at step %d, stopping", self.stop_signal.received, self.step
-                )
-                break
-        bar.close()
-        self.metrics.close()
+        try:
+            while self.step < cfg.trainer.max_steps:
+                step_loss = torch.zeros((), device=self.device)
+                for micro in range(accum):
+                    t0 = time.perf_counter()
+                    batch = next(data_iter)
+                    data_wait += time.perf_counter() - t0
+                    self.stream.update(batch)
+                    skipped += int(batch.get("skipped", 0))
+                    loss = self.micro_step(batch, micro)
+                    self.engine.backward(loss)
+                    if micro == accum - 1:
+                        self._refuse_nonfinite_without_skip()
+                    self.engine.step()
+                    step_loss += loss.detach()
+                self.step += 1
+                self.samples_seen += global_batch
+                window_steps += 1
+                if self._step_applied():
+                    loss_sum += step_loss
+                    if self.step % cfg.ema.update_steps == 0:
+                        self.ema.update(self.engine.module)
+                else:
+                    nonfinite += 1
+                bar.update(1)
+                logging_step = self.step % cfg.trainer.logging_steps == 0 or self.step == cfg.trainer.max_steps
+                if logging_step:
+                    elapsed = time.perf_counter() - window_start
+                    good = (window_steps - nonfinite) * accum
+                    mean = loss_sum / good if good else torch.full((), math.nan, device=self.device)
+                    last = self._log(mean, skipped, window_steps, elapsed, data_wait, nonfinite)
+                    bar.set_postfix(
+                        loss=f"{last['train/loss']:.4f}",
+                        lr=f"{last['train/lr']:.2e}",
+                        img_s=f"{last['perf/images_per_s']:.1f}",
+                    )
+                    loss_sum.zero_()
+                    skipped = nonfinite = 0
+                    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+                if cfg.trainer.sampling_steps and self.step % cfg.trainer.sampling_steps == 0:
+                    self.sample_grid()
+                # One collective to agree on a stop, on logging steps only (see common.signals).
+                stop = logging_step and self.stop_signal.agreed(self.device)
+                if self.step % cfg.trainer.checkpointing_steps == 0 or self.step == cfg.trainer.max_steps or stop:
+                    self.save_checkpoint()
+                if stop:
+                    log.warning(
+                        "signal %s received: checkpointed at step %d, stopping", self.stop_signal.received, self.step
+                    )
+                    break
+        finally:
+            bar.close()
+            self.metrics.close()
         return last
 
-    def _log(self, mean_loss: torch.Tensor, skipped: int, steps: int, elapsed: float, data_wait: float) -> dict:
+    # ------------------------------------------------------ non-finite guard
+    def _step_applied(self) -> bool:
+        """Whether the optimizer step just taken changed the weights; counts and limits skips.
+
+        DeepSpeed's ZeRO-1/2 optimizer (fp32 and bf16; fp16 by loss scaling) computes the global
+        gradient norm, all-reduced over ranks, and skips the update on *every* rank when it is not
+        finite: weights, optimizer moments and the learning-rate schedule stay where they were. A
+        non-finite loss gives a non-finite norm, so one check covers both; the EMA is then skipped
+        here. Every rank sees the same answer, so no collective is needed.
+        """
+        if self.engine.was_step_applied():
+            self.nonfinite_in_a_row = 0
+            return True
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        limit = self.cfg.trainer.max_nonfinite_steps
+        if self.env.is_main:
+            log.warning(
+                "step %d: non-finite loss or gradient norm, update skipped on every rank (%d in a row, limit %d)",
+                self.step,
+                self.nonfinite_in_a_row,
+                limit,
+            )
+        if self.nonfinite_in_a_row >= limit:
+            latest = ckpt.read_latest(self.run_dir) if self.run_dir.is_dir() else None
+            where = f"{ckpt.step_dir(self.run_dir, latest)}" if latest is not None else "none was written yet"
+            raise FloatingPointError(
+                f"step {self.step}: {self.nonfinite_in_a_row} steps in a row had a non-finite loss or "
+                f"gradient norm (trainer.max_nonfinite_steps={limit}); the weights are those of step "
+                f"{self.step - self.nonfinite_in_a_row}; last good checkpoint: {where}"
+            )
+        return False
+
+    def _refuse_nonfinite_without_skip(self) -> None:
+        """ZeRO stage 0 (fp32, bf16) has no skip path: stop before a non-finite gradient reaches the weights.
+
+        Its gradients are already all-reduced when backward returns at the accumulation boundary,
+        so every rank reaches the same verdict.
+        """
+        if self.zero_stage != 0 or self.engine.fp16_enabled():  # fp16: the loss scaler skips
+            return
+        for param in self.engine.module.parameters():
+            if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
+                raise FloatingPointError(
+                    f"step {self.step + 1}: non-finite gradient under ZeRO stage 0, which cannot skip a "
+                    f"step; the weights are untouched. Use ZeRO-1/2 (configs/deepspeed/zero2.json) to skip "
+                    f"such steps instead (trainer.max_nonfinite_steps)"
+                )
+
+    def _log(
+        self, mean_loss: torch.Tensor, skipped: int, steps: int, elapsed: float, data_wait: float, nonfinite: int = 0
+    ) -> dict:
         cfg = self.cfg
         stats = torch.stack([mean_loss.float(), torch.tensor(float(skipped), device=self.device)])
         loss = all_reduce_mean(stats[:1]).item()
@@ -431,6 +498,7 @@ class Trainer:
             "train/lr": float(self.engine.get_lr()[0]),
             "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "data/skipped": skipped_all,
+            "train/nonfinite_skipped": nonfinite,
             "perf/images_per_s": images / max(elapsed, 1e-9),
             "perf/data_wait_frac": data_wait / max(elapsed, 1e-9),
             "train/samples_seen": self.samples_seen,
@@ -449,6 +517,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "seed": self.cfg.trainer.seed,
             "data_seed": self.data_seed,
+            "nonfinite_total": self.nonfinite_total,
             "time": time.time(),
         }
         return self.checkpoints.save(

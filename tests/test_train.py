@@ -200,3 +200,19 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(quick_world: Path, tmp_pa
     assert all(torch.equal(optim[2][k], optim[3][k]) for k in optim[2]), "Adam moments moved on the skipped step"
     assert any(not torch.equal(optim[3][k], optim[4][k]) for k in optim[3])
     assert json.loads((run / "5" / "trainer_state.json").read_text())["nonfinite_total"] == 2
+
+
+@pytest.mark.e2e
+def test_nonfinite_gradient_under_zero_stage_0_stops_before_the_update(quick_world: Path, tmp_path: Path) -> None:
+    """ZeRO-0 cannot skip a step: the run stops at the NaN with the previous checkpoint intact."""
+    ds = json.loads((ROOT / "configs" / "deepspeed" / "zero2.json").read_text())
+    ds["zero_optimization"] = {"stage": 0}
+    (tmp_path / "zero0.json").write_text(json.dumps(ds))
+    run = tmp_path / "run"
+    overrides = tiny_train_overrides(quick_world, run, **{"trainer.max_steps": 4, "trainer.checkpointing_steps": 1})
+    script = str(ROOT / "tests" / "nonfinite_train.py")
+    args = [script, "2", "-c", str(TOY_CONFIG), *overrides, "--deepspeed_config_path", str(tmp_path / "zero0.json")]
+    proc = launch(args, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "step 2: non-finite gradient under ZeRO stage 0" in proc.stderr and "weights are untouched" in proc.stderr
+    assert (run / "latest").read_text().strip() == "1" and not (run / "2").exists()

@@ -245,6 +245,26 @@ def _check_same_prompts(a: np.ndarray, b: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------
 # Score cubes
 # --------------------------------------------------------------------------------------------
+def _one_sample_interval(
+    m: np.ndarray, rng: np.random.Generator, level: float, resamples: int
+) -> tuple[float, float, bool]:
+    """(low, high, one_seed) for the mean of per-(seed, prompt) values ``m``: (seeds, prompts).
+
+    One seed: a bootstrap over prompts. Several: the two-stage bootstrap (seeds, then prompts)
+    widened to the Student-t interval over per-seed means when that is wider — a percentile
+    bootstrap over three seeds under-covers.
+    """
+    k, p = m.shape
+    if k == 1:
+        low, high = _percentile(_counts(rng, p, resamples) @ m[0] / p, level)
+        return low, high, True
+    seed_counts = _counts(rng, k, resamples)
+    prompt_counts = _counts(rng, p, resamples)
+    b_low, b_high = _percentile(_resampled_means(m, seed_counts, prompt_counts), level)
+    _, t_low, t_high = _t_one_sample(m.mean(axis=1), level)
+    return min(b_low, t_low), max(b_high, t_high), False
+
+
 def hierarchical_bootstrap(cube: np.ndarray, *, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict:
     """Mean of a score cube (seeds, prompts, samples) with an interval covering seed and prompt noise.
 
@@ -260,18 +280,8 @@ def hierarchical_bootstrap(cube: np.ndarray, *, level: float = 0.95, resamples: 
     k, p, s = arr.shape
     m = arr.mean(axis=2)
     mean = float(m.mean())
-    rng = np.random.default_rng(seed)
-    if k == 1:
-        prompt_counts = _counts(rng, p, resamples)
-        low, high = _percentile(prompt_counts @ m[0] / p, level)
-        method = METHOD_ONE_SEED
-    else:
-        seed_counts = _counts(rng, k, resamples)
-        prompt_counts = _counts(rng, p, resamples)
-        b_low, b_high = _percentile(_resampled_means(m, seed_counts, prompt_counts), level)
-        _, t_low, t_high = _t_one_sample(m.mean(axis=1), level)
-        low, high = min(b_low, t_low), max(b_high, t_high)
-        method = METHOD_BOOT_T
+    low, high, one_seed = _one_sample_interval(m, np.random.default_rng(seed), level, resamples)
+    method = METHOD_ONE_SEED if one_seed else METHOD_BOOT_T
     return {
         "mean": mean,
         "low": low,
@@ -311,17 +321,8 @@ def _difference(
     if paired:
         d = mb - ma
         mean = float(d.mean())
-        if ka == 1:
-            prompt_counts = _counts(rng, p, resamples)
-            low, high = _percentile(prompt_counts @ d[0] / p, level)
-            method = METHOD_ONE_SEED
-        else:
-            seed_counts = _counts(rng, ka, resamples)
-            prompt_counts = _counts(rng, p, resamples)
-            b_low, b_high = _percentile(_resampled_means(d, seed_counts, prompt_counts), level)
-            _, t_low, t_high = _t_one_sample(d.mean(axis=1), level)
-            low, high = min(b_low, t_low), max(b_high, t_high)
-            method = "bootstrap(paired seeds,prompts) ∪ paired t(seeds)"
+        low, high, one_seed = _one_sample_interval(d, rng, level, resamples)
+        method = METHOD_ONE_SEED if one_seed else "bootstrap(paired seeds,prompts) ∪ paired t(seeds)"
     else:
         counts_a = _counts(rng, ka, resamples)
         counts_b = _counts(rng, kb, resamples)

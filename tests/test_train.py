@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.weights import safe_torch_load
 from tests.conftest import ROOT, TOY_CONFIG, launch, run_train, tiny_train_overrides
 
 ZERO2 = str(ROOT / "configs" / "deepspeed" / "zero2.json")
@@ -29,8 +30,12 @@ def _weights(run: Path, step: int, kind: str) -> dict[str, torch.Tensor]:
 
 def _optimizer_state(run: Path, step: int) -> dict[str, torch.Tensor]:
     """The Adam moments and fp32 master weights of rank 0's ZeRO partition, flattened to name -> tensor."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
     (path,) = (run / str(step) / "deepspeed").rglob("*optim_states.pt")
-    state = torch.load(path, map_location="cpu", weights_only=False)  # written by this test's own run
+    state = safe_torch_load(path, allow=(LossScaler, ZeroStageEnum, fragment_address))  # DeepSpeed's own classes
     out: dict[str, torch.Tensor] = {}
 
     def walk(node, prefix: str) -> None:

@@ -171,7 +171,9 @@ class Trainer:
         self._validate_inputs()
         self.env: DistEnv = init_distributed()
         self.ds_config = resolve_deepspeed_config(ds_raw, cfg, self.env.world_size)
-        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        # ZeRO-0 (fp32, bf16) cannot skip a step: there the guard inspects gradients before it.
+        zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.check_grads_before_step = zero_stage == 0 and cfg.trainer.mixed_precision != "fp16"
         self.device = self.env.device
         if cfg.trainer.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -391,8 +393,8 @@ class Trainer:
                     skipped += int(batch.get("skipped", 0))
                     loss = self.micro_step(batch, micro)
                     self.engine.backward(loss)
-                    if micro == accum - 1:
-                        self._refuse_nonfinite_without_skip()
+                    if micro == accum - 1 and self.check_grads_before_step:
+                        self._refuse_nonfinite_gradient()
                     self.engine.step()
                     step_loss += loss.detach()
                 self.step += 1
@@ -459,8 +461,8 @@ class Trainer:
                 limit,
             )
         if self.nonfinite_in_a_row >= limit:
-            latest = ckpt.read_latest(self.run_dir) if self.run_dir.is_dir() else None
-            where = f"{ckpt.step_dir(self.run_dir, latest)}" if latest is not None else "none was written yet"
+            latest = ckpt.read_latest(self.run_dir)
+            where = str(ckpt.step_dir(self.run_dir, latest)) if latest is not None else "none was written yet"
             raise FloatingPointError(
                 f"step {self.step}: {self.nonfinite_in_a_row} steps in a row had a non-finite loss or "
                 f"gradient norm (trainer.max_nonfinite_steps={limit}); the weights are those of step "
@@ -468,14 +470,12 @@ class Trainer:
             )
         return False
 
-    def _refuse_nonfinite_without_skip(self) -> None:
+    def _refuse_nonfinite_gradient(self) -> None:
         """ZeRO stage 0 (fp32, bf16) has no skip path: stop before a non-finite gradient reaches the weights.
 
         Its gradients are already all-reduced when backward returns at the accumulation boundary,
-        so every rank reaches the same verdict.
+        so every rank reaches the same verdict. (fp16 never gets here: its loss scaler skips.)
         """
-        if self.zero_stage != 0 or self.engine.fp16_enabled():  # fp16: the loss scaler skips
-            return
         for param in self.engine.module.parameters():
             if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
                 raise FloatingPointError(
@@ -485,7 +485,7 @@ class Trainer:
                 )
 
     def _log(
-        self, mean_loss: torch.Tensor, skipped: int, steps: int, elapsed: float, data_wait: float, nonfinite: int = 0
+        self, mean_loss: torch.Tensor, skipped: int, steps: int, elapsed: float, data_wait: float, nonfinite: int
     ) -> dict:
         cfg = self.cfg
         stats = torch.stack([mean_loss.float(), torch.tensor(float(skipped), device=self.device)])

@@ -78,3 +78,18 @@ def strip_key(key: str, prefixes: tuple[str, ...] = PREFIXES) -> str:
 def strip_prefixes(sd: Mapping[str, Any], prefixes: tuple[str, ...] = PREFIXES) -> dict[str, Any]:
     """A state dict without wrapper prefixes (``_orig_mod.`` from torch.compile, ``module.`` from DDP/DeepSpeed)."""
     return {strip_key(key, prefixes): value for key, value in sd.items()}
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """Short SHA-256 of a module's state dict rounded to bfloat16, so an fp32 and a bf16 load agree.
+
+    What a cache of a frozen model's outputs (latents, text features) records, and what training
+    compares it with: a fine-tuned twin under the same name has another fingerprint.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -341,3 +341,12 @@ def test_cached_latents_take_the_vae_out_of_the_step(tmp_path: Path) -> None:
     cached = build_plan(cfg, world_size=32).flops
     assert online.per_sample()["vae_encoder_forward"] > 0 and cached.per_sample()["vae_encoder_forward"] == 0
     assert online.model_per_sample() - cached.model_per_sample() == online.per_sample()["vae_encoder_forward"]
+
+
+def test_cached_text_features_take_the_text_encoder_out_of_the_step(tmp_path: Path) -> None:
+    online = build_plan(_3b("sa-w2048-3b-res256-fluxvae-fulldataset-500k", tmp_path), world_size=32).flops
+    cfg = _3b("sa-w2048-3b-res256-fluxvae-fulldataset-500k", tmp_path)
+    cfg.data.cached_text_features = "data/gemma-2b-features"  # planning needs no cache on disk
+    cached = build_plan(cfg, world_size=32).flops
+    assert online.per_sample()["text_encoder_forward"] > 0 and cached.per_sample()["text_encoder_forward"] == 0
+    assert online.model_per_sample() - cached.model_per_sample() == online.per_sample()["text_encoder_forward"]

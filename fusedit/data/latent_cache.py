@@ -17,9 +17,8 @@ Training reads it with ``data.cached_latents=true`` and ``data.data_path`` point
 * an image that does not decode keeps its place without ``latent.npy``; the loader skips and
   counts it, as it would have skipped the image.
 
-Text features are not cached: an LLM's hidden states are ~1 MB per caption at 256 tokens
-(Gemma-2B, bf16), so a 30M-image set with two captions each would need ~60 TB, against ~2 TB of
-float16 latents for the FLUX VAE.
+Text features have their own cache (:mod:`fusedit.data.text_cache`, ``data.cached_text_features``),
+which aligns with this one by shard index and sample key.
 
 ``cache.json`` next to the shards records the VAE (spec and a fingerprint of its weights), the
 resolution and the sources; the trainer refuses a cache made with another VAE or resolution.
@@ -33,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -50,6 +48,7 @@ from common.config import ConfigError
 from common.files import write_json_atomic
 from common.shards import BadSample, validate_data_paths
 from common.vae_config import VaeSpec
+from common.weights import weights_fingerprint
 from fusedit.config import TrainConfig, load_config
 from fusedit.data.webdata import LATENT_MEMBER, _caption_columns, _SampleTransform, _ShardReader
 from fusedit.latents import LatentCodec
@@ -67,11 +66,7 @@ def shard_name(index: int) -> str:
 
 def vae_fingerprint(codec: LatentCodec) -> str:
     """SHA-256 of the VAE's weights rounded to bfloat16, so an fp32 and a bf16 load agree."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(codec.vae.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return weights_fingerprint(codec.vae)
 
 
 def _vae_record(cfg: TrainConfig) -> dict[str, Any]:

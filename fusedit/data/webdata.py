@@ -59,6 +59,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from common.shards import BadSample, RateLimitedWarnings, decode_image, validate_data_paths
+from fusedit.data.text_features import TextFeatureReader, pad_features
 from fusedit.text import tokenize
 
 log = logging.getLogger(__name__)
@@ -233,16 +234,22 @@ class _SampleTransform:
         self.random_dropping_rate = random_dropping_rate
         self.instruction = instruction
 
-    def _caption(self, sample: dict[str, Any], u: float) -> str:
-        key = self.synthetic_key
-        if self.original_key and self.original_caption_rate > 0 and self.original_key in sample:
-            key = self.original_key if u < self.original_caption_rate else key
+    def caption_text(self, sample: dict[str, Any], key: str) -> str:
+        """A caption member as training reads it (UTF-8, stripped); the text cache reads it so too."""
         if key not in sample:
             raise BadSample(f"no caption member {key!r}")
         try:
             return sample[key].decode("utf-8").strip()
         except UnicodeDecodeError as exn:
             raise BadSample(f"caption {key!r} is not UTF-8") from exn
+
+    def _caption(self, sample: dict[str, Any], u: float) -> tuple[str, str]:
+        """(column, caption): "original" with probability ``original_caption_rate`` when present."""
+        column = "synthetic"
+        if self.original_key and self.original_caption_rate > 0 and self.original_key in sample:
+            column = "original" if u < self.original_caption_rate else column
+        key = self.original_key if column == "original" else self.synthetic_key
+        return column, self.caption_text(sample, key)
 
     def _image_bytes(self, sample: dict[str, Any]) -> bytes:
         for key in self.image_keys:
@@ -287,14 +294,20 @@ class _SampleTransform:
             raise BadSample(f"image does not decode: {exn!r}") from exn
         return self._pixels(img, rng)
 
-    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[torch.Tensor, str]:
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[torch.Tensor, str, str | None]:
+        """(pixels or latent moments, prompt, caption column or None when dropped).
+
+        The column is what a text-feature cache is looked up by: the cache holds both columns'
+        features, so the caption draw and the dropout stay this function's, with the image stream's RNG.
+        """
         u_caption, u_drop = rng.random(), rng.random()
-        caption = self._caption(sample, u_caption)
+        column, caption = self._caption(sample, u_caption)
         # A cached latent was made from the centre crop, which draws nothing from rng: the caption
         # draws, and so the whole stream, are those of the image shards the cache came from.
         visual = self._latent(sample) if self.latent_key else self.image(sample, rng)
-        caption = "" if u_drop < self.random_dropping_rate else self.instruction + caption
-        return visual, caption
+        if u_drop < self.random_dropping_rate:
+            return visual, "", None
+        return visual, self.instruction + caption, column
 
 
 # ----------------------------------------------------------------------------- batches
@@ -318,9 +331,11 @@ class _WebBatches(IterableDataset):
         num_open_shards: int,
         role_states: dict[int, dict],
         batches_done: int,
+        text_features: TextFeatureReader | None = None,
     ) -> None:
         super().__init__()
         self.urls, self.tokenizer, self.transform = urls, tokenizer, transform
+        self.text_features = text_features
         self.batch_size, self.max_length, self.pad_to_multiple_of = batch_size, max_length, pad_to_multiple_of
         self.seed, self.rank, self.num_roles, self.num_open_shards = seed, rank, num_roles, num_open_shards
         self.role_states, self.batches_done = role_states, batches_done
@@ -337,19 +352,20 @@ class _WebBatches(IterableDataset):
             stream.close()
 
     def _batch(self, stream: _RoleStream, role: int) -> dict[str, Any]:
-        pixels, captions, skipped = [], [], 0
+        pixels, captions, features, skipped = [], [], [], 0
         while len(pixels) < self.batch_size:
             sample, k, offset = stream.next_sample()
             rng = _rng(self.seed, self.rank, role, _SAMPLE, k, offset)
             try:
-                image, caption = self.transform(sample, rng)
+                image, caption, column = self.transform(sample, rng)
             except BadSample as exn:
                 skipped += 1
                 stream.warnings.warn("%s key %s: %s", sample.get("__url__"), sample.get("__key__"), exn)
                 continue
             pixels.append(image)
             captions.append(caption)
-        input_ids, attention_mask = tokenize(self.tokenizer, captions, self.max_length, self.pad_to_multiple_of)
+            if self.text_features is not None:
+                features.append(self.text_features.features(sample["__url__"], offset, sample["__key__"], column))
         state = {
             "role": role,
             "num_roles": self.num_roles,
@@ -360,12 +376,19 @@ class _WebBatches(IterableDataset):
         }
         return {
             "latent_moments" if self.transform.latent_key else "pixel_values": torch.stack(pixels),
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
+            **self._text(captions, features),
             "captions": captions,
             "skipped": skipped + stream.pop_skipped(),
             "state": state,
         }
+
+    def _text(self, captions: list[str], features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Token ids for the encoder, or (with a text cache) the features it would have produced."""
+        if self.text_features is None:
+            ids, mask = tokenize(self.tokenizer, captions, self.max_length, self.pad_to_multiple_of)
+            return {"input_ids": ids, "attention_mask": mask}
+        hidden, mask = pad_features(features, self.max_length, self.pad_to_multiple_of)
+        return {"text_features": hidden, "attention_mask": mask}
 
 
 class StreamState:
@@ -425,6 +448,11 @@ def _caption_columns(caption_column: Any) -> tuple[str, str]:
     return str(getattr(caption_column, "original", "") or ""), str(getattr(caption_column, "synthetic", ""))
 
 
+def prompt_token_budget(tokenizer: Any, max_prompt_length: int, instruction: str) -> int:
+    """Tokens a prompt may keep: the reference's max_prompt_length (BOS included) plus the instruction's."""
+    return max_prompt_length + len(tokenizer(instruction.rstrip(), add_special_tokens=False)["input_ids"])
+
+
 def build_dataloader(
     data_path: list[str] | str,
     tokenizer: Any,
@@ -447,6 +475,7 @@ def build_dataloader(
     resume_state: dict | None = None,
     pin_memory: bool = False,
     cached_latents: bool = False,
+    cached_text_features: str | None = None,
 ) -> DataLoader:
     """An infinite DataLoader of batches (see the module docstring for the stream's definition).
 
@@ -462,6 +491,10 @@ def build_dataloader(
 
     ``cached_latents``: the shards come from :mod:`fusedit.data.latent_cache`; batches hold
     ``latent_moments`` (B, 2, C, h, w) float32 (posterior mean, std) instead of ``pixel_values``.
+
+    ``cached_text_features``: a folder written by :mod:`fusedit.data.text_cache` for these shards;
+    batches hold ``text_features`` (B, L, D) (the cache's dtype) instead of ``input_ids``, with the
+    same ``attention_mask`` and L the tokenised captions would have had.
     """
     if batch_size < 1 or resolution < 1 or num_open_shards < 1 or num_workers < 0:
         raise ValueError("batch_size, resolution and num_open_shards must be >= 1, num_workers >= 0")
@@ -483,14 +516,12 @@ def build_dataloader(
         instruction=instruction,
         latent_key=LATENT_MEMBER if cached_latents else None,
     )
-    # The reference's budget: max_prompt_length tokens (BOS included) plus the instruction's.
-    instruction_length = len(tokenizer(instruction.rstrip(), add_special_tokens=False)["input_ids"])
     dataset = _WebBatches(
         urls,
         tokenizer,
         transform,
         batch_size=batch_size,
-        max_length=max_prompt_length + instruction_length,
+        max_length=prompt_token_budget(tokenizer, max_prompt_length, instruction),
         pad_to_multiple_of=pad_to_multiple_of,
         seed=seed,
         rank=rank,
@@ -498,6 +529,7 @@ def build_dataloader(
         num_open_shards=num_open_shards,
         role_states=role_states,
         batches_done=batches_done,
+        text_features=TextFeatureReader(cached_text_features, urls) if cached_text_features else None,
     )
     return DataLoader(
         dataset,
@@ -509,4 +541,4 @@ def build_dataloader(
     )
 
 
-__all__ = ["BadSample", "StreamState", "build_dataloader", "decode_image", "validate_data_paths"]
+__all__ = ["BadSample", "StreamState", "build_dataloader", "decode_image", "prompt_token_budget", "validate_data_paths"]

@@ -71,6 +71,9 @@ class TrainerConfig:
     # A step whose loss or gradient norm is not finite is skipped on every rank (weights, optimizer
     # state and EMA untouched); this many skips in a row stop the run (same field as repae).
     max_nonfinite_steps: int = 20
+    # Dense peak of one accelerator in TFLOP/s for the MFU in the training log. Null: H100/H200/A100
+    # are recognised; on CPU (or an unknown GPU) MFU is omitted and the log says why.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -178,6 +181,9 @@ class DataConfig:
     # data_path holds shards written by `python -m fusedit.data.latent_cache` (VAE posterior moments
     # instead of images): training skips the VAE encoder. The cache's cache.json must match `vae`.
     cached_latents: bool = False
+    # Folder written by `python -m fusedit.data.text_cache` for these shards (both captions' text-encoder
+    # features, real tokens only): training skips the text encoder. Its cache.json must match `model`/`data`.
+    cached_text_features: Optional[str] = None
 
 
 @dataclass
@@ -376,6 +382,8 @@ def _validate_data(d: DataConfig, errors: list[str]) -> None:
         errors.append("data.caption_column.synthetic: must name the caption member (e.g. 'txt')")
     if d.cached_latents and not d.center_crop:
         errors.append("data.cached_latents: a latent cache fixes the crop; it needs data.center_crop=true")
+    if d.cached_text_features is not None and not d.cached_text_features.strip():
+        errors.append("data.cached_text_features: a cache folder, or null to run the text encoder every step")
 
 
 def check_geometry(cfg: TrainConfig, spatial_factor: int) -> None:
@@ -403,6 +411,8 @@ def validate(cfg: TrainConfig) -> None:
     if not 0.0 < cfg.ema.decay < 1.0:
         errors.append(f"ema.decay: must be in (0, 1), got {cfg.ema.decay!r}")
     check_positive(errors, "ema.update_steps", cfg.ema.update_steps)
+    if cfg.trainer.peak_tflops is not None:
+        check_positive(errors, "trainer.peak_tflops", cfg.trainer.peak_tflops)
     check_positive(errors, "noise_scheduler.shift", cfg.noise_scheduler.shift)
     check_positive(errors, "optimizer.lr", cfg.optimizer.lr)
     check_positive(errors, "optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)

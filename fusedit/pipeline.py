@@ -80,7 +80,8 @@ class DiTPipeline:
     def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = tokenize(self.text_encoder.tokenizer, prompts, self.max_prompt_length)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        return self.text_encoder.encode(ids, mask), mask
+        # the encoder may live elsewhere (host memory, when training reads a text-feature cache)
+        return self.text_encoder.encode(ids, mask).to(self.device), mask
 
     @torch.no_grad()
     def __call__(

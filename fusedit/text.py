@@ -112,6 +112,17 @@ class TextEncoder:
         self.model.requires_grad_(False)
         self.hidden_states_index = hidden_states_index
 
+    @classmethod
+    def from_model(
+        cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, hidden_states_index: int = -1
+    ) -> TextEncoder:
+        """Wrap an already-built model (e.g. a randomly initialised Gemma-2B for a benchmark)."""
+        self = cls.__new__(cls)
+        self.tokenizer, self.model, self.hidden_states_index = tokenizer, model, hidden_states_index
+        self.model.eval()
+        self.model.requires_grad_(False)
+        return self
+
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)

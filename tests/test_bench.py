@@ -99,3 +99,24 @@ def test_text_length_specs() -> None:
     assert bench.approx_token_count("a red circle, on a white background") == 9
     with pytest.raises(ValueError, match="text-lengths"):
         bench.parse_lengths("gamma:1")
+
+
+def test_bench_cached_text_skips_the_encoder_and_its_flops(quick_world: Path, tmp_path: Path) -> None:
+    from fusedit.config import load_config
+    from fusedit.tools.plan import text_encoder_forward_flops
+
+    overrides = [*toy_overrides(quick_world), *TINY_MODEL]
+    out = tmp_path / "bench.json"
+    args = ["--steps", "1", "--warmup", "0", "--cached-text", "--batch-size", "4", "--out", str(out)]
+    bench.main(["-c", str(TOY_CONFIG), *args, *overrides])
+    report = json.loads(out.read_text())
+    ours = report["variants"]["ours"]
+    assert report["settings"]["cached_text"] and ours["images_per_s"] > 0
+    assert ours["phases"]["text_encoder"]["median_s"] < ours["phases"]["dit_forward_backward"]["median_s"]
+    kw = load_config(TOY_CONFIG, overrides).dit_kwargs(4, 64)
+    arch = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1}
+    arch |= {"head_dim": 16, "intermediate_size": 128}
+    frozen = bench.Frozen(None, None, 64, 4, 4, arch, 1000, {})
+    online = bench.step_model_flops(kw, frozen, 16, 24, 2, False)
+    cached = bench.step_model_flops(kw, frozen, 16, 24, 2, False, cached_text=True)
+    assert online - cached == 2 * text_encoder_forward_flops(arch, 24) > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -84,16 +85,53 @@ def test_resume_continues_the_same_run(quick_world: Path, tmp_path: Path) -> Non
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=f"{kind}:{k}")
     state = json.loads((split / "6" / "trainer_state.json").read_text())
     assert state["step"] == 6 and state["samples_seen"] == 6 * 4
+    _assert_throughput_logged(straight, 6, [{**m, "world": 1} for m in a], peak_tflops=None)
+
+
+def _assert_throughput_logged(run: Path, step: int, rows: list[dict], peak_tflops: float | None) -> None:
+    """tokens/s and model TFLOP/s in every row, equal to the planner's FLOPs for the row's padded text
+    length (logging every step: one length per row); MFU only against a known peak, never on a bare CPU."""
+    from fusedit.config import load_config
+    from fusedit.flops import TrainingFlops
+    from fusedit.tools.plan import describe_text_encoder, describe_vae, vae_encoder_forward_flops
+
+    cfg = load_config(str(run / "config.yaml"), [])
+    config = json.loads((run / str(step) / "model" / "config.json").read_text())
+    image_tokens = (config["sample_size"] // config["patch_size"]) ** 2
+    vae = vae_encoder_forward_flops(describe_vae(cfg), cfg.data.resolution)
+    planner = TrainingFlops(config, image_tokens, describe_text_encoder(cfg).arch, vae)
+    lengths = range(8, cfg.data.max_prompt_length + 1, cfg.data.pad_to_multiple_of)
+    for row in rows:
+        assert row["perf/image_tokens_per_s"] == pytest.approx(row["perf/images_per_s"] * image_tokens)
+        assert row["perf/text_tokens_per_s"] > 0
+        per_image = row["perf/model_tflop_per_s_per_gpu"] * 1e12 * row["world"] / row["perf/images_per_s"]
+        candidates = [planner.per_sample(n) for n in lengths]
+        if row["world"] == 1:
+            assert any(per_image == pytest.approx(c, rel=1e-6) for c in candidates), per_image
+        else:  # the ranks' batches may pad to different lengths: the mean lies between
+            assert min(candidates) * (1 - 1e-6) <= per_image <= max(candidates) * (1 + 1e-6)
+        if peak_tflops is None:
+            assert "perf/mfu" not in row
+        else:
+            assert row["perf/mfu"] == pytest.approx(row["perf/model_tflop_per_s_per_gpu"] / peak_tflops)
 
 
 @pytest.mark.multiprocess
-def test_two_process_zero2_trains_checkpoints_and_resumes(quick_world: Path, tmp_path: Path) -> None:
+def test_two_process_zero2_bf16_trains_checkpoints_and_resumes(quick_world: Path, tmp_path: Path) -> None:
+    """bf16 under DeepSpeed ZeRO-2 on 2 CPU processes (the path every GPU run takes), then 2 -> 1 process.
+
+    ``ema.decay`` is tiny so that the sharded EMA must equal the fp32 master weights that
+    DeepSpeed's own ``zero_to_fp32`` reads from the optimizer shards, not the bf16 weights.
+    """
     run = tmp_path / "run"
-    overrides = tiny_train_overrides(quick_world, run, **{"trainer.max_steps": 3, "trainer.checkpointing_steps": 3})
+    extra = {"trainer.max_steps": 3, "trainer.checkpointing_steps": 3, "trainer.mixed_precision": "bf16"}
+    overrides = tiny_train_overrides(quick_world, run, **extra, **{"ema.decay": 1e-6, "trainer.peak_tflops": 2.0})
     run_train(["--deepspeed_config_path", ZERO2, *overrides], nproc=2)
+    _assert_ema_follows_fp32_masters(run / "3")
+    halves = json.loads((run / "3" / "trainer_state.json").read_text())["ema_bytes_per_rank"]
     files = sorted(p.name for p in (run / "3" / "deepspeed").iterdir())
-    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in files
-    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in files  # optimizer state is sharded: ZeRO really on
+    assert "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt" in files
+    assert "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in files  # optimizer state is sharded: ZeRO really on
     assert {p.name for p in (run / "3").glob("data_state_rank*.json")} == {
         "data_state_rank0.json",
         "data_state_rank1.json",
@@ -105,6 +143,7 @@ def test_two_process_zero2_trains_checkpoints_and_resumes(quick_world: Path, tmp
     run_train(["--deepspeed_config_path", ZERO2, *overrides], nproc=2)
     steps = [m["step"] for m in _metrics(run)]
     assert steps == [1, 2, 3, 4]
+    _assert_throughput_logged(run, 4, [{**m, "world": 2} for m in _metrics(run)], peak_tflops=2.0)
     assert all(m["train/samples_seen"] == m["step"] * 4 * 2 for m in _metrics(run))
     # the same run continues in 1 process: ZeRO state re-partitioned, the data stream re-seeded
     overrides[overrides.index("trainer.max_steps=4")] = "trainer.max_steps=5"
@@ -113,6 +152,22 @@ def test_two_process_zero2_trains_checkpoints_and_resumes(quick_world: Path, tmp
     assert [m["step"] for m in _metrics(run)][-1] == 5
     state = json.loads((run / "5" / "trainer_state.json").read_text())
     assert state["world_size"] == 1 and state["samples_seen"] == 4 * 8 + 4 and state["data_seed"] != state["seed"]
+    assert all(math.isfinite(m["train/loss"]) and m["train/nonfinite_skipped"] == 0 for m in _metrics(run))
+    assert halves < 0.51 * state["ema_bytes_per_rank"]  # 2 processes keep half the EMA each
+    _assert_ema_follows_fp32_masters(run / "5")
+
+
+def _assert_ema_follows_fp32_masters(folder: Path) -> None:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="deepspeed")
+    ema = load_file(str(folder / "ema" / "diffusion_pytorch_model.safetensors"))
+    bf16 = _weights(folder.parent, int(folder.name), "model")
+    assert set(masters) <= set(ema)
+    for name, master in masters.items():
+        torch.testing.assert_close(ema[name], master.float(), rtol=1e-5, atol=1e-6, msg=name)
+    off = max((bf16[n].float() - m.float()).abs().max().item() for n, m in masters.items())
+    assert off > 1e-4  # the bf16 weights are not the masters: the EMA really tracks the fp32 copy
 
 
 @pytest.mark.e2e

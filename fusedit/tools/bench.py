@@ -1,7 +1,8 @@
 """Warm training-step benchmark of the DiT hot path, optionally against the reference formulation.
 
 ``python -m fusedit.tools.bench -c CONFIG [--steps N] [--warmup W] [--batch-size B] [--text-tokens L]
-[--text-lengths SPEC] [--loader] [--compare-reference] [--compile] [--out FILE.json] [key=value ...]``
+[--text-lengths SPEC] [--loader] [--compare-reference] [--compile] [--cached-latents] [--cached-text]
+[--out FILE.json] [key=value ...]``
 
 Why a separate tool rather than timing ``train.py``: the trainer's numbers mix the DiT with
 checkpointing, logging and DeepSpeed's engine, and give one images/s figure. Deciding whether a
@@ -40,7 +41,6 @@ import copy
 import json
 import math
 import os
-import platform
 import re
 import resource
 import statistics
@@ -57,10 +57,9 @@ import torch
 from torch import nn
 
 from common.files import write_json_atomic
+from common.machine import PEAK_BF16_DENSE, device_peak, machine_info
 from common.randomness import STREAM_BENCH, derive_seed
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s per GPU. H200 has H100's compute, more memory.
-PEAK_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 PHASES = ("data_wait", "text_encoder", "vae_encode", "dit_forward_backward", "optimizer", "ema")
 PERTURB_STD = 0.02
 
@@ -68,33 +67,6 @@ PERTURB_STD = 0.02
 # --------------------------------------------------------------------------------------------
 # Machine and precision
 # --------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (what a reader needs to compare numbers)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """Everything needed to say which machine a number came from, and how busy it was."""
-    info = {
-        "cpu_model": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "load_average_start": list(os.getloadavg()),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def pick_device(name: str | None) -> torch.device:
     if name:
         return torch.device(name)
@@ -108,23 +80,6 @@ def train_dtype(cfg: Any, device: torch.device, notes: list[str]) -> torch.dtype
         notes.append(f"trainer.mixed_precision={mp} needs a GPU; this CPU run uses fp32 weights")
         return torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
-
-
-def device_peak(device: torch.device, dtype: torch.dtype, override_tflops: float | None) -> tuple[float | None, str]:
-    """(peak FLOP/s, where it came from). None on CPU: there is no single dense peak a CPU's
-    fp32 GEMMs run against (vector width, clocks and core count all vary), so MFU is omitted."""
-    if override_tflops:
-        return override_tflops * 1e12, "--peak-tflops"
-    if device.type != "cuda":
-        return None, "CPU: MFU is not meaningful (no fixed dense peak); omitted"
-    name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_BF16_DENSE.items():
-        if key in name:
-            note = f"{key} bf16 dense peak {peak / 1e12:.0f} TFLOP/s"
-            if dtype != torch.bfloat16:
-                note += f" (this run computes in {dtype}; MFU against the bf16 peak)"
-            return peak, note
-    return None, f"unknown GPU {name!r}: pass --peak-tflops for an MFU"
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +109,53 @@ def _try_load(what: str, name: str, load: Callable[[], Any], notes: list[str]) -
         return None
 
 
-def load_frozen(cfg: Any, device: torch.device, dtype: torch.dtype, notes: list[str], stand_in: bool = False) -> Frozen:
+def random_init_frozen(cfg: Any, device: torch.device, dtype: torch.dtype, text_layers: int | None, notes: list[str]):
+    """(text encoder, codec) of the config's architectures with random weights (``--random-init-frozen``).
+
+    What a node without the hub weights (Gemma-2B, FLUX's VAE) needs to time the real encoders:
+    random weights cost the same FLOPs. ``text_layers`` shortens the text encoder as
+    ``model.num_hidden_layers`` shortens the DiT, so the encoder's share of the step is kept.
+    """
+    from transformers import AutoModel, AutoTokenizer, GemmaConfig
+
+    from fusedit.latents import LatentCodec
+    from fusedit.text import TextEncoder
+    from fusedit.tools.plan import build_vae, describe_text_encoder, known_vae_architecture
+
+    if not cfg.data.tokenizer:
+        raise SystemExit("--random-init-frozen: set data.tokenizer=PATH (any local tokenizer, e.g. toy/text_encoder)")
+    arch = describe_text_encoder(cfg).arch
+    if arch is None:
+        raise SystemExit(f"--random-init-frozen: the architecture of {cfg.model.base!r} is not known offline")
+    arch = {**arch, "num_hidden_layers": text_layers or arch["num_hidden_layers"]}
+    vocab = len(AutoTokenizer.from_pretrained(cfg.data.tokenizer))
+    with torch.device(device):
+        model = AutoModel.from_config(GemmaConfig(**arch, vocab_size=max(vocab, 256)), **{"dtype": dtype})
+        known = known_vae_architecture(cfg)
+        if known is None:
+            raise SystemExit(
+                f"--random-init-frozen: the architecture of VAE {cfg.vae.pretrained_model_name_or_path!r} is not known"
+            )
+        vae = build_vae(*known).to(dtype)
+    te = TextEncoder.from_model(
+        model, AutoTokenizer.from_pretrained(cfg.data.tokenizer), cfg.model.text_hidden_states_index
+    )
+    notes.append(
+        f"--random-init-frozen: random-weight text encoder ({arch['num_hidden_layers']} layers of the "
+        f"{cfg.model.base} architecture) and VAE of the {cfg.vae.pretrained_model_name_or_path} architecture"
+    )
+    return te, LatentCodec(vae)
+
+
+def load_frozen(
+    cfg: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    notes: list[str],
+    stand_in: bool = False,
+    random_init: bool = False,
+    text_layers: int | None = None,
+) -> Frozen:
     """Text encoder and VAE as the trainer loads them, sized offline (fusedit.tools.plan) when absent.
 
     ``stand_in`` skips loading on purpose (``--random-frozen``): the DiT's own MFU, without Gemma.
@@ -177,7 +178,11 @@ def load_frozen(cfg: Any, device: torch.device, dtype: torch.dtype, notes: list[
         ).to(device)
 
     vae_name = cfg.vae.pretrained_model_name_or_path
-    if stand_in:
+    if random_init:
+        te, codec = random_init_frozen(cfg, device, dtype, text_layers, notes)
+        if text_layers:
+            text_info.arch = {**text_info.arch, "num_hidden_layers": text_layers}
+    elif stand_in:
         te = codec = None
         notes.append("--random-frozen: text encoder and VAE replaced by random tensors on purpose")
     else:
@@ -256,6 +261,7 @@ class Batch:
     latents: torch.Tensor | None = None
     moments: torch.Tensor | None = None  # (B, 2, C, h, w) posterior (mean, std): a latent cache's content
     text_features: torch.Tensor | None = None
+    cached_text: torch.Tensor | None = None  # (B, ours_len, T): what a text cache would hold for these captions
     data_seconds: float = 0.0
 
     def mask(self, pad: int) -> torch.Tensor:
@@ -273,11 +279,19 @@ class BatchSource:
     """
 
     def __init__(
-        self, cfg: Any, frozen: Frozen, spec: str, device: torch.device, use_loader: bool, cached: bool = False
+        self,
+        cfg: Any,
+        frozen: Frozen,
+        spec: str,
+        device: torch.device,
+        use_loader: bool,
+        cached: bool = False,
+        cached_text: bool = False,
     ) -> None:
         from fusedit.text import _padded_length
 
         self.cfg, self.frozen, self.device, self.cached = cfg, frozen, device, cached
+        self.cached_text = cached_text
         self.kind, self.nums = parse_lengths(spec)
         self.max_len = cfg.data.max_prompt_length
         self.batch_size = cfg.data.batch_size_per_gpu
@@ -294,6 +308,11 @@ class BatchSource:
             raise SystemExit(
                 "--loader: data.cached_latents=true has no pixels for the reference to encode; point the "
                 "benchmark at the image shards and pass --cached-latents instead"
+            )
+        if self.cfg.data.cached_text_features:
+            raise SystemExit(
+                "--loader: data.cached_text_features has no token ids for the reference to encode; set it to "
+                "null and pass --cached-text instead"
             )
         loader = loader_from_config(self.cfg, self.frozen.text_encoder.tokenizer, pin_memory=self.device.type == "cuda")
         return iter(loader)
@@ -312,10 +331,13 @@ class BatchSource:
         return batch
 
     def _cache(self, batch: Batch) -> None:
-        """--cached-latents: what a latent cache would hold for these pixels, computed untimed."""
+        """--cached-latents / --cached-text: what the caches would hold for this batch, computed untimed."""
         if self.cached and batch.pixels is not None:
             mean, std = self.frozen.codec.moments(batch.pixels)
             batch.moments = torch.stack([mean, std], dim=1)
+        if self.cached_text and batch.ids is not None:
+            pad = batch.ours_len
+            batch.cached_text = self.frozen.text_encoder.encode(batch.ids[:, :pad], batch.mask(pad))
 
     def _text(self, rng: np.random.Generator) -> tuple[list[int], torch.Tensor | None]:
         """Caption lengths, plus token ids padded to ``max_len`` when a real encoder will read them."""
@@ -523,6 +545,7 @@ class Variant:
     grad_norms: list[float] = field(default_factory=list)
     peak_cuda_bytes: int = 0
     cached_latents: bool = False  # reads posterior moments from a latent cache instead of encoding
+    cached_text: bool = False  # reads text features from a text cache instead of running the encoder
 
 
 def make_variants(dit: nn.Module, kw: dict[str, Any], cfg: Any, args: argparse.Namespace, device) -> list[Variant]:
@@ -550,6 +573,7 @@ def make_variants(dit: nn.Module, kw: dict[str, Any], cfg: Any, args: argparse.N
         allow_a_graph_per_text_bucket(cfg)
     for v in variants:
         v.cached_latents = args.cached_latents and v.name in ("ours", "ours_eager")
+        v.cached_text = args.cached_text and v.name in ("ours", "ours_eager")
         compiled = args.compile_reference if v.name == "reference" else args.compile and v.name == "ours"
         v.forward = torch.compile(v.module, dynamic=False) if compiled else v.module
     return variants
@@ -588,9 +612,11 @@ class StepContext:
     max_len: int
 
 
-def text_inputs(ctx: StepContext, batch: Batch, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def text_inputs(ctx: StepContext, batch: Batch, pad: int, cached: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (B, pad, T) fp32, mask (B, pad)) at a variant's padded length."""
     mask = batch.mask(pad)
+    if cached and batch.cached_text is not None:
+        return batch.cached_text[:, :pad], mask
     if ctx.frozen.text_encoder is None:
         return batch.text_features[:, :pad], mask
     return ctx.frozen.text_encoder.encode(batch.ids[:, :pad], mask), mask
@@ -621,7 +647,7 @@ def train_step(v: Variant, batch: Batch, ctx: StepContext) -> dict[str, float]:
     with clock.phase("vae_encode"):
         x0 = latents(ctx, batch, gens, v.cached_latents)
     with clock.phase("text_encoder"):
-        text, mask = text_inputs(ctx, batch, pad)
+        text, mask = text_inputs(ctx, batch, pad, v.cached_text)
     with clock.phase("dit_forward_backward"):
         sigmas = ctx.flow.sample_sigmas(x0.shape[0], generator=gens, device=dev)
         noise = ctx.flow.sample_noise(x0, gens)
@@ -662,12 +688,15 @@ def run_interleaved(variants: list[Variant], source: BatchSource, ctx: StepConte
 # --------------------------------------------------------------------------------------------
 # FLOPs and the report
 # --------------------------------------------------------------------------------------------
-def step_model_flops(kw: dict[str, Any], frozen: Frozen, n_image: int, n_text: int, batch: int, ckpt: bool) -> int:
-    """Model FLOPs of one step from fusedit.tools.plan's counts; frozen encoders only when they really ran."""
+def step_model_flops(
+    kw: dict[str, Any], frozen: Frozen, n_image: int, n_text: int, batch: int, ckpt: bool, cached_text: bool = False
+) -> int:
+    """Model FLOPs of one step from fusedit.tools.plan's counts; frozen encoders only when they really ran
+    (``cached_text``: the text encoder ran once, ahead of training)."""
     from fusedit.tools.plan import StepFlops, dit_forward_flops, text_encoder_forward_flops
 
     fwd, blocks = dit_forward_flops(kw, n_image, n_text)
-    arch = frozen.text_flops_arch
+    arch = None if cached_text else frozen.text_flops_arch
     flops = StepFlops(
         dit_forward_per_sample=fwd,
         dit_blocks_forward_per_sample=blocks,
@@ -733,7 +762,7 @@ def compare(variants: dict[str, Variant]) -> dict[str, Any]:
     # ours_padded differs from the reference only in the model formulation and the EMA; the eager
     # "ours" (ours_eager under --compile) from ours_padded in text padding and the latent cache.
     base = "ours_eager" if "ours_eager" in variants else "ours"
-    cached = variants[base].cached_latents
+    cached, cached_text = variants[base].cached_latents, variants[base].cached_text
     saved = {
         "ema_fused_vs_loop": mean("reference", "ema") - mean("ours_padded", "ema"),
         "model_formulation": (mean("reference") - mean("reference", "ema"))
@@ -743,6 +772,9 @@ def compare(variants: dict[str, Variant]) -> dict[str, Any]:
     if cached:
         saved["latent_cache"] = mean("ours_padded", "vae_encode") - mean(base, "vae_encode")
         padding -= saved["latent_cache"]
+    if cached_text:  # ours_padded encodes at max_prompt_length: this share includes that padding's encoder time
+        saved["text_cache"] = mean("ours_padded", "text_encoder") - mean(base, "text_encoder")
+        padding -= saved["text_cache"]
     saved["text_padding_batch_max_vs_max_length"] = padding
     if base == "ours_eager":  # --compile: ours_padded and ours_eager are eager, ours is compiled
         out["speedup_ours_vs_ours_eager"] = ratio(times["ours_eager"], times["ours"])
@@ -809,7 +841,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="ours (and ours_eager) read posterior moments from a latent cache (data.cached_latents) "
         "instead of running the VAE encoder; the reference and ours_padded encode every step",
     )
+    p.add_argument(
+        "--cached-text",
+        action="store_true",
+        help="ours (and ours_eager) read text features from a text cache (data.cached_text_features) instead of "
+        "running the text encoder, whose FLOPs then leave the model count; the reference and ours_padded encode "
+        "every step",
+    )
     p.add_argument("--random-frozen", action="store_true", help="random text features/latents even if loadable")
+    p.add_argument(
+        "--random-init-frozen",
+        action="store_true",
+        help="real text encoder and VAE architectures, random weights (no hub needed; needs data.tokenizer)",
+    )
+    p.add_argument(
+        "--text-layers", type=int, default=None, help="with --random-init-frozen: text encoder depth (default: full)"
+    )
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU when not in the table")
     p.add_argument("--out", default=None, help="write the JSON report here")
@@ -838,6 +885,7 @@ def settings(args: argparse.Namespace, cfg: Any, dtype: torch.dtype, n_image: in
         "compile": args.compile,
         "compile_reference": args.compile_reference,
         "cached_latents": args.cached_latents,
+        "cached_text": args.cached_text,
         "gradient_checkpointing": cfg.trainer.enable_gradient_checkpointing,
         "optimizer": "torch.optim.AdamW + clip_grad_norm_, no DeepSpeed engine (single-device hot path)",
     }
@@ -852,7 +900,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, overrides)
     device, notes = pick_device(args.device), []
     dtype = train_dtype(cfg, device, notes)
-    frozen = load_frozen(cfg, device, dtype, notes, stand_in=args.random_frozen)
+    frozen = load_frozen(
+        cfg,
+        device,
+        dtype,
+        notes,
+        stand_in=args.random_frozen,
+        random_init=args.random_init_frozen,
+        text_layers=args.text_layers,
+    )
     check_geometry(cfg, frozen.spatial_factor)
     kw = cfg.dit_kwargs(frozen.latent_channels, frozen.text_hidden)
     t = cfg.trainer
@@ -863,7 +919,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.compare_reference:
             notes.append("gradient checkpointing: on for our DiT, absent from the reference formulation")
     variants = make_variants(dit, kw, cfg, args, device)
-    source = BatchSource(cfg, frozen, args.text_lengths, device, args.loader, cached=args.cached_latents)
+    source = BatchSource(
+        cfg, frozen, args.text_lengths, device, args.loader, cached=args.cached_latents, cached_text=args.cached_text
+    )
     if args.loader and args.compare_reference:
         notes.append("data_wait: each batch is read once and fed to every variant; each is charged the wait")
     ctx = StepContext(cfg, frozen, flow, device, dtype, cfg.data.max_prompt_length)
@@ -890,7 +948,7 @@ def build_report(
     ours = variants[0]
     # Model FLOPs count the text at OUR padded length for every variant: padding beyond it is waste,
     # so the reference's MFU is lower exactly by its extra time.
-    useful = [step_model_flops(kw, frozen, n_image, n, b, ckpt) for n in ours.text_lengths]
+    useful = [step_model_flops(kw, frozen, n_image, n, b, ckpt, args.cached_text) for n in ours.text_lengths]
     peak, peak_note = device_peak(device, dtype, args.peak_tflops)
     report: dict[str, Any] = {
         "machine": machine,

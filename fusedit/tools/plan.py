@@ -34,6 +34,8 @@ from common.config import ConfigError, save_config
 from common.files import write_json_atomic
 from common.shards import check_brace_syntax, is_remote
 from fusedit.config import TrainConfig, check_geometry
+from fusedit.flops import decoder_arch, dit_forward_flops, text_encoder_forward_flops
+from fusedit.train.ema import EMA_CHUNK_NUMEL
 
 GIB = 1024**3
 
@@ -293,24 +295,6 @@ def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _decoder_arch(config: Any) -> dict[str, int] | None:
-    """The fields the FLOP formula needs from a decoder-only LLM config (Gemma/LLaMA naming);
-    None for other architectures, whose FLOPs are then reported as unknown."""
-    names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-    if not all(getattr(config, n, None) for n in names):
-        return None
-    heads = int(config.num_attention_heads)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return {
-        "hidden_size": int(config.hidden_size),
-        "num_hidden_layers": int(config.num_hidden_layers),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(getattr(config, "num_key_value_heads", None) or heads),
-        "head_dim": int(head_dim),
-        "intermediate_size": int(config.intermediate_size),
-    }
-
-
 def describe_text_encoder(cfg: TrainConfig) -> TextEncoderInfo:
     """Size the frozen text encoder: local config.json built on meta, known table, or unknown."""
     m = cfg.model
@@ -321,7 +305,7 @@ def describe_text_encoder(cfg: TrainConfig) -> TextEncoderInfo:
         config = AutoConfig.from_pretrained(str(folder))
         with torch.device("meta"):
             model = AutoModel.from_config(config)
-        info = TextEncoderInfo(_numel(model), int(config.hidden_size), _decoder_arch(config), f"{folder}/config.json")
+        info = TextEncoderInfo(_numel(model), int(config.hidden_size), decoder_arch(config), f"{folder}/config.json")
     elif m.base.lower() in KNOWN_TEXT_ENCODERS:
         known = KNOWN_TEXT_ENCODERS[m.base.lower()]
         arch = {k: v for k, v in known.items() if k not in ("params", "vocab_size")}
@@ -365,18 +349,29 @@ def _local_vae(cfg: TrainConfig, folder: Path) -> tuple[str, dict[str, Any]]:
     return class_name, {k: v for k, v in config.items() if not k.startswith("_")}
 
 
+def known_vae_architecture(cfg: TrainConfig) -> tuple[str, dict[str, Any], str] | None:
+    """(diffusers class, constructor kwargs, source) of the config's VAE without its weights: a local
+    folder's config.json or a known public config; None for an unknown hub name."""
+    v = cfg.vae
+    folder = _local_folder(v.pretrained_model_name_or_path, v.subfolder, "vae.pretrained_model_name_or_path")
+    if folder is not None:
+        class_name, kwargs = _local_vae(cfg, folder)
+        return class_name, kwargs, f"{folder}/config.json"
+    return KNOWN_VAES.get(v.pretrained_model_name_or_path.lower())
+
+
+def build_vae(class_name: str, kwargs: dict[str, Any], source: str = "") -> torch.nn.Module:
+    """The VAE module with fresh (random) weights, on the current default device."""
+    return _vae_class(class_name)(**kwargs)
+
+
 def describe_vae(cfg: TrainConfig) -> VaeInfo:
     """Size the frozen VAE on meta: local config.json, a known public config, or unknown."""
     from common.vae_config import latent_channels, spatial_factor
 
     v = cfg.vae
-    folder = _local_folder(v.pretrained_model_name_or_path, v.subfolder, "vae.pretrained_model_name_or_path")
-    if folder is not None:
-        class_name, kwargs = _local_vae(cfg, folder)
-        source = f"{folder}/config.json"
-    elif v.pretrained_model_name_or_path.lower() in KNOWN_VAES:
-        class_name, kwargs, source = KNOWN_VAES[v.pretrained_model_name_or_path.lower()]
-    else:
+    known = known_vae_architecture(cfg)
+    if known is None:
         if not cfg.model.in_channels:
             raise ConfigError(
                 f"model.in_channels: VAE {v.pretrained_model_name_or_path!r} is not local nor known "
@@ -384,6 +379,7 @@ def describe_vae(cfg: TrainConfig) -> VaeInfo:
             )
         source = f"unknown hub VAE {v.pretrained_model_name_or_path}: not counted, x8 down-sampling assumed"
         return VaeInfo(None, cfg.model.in_channels, 8, None, False, source)
+    class_name, kwargs, source = known
     module = _build_vae_on_meta(class_name, kwargs)
     config = dict(module.config)
     is_qwen = class_name == "AutoencoderKLQwenImage"
@@ -393,54 +389,6 @@ def describe_vae(cfg: TrainConfig) -> VaeInfo:
 # --------------------------------------------------------------------------------------------
 # FLOPs
 # --------------------------------------------------------------------------------------------
-def _linear(rows: int, fan_in: int, fan_out: int) -> int:
-    return 2 * rows * fan_in * fan_out
-
-
-def dit_forward_flops(kw: dict[str, Any], n_image: int, n_text: int) -> tuple[int, int]:
-    """(whole forward, blocks only) matmul FLOPs of one sample through ``DiT(**kw)``.
-
-    "self" attention: N image queries over L text + N image keys; text keys/values are projected
-    per layer from the context-embedded text. "cross": image self-attention (N x N) plus a
-    cross-attention (N x L). Per-sample conditioning matmuls (adaLN, timestep MLP) are one row each.
-    """
-    from fusedit.models.dit import TIMESTEP_CHANNELS
-
-    d, c_in, c_out, p = kw["hidden_size"], kw["in_channels"], kw["out_channels"], kw["patch_size"]
-    q_dim = kw["num_attention_heads"] * kw["head_dim"]
-    kv_dim = kw["num_key_value_heads"] * kw["head_dim"]
-    n, length, tc = n_image, n_text, kw["timestep_conditioning"]
-    image_attn = 2 * _linear(n, d, q_dim) + 2 * _linear(n, d, kv_dim)  # q, o, k, v
-    text_kv = 2 * _linear(length, d, kv_dim)
-    if kw["attention"] == "self":
-        block = image_attn + text_kv + 2 * 2 * n * (n + length) * q_dim
-    else:
-        block = image_attn + 4 * n * n * q_dim + 2 * _linear(n, d, q_dim) + text_kv + 4 * n * length * q_dim
-    block += 3 * _linear(n, d, kw["intermediate_size"])
-    if tc == "adaln-zero":
-        block += _linear(1, d, 6 * d)
-    blocks = kw["num_layers"] * block
-    outside = _linear(n, c_in * p * p, d) + _linear(length, kw["text_hidden_size"], d) + _linear(n, d, p * p * c_out)
-    if tc is not None:
-        outside += _linear(1, TIMESTEP_CHANNELS, d) + _linear(1, d, d)
-    outside += {"adaln-zero": _linear(1, d, 2 * d), "adaln-single": _linear(1, d, 6 * d)}.get(tc, 0)
-    return blocks + outside, blocks
-
-
-def text_encoder_forward_flops(arch: dict[str, int], n_text: int) -> int:
-    """Matmul FLOPs of one prompt through a decoder-only LLM with a gated MLP (Gemma/LLaMA).
-
-    The attention is counted over the full L x L square: the encoder runs with a key-padding
-    mask, so the kernels compute the masked half too. No LM head (AutoModel is the decoder stack).
-    """
-    h, length = arch["hidden_size"], n_text
-    q_dim = arch["num_attention_heads"] * arch["head_dim"]
-    kv_dim = arch["num_key_value_heads"] * arch["head_dim"]
-    layer = 2 * _linear(length, h, q_dim) + 2 * _linear(length, h, kv_dim) + 2 * 2 * length * length * q_dim
-    layer += 3 * _linear(length, h, arch["intermediate_size"])
-    return arch["num_hidden_layers"] * layer
-
-
 def vae_encoder_forward_flops(vae: VaeInfo, resolution: int) -> int | None:
     """Convolution + matmul FLOPs of ``vae.encode`` for one image, counted on meta tensors.
 
@@ -538,8 +486,11 @@ def memory_plan(
     bf16/fp16: 2-byte weights and gradients, fp32 master weights and Adam moments (12 bytes per
     parameter of optimizer state). fp32: 4-byte weights and gradients, and DeepSpeed still keeps an
     fp32 copy of each rank's partition as the optimizer's master. ZeRO-1 divides the optimizer
-    state by N, ZeRO-2 the gradients too; ZeRO-0 replicates all. The EMA is an fp32 replica on
-    every rank; its update upcasts the live low-precision weights (4 bytes/param, step time only).
+    state by N, ZeRO-2 the gradients too; ZeRO-0 replicates all. Under ZeRO-1/2 the EMA is kept
+    per rank for the fp32 master partition that rank owns (``fusedit.train.ema.ShardedEMA``: 4
+    bytes/param / N); under ZeRO-0 it is an fp32 replica. The transient is the EMA's largest
+    temporary, bounded by its chunking: ZeRO-0 upcasts low-precision weights a 2^26-element group at a
+    time; ZeRO-1/2 gather the EMA for a checkpoint through a buffer of 2^26 elements in all.
     """
     low = mixed_precision in ("bf16", "fp16")
     w = 2 if low else 4
@@ -551,15 +502,17 @@ def memory_plan(
         "fp32 master weights": master,
         "Adam moments (fp32)": 8 * n_params // shard,
         f"gradients ({precision})": w * n_params // (world_size if zero_stage >= 2 else 1),
-        "EMA (fp32, every rank)": 4 * n_params,
+        "EMA (fp32)": 4 * n_params // shard,
         **frozen,
     }
     partitioned = ["Adam moments (fp32)"]
     if zero_stage >= 1 and master:
         partitioned.append("fp32 master weights")
+    if zero_stage >= 1:
+        partitioned.append("EMA (fp32)")
     if zero_stage >= 2:
         partitioned.append(f"gradients ({precision})")
-    transient = 4 * n_params if low else 0
+    transient = 4 * min(n_params, EMA_CHUNK_NUMEL) if (low or zero_stage >= 1) else 0
     return MemoryPlan(
         zero_stage,
         world_size,
@@ -616,11 +569,16 @@ def build_meta_dit(kw: dict[str, Any]) -> torch.nn.Module:
 
 
 def _frozen_memory(cfg: TrainConfig, text: TextEncoderInfo, vae: VaeInfo) -> dict[str, int]:
-    """Frozen weights in the dtype the trainer loads them in (bf16 only for bf16 runs)."""
+    """Frozen weights in the dtype the trainer loads them in (bf16 only for bf16 runs).
+
+    With a text-feature cache the trainer keeps the text encoder in host memory (it encodes only the
+    sample grids' prompts), so it costs the accelerator nothing.
+    """
     bf16 = cfg.trainer.mixed_precision == "bf16"
     size, name = (2, "bf16") if bf16 else (4, "fp32")
+    on_device = not cfg.data.cached_text_features
     return {
-        f"text encoder ({name}, frozen)": size * (text.params or 0),
+        f"text encoder ({name}, frozen)": size * (text.params or 0) * on_device,
         f"VAE ({name}, frozen)": size * (vae.params or 0),
     }
 
@@ -634,6 +592,13 @@ def _check_channels(cfg: TrainConfig, vae: VaeInfo) -> None:
         )
 
 
+def _text_encoder_flops(cfg: TrainConfig, text: TextEncoderInfo, n_text: int) -> int | None:
+    """Per-sample encoder FLOPs; 0 with data.cached_text_features (it ran once, ahead of training)."""
+    if cfg.data.cached_text_features:
+        return 0
+    return text_encoder_forward_flops(text.arch, n_text) if text.arch else None
+
+
 def _step_flops(
     cfg: TrainConfig, kw: dict[str, Any], tokens: Tokens, text: TextEncoderInfo, vae: VaeInfo, world_size: int
 ) -> StepFlops:
@@ -641,9 +606,7 @@ def _step_flops(
     return StepFlops(
         dit_forward_per_sample=fwd,
         dit_blocks_forward_per_sample=blocks,
-        text_encoder_forward_per_sample=text_encoder_forward_flops(text.arch, tokens.text_tokens)
-        if text.arch
-        else None,
+        text_encoder_forward_per_sample=_text_encoder_flops(cfg, text, tokens.text_tokens),
         # data.cached_latents: the encoder ran once, ahead of training (fusedit/data/latent_cache.py)
         vae_encoder_forward_per_sample=0
         if cfg.data.cached_latents
@@ -726,8 +689,9 @@ def _notes(plan: Plan, text: TextEncoderInfo, vae: VaeInfo, contiguous: bool) ->
     ]
     if plan.memory[plan.zero_stage].transient:
         notes.append(
-            "Step-time transient: the EMA update upcasts all low-precision weights to fp32 at once "
-            "(4 bytes/param); with gradient checkpointing it can exceed the activations."
+            "EMA transient: at most 2^26 fp32 elements (256 MiB): the ZeRO-0 EMA upcasts bf16 weights a "
+            "group at a time; the sharded ZeRO-1/2 EMA is gathered to rank 0's host memory through a buffer "
+            "of that size when a checkpoint or sample grid is written."
         )
     if not contiguous:
         notes.append(
@@ -827,7 +791,7 @@ def _render_memory(plan: Plan) -> list[str]:
         ("static total", lambda m: m.static_total),
         ("activations, no checkpointing", lambda m: m.activations),
         ("activations, gradient checkpointing", lambda m: m.activations_checkpointed),
-        ("step-time transient (EMA upcast)", lambda m: m.transient),
+        ("EMA transient (upcast / gather)", lambda m: m.transient),
         ("PEAK, no checkpointing", lambda m: m.peak(False)),
         ("PEAK, gradient checkpointing", lambda m: m.peak(True)),
     ]

@@ -29,17 +29,19 @@ from common import checkpoint as ckpt
 from common.config import ConfigError, save_config
 from common.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, init_distributed
 from common.files import write_json_atomic
+from common.machine import device_peak
 from common.metrics import MetricsLogger
 from common.randomness import data_seed_after_restart, sample_generators
 from common.signals import StopSignal
 from common.vae_config import VaeSpec
 from fusedit.config import TrainConfig, check_geometry
+from fusedit.flops import TrainingFlops, decoder_arch
 from fusedit.flow import FlowMatching, build_scheduler
 from fusedit.latents import LatentCodec
 from fusedit.models.dit import DiT
 from fusedit.text import TextEncoder
 from fusedit.train.deepspeed_config import load_deepspeed_json, resolve_deepspeed_config
-from fusedit.train.ema import EMA
+from fusedit.train.ema import ModuleEMA, ShardedEMA, copy_weights
 
 log = logging.getLogger("fusedit.train")
 
@@ -83,6 +85,10 @@ def build_components(cfg: TrainConfig, device: torch.device, frozen_dtype: torch
         hidden_states_index=cfg.model.text_hidden_states_index,
         torch_dtype=frozen_dtype,
     ).to(device)
+    if cfg.data.cached_text_features:  # the cache's features must be this encoder's, checked before the VAE loads
+        from fusedit.data.text_cache import check_text_cache_fingerprint
+
+        check_text_cache_fingerprint(cfg, text_encoder)
     codec = LatentCodec.from_spec(_vae_spec(cfg), torch_dtype=frozen_dtype).to(device)
     check_geometry(cfg, codec.spatial_factor)
     if cfg.model.text_hidden_size and cfg.model.text_hidden_size != text_encoder.hidden_size:
@@ -140,6 +146,7 @@ def loader_from_config(
         num_open_shards=d.num_open_shards,
         resume_state=resume_state,
         cached_latents=d.cached_latents,
+        cached_text_features=d.cached_text_features,
         pin_memory=pin_memory,
     )
 
@@ -177,18 +184,26 @@ class Trainer:
         self.device = self.env.device
         if cfg.trainer.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        if cfg.trainer.mixed_precision != "no" and self.device.type == "cpu":
-            raise ConfigError(f"trainer.mixed_precision: {cfg.trainer.mixed_precision!r} needs a GPU; use 'no' on CPU")
+        if cfg.trainer.mixed_precision == "fp16" and self.device.type == "cpu":
+            raise ConfigError("trainer.mixed_precision: 'fp16' needs a GPU; use 'bf16' or 'no' on CPU")
         frozen_dtype = torch.bfloat16 if cfg.trainer.mixed_precision == "bf16" else torch.float32
         self.parts = build_components(cfg, self.device, frozen_dtype)
         if cfg.data.cached_latents:
             from fusedit.data.latent_cache import check_cache_fingerprint
 
             check_cache_fingerprint(cfg, self.parts.codec)
+        if cfg.data.cached_text_features:  # only the sample grids' prompts need it: keep it off the accelerator
+            self.parts.text_encoder.to("cpu")
         self.model_config = json.loads(self.parts.dit.to_json_string())
+        self.flops = self._training_flops()
+        self.peak_flops, peak_note = device_peak(
+            self.device, frozen_dtype, cfg.trainer.peak_tflops, "trainer.peak_tflops"
+        )
+        self.work = {"flops": 0.0, "text_tokens": 0.0}  # this rank's model FLOPs and real text tokens per window
+        if self.env.is_main:
+            log.info("MFU: %s", peak_note if self.peak_flops is None else f"against {peak_note}")
         if cfg.trainer.enable_gradient_checkpointing:
             self.parts.dit.enable_gradient_checkpointing()
-        self.ema = EMA(self.parts.dit, cfg.ema.decay).to(self.device)
         self.step = 0
         self.samples_seen = 0
         self.nonfinite_in_a_row = 0
@@ -201,6 +216,7 @@ class Trainer:
         resume_step = self.checkpoints.resume_step(cfg.trainer.resume_from)
         self.resume_universal = resume_step is not None and self._prepare_universal_resume(resume_step)
         self.engine = self._build_engine()
+        self.ema = self._build_ema()
         data_state = self._resume(resume_step) if resume_step is not None else None
         self.loader = self._build_loader(data_state)
         if self.env.is_main:
@@ -228,6 +244,10 @@ class Trainer:
             from fusedit.data.latent_cache import check_cache_matches
 
             check_cache_matches(self.cfg)
+        if self.cfg.data.cached_text_features:
+            from fusedit.data.text_cache import check_text_cache_matches
+
+            check_text_cache_matches(self.cfg)
         for name, value in (
             ("model.base", self.cfg.model.base),
             ("vae.pretrained_model_name_or_path", self.cfg.vae.pretrained_model_name_or_path),
@@ -235,6 +255,30 @@ class Trainer:
             looks_local = value.startswith((".", "/", "~")) or Path(value).exists()
             if looks_local and not Path(value).expanduser().exists():
                 raise ConfigError(f"{name}: local path {value!r} does not exist")
+
+    def _training_flops(self) -> TrainingFlops:
+        """Model FLOPs per sample for the log's MFU: the planner's formulas (fusedit.flops) on this run.
+
+        The VAE encoder has no closed form; its FLOPs are counted once on one image of the training
+        resolution (0 with a latent cache). The text encoder is not counted with a text-feature cache.
+        """
+        cfg, codec = self.cfg, self.parts.codec
+        side = cfg.data.resolution // codec.spatial_factor // cfg.model.patch_size
+        vae_flops = 0
+        if not cfg.data.cached_latents:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
+            with counter:
+                codec.moments(torch.zeros(1, 3, cfg.data.resolution, cfg.data.resolution, device=self.device))
+            vae_flops = int(counter.get_total_flops())
+        arch = None if cfg.data.cached_text_features else decoder_arch(self.parts.text_encoder.model.config)
+        return TrainingFlops(self.model_config, side * side, arch, vae_flops)
+
+    def _count_work(self, mask: torch.Tensor) -> None:
+        """Add one micro-batch (its padded text length is what the kernels compute) to the window."""
+        self.work["flops"] += self.flops.per_sample(int(mask.shape[1])) * int(mask.shape[0])
+        self.work["text_tokens"] += float(mask.sum())
 
     def _build_engine(self):
         import deepspeed
@@ -267,6 +311,17 @@ class Trainer:
         if cfg.trainer.compile:
             compile_in_place(engine, cfg)
         return engine
+
+    def _build_ema(self) -> ShardedEMA | ModuleEMA:
+        """The EMA of this rank's fp32 master-weight partition under ZeRO-1/2; of the module under stage 0."""
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "single_partition_of_fp32_groups"):
+            ema = ShardedEMA(self.engine.module, optimizer, self.cfg.ema.decay)
+        else:
+            ema = ModuleEMA(self.engine.module, self.cfg.ema.decay).to(self.device)
+        if self.env.is_main:
+            log.info("EMA (%s): %.2f MiB of fp32 on this rank", type(ema).__name__, 4 * ema.numel_per_rank / 2**20)
+        return ema
 
     def _build_loader(self, data_state: dict | None):
         from fusedit.data.webdata import StreamState
@@ -313,7 +368,7 @@ class Trainer:
         )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {folder / tag}")
-        self.ema.load_state_dict({k: v.to(self.device) for k, v in ckpt.load_weights(folder / "ema").items()})
+        self.ema.load_full_state_dict(ckpt.load_weights(folder / "ema"))
         state = self.checkpoints.trainer_state(step)
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
@@ -349,15 +404,18 @@ class Trainer:
         p, dev = self.parts, self.device
         moments = batch.get("latent_moments")
         pixels = batch["pixel_values"].to(dev, non_blocking=True) if moments is None else None
-        ids = batch["input_ids"].to(dev, non_blocking=True)
+        cached_text = batch.get("text_features")  # a text cache: the encoder's output, already padded
         mask = batch["attention_mask"].to(dev, non_blocking=True)
-        gens = self.sample_generators(micro, ids.shape[0])
+        gens = self.sample_generators(micro, mask.shape[0])
         with torch.no_grad():
             if moments is not None:  # a latent cache: the same posterior draw, no encoder
                 x0 = p.codec.from_moments(moments[:, 0], moments[:, 1], gens, self.cfg.vae.sample_posterior)
             else:
                 x0 = p.codec.encode(pixels, generator=gens, sample=self.cfg.vae.sample_posterior)
-            text = p.text_encoder.encode(ids, mask)
+            if cached_text is not None:
+                text = cached_text.to(dev, non_blocking=True).float()
+            else:
+                text = p.text_encoder.encode(batch["input_ids"].to(dev, non_blocking=True), mask)
         sigmas = p.flow.sample_sigmas(x0.shape[0], generator=gens, device=dev)
         noise = p.flow.sample_noise(x0, gens)
         x_t = p.flow.add_noise(x0, noise, sigmas)
@@ -392,6 +450,7 @@ class Trainer:
                     self.stream.update(batch)
                     skipped += int(batch.get("skipped", 0))
                     loss = self.micro_step(batch, micro)
+                    self._count_work(batch["attention_mask"])
                     self.engine.backward(loss)
                     if micro == accum - 1 and self.check_grads_before_step:
                         self._refuse_nonfinite_gradient()
@@ -488,10 +547,13 @@ class Trainer:
         self, mean_loss: torch.Tensor, skipped: int, steps: int, elapsed: float, data_wait: float, nonfinite: int
     ) -> dict:
         cfg = self.cfg
-        stats = torch.stack([mean_loss.float(), torch.tensor(float(skipped), device=self.device)])
-        loss = all_reduce_mean(stats[:1]).item()
-        skipped_all = int(all_reduce_sum(stats[1:]).item())
+        loss = all_reduce_mean(mean_loss.float().reshape(1)).item()
+        counts = [float(skipped), self.work["text_tokens"], self.work["flops"]]
+        totals = all_reduce_sum(torch.tensor(counts, device=self.device, dtype=torch.float64)).tolist()
+        skipped_all, text_tokens, flops = int(totals[0]), totals[1], totals[2]
+        self.work = {"flops": 0.0, "text_tokens": 0.0}
         images = steps * cfg.data.batch_size_per_gpu * cfg.trainer.gradient_accumulation_steps * self.env.world_size
+        seconds = max(elapsed, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
         values = {
             "train/loss": loss,
@@ -499,10 +561,15 @@ class Trainer:
             "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "data/skipped": skipped_all,
             "train/nonfinite_skipped": nonfinite,
-            "perf/images_per_s": images / max(elapsed, 1e-9),
-            "perf/data_wait_frac": data_wait / max(elapsed, 1e-9),
+            "perf/images_per_s": images / seconds,
+            "perf/image_tokens_per_s": images * self.flops.image_tokens / seconds,
+            "perf/text_tokens_per_s": text_tokens / seconds,
+            "perf/model_tflop_per_s_per_gpu": flops / self.env.world_size / seconds / 1e12,
+            "perf/data_wait_frac": data_wait / seconds,
             "train/samples_seen": self.samples_seen,
         }
+        if self.peak_flops is not None:
+            values["perf/mfu"] = flops / self.env.world_size / seconds / self.peak_flops
         if skipped_all and self.env.is_main:
             log.warning("skipped %d corrupt or incomplete samples in the last %d steps", skipped_all, steps)
         self.metrics.log(self.step, values)
@@ -518,19 +585,25 @@ class Trainer:
             "seed": self.cfg.trainer.seed,
             "data_seed": self.data_seed,
             "nonfinite_total": self.nonfinite_total,
+            "ema_bytes_per_rank": 4 * self.ema.numel_per_rank,
             "time": time.time(),
         }
+        ema = self.ema.full_state_dict()  # collective: the EMA partitions gathered to rank 0
         return self.checkpoints.save(
-            self.step, state, self.stream.state_dict(), write_main=self._write_weights, write_all=self._write_engine
+            self.step,
+            state,
+            self.stream.state_dict(),
+            write_main=lambda partial: self._write_weights(partial, ema),
+            write_all=self._write_engine,
         )
 
     def _write_engine(self, partial: Path) -> None:
         client_state = ckpt.universal_checkpoint_info()
         self.engine.save_checkpoint(str(partial), tag="deepspeed", client_state=client_state, save_latest=False)
 
-    def _write_weights(self, partial: Path) -> None:
+    def _write_weights(self, partial: Path, ema: dict[str, torch.Tensor]) -> None:
         module = self.engine.module
-        ckpt.save_weights_folder(self.model_config, _with_buffers(self.ema.state_dict(), module), partial / "ema")
+        ckpt.save_weights_folder(self.model_config, _with_buffers(ema, module), partial / "ema")
         raw = dict(module.named_parameters())
         ckpt.save_weights_folder(self.model_config, _with_buffers(raw, module), partial / "model")
         write_json_atomic(partial / "vae.json", _vae_spec(self.cfg).__dict__)
@@ -542,14 +615,15 @@ class Trainer:
         if not prompts:
             return None
         out = None
+        ema = self.ema.full_state_dict() if self.cfg.gen.use_ema else None  # collective
         if self.env.is_main:
             from common.images import save_grid
             from fusedit.pipeline import DiTPipeline
 
             g = self.cfg.gen
             dit = DiT.from_config(self.model_config).to(self.device).eval()
-            if g.use_ema:
-                self.ema.copy_to(dit)
+            if ema is not None:
+                copy_weights(ema, dit)
             else:
                 dit.load_state_dict(self.engine.module.state_dict())
             pipe = DiTPipeline(

@@ -1,0 +1,104 @@
+"""Matmul FLOPs of the text-to-image step, shared by the trainer's MFU log, the planner and the bench.
+
+Counting convention (the one MFU papers use): ``2*m*n*k`` per matmul, attention scores and values
+included, element-wise work excluded; a training step is the DiT forward plus a backward of twice
+its FLOPs, plus the forward of each frozen encoder that really ran (none with the caches).
+Recompute under gradient checkpointing is hardware work, not model work, and is not counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def matmul_flops(rows: int, fan_in: int, fan_out: int) -> int:
+    return 2 * rows * fan_in * fan_out
+
+
+def dit_forward_flops(kw: dict[str, Any], n_image: int, n_text: int) -> tuple[int, int]:
+    """(whole forward, blocks only) matmul FLOPs of one sample through ``DiT(**kw)``.
+
+    "self" attention: N image queries over L text + N image keys; text keys/values are projected
+    per layer from the context-embedded text. "cross": image self-attention (N x N) plus a
+    cross-attention (N x L). Per-sample conditioning matmuls (adaLN, timestep MLP) are one row each.
+    """
+    from fusedit.models.dit import TIMESTEP_CHANNELS
+
+    d, c_in, c_out, p = kw["hidden_size"], kw["in_channels"], kw["out_channels"], kw["patch_size"]
+    q_dim = kw["num_attention_heads"] * kw["head_dim"]
+    kv_dim = kw["num_key_value_heads"] * kw["head_dim"]
+    n, length, tc = n_image, n_text, kw["timestep_conditioning"]
+    image_attn = 2 * matmul_flops(n, d, q_dim) + 2 * matmul_flops(n, d, kv_dim)  # q, o, k, v
+    text_kv = 2 * matmul_flops(length, d, kv_dim)
+    if kw["attention"] == "self":
+        block = image_attn + text_kv + 2 * 2 * n * (n + length) * q_dim
+    else:
+        block = image_attn + 4 * n * n * q_dim + 2 * matmul_flops(n, d, q_dim) + text_kv + 4 * n * length * q_dim
+    block += 3 * matmul_flops(n, d, kw["intermediate_size"])
+    if tc == "adaln-zero":
+        block += matmul_flops(1, d, 6 * d)
+    blocks = kw["num_layers"] * block
+    outside = (
+        matmul_flops(n, c_in * p * p, d)
+        + matmul_flops(length, kw["text_hidden_size"], d)
+        + matmul_flops(n, d, p * p * c_out)
+    )
+    if tc is not None:
+        outside += matmul_flops(1, TIMESTEP_CHANNELS, d) + matmul_flops(1, d, d)
+    outside += {"adaln-zero": matmul_flops(1, d, 2 * d), "adaln-single": matmul_flops(1, d, 6 * d)}.get(tc, 0)
+    return blocks + outside, blocks
+
+
+def text_encoder_forward_flops(arch: dict[str, int], n_text: int) -> int:
+    """Matmul FLOPs of one prompt through a decoder-only LLM with a gated MLP (Gemma/LLaMA).
+
+    The attention is counted over the full L x L square: the encoder runs with a key-padding
+    mask, so the kernels compute the masked half too. No LM head (AutoModel is the decoder stack).
+    """
+    h, length = arch["hidden_size"], n_text
+    q_dim = arch["num_attention_heads"] * arch["head_dim"]
+    kv_dim = arch["num_key_value_heads"] * arch["head_dim"]
+    layer = 2 * matmul_flops(length, h, q_dim) + 2 * matmul_flops(length, h, kv_dim) + 2 * 2 * length * length * q_dim
+    layer += 3 * matmul_flops(length, h, arch["intermediate_size"])
+    return arch["num_hidden_layers"] * layer
+
+
+def decoder_arch(config: Any) -> dict[str, int] | None:
+    """The fields the FLOP formula needs from a decoder-only LLM config (Gemma/LLaMA naming);
+    None for other architectures, whose FLOPs are then reported as unknown."""
+    names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    if not all(getattr(config, n, None) for n in names):
+        return None
+    heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {
+        "hidden_size": int(config.hidden_size),
+        "num_hidden_layers": int(config.num_hidden_layers),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "head_dim": int(head_dim),
+        "intermediate_size": int(config.intermediate_size),
+    }
+
+
+class TrainingFlops:
+    """Model FLOPs of one training sample as a function of its batch's padded text length.
+
+    ``text_arch`` is None when the text encoder does not run per step (text-feature cache) or its
+    architecture is unknown; ``vae_encoder_flops`` is 0 with a latent cache.
+    """
+
+    def __init__(
+        self, dit_kwargs: dict[str, Any], image_tokens: int, text_arch: dict[str, int] | None, vae_encoder_flops: int
+    ) -> None:
+        self.dit_kwargs, self.image_tokens = dit_kwargs, image_tokens
+        self.text_arch, self.vae_encoder_flops = text_arch, vae_encoder_flops
+        self._cache: dict[int, int] = {}
+
+    def per_sample(self, text_tokens: int) -> int:
+        """DiT forward + backward (3x forward) + frozen encoders' forward, for one sample."""
+        if text_tokens not in self._cache:
+            fwd, _ = dit_forward_flops(self.dit_kwargs, self.image_tokens, text_tokens)
+            text = text_encoder_forward_flops(self.text_arch, text_tokens) if self.text_arch else 0
+            self._cache[text_tokens] = 3 * fwd + text + self.vae_encoder_flops
+        return self._cache[text_tokens]

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# GPU acceptance check for a fresh single-GPU node, before launching a 3B run (see README, "GPU acceptance").
+#
+#   scripts/gpu_acceptance.sh [--wheels DIR] [--venv DIR] [--out FILE] [-- ARGS for python -m fusedit.tools.acceptance]
+#   scripts/gpu_acceptance.sh --download-wheels DIR      # on a machine with internet: fill DIR for offline nodes
+#
+# The node's own PyTorch is used (any recent 2.x; it is never reinstalled): the check runs in a venv
+# made with --system-site-packages, and every other package of requirements.lock is installed into it
+# without dependencies, from DIR with --wheels (no network) or from the index otherwise. Writes one JSON
+# (default output/acceptance/acceptance.json); exit code 0 when every stage passed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+WHEELS=""
+VENV="$ROOT/.venv-acceptance"
+OUT="$ROOT/output/acceptance/acceptance.json"
+DOWNLOAD=""
+PRINT=""
+ARGS=()
+
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "error: $*" >&2; exit 2; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --wheels) WHEELS="${2:?--wheels needs a folder}"; shift 2 ;;
+    --venv) VENV="${2:?--venv needs a folder}"; shift 2 ;;
+    --out) OUT="${2:?--out needs a file}"; shift 2 ;;
+    --download-wheels) DOWNLOAD="${2:?--download-wheels needs a folder}"; shift 2 ;;
+    --print-requirements) PRINT=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; ARGS+=("$@"); break ;;
+    *) die "unknown argument $1 (see --help)" ;;
+  esac
+done
+
+# requirements.lock without what the node brings itself: torch, torchvision, triton and the CUDA libraries
+node_requirements() {
+  grep -v -E '^(#|$|torch==|torchvision==|triton==|nvidia-)' "$ROOT/requirements.lock"
+}
+
+if [[ -n "$PRINT" ]]; then node_requirements; exit 0; fi
+
+if [[ -n "$DOWNLOAD" ]]; then
+  mkdir -p "$DOWNLOAD"
+  node_requirements > "$DOWNLOAD/requirements.txt"
+  "$PYTHON" -m pip download --no-deps -r "$DOWNLOAD/requirements.txt" -d "$DOWNLOAD"
+  "$PYTHON" -m pip wheel --no-deps --no-build-isolation "$ROOT" -w "$DOWNLOAD"
+  echo "wheels for an offline node are in $DOWNLOAD (copy it there; run with --wheels $DOWNLOAD)"
+  exit 0
+fi
+
+"$PYTHON" -c 'import torch, sys; sys.exit(0 if int(torch.__version__.split(".")[0]) >= 2 else 1)' 2>/dev/null \
+  || die "$PYTHON has no PyTorch 2.x; load the node's PyTorch module (or set PYTHON=...) first"
+[[ -z "$WHEELS" || -d "$WHEELS" ]] || die "--wheels: folder not found: $WHEELS"
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  "$PYTHON" -m venv --system-site-packages "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install -q --no-deps)
+[[ -n "$WHEELS" ]] && PIP+=(--no-index --find-links "$WHEELS")
+node_requirements > "$VENV/requirements.txt"
+"${PIP[@]}" -r "$VENV/requirements.txt"
+if [[ -n "$WHEELS" ]] && ls "$WHEELS"/e2e_vae_training-*.whl >/dev/null 2>&1; then
+  "${PIP[@]}" "$WHEELS"/e2e_vae_training-*.whl
+else
+  "${PIP[@]}" --no-build-isolation -e "$ROOT"
+fi
+"$VENV/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())'
+
+cd "$ROOT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec "$VENV/bin/python" -m fusedit.tools.acceptance --out "$OUT" "${ARGS[@]}"

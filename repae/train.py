@@ -108,8 +108,10 @@ class Optim:
         self, params: list[nn.Parameter], lr: float, cfg, fp16: bool, device: torch.device, max_norm: float
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
+        # foreach: torch picks it by itself only for CUDA tensors; on CPU its default is a Python loop
+        # over the ~200 tensors of the three optimisers, with bit-identical results (repae.bench).
         self.opt = torch.optim.AdamW(
-            self.params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps
+            self.params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps, foreach=True
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         self.max_norm = max_norm

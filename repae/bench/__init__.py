@@ -1,0 +1,1 @@
+"""``python -m repae.bench``: our REPA-E joint step timed against the reference formulation (see :mod:`.joint`)."""

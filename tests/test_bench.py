@@ -120,3 +120,25 @@ def test_bench_cached_text_skips_the_encoder_and_its_flops(quick_world: Path, tm
     online = bench.step_model_flops(kw, frozen, 16, 24, 2, False)
     cached = bench.step_model_flops(kw, frozen, 16, 24, 2, False, cached_text=True)
     assert online - cached == 2 * text_encoder_forward_flops(arch, 24) > 0
+
+
+def test_random_init_frozen_runs_the_real_architectures(quick_world: Path, tmp_path: Path) -> None:
+    """--random-init-frozen: the config's text-encoder and VAE architectures, fresh weights, depth cut."""
+    report = run_bench(
+        tmp_path,
+        TOY_CONFIG,
+        "--random-init-frozen",
+        "--text-layers",
+        "1",
+        "--batch-size",
+        "2",
+        *toy_overrides(quick_world),
+        f"data.tokenizer={quick_world / 'text_encoder'}",
+        *TINY_MODEL,
+    )
+    assert (
+        report["frozen"]["text_encoder"].startswith("random weights") and "1 layers" in report["frozen"]["text_encoder"]
+    )
+    assert report["frozen"]["vae"].startswith("random weights")
+    phases = report["variants"]["ours"]["phases"]
+    assert phases["text_encoder"]["median_s"] > 0 and phases["vae_encode"]["median_s"] > 0  # they really ran

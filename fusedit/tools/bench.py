@@ -77,7 +77,10 @@ def train_dtype(cfg: Any, device: torch.device, notes: list[str]) -> torch.dtype
     """Weight dtype as the trainer would use it; CPUs train fp32, so a bf16 config is downgraded."""
     mp = cfg.trainer.mixed_precision
     if device.type == "cpu" and mp != "no":
-        notes.append(f"trainer.mixed_precision={mp} needs a GPU; this CPU run uses fp32 weights")
+        notes.append(
+            f"trainer.mixed_precision={mp}: this CPU run uses fp32 weights (the trainer can run bf16 on a CPU, "
+            "but CPU bf16 GEMMs say nothing about a GPU's)"
+        )
         return torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
 
@@ -194,6 +197,12 @@ def load_frozen(
         "text_encoder": f"loaded {m.base}" if te else f"random (B, L, {text_info.hidden_size}) features",
         "vae": f"loaded {vae_name}" if codec else f"random (B, {vae_info.latent_channels}, R/f, R/f) latents",
     }
+    if random_init:
+        layers = text_info.arch["num_hidden_layers"]
+        sources = {
+            "text_encoder": f"random weights, {m.base} architecture, {layers} layers",
+            "vae": f"random weights, {vae_name} architecture",
+        }
     return Frozen(
         text_encoder=te,
         codec=codec,

@@ -45,8 +45,8 @@ if [[ -n "$PRINT" ]]; then node_requirements; exit 0; fi
 if [[ -n "$DOWNLOAD" ]]; then
   mkdir -p "$DOWNLOAD"
   node_requirements > "$DOWNLOAD/requirements.txt"
-  "$PYTHON" -m pip download --no-deps -r "$DOWNLOAD/requirements.txt" -d "$DOWNLOAD"
-  "$PYTHON" -m pip wheel --no-deps --no-build-isolation "$ROOT" -w "$DOWNLOAD"
+  # pip wheel, not download: a package published only as an sdist (deepspeed) is built into a wheel here
+  "$PYTHON" -m pip wheel -q --no-deps -r "$DOWNLOAD/requirements.txt" -w "$DOWNLOAD"
   echo "wheels for an offline node are in $DOWNLOAD (copy it there; run with --wheels $DOWNLOAD)"
   exit 0
 fi
@@ -55,20 +55,22 @@ fi
   || die "$PYTHON has no PyTorch 2.x; load the node's PyTorch module (or set PYTHON=...) first"
 [[ -z "$WHEELS" || -d "$WHEELS" ]] || die "--wheels: folder not found: $WHEELS"
 
-if [[ ! -x "$VENV/bin/python" ]]; then
+# A PyTorch that itself lives in a venv (not conda, not a system or module install) would not be seen
+# by a --system-site-packages venv made from it: then its own environment is used directly.
+if "$PYTHON" -c 'import sys; sys.exit(0 if sys.prefix != sys.base_prefix else 1)'; then
+  VENV="$("$PYTHON" -c 'import sys; print(sys.prefix)')"
+  echo "note: $PYTHON runs in the venv $VENV; installing the missing packages there (--no-deps, torch untouched)"
+elif [[ ! -x "$VENV/bin/python" ]]; then
   "$PYTHON" -m venv --system-site-packages "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install -q --no-deps)
 [[ -n "$WHEELS" ]] && PIP+=(--no-index --find-links "$WHEELS")
-node_requirements > "$VENV/requirements.txt"
-"${PIP[@]}" -r "$VENV/requirements.txt"
-if [[ -n "$WHEELS" ]] && ls "$WHEELS"/e2e_vae_training-*.whl >/dev/null 2>&1; then
-  "${PIP[@]}" "$WHEELS"/e2e_vae_training-*.whl
-else
-  "${PIP[@]}" --no-build-isolation -e "$ROOT"
-fi
+REQS="$(mktemp)"
+node_requirements > "$REQS"
+"${PIP[@]}" -r "$REQS"
 "$VENV/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())'
 
 cd "$ROOT"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# this checkout is the code under test: run from it (no install of the project itself)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec "$VENV/bin/python" -m fusedit.tools.acceptance --out "$OUT" "${ARGS[@]}"

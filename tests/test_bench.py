@@ -120,6 +120,8 @@ def test_bench_cached_text_skips_the_encoder_and_its_flops(quick_world: Path, tm
     online = bench.step_model_flops(kw, frozen, 16, 24, 2, False)
     cached = bench.step_model_flops(kw, frozen, 16, 24, 2, False, cached_text=True)
     assert online - cached == 2 * text_encoder_forward_flops(arch, 24) > 0
+    no_vae = bench.step_model_flops(kw, frozen, 16, 24, 2, False, cached_latents=True)
+    assert online - no_vae == 2 * 1000  # the latent cache takes the VAE encoder's FLOPs out too
 
 
 def test_random_init_frozen_runs_the_real_architectures(quick_world: Path, tmp_path: Path) -> None:

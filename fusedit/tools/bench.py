@@ -698,10 +698,17 @@ def run_interleaved(variants: list[Variant], source: BatchSource, ctx: StepConte
 # FLOPs and the report
 # --------------------------------------------------------------------------------------------
 def step_model_flops(
-    kw: dict[str, Any], frozen: Frozen, n_image: int, n_text: int, batch: int, ckpt: bool, cached_text: bool = False
+    kw: dict[str, Any],
+    frozen: Frozen,
+    n_image: int,
+    n_text: int,
+    batch: int,
+    ckpt: bool,
+    cached_text: bool = False,
+    cached_latents: bool = False,
 ) -> int:
     """Model FLOPs of one step from fusedit.tools.plan's counts; frozen encoders only when they really ran
-    (``cached_text``: the text encoder ran once, ahead of training)."""
+    (``cached_text`` / ``cached_latents``: that encoder ran once, ahead of training)."""
     from fusedit.tools.plan import StepFlops, dit_forward_flops, text_encoder_forward_flops
 
     fwd, blocks = dit_forward_flops(kw, n_image, n_text)
@@ -710,7 +717,7 @@ def step_model_flops(
         dit_forward_per_sample=fwd,
         dit_blocks_forward_per_sample=blocks,
         text_encoder_forward_per_sample=text_encoder_forward_flops(arch, n_text) if arch else None,
-        vae_encoder_forward_per_sample=frozen.vae_flops_per_image,
+        vae_encoder_forward_per_sample=0 if cached_latents else frozen.vae_flops_per_image,
         samples_per_gpu=batch,
         world_size=1,
         gradient_checkpointing=ckpt,
@@ -957,7 +964,10 @@ def build_report(
     ours = variants[0]
     # Model FLOPs count the text at OUR padded length for every variant: padding beyond it is waste,
     # so the reference's MFU is lower exactly by its extra time.
-    useful = [step_model_flops(kw, frozen, n_image, n, b, ckpt, args.cached_text) for n in ours.text_lengths]
+    useful = [
+        step_model_flops(kw, frozen, n_image, n, b, ckpt, args.cached_text, args.cached_latents)
+        for n in ours.text_lengths
+    ]
     peak, peak_note = device_peak(device, dtype, args.peak_tflops)
     report: dict[str, Any] = {
         "machine": machine,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,3 +77,15 @@ def run_train(
 ) -> subprocess.CompletedProcess:
     """Launch train.py with configs/e2e-vae/toy.yaml and ``overrides``."""
     return launch([str(ROOT / "train.py"), "-c", str(TOY_CONFIG), *overrides], nproc, timeout, check)
+
+
+def in_parallel(*calls: Callable[[], Any]) -> list[Any]:
+    """Run independent zero-argument calls (typically ``launch``/``run_train`` of separate runs) at once.
+
+    Each launched process uses one thread, so on the 2-core test machines two runs that do not
+    depend on each other take the wall time of one. Results come back in order; the first
+    failure is re-raised after every call has finished.
+    """
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.result() for f in futures]

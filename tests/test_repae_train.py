@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.distributed import DistEnv
-from tests.conftest import ROOT, launch
+from tests.conftest import ROOT, in_parallel, launch
 
 CONFIG = ROOT / "configs" / "repae" / "toy.yaml"
 
@@ -176,11 +176,17 @@ def test_joint_run_resumes_exactly_and_exports_an_e2e_vae(repae_world: Path, tmp
     from fusedit.latents import LatentCodec
     from repae.checkpoint import load_sit
 
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run_module("repae.train", ["-c", str(CONFIG), *tiny_overrides(repae_world, straight, **{"trainer.max_steps": 4})])
-    run_module("repae.train", ["-c", str(CONFIG), *tiny_overrides(repae_world, split)])
-    proc = run_module(
-        "repae.train", ["-c", str(CONFIG), *tiny_overrides(repae_world, split, **{"trainer.max_steps": 4})]
+    straight, split, out = tmp_path / "straight", tmp_path / "split", tmp_path / "e2e"
+    four = {"trainer.max_steps": 4}
+    # independent runs side by side (one thread each): the straight 4-step run and the first half of
+    # the split one; then the split run resumes while the straight one is exported
+    in_parallel(
+        lambda: run_module("repae.train", ["-c", str(CONFIG), *tiny_overrides(repae_world, straight, **four)]),
+        lambda: run_module("repae.train", ["-c", str(CONFIG), *tiny_overrides(repae_world, split)]),
+    )
+    proc, _ = in_parallel(
+        lambda: run_module("repae.train", ["-c", str(CONFIG), *tiny_overrides(repae_world, split, **four)]),
+        lambda: run_module("repae.export", ["--run", str(straight), "--out", str(out), "--stats", "ema"]),
     )
     assert "resumed from" in proc.stderr
     for name in (
@@ -196,8 +202,6 @@ def test_joint_run_resumes_exactly_and_exports_an_e2e_vae(repae_world: Path, tmp
     lines = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
 
-    out = tmp_path / "e2e"
-    run_module("repae.export", ["--run", str(straight), "--out", str(out), "--stats", "ema"])
     vae = AutoencoderKL.from_pretrained(out)
     scale, bias = load_sit(straight / "4").latents_stats()
     assert torch.allclose(torch.tensor(vae.config.latents_mean), bias, atol=1e-6)

@@ -216,8 +216,9 @@ def test_local_preemption_checkpoints_requeues_and_resumes(
 ) -> None:
     """nproc=1 signals train.py directly; nproc=2 goes through torchrun's forwarding, as on SLURM."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    max_steps = 300 if nproc == 1 else 120
-    fixed = _sweep_overrides(quick_world, **{"trainer.max_steps": max_steps, "trainer.checkpointing_steps": 50})
+    every = 25  # the first checkpoint; the signal goes out as soon as it appears
+    max_steps = 150 if nproc == 1 else 60  # (with room after it for the signal to land mid-run)
+    fixed = _sweep_overrides(quick_world, **{"trainer.max_steps": max_steps, "trainer.checkpointing_steps": every})
     (run,) = sweep.expand([str(TOY_CONFIG)], {}, fixed, str(tmp_path / "out"))
     settings = sweep.Settings(executor="local", gpus_per_node=nproc if nproc > 1 else 0, time_min=10)
     ((_, job),) = sweep.submit([run], settings)
@@ -237,7 +238,7 @@ def test_local_preemption_checkpoints_requeues_and_resumes(
             job.cancel()
     out, err = job.paths.stdout.read_text(), job.paths.stderr.read_text()
     stop = int(re.search(r"requeueing; next attempt resumes from step (\d+)", out).group(1))
-    assert 50 <= stop < max_steps
+    assert every <= stop < max_steps
     assert f"checkpointed at step {stop}, stopping" in err  # the trainer saved on the forwarded SIGUSR1
     assert "Requeued job" in out and "attempt 1" in out  # submitit logs to stdout
     assert re.search(rf"resumed from \S+ at step {stop}\b", err)

@@ -35,25 +35,32 @@ def _busy_processes(count: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
 
 
+# A quick build with a shorter VAE stage (its costly part): 40 of the 120 fixed steps still clear the
+# quick gates (PSNR ~16 dB >= 15; the scorer is the quick world's, which uses no VAE below 23 dB).
+SHORT_BUILD = {"seed": 0, "quick": True, "vae_steps": 40, "progress": False}
+
+
 @pytest.mark.multiprocess
-def test_world_is_bit_identical_on_a_loaded_machine(quick_world: Path, tmp_path: Path) -> None:
-    """The session's quick world (built idle) and one built with the cores oversubscribed match.
+def test_world_is_bit_identical_on_a_loaded_machine(tmp_path: Path) -> None:
+    """A build on an idle machine and the same build with the cores oversubscribed match.
 
     With the old wall-clock budgets any load made the build train fewer steps and get other
     weights. One spinning process per two cores (here: the build's two threads and one spinner on
-    two cores, 1.5x) shows it as well as 2x did, and costs the suite less time.
+    two cores, 1.5x) shows it as well as 2x did, and costs the suite less time. Both builds are
+    the quick build with a shorter VAE stage: what is checked is that load changes nothing, which
+    does not depend on how long the fixed-step stages are.
     """
+    idle = build.build_toy_world(tmp_path / "idle", **SHORT_BUILD)
     busy = _busy_processes(max(1, (os.cpu_count() or 2) // 2))
     try:
-        loaded = build.build_toy_world(tmp_path / "loaded", seed=0, quick=True, progress=False)
+        loaded = build.build_toy_world(tmp_path / "loaded", **SHORT_BUILD)
     finally:
         for process in busy:
             process.kill()
             process.wait()
-    idle = json.loads((quick_world / "world.json").read_text())
-    assert loaded["request"] == idle["request"] and not loaded["reused"]
+    assert loaded["request"] == idle["request"] and not loaded["reused"] and not idle["reused"]
     for name in WEIGHTS:
-        assert _digest(tmp_path / "loaded" / name) == _digest(quick_world / name), f"{name} differs under load"
+        assert _digest(tmp_path / "loaded" / name) == _digest(tmp_path / "idle" / name), f"{name} differs under load"
     assert loaded["vae"]["psnr_db"] == idle["vae"]["psnr_db"]
     assert loaded["scorer"]["heldout_clean"] == idle["scorer"]["heldout_clean"]
     assert loaded["gates"] == idle["gates"]

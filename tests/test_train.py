@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.weights import safe_torch_load
-from tests.conftest import ROOT, TOY_CONFIG, launch, run_train, tiny_train_overrides
+from tests.conftest import ROOT, TOY_CONFIG, in_parallel, launch, run_train, tiny_train_overrides
 
 ZERO2 = str(ROOT / "configs" / "deepspeed" / "zero2.json")
 
@@ -68,8 +68,10 @@ def test_resume_continues_the_same_run(quick_world: Path, tmp_path: Path) -> Non
     """6 straight steps == 3 steps, stop, resume to 6: same losses, weights, EMA and optimizer path."""
     common = {"trainer.checkpointing_steps": 3, "data.dataloader_num_workers": 1}
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_train(tiny_train_overrides(quick_world, straight, **common, **{"trainer.max_steps": 6}))
-    run_train(tiny_train_overrides(quick_world, split, **common, **{"trainer.max_steps": 3}))
+    in_parallel(  # independent runs, one thread each: side by side
+        lambda: run_train(tiny_train_overrides(quick_world, straight, **common, **{"trainer.max_steps": 6})),
+        lambda: run_train(tiny_train_overrides(quick_world, split, **common, **{"trainer.max_steps": 3})),
+    )
     assert (split / "latest").read_text().strip() == "3"
     run_train(tiny_train_overrides(quick_world, split, **common, **{"trainer.max_steps": 6}))
 
@@ -212,11 +214,14 @@ def test_sigkill_mid_run_leaves_a_resumable_checkpoint(quick_world: Path, tmp_pa
 @pytest.mark.e2e
 def test_compiled_training_matches_eager(quick_world: Path, tmp_path: Path) -> None:
     """trainer.compile=true (DeepSpeed engine.compile, inductor on CPU): same losses, same weight names."""
-    runs = {}
-    for name, compiled in (("eager", "false"), ("compiled", "true")):
-        run = tmp_path / name
-        run_train(tiny_train_overrides(quick_world, run, **{"trainer.max_steps": 3, "trainer.compile": compiled}))
-        runs[name] = run
+    runs = {"eager": tmp_path / "eager", "compiled": tmp_path / "compiled"}
+    # one DiT block: inductor's compile time grows with the traced graph, and one block is the same code path
+    common = {"trainer.max_steps": 3, "model.num_hidden_layers": 1}
+
+    def train(name: str, compiled: str) -> None:
+        run_train(tiny_train_overrides(quick_world, runs[name], **common, **{"trainer.compile": compiled}))
+
+    in_parallel(lambda: train("eager", "false"), lambda: train("compiled", "true"))  # one thread each: side by side
     a, b = _metrics(runs["eager"]), _metrics(runs["compiled"])
     assert [m["step"] for m in b] == [1, 2, 3]
     for ma, mb in zip(a, b):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TOY_CONFIG, launch, tiny_train_overrides
+from tests.conftest import ROOT, TOY_CONFIG, in_parallel, launch, tiny_train_overrides
 
 ZERO2 = str(ROOT / "configs" / "deepspeed" / "zero2.json")
 WORKER = str(ROOT / "tests" / "zero2_worker.py")
@@ -71,8 +71,12 @@ def runs(quick_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     """The same 4 steps of global batch 8 on 1 process, 2 processes, and 1 process with accumulation."""
     root = tmp_path_factory.mktemp("zero2")
     layouts = {"one": (1, 8, 1), "two": (2, 4, 1), "one_accum": (1, 4, 2)}
-    for name, (nproc, batch, accum) in layouts.items():
-        _train(quick_world, root / name, nproc, batch, accum)
+
+    def train(name: str) -> None:
+        _train(quick_world, root / name, *layouts[name])
+
+    in_parallel(lambda: train("one"), lambda: train("one_accum"))  # one process each: side by side
+    train("two")  # two processes: alone
     return {name: root / name for name in layouts}
 
 

@@ -155,7 +155,7 @@ def dit_step(args: argparse.Namespace) -> dict[str, Any]:
     tried = []
     for depth in args.depths:
         flags = ["--random-frozen"] + ([] if args.quick else ["--compile"])  # inductor on a CPU: minutes
-        report, error = _bench(args, f"dit_step_{depth}", flags, _depth(args, depth))
+        report, error = _bench(args, f"dit_step_{depth}", flags, depth_overrides(args, depth))
         if report is not None:
             v = report["variants"]
             # with --compile, "ours" is compiled and "ours_eager" the same model uncompiled
@@ -177,7 +177,7 @@ def dit_step(args: argparse.Namespace) -> dict[str, Any]:
     return {"tried": tried, "ok": False}
 
 
-def _depth(args: argparse.Namespace, depth: int) -> list[str]:
+def depth_overrides(args: argparse.Namespace, depth: int) -> list[str]:
     """Overrides for a DiT of ``depth`` layers (3B widths; tiny ones with --quick)."""
     tiny = [o for o in QUICK_MODEL if not o.startswith("model.num_hidden_layers")] if args.quick else []
     return [*tiny, f"model.num_hidden_layers={depth}"]
@@ -190,7 +190,7 @@ def _safe_ratio(a: float | None, b: float | None) -> float | None:
 def memory(args: argparse.Namespace) -> dict[str, Any]:
     """Measured peak of the uncompiled step against the planner's ZeRO-0, one-GPU estimate."""
     depth = getattr(args, "fitted_depth", args.depths[-1])
-    report, error = _bench(args, "memory", ["--random-frozen"], _depth(args, depth))
+    report, error = _bench(args, "memory", ["--random-frozen"], depth_overrides(args, depth))
     if report is None:
         return {"error": error[-2000:], "ok": False}
     planned = planned_peak_gib(args, depth)
@@ -214,7 +214,7 @@ def planned_peak_gib(args: argparse.Namespace, depth: int) -> float:
     from fusedit.config import load_config
     from fusedit.tools.plan import build_plan
 
-    overrides = [*_depth(args, depth), f"data.batch_size_per_gpu={args.batch_size}", *args.overrides]
+    overrides = [*depth_overrides(args, depth), f"data.batch_size_per_gpu={args.batch_size}", *args.overrides]
     cfg = load_config(str(args.config), overrides)
     plan = build_plan(cfg, world_size=1, zero_stage=0, text_tokens=cfg.data.max_prompt_length)
     mem = plan.memory[0]
@@ -227,7 +227,7 @@ def caches(args: argparse.Namespace, tokenizer: Path) -> dict[str, Any]:
     depth = getattr(args, "fitted_depth", args.depths[-1])
     text_layers = max(1, round(18 * depth / 30)) if not args.quick else 1  # Gemma-2B's 18 for the DiT's 30
     flags = ["--random-init-frozen", "--text-layers", str(text_layers)]
-    overrides = [*_depth(args, depth), f"data.tokenizer={tokenizer}"]
+    overrides = [*depth_overrides(args, depth), f"data.tokenizer={tokenizer}"]
     report, error = _bench(args, "caches", flags, overrides)
     if report is None:
         return {"error": error[-2000:], "ok": False}

@@ -23,8 +23,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first: pip takes these two from the machine's local wheel store
-	$(PY) -m pip install -q --no-compile -c $(LOCK) pip setuptools torch torchvision
-	$(PY) -m pip install -q --no-compile -c $(LOCK) -e '.[dev]'
+	$(PY) -m pip install -q -c $(LOCK) pip setuptools torch torchvision
+	$(PY) -m pip install -q -c $(LOCK) -e '.[dev]'
 	$(PY) scripts/check_lock.py $(LOCK)
 	touch $(STAMP)
 

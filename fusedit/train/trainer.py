@@ -208,6 +208,7 @@ class Trainer:
         self.samples_seen = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self._ema_gathered: tuple[int, dict[str, torch.Tensor] | None] | None = None
         self.data_seed = cfg.trainer.seed
         self.stream = None
         self.checkpoints = ckpt.CheckpointWriter(
@@ -486,6 +487,7 @@ class Trainer:
                 stop = logging_step and self.stop_signal.agreed(self.device)
                 if self.step % cfg.trainer.checkpointing_steps == 0 or self.step == cfg.trainer.max_steps or stop:
                     self.save_checkpoint()
+                self._ema_gathered = None  # the step's gathered EMA (grid, checkpoint) is not kept past it
                 if stop:
                     log.warning(
                         "signal %s received: checkpointed at step %d, stopping", self.stop_signal.received, self.step
@@ -588,7 +590,7 @@ class Trainer:
             "ema_bytes_per_rank": 4 * self.ema.numel_per_rank,
             "time": time.time(),
         }
-        ema = self.ema.full_state_dict()  # collective: the EMA partitions gathered to rank 0
+        ema = self._gathered_ema()
         return self.checkpoints.save(
             self.step,
             state,
@@ -596,6 +598,15 @@ class Trainer:
             write_main=lambda partial: self._write_weights(partial, ema),
             write_all=self._write_engine,
         )
+
+    def _gathered_ema(self) -> dict[str, torch.Tensor] | None:
+        """Collective: the full EMA on rank 0, gathered once per step (a grid and a checkpoint often share one).
+
+        The training loop drops it at the end of the step, so no full copy outlives it.
+        """
+        if self._ema_gathered is None or self._ema_gathered[0] != self.step:
+            self._ema_gathered = (self.step, self.ema.full_state_dict())
+        return self._ema_gathered[1]
 
     def _write_engine(self, partial: Path) -> None:
         client_state = ckpt.universal_checkpoint_info()
@@ -615,7 +626,7 @@ class Trainer:
         if not prompts:
             return None
         out = None
-        ema = self.ema.full_state_dict() if self.cfg.gen.use_ema else None  # collective
+        ema = self._gathered_ema() if self.cfg.gen.use_ema else None
         if self.env.is_main:
             from common.images import save_grid
             from fusedit.pipeline import DiTPipeline

@@ -319,7 +319,11 @@ def build_parser(bench: Benchmark) -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="training run folder (holds config.yaml, latest, <step>/)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="training run folder (holds config.yaml, latest, <step>/), or a pipeline folder from fusedit.export",
+    )
     p.add_argument("--tag", default="latest", help="checkpoint step, or 'latest'")
     p.add_argument("--type", default="baseline-dit", help="model family; only 'baseline-dit' is trained here")
     p.add_argument("--vae", default=None, help="VAE path overriding the one stored in <tag>/vae.json")
@@ -367,14 +371,35 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 # --------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------
+def export_info(folder: Path) -> dict[str, Any] | None:
+    """``fusedit_export.json`` of a pipeline folder ``python -m fusedit.export`` wrote; None for a run."""
+    from fusedit.diffusers_pipeline import is_pipeline_folder
+    from fusedit.tools.export import EXPORT_INFO
+
+    if not is_pipeline_folder(folder):
+        return None
+    path = folder / EXPORT_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def resolve_step(run_dir: Path, tag: str) -> int:
+    """The step to sample: from ``--tag`` for a run, from the export's record for a pipeline folder."""
     from common.checkpoint import read_latest
 
+    info = export_info(run_dir)
+    if info is not None:
+        step = int(info.get("step", -1))
+        if str(tag) not in ("latest", str(step)):
+            raise SamplingError(f"--tag {tag}: {run_dir} is an exported pipeline of step {step}")
+        return step
     if str(tag) != "latest":
         if not str(tag).isdigit() or not (run_dir / str(tag)).is_dir():
             raise SamplingError(f"{run_dir}: no checkpoint folder for --tag {tag!r}")
         return int(tag)
-    step = read_latest(run_dir)
+    try:
+        step = read_latest(run_dir)
+    except RuntimeError as err:
+        raise SamplingError(str(err)) from err
     if step is None:
         raise SamplingError(f"{run_dir}: no 'latest' file; is --checkpoint a training run folder?")
     return step
@@ -384,7 +409,33 @@ def vae_spec(args: argparse.Namespace, run_dir: Path, step: int) -> dict[str, An
     """The VAE to decode with: the checkpoint's own unless overridden (the reference forced subfolder 'vae')."""
     if args.vae:
         return {"pretrained_model_name_or_path": args.vae, "subfolder": args.vae_subfolder, "kind": "auto"}
+    if export_info(run_dir) is not None:
+        return {"pretrained_model_name_or_path": str(run_dir.resolve()), "subfolder": "vae", "kind": "auto"}
     return json.loads((run_dir / str(step) / "vae.json").read_text())
+
+
+def uses_ema(args: argparse.Namespace, run_dir: Path) -> bool:
+    """A run: ``--ema_weights``; a pipeline folder: whichever weights were exported."""
+    info = export_info(run_dir)
+    if info is None:
+        return bool(args.ema_weights)
+    return info.get("weights", "ema") == "ema"
+
+
+def default_resolution(run_dir: Path) -> int:
+    """The run's ``gen.H``; for a pipeline folder, the one recorded at export (else the DiT's own)."""
+    from fusedit.config import load_config
+
+    info = export_info(run_dir)
+    if info is None:
+        return load_config(run_dir / "config.yaml").gen.H
+    if info.get("resolution"):
+        return int(info["resolution"])
+    from common.vae_config import spatial_factor
+
+    transformer = json.loads((run_dir / "transformer" / "config.json").read_text())
+    vae = json.loads((run_dir / "vae" / "config.json").read_text())
+    return int(transformer["sample_size"]) * spatial_factor(vae)
 
 
 def settings(args: argparse.Namespace, bench: Benchmark, run_dir: Path, step: int, resolution: int) -> dict[str, Any]:
@@ -392,7 +443,7 @@ def settings(args: argparse.Namespace, bench: Benchmark, run_dir: Path, step: in
         "benchmark": bench.name,
         "checkpoint": str(run_dir.resolve()),
         "step": step,
-        "ema_weights": bool(args.ema_weights),
+        "ema_weights": uses_ema(args, run_dir),
         "vae": vae_spec(args, run_dir, step),
         "resolution": resolution,
         "num_inference_steps": args.num_inference_steps,
@@ -428,7 +479,9 @@ def default_save_dir(run_dir: Path, bench: Benchmark, s: dict[str, Any]) -> Path
     name = (
         f"{bench.name}_step{s['step']}_{weights}_cfg{s['guidance_scale']:g}_n{s['num_inference_steps']}_seed{s['seed']}"
     )
-    return run_dir / "eval" / f"{name}_r{s['resolution']}"
+    # next to an exported pipeline folder, not inside it (push_to_hub would upload the images)
+    root = run_dir.with_name(run_dir.name + "-eval") if export_info(run_dir) is not None else run_dir / "eval"
+    return root / f"{name}_r{s['resolution']}"
 
 
 def chunks(items: Sequence[PromptItem], per_chunk: int) -> list[list[PromptItem]]:
@@ -440,6 +493,10 @@ def load_pipeline(args: argparse.Namespace, run_dir: Path, step: int, device: to
     from fusedit.pipeline import DiTPipeline
 
     spec = VaeSpec(**vae_spec(args, run_dir, step)) if args.vae else None
+    if export_info(run_dir) is not None:
+        from fusedit.diffusers_pipeline import sampler_from_folder
+
+        return sampler_from_folder(run_dir, device=device, vae=spec)
     return DiTPipeline.from_checkpoint(run_dir, step, use_ema=args.ema_weights, device=device, vae=spec)
 
 
@@ -485,14 +542,12 @@ def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from fusedit.config import load_config
-
     # Without cpu=True accelerate ignores torchrun's environment on a machine without CUDA and every
     # process would sample everything; with it the processes form a gloo group.
     state = PartialState(cpu=not torch.cuda.is_available())
     run_dir = Path(args.checkpoint)
     step = resolve_step(run_dir, args.tag)
-    resolution = args.resolution or load_config(run_dir / "config.yaml").gen.H
+    resolution = args.resolution or default_resolution(run_dir)
     items = bench.load(args.prompts)[: args.num_samples]
     if not items:
         raise PromptFileError(f"{args.prompts}: no prompts")

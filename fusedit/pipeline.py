@@ -55,8 +55,10 @@ class DiTPipeline:
 
         The VAE is the one recorded in ``<tag>/vae.json`` (the one the DiT was trained with);
         ``vae`` overrides it, e.g. when the checkpoint moved to a machine with another copy.
+        The files read (the weights folder, ``vae.json``) are checked against the tag's manifest
+        first: ``common.checkpoint.CheckpointDamaged`` names a damaged file.
         """
-        from common.checkpoint import read_latest, step_dir
+        from common.checkpoint import read_latest, step_dir, verify_files
         from fusedit.config import load_config
         from fusedit.flow import build_scheduler
 
@@ -65,9 +67,11 @@ class DiTPipeline:
         if step is None:
             raise FileNotFoundError(f"{run_dir}: no 'latest' checkpoint")
         folder = step_dir(run_dir, step)
+        weights = "ema" if use_ema else "model"
+        verify_files(folder, [weights] if vae is not None else [weights, "vae.json"])
         cfg = load_config(run_dir / "config.yaml")
         spec = vae if vae is not None else VaeSpec(**json.loads((folder / "vae.json").read_text()))
-        transformer = DiT.from_pretrained(str(folder / ("ema" if use_ema else "model"))).to(device).eval()
+        transformer = DiT.from_pretrained(str(folder / weights)).to(device).eval()
         text_encoder = TextEncoder(
             cfg.model.base,
             subfolder=cfg.model.base_subfolder,
@@ -98,38 +102,46 @@ class DiTPipeline:
         prompt_indices: list[int] | None = None,
         batch_size: int = 16,
         autocast_dtype: torch.dtype | None = None,
+        latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Images in [0, 1], shape (len(prompts) * num_images_per_prompt, 3, H, W), prompt-major.
 
         ``prompt_indices`` are the global indices used for seeding (default 0..n-1); pass them
-        when a prompt list is split across processes so every image keeps its seed.
+        when a prompt list is split across processes so every image keeps its seed. ``latents``
+        (one initial noise per image, in the same order) replaces the seeded noise.
         """
         indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
         jobs = [(p, i, k) for p, i in zip(prompts, indices) for k in range(num_images_per_prompt)]
+        if latents is not None and (latents.ndim != 4 or latents.shape[0] != len(jobs)):
+            got = tuple(latents.shape)
+            raise ValueError(f"latents: expected one (C, h, w) noise per image ({len(jobs)}), got {got}")
         out = []
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
+            if latents is None:
+                noise = self.initial_noise(chunk, height, width, seed)
+            else:
+                noise = latents[start : start + len(chunk)]
             out.append(
-                self._generate(
-                    chunk,
-                    height,
-                    width,
-                    num_inference_steps,
-                    guidance_scale,
-                    negative_prompt,
-                    seed,
-                    autocast_dtype,
-                )
+                self._generate(chunk, noise, num_inference_steps, guidance_scale, negative_prompt, autocast_dtype)
             )
         return torch.cat(out)
 
-    def _generate(self, jobs, height, width, steps, guidance, negative, seed, autocast_dtype) -> torch.Tensor:
+    def noise_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of one image's initial latent noise."""
         factor = self.codec.spatial_factor
-        shape = (self.codec.latent_channels, height // factor, width // factor)
+        return (self.codec.latent_channels, height // factor, width // factor)
+
+    def initial_noise(self, jobs, height: int, width: int, seed: int) -> torch.Tensor:
+        """Image ``k`` of prompt ``i`` gets noise from its own CPU generator seeded by (seed, i, k)."""
+        shape = self.noise_shape(height, width)
         noise = [
             torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(seed, i, k))) for _, i, k in jobs
         ]
-        latents = torch.stack(noise).to(self.device, torch.float32)
+        return torch.stack(noise)
+
+    def _generate(self, jobs, noise, steps, guidance, negative, autocast_dtype) -> torch.Tensor:
+        latents = noise.to(self.device, torch.float32)
         texts = [p for p, _, _ in jobs]
         cfg = guidance > 1.0
         if cfg:  # unconditional branch = the empty caption used by training's caption dropout

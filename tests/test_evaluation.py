@@ -395,3 +395,93 @@ def test_toy_eval_on_geneval_folder(checkpoint: Path, quick_world: Path, tmp_pat
     Image.new("RGB", (32, 32)).save(plain / "00000" / "samples" / "00000.png")
     with pytest.raises(ValueError, match="toy-geneval"):
         toy_eval.score_folder(plain, quick_world)
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers export: the pipeline folder, read by diffusers itself in a fresh process
+# --------------------------------------------------------------------------------------------
+LOAD_EXPORT = """
+import sys, numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+prompts = sys.argv[3:]
+out = pipe(prompts, num_inference_steps=2, guidance_scale=3.0, seed=5, num_images_per_prompt=2, output_type="np")
+one = pipe(prompts[0], num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(1))
+np.savez(sys.argv[2], images=out.images, cls=type(pipe).__name__, pil_size=one.images[0].size)
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fusedit.tools.export import main
+
+    out = tmp_path_factory.mktemp("export") / "pipeline"
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+def test_export_folder_loads_with_diffusers_and_matches_our_sampler(
+    exported: Path, checkpoint: Path, heldout: list[dict], tmp_path: Path
+) -> None:
+    from fusedit.pipeline import DiTPipeline
+
+    index = json.loads((exported / "model_index.json").read_text())
+    assert {"transformer", "text_encoder", "tokenizer", "vae", "scheduler"} <= set(index)
+    assert index["vae"] == ["diffusers", "AutoencoderKL"] and index["max_prompt_length"] > 0
+    prompts = [p["prompt"] for p in heldout[:2]]
+    result = tmp_path / "images.npz"
+    cmd = [sys.executable, "-c", LOAD_EXPORT, str(exported), str(result), *prompts]
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = np.load(result, allow_pickle=False)
+    assert str(loaded["cls"]) == "FuseDiTPipeline" and tuple(loaded["pil_size"]) == (32, 32)
+    ours = DiTPipeline.from_checkpoint(checkpoint, "latest")
+    kw = dict(height=32, width=32, num_inference_steps=2, guidance_scale=3.0, seed=5, num_images_per_prompt=2)
+    expected = ours(prompts, **kw).permute(0, 2, 3, 1).numpy()
+    assert loaded["images"].shape == (4, 32, 32, 3)
+    np.testing.assert_allclose(loaded["images"], expected, atol=1e-5, rtol=0)
+
+
+def test_plain_autoencoderkl_reads_the_exported_vae_like_our_codec(exported: Path) -> None:
+    """A user with diffusers only: the VAE config alone says how latents are normalised."""
+    from diffusers import AutoencoderKL
+
+    from common.vae_config import VaeSpec
+    from fusedit.latents import LatentCodec
+
+    info = json.loads((exported / "fusedit_export.json").read_text())
+    norm = info["latent_normalisation"]
+    vae = AutoencoderKL.from_pretrained(str(exported), subfolder="vae").eval()
+    config = json.loads((exported / "vae" / "config.json").read_text())
+    assert norm["source"] == "latents_mean/std"  # the toy VAE carries both; the per-channel pair wins
+    np.testing.assert_allclose(norm["shift"], config["latents_mean"], rtol=1e-6)
+    np.testing.assert_allclose(np.reciprocal(norm["scale"]), config["latents_std"], rtol=1e-6)
+    codec = LatentCodec.from_spec(VaeSpec(info["vae"]["pretrained_model_name_or_path"]))  # training's VAE
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean = torch.tensor(config["latents_mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(config["latents_std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        plain = (vae.encode(pixels).latent_dist.mean - mean) / std
+        ours = codec.encode(pixels, sample=False)
+        torch.testing.assert_close(plain, ours, atol=1e-5, rtol=1e-5)
+        decoded = vae.decode(ours * std + mean).sample.clamp(-1, 1)
+        torch.testing.assert_close(decoded, codec.decode(ours), atol=1e-5, rtol=1e-5)
+
+
+def test_samplers_accept_an_exported_folder(exported: Path, checkpoint: Path, prompts3: Path, tmp_path: Path) -> None:
+    from_export = sample("coco", exported, prompts3, tmp_path / "export")
+    from_run = sample("coco", checkpoint, prompts3, tmp_path / "run")
+    assert from_export["generated"] == from_run["generated"] == 3
+    for name in ("00000.png", "00002.png"):
+        assert np.abs(read_png(tmp_path / "export" / name) - read_png(tmp_path / "run" / name)).max() <= 1
+    settings = json.loads((tmp_path / "export" / sampling.SETTINGS_NAME).read_text())
+    assert settings["step"] == 2 and settings["ema_weights"] and settings["resolution"] == 32
+
+
+def test_export_cli_refusals(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fusedit.tools.export import main
+
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("error: --checkpoint")
+    assert main(["--checkpoint", str(exported.parent), "--out", str(exported)]) == 2
+    assert "exists" in capsys.readouterr().err

@@ -457,3 +457,38 @@ def test_sampling_defaults_come_from_the_run_config(tmp_path):
         resolve("--cfg-scale", "0.5")
     with pytest.raises(ValueError, match="guidance"):
         resolve("--guidance-low", "0.8", "--guidance-high", "0.2")
+
+
+def _read_like_adm_evaluator(path: Path, batch: int = 3) -> np.ndarray:
+    """How guided-diffusion's ``evaluations/evaluator.py`` streams ``arr_0`` (numpy and zipfile only).
+
+    It opens the ``arr_0.npy`` member of the zip itself, parses the ``.npy`` header with
+    ``numpy.lib.format`` and reads C-ordered rows in batches, so a member that ``np.load`` happens
+    to accept but that is Fortran-ordered, pickled or not a plain header would fail there.
+    """
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    with zipfile.ZipFile(path, "r") as zf, zf.open("arr_0.npy", "r") as f:
+        version = npy.read_magic(f)
+        header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}[version]
+        shape, fortran, dtype = header(f)
+        assert not fortran and dtype == np.uint8 and len(shape) == 4 and shape[-1] == 3
+        rows = []
+        per_row = int(np.prod(shape[1:]))
+        for start in range(0, shape[0], batch):
+            n = min(batch, shape[0] - start)
+            data = f.read(n * per_row)
+            assert len(data) == n * per_row
+            rows.append(np.frombuffer(data, dtype=np.uint8).reshape(n, *shape[1:]))
+    return np.concatenate(rows)
+
+
+def test_npz_reads_with_the_adm_evaluators_streaming_reader(tmp_path):
+    labels = gen.plan_labels(7, 5, "balanced", seed=0)
+    path = gen.generate_to_npz(TinyBundle(tiny_sit()), tmp_path, labels, ODE, batch_size=4, seed=0, progress=False)
+    streamed = _read_like_adm_evaluator(path)
+    arr, lab = _npz(path)
+    assert streamed.shape == (7, 8, 8, 3) and np.array_equal(streamed, arr)
+    assert lab.dtype == np.int64 and np.array_equal(lab, labels.numpy())

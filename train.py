@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from common.config import ConfigError
+    from common.config import ConfigError, user_message
     from fusedit.config import load_config
 
     try:
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
     )
+    from common.checkpoint import CheckpointSaveError
     from common.distributed import cleanup
     from fusedit.train.trainer import Trainer
 
@@ -86,11 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, deepspeed_config_path=args.deepspeed_config_path)
         last = trainer.train()
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {user_message(err)}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # the non-finite guard: the last checkpoint is intact
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except CheckpointSaveError as err:  # e.g. a full disk: nothing published, the last checkpoint is intact
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     finally:
         cleanup()
     if rank == 0 and last:

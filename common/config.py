@@ -37,6 +37,19 @@ class ConfigError(ValueError):
     """A configuration problem, always phrased as ``field: what is wrong (what is allowed)``."""
 
 
+def user_message(err: BaseException) -> str:
+    """The one line to print for a user error, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception in the main process with the worker's whole traceback
+    in the message; its last line is ``module.ErrorClass: the original message``.
+    """
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def format_omegaconf_error(err: OmegaConfBaseException) -> str:
     """Turn OmegaConf's multi-line messages into one line that starts with the field name."""
     key = getattr(err, "full_key", None) or ""

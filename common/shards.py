@@ -18,6 +18,8 @@ import braceexpand
 from PIL import Image
 from webdataset.gopen import gopen_schemes
 
+from common.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Warnings about corrupt data: the first few, then one per this many, with the running count.
@@ -67,6 +69,14 @@ class RateLimitedWarnings:
         self.count += 1
         if self.count <= WARN_FIRST or self.count % WARN_EVERY == 0:
             log.warning("skipped corrupt data (#%d in this worker): " + msg, self.count, *args)
+
+
+class DataError(ConfigError):
+    """The training data as a whole is unusable (every sample or shard broken): the user's to fix.
+
+    A ConfigError, so the entry points report it as one ``error:`` line with exit code 2 rather
+    than a traceback per rank (a DataLoader worker's copy is unwrapped by ``user_message``).
+    """
 
 
 class BadSample(ValueError):

@@ -60,7 +60,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
-from common.shards import BadSample, decode_image, validate_data_paths
+from common.shards import BadSample, DataError, decode_image, validate_data_paths
 from repae.preprocess import adm_center_crop
 from toyworld.labels import parse_rule, toy_label, toy_num_classes
 
@@ -512,7 +512,9 @@ class _BatchBuilder:
                 self.warnings.warn("%s key %s: %s", index.urls[index.shard[row]], index.keys[row].decode(), exn)
             rng = np.random.default_rng([self.plan.seed, _REFILL, epoch, self.plan.rank, step, slot, attempt])
             row = int(order[rng.integers(len(order))])
-        raise RuntimeError(f"{MAX_REFILLS} corrupt images in a row while filling one slot: is the data broken?")
+        raise DataError(
+            f"data.data_path: {MAX_REFILLS} corrupt images in a row while filling one batch slot; are shards intact?"
+        )
 
     def batch(self, b: int) -> dict[str, Any]:
         epoch, step = divmod(b, self.plan.steps_per_epoch)

@@ -143,6 +143,23 @@ def test_corrupt_data_is_skipped_counted_and_logged(shards, caplog):
     assert "s10_002" in text and "s10_007" in text and "bad-cut.tar" in text
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_all_garbage_data_is_one_user_error(tmp_path, monkeypatch, workers):
+    """Shards whose every sample is unusable end in a DataError naming the field, not an endless loop."""
+    from common.config import ConfigError, user_message
+
+    monkeypatch.setattr(webdata, "MAX_BAD_SAMPLES_IN_A_ROW", 20)
+    path = tmp_path / "garbage.tar"
+    with TarWriter(str(path)) as sink:
+        for i in range(8):
+            sink.write({"__key__": f"g{i:03d}", "jpg": b"not a jpeg", "txt": "a caption"})
+    loader = build_dataloader([str(path)], make_tokenizer(), batch_size=2, resolution=16, num_workers=workers)
+    with pytest.raises(ConfigError) as err:
+        next(iter(loader))
+    message = user_message(err.value)
+    assert message.startswith("data.data_path: 20 samples in a row were unusable") and "\n" not in message
+
+
 def test_ranks_differ_and_streams_are_deterministic(shards):
     tok = make_tokenizer()
     kw = dict(batch_size=6, resolution=16, center_crop=False, world_size=2)

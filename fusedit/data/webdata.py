@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from common.shards import BadSample, RateLimitedWarnings, decode_image, validate_data_paths
+from common.shards import BadSample, DataError, RateLimitedWarnings, decode_image, validate_data_paths
 from fusedit.data.text_features import TextFeatureReader, pad_features
 from fusedit.text import tokenize
 
@@ -72,6 +72,8 @@ _SHARD, _SLOT, _SAMPLE = 0, 1, 2
 # A draw that opens this many shards in a row without finding a sample gives up: the data is
 # (nearly) all broken, and looping forever would hide it.
 MAX_EMPTY_SHARDS = 100
+# Consecutive unusable samples after which the data, not a few bad files, is the problem.
+MAX_BAD_SAMPLES_IN_A_ROW = 2000
 
 
 # ----------------------------------------------------------------------------- shard URLs
@@ -183,9 +185,9 @@ class _RoleStream:
             if sample is not None:
                 return sample, reader.k, reader.offset - 1
             self._replace(slot)
-        raise RuntimeError(
-            f"rank {self.rank} role {self.role}: {MAX_EMPTY_SHARDS} shards in a row gave no sample; "
-            f"is the data broken? (e.g. {self.readers[slot].url})"
+        raise DataError(
+            f"data.data_path: {MAX_EMPTY_SHARDS} shards in a row gave no sample (e.g. {self.readers[slot].url}); "
+            "are these webdataset .tar shards?"
         )
 
     def close(self) -> None:
@@ -352,7 +354,7 @@ class _WebBatches(IterableDataset):
             stream.close()
 
     def _batch(self, stream: _RoleStream, role: int) -> dict[str, Any]:
-        pixels, captions, features, skipped = [], [], [], 0
+        pixels, captions, features, skipped, in_a_row = [], [], [], 0, 0
         while len(pixels) < self.batch_size:
             sample, k, offset = stream.next_sample()
             rng = _rng(self.seed, self.rank, role, _SAMPLE, k, offset)
@@ -360,8 +362,15 @@ class _WebBatches(IterableDataset):
                 image, caption, column = self.transform(sample, rng)
             except BadSample as exn:
                 skipped += 1
+                in_a_row += 1
                 stream.warnings.warn("%s key %s: %s", sample.get("__url__"), sample.get("__key__"), exn)
+                if in_a_row >= MAX_BAD_SAMPLES_IN_A_ROW:
+                    raise DataError(
+                        f"data.data_path: {in_a_row} samples in a row were unusable (last: {sample.get('__url__')} "
+                        f"key {sample.get('__key__')}: {exn}); check the shards' image and caption members"
+                    ) from exn
                 continue
+            in_a_row = 0
             pixels.append(image)
             captions.append(caption)
             if self.text_features is not None:

@@ -9,7 +9,9 @@ Examples:
 
 The YAML is merged onto the typed schema in fusedit/config.py, overrides on top; the whole
 config is validated (and data paths checked) before any process group, model or data is
-created. A run resumes from its newest complete checkpoint unless trainer.resume_from=null.
+created. A run resumes from its newest complete checkpoint unless trainer.resume_from=null;
+trainer.init_from={checkpoint: RUN_DIR, tag: latest|STEP, weights: ema|raw} starts a new run from
+another run's weights (the 512 px stage: configs/e2e-vae/sa-w2048-3b-res512-*-200k.yaml).
 """
 
 from __future__ import annotations

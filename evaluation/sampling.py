@@ -489,6 +489,7 @@ def chunks(items: Sequence[PromptItem], per_chunk: int) -> list[list[PromptItem]
 
 
 def load_pipeline(args: argparse.Namespace, run_dir: Path, step: int, device: torch.device):
+    from common.checkpoint import CheckpointDamaged
     from common.vae_config import VaeSpec
     from fusedit.pipeline import DiTPipeline
 
@@ -497,7 +498,10 @@ def load_pipeline(args: argparse.Namespace, run_dir: Path, step: int, device: to
         from fusedit.diffusers_pipeline import sampler_from_folder
 
         return sampler_from_folder(run_dir, device=device, vae=spec)
-    return DiTPipeline.from_checkpoint(run_dir, step, use_ema=args.ema_weights, device=device, vae=spec)
+    try:  # the weights are checked against the tag's manifest before they load
+        return DiTPipeline.from_checkpoint(run_dir, step, use_ema=args.ema_weights, device=device, vae=spec)
+    except CheckpointDamaged as err:
+        raise SamplingError(str(err)) from err
 
 
 def check_resolution(pipe, resolution: int) -> None:

@@ -33,6 +33,28 @@ POS_EMBED_KINDS = ("ape", "1d-rope", "2d-rope", "m-rope")
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 VAE_KINDS = ("auto", "kl", "qwen")
+INIT_FROM_WEIGHTS = ("ema", "raw")
+
+
+@dataclass
+class InitFromConfig:
+    """Start a *new* run from another run's weights (e.g. the 512 px stage from the 256 px run).
+
+    Fresh optimizer, LR schedule, step 0 and data stream; the DiT and its EMA both start from the
+    chosen weights (EMA == those weights at step 0). Only the safetensors folder
+    ``<checkpoint>/<tag>/ema/`` (``weights: ema``) or ``<tag>/model/`` (``raw``) is read. The folder,
+    the tag and the architecture (its ``config.json`` against ``model``) are checked by the trainer
+    before any process group; ``load_config`` and the dry run do not need the folder to exist.
+    When ``trainer.resume_from`` finds a checkpoint of this run, it wins: a restarted continuation
+    resumes itself instead of starting over from the parent.
+    """
+
+    # The parent run directory (its trainer.checkpoint_dir).
+    checkpoint: str = MISSING
+    # "latest" or a step number (the parent's checkpoint tag).
+    tag: str = "latest"
+    # "ema" (the EMA weights, <tag>/ema/) or "raw" (the trained weights, <tag>/model/).
+    weights: str = "ema"
 
 
 @dataclass
@@ -54,6 +76,9 @@ class TrainerConfig:
     sampling_steps: int = 50_000
     # "latest", a step number as a string, or null to always start fresh.
     resume_from: Optional[str] = "latest"
+    # Null, or {checkpoint: RUN_DIR, tag: latest|<step>, weights: ema|raw}: a new run that starts
+    # from another run's weights (see InitFromConfig). A checkpoint of this run (resume_from) wins.
+    init_from: Optional[InitFromConfig] = None
     enable_gradient_checkpointing: bool = False
     # torch.compile the DiT (through DeepSpeed's engine.compile; inductor). Each new text length
     # may recompile until the padding buckets (data.pad_to_multiple_of) have all been seen.
@@ -96,6 +121,8 @@ class ModelConfig:
     pos_embed: str = "ape"
     pos_embed_max_size: int = 64
     # Latent side length the APE table is centred for (the reference's base size is sample_size/patch).
+    # With pos_embed_max_size it fixes the table's coordinates (k * base / max): a later stage at a
+    # higher resolution keeps both and uses a larger centred crop (trainer.init_from checks this).
     sample_size: int = 32
     qk_norm: bool = True
     sandwich_norm: bool = False
@@ -340,6 +367,17 @@ def _validate_trainer(t: TrainerConfig, errors: list[str]) -> None:
     check_positive(errors, "trainer.logit_std", t.logit_std)
     if t.deepspeed_config is not None and not Path(t.deepspeed_config).is_file():
         errors.append(f"trainer.deepspeed_config: file not found: {t.deepspeed_config}")
+    if t.init_from is not None:
+        _validate_init_from(t.init_from, errors)
+
+
+def _validate_init_from(i: InitFromConfig, errors: list[str]) -> None:
+    """Shape only: the folder itself is checked by the trainer (fusedit.train.init_from), not here."""
+    if not str(i.checkpoint).strip():
+        errors.append("trainer.init_from.checkpoint: the parent run directory, e.g. output/<run>")
+    if i.tag != "latest" and not str(i.tag).isdigit():
+        errors.append(f"trainer.init_from.tag: {i.tag!r} is not 'latest' or a step number")
+    check_choice(errors, "trainer.init_from.weights", i.weights, INIT_FROM_WEIGHTS)
 
 
 def _validate_model(m: ModelConfig, errors: list[str]) -> None:
@@ -398,6 +436,13 @@ def check_geometry(cfg: TrainConfig, spatial_factor: int) -> None:
             raise ConfigError(
                 f"{name}: {value} is not a multiple of VAE factor {spatial_factor} "
                 f"x patch {cfg.model.patch_size} = {unit}"
+            )
+        # The APE is a centred crop of a fixed (max x max) table: a larger grid has no positions.
+        if cfg.model.pos_embed == "ape" and value // unit > cfg.model.pos_embed_max_size:
+            raise ConfigError(
+                f"{name}: {value} px is a {value // unit}-token side, larger than model.pos_embed_max_size="
+                f"{cfg.model.pos_embed_max_size} (the APE table's side); at most "
+                f"{cfg.model.pos_embed_max_size * unit} px"
             )
 
 

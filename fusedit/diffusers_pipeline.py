@@ -36,7 +36,9 @@ class FuseDiTPipeline(DiffusionPipeline):
 
     ``hidden_states_index`` (which hidden state of the text encoder conditions the DiT) and
     ``max_prompt_length`` are part of the pipeline's config (``model_index.json``): they were
-    fixed by training and sampling must use the same ones.
+    fixed by training and sampling must use the same ones. ``resolution`` is the training image
+    side, the default ``height``/``width`` (the DiT's ``sample_size`` is not: under the APE it
+    fixes the position table's spacing and stays 32 at 512 px).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -50,12 +52,15 @@ class FuseDiTPipeline(DiffusionPipeline):
         scheduler: Any,
         hidden_states_index: int = -1,
         max_prompt_length: int = 256,
+        resolution: int | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
             transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, scheduler=scheduler
         )
-        self.register_to_config(hidden_states_index=hidden_states_index, max_prompt_length=max_prompt_length)
+        self.register_to_config(
+            hidden_states_index=hidden_states_index, max_prompt_length=max_prompt_length, resolution=resolution
+        )
 
     @classmethod
     def from_folder(cls, path: str | Path) -> FuseDiTPipeline:
@@ -81,6 +86,7 @@ class FuseDiTPipeline(DiffusionPipeline):
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(path / "scheduler")),
             hidden_states_index=int(index.get("hidden_states_index", -1)),
             max_prompt_length=int(index.get("max_prompt_length", 256)),
+            resolution=index.get("resolution"),
         )
 
     def sampler(self) -> DiTPipeline:
@@ -112,15 +118,15 @@ class FuseDiTPipeline(DiffusionPipeline):
         Initial noise, first match wins: ``latents`` (one per image); ``seed`` (image ``k`` of
         prompt ``i`` from its own generator seeded by (seed, i, k): reproducible whatever the
         batch); ``generator`` (one, drawn in order, or a list with one per image, as diffusers
-        does); else torch's global generator. ``height``/``width`` default to the transformer's
-        training resolution. ``output_type``: "pil" (list of PIL images), "np" (float32 NHWC in
+        does); else torch's global generator. ``height``/``width`` default to the training
+        resolution. ``output_type``: "pil" (list of PIL images), "np" (float32 NHWC in
         [0, 1]) or "pt" (float32 NCHW in [0, 1]).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         sampler = self.sampler()
-        default = int(self.transformer.config.sample_size) * sampler.codec.spatial_factor
+        default = self.config.resolution or int(self.transformer.config.sample_size) * sampler.codec.spatial_factor
         height, width = height or default, width or default
         count = len(prompts) * num_images_per_prompt
         if latents is None and seed is None:

@@ -15,12 +15,15 @@ A run directory (``trainer.checkpoint_dir``, by default ``exps/<trainer.run>/``)
       optimizers.pt              optimiser and GradScaler states (tensors only: weights_only load)
       trainer_state.json         step, world size, skipped non-finite steps
       data_state_rank{r}.json    per-rank loader position (exact data resume)
+      manifest.json              every other file's size and SHA-256 (common.manifest)
 
 Publishing reuses the text-to-image stage's atomic protocol (:mod:`common.checkpoint`):
 everything is written into ``.<step>.partial/`` and renamed only when complete, then ``latest``
 is replaced atomically, so a kill never corrupts the last good checkpoint. Nothing is ever
 loaded with unrestricted pickle: weights are safetensors, optimiser states are loaded with
-``weights_only=True``.
+``weights_only=True``. The loaders for sampling and export (:func:`load_sit`,
+:func:`load_vae_from_checkpoint`, :func:`load_sampling_bundle`) check the files they read against
+the tag's manifest first (``common.checkpoint.verify_files``; ``CheckpointDamaged`` names the file).
 """
 
 from __future__ import annotations
@@ -33,17 +36,24 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.checkpoint import read_latest, step_dir
+from common.checkpoint import read_latest, step_dir, verify_files
+from common.manifest import ManifestBuilder
 from common.weights import safe_torch_load
 
 SIT_CONFIG = "sit_config.json"
 VAE_SOURCE = "vae_source.json"
 
 
-def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Safetensors of a state dict (CPU, contiguous; shared storage is copied)."""
+def save_tensors(state: dict[str, torch.Tensor], path: Path, manifest: ManifestBuilder | None = None) -> None:
+    """Safetensors of a state dict (CPU, contiguous; shared storage is copied).
+
+    ``manifest`` (the save's ``CheckpointWriter.manifest_builder``): hash the file from memory in
+    the background while the caller writes on.
+    """
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
+    if manifest is not None:
+        manifest.add_safetensors(path, tensors)
 
 
 def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -73,8 +83,10 @@ def load_vae_from_checkpoint(folder: Path, device: torch.device | str = "cpu"):
     """The VAE a checkpoint used: its own tuned copy, or the frozen one it names."""
     from repae.vae import TrainableVAE, load_vae
 
+    verify_files(folder, [VAE_SOURCE])
     source = read_json(folder / VAE_SOURCE)
     if "folder" in source:
+        verify_files(folder, [source["folder"]])
         vae = load_vae(str(folder / source["folder"]))
     else:
         vae = load_vae(
@@ -90,10 +102,12 @@ def load_sit(folder: Path, use_ema: bool = True, device: torch.device | str = "c
     """Rebuild the SiT from ``sit_config.json`` and load the EMA (default) or live weights, strictly."""
     from repae.models.sit import SiT
 
+    weights = "ema.safetensors" if use_ema else "sit.safetensors"
+    verify_files(folder, [SIT_CONFIG, weights])
     kwargs = read_json(folder / SIT_CONFIG)
     kwargs["z_dims"] = tuple(kwargs["z_dims"])
     sit = SiT(**kwargs)
-    state = load_tensors(folder / ("ema.safetensors" if use_ema else "sit.safetensors"))
+    state = load_tensors(folder / weights)
     sit.load_state_dict(state, strict=True)
     return sit.to(device).eval().requires_grad_(False)
 
@@ -127,6 +141,7 @@ def load_sampling_bundle(
     folder = resolve_tag(Path(run_dir), tag)
     sit = load_sit(folder, use_ema=use_ema, device=device)
     vae = load_vae_from_checkpoint(folder, device=device)
+    verify_files(folder, ["trainer_state.json"])
     state = read_json(folder / "trainer_state.json")
     latent_shape = tuple(int(v) for v in state["latent_shape"])
     return SamplingBundle(

@@ -39,7 +39,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common.checkpoint import CheckpointWriter
+from common.checkpoint import CheckpointSaveError, CheckpointWriter
+from common.config import user_message
 from common.distributed import DistEnv, all_reduce_mean, init_distributed
 from common.files import write_json_atomic
 from common.metrics import MetricsLogger
@@ -547,12 +548,12 @@ class JointTrainer(Trainer):
         self.opt_disc.load_state_dict(opts["disc"])
 
     def save_models(self, folder: Path) -> None:
-        rckpt.save_tensors(self.sit.state_dict(), folder / "sit.safetensors")
-        rckpt.save_tensors(self.ema.state_dict(), folder / "ema.safetensors")
+        rckpt.save_tensors(self.sit.state_dict(), folder / "sit.safetensors", self.checkpoints.manifest_builder)
+        rckpt.save_tensors(self.ema.state_dict(), folder / "ema.safetensors", self.checkpoints.manifest_builder)
         self.vae.vae.save_pretrained(folder / "vae", safe_serialization=True)
         write_json_atomic(folder / rckpt.VAE_SOURCE, {"folder": "vae"})
         disc = {k: v for k, v in self.loss_fn.state_dict().items() if not k.startswith("lpips.")}
-        rckpt.save_tensors(disc, folder / "discriminator.safetensors")
+        rckpt.save_tensors(disc, folder / "discriminator.safetensors", self.checkpoints.manifest_builder)
         rckpt.save_optimizers(
             folder / "optimizers.pt",
             {"sit": self.opt_sit.state_dict(), "vae": self.opt_vae.state_dict(), "disc": self.opt_disc.state_dict()},
@@ -666,8 +667,11 @@ def run(trainer_cls, argv: list[str] | None, description: str) -> int:
         trainer = trainer_cls(cfg, env)
         return trainer.fit()
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {user_message(err)}", file=sys.stderr)
         return 2
+    except CheckpointSaveError as err:  # e.g. a full disk: nothing published, the last checkpoint is intact
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -72,8 +72,8 @@ class LdmTrainer(Trainer):
     def save_models(self, folder: Path) -> None:
         from repae.config import save_config
 
-        rckpt.save_tensors(self.sit.state_dict(), folder / "sit.safetensors")
-        rckpt.save_tensors(self.ema.state_dict(), folder / "ema.safetensors")
+        rckpt.save_tensors(self.sit.state_dict(), folder / "sit.safetensors", self.checkpoints.manifest_builder)
+        rckpt.save_tensors(self.ema.state_dict(), folder / "ema.safetensors", self.checkpoints.manifest_builder)
         write_json_atomic(folder / rckpt.VAE_SOURCE, vae_source(self.cfg))
         rckpt.save_optimizers(folder / "optimizers.pt", {"sit": self.opt_sit.state_dict()})
         save_config(self.cfg, self.run_dir / "config.yaml")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from common import checkpoint as ckpt
+from common.config import ConfigError
 from fusedit.train.ema import EMA
 
 
@@ -49,7 +50,7 @@ def test_republish_same_step_and_prune(tmp_path: Path) -> None:
     assert ckpt.prune(tmp_path, keep=2) == [10]
     assert ckpt.list_steps(tmp_path) == [20, 30]
     assert ckpt.resolve_resume(tmp_path, "20") == 20
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="trainer.resume_from=10: no checkpoint folder"):
         ckpt.resolve_resume(tmp_path, "10")
 
 

@@ -220,6 +220,19 @@ def test_cli_refusals(checkpoint: Path, prompts3: Path, tmp_path: Path, capsys: 
     assert "multiple of" in capsys.readouterr().err
 
 
+def test_a_truncated_weight_file_is_one_error_line(checkpoint: Path, prompts3: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run)
+    weights = run / "2" / "ema" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(SystemExit) as e:
+        sampling.main("coco", ["--checkpoint", str(run), "--prompts", str(prompts3), "--save_dir", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "ema/diffusion_pytorch_model.safetensors" in err[0], err
+
+
 def test_vae_override_is_used(checkpoint: Path, prompts3: Path, tmp_path: Path, quick_world: Path) -> None:
     out = tmp_path / "v"
     sample("coco", checkpoint, prompts3, out, "--vae", str(quick_world / "vae"), "--num_samples", "1")
@@ -428,6 +441,7 @@ def test_export_folder_loads_with_diffusers_and_matches_our_sampler(
     index = json.loads((exported / "model_index.json").read_text())
     assert {"transformer", "text_encoder", "tokenizer", "vae", "scheduler"} <= set(index)
     assert index["vae"] == ["diffusers", "AutoencoderKL"] and index["max_prompt_length"] > 0
+    assert index["resolution"] == 32
     prompts = [p["prompt"] for p in heldout[:2]]
     result = tmp_path / "images.npz"
     cmd = [sys.executable, "-c", LOAD_EXPORT, str(exported), str(result), *prompts]

@@ -129,7 +129,7 @@ def test_two_process_zero2_bf16_trains_checkpoints_and_resumes(quick_world: Path
     extra = {"trainer.max_steps": 3, "trainer.checkpointing_steps": 3, "trainer.mixed_precision": "bf16"}
     overrides = tiny_train_overrides(quick_world, run, **extra, **{"ema.decay": 1e-6, "trainer.peak_tflops": 2.0})
     run_train(["--deepspeed_config_path", ZERO2, *overrides], nproc=2)
-    _assert_ema_follows_fp32_masters(run / "3")
+    _assert_ema_follows_fp32_masters(run / "3", script=True)
     halves = json.loads((run / "3" / "trainer_state.json").read_text())["ema_bytes_per_rank"]
     files = sorted(p.name for p in (run / "3" / "deepspeed").iterdir())
     assert "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt" in files
@@ -159,15 +159,32 @@ def test_two_process_zero2_bf16_trains_checkpoints_and_resumes(quick_world: Path
     _assert_ema_follows_fp32_masters(run / "5")
 
 
-def _assert_ema_follows_fp32_masters(folder: Path) -> None:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def _assert_ema_follows_fp32_masters(folder: Path, script: bool = False) -> None:
+    """DeepSpeed's own ``zero_to_fp32`` with its defaults (the tag comes from ``<step>/latest``).
 
-    masters = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="deepspeed")
+    ``script``: run the ``zero_to_fp32.py`` DeepSpeed copies into the folder, as a user would;
+    otherwise its library function. The consolidated fp32 masters must round to exactly our
+    bf16 ``model/`` weights, and the EMA (decay ~0) must equal them.
+    """
+    if script:
+        out = folder.parent / f"{folder.name}-fp32"
+        cmd = [sys.executable, str(folder / "zero_to_fp32.py"), str(folder), str(out), "--safe_serialization"]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1")
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        masters = load_file(str(out / "model.safetensors"))
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        masters = get_fp32_state_dict_from_zero_checkpoint(str(folder))
     ema = load_file(str(folder / "ema" / "diffusion_pytorch_model.safetensors"))
     bf16 = _weights(folder.parent, int(folder.name), "model")
-    assert set(masters) <= set(ema)
+    assert set(masters) <= set(ema) and set(masters) <= set(bf16)
     for name, master in masters.items():
         torch.testing.assert_close(ema[name], master.float(), rtol=1e-5, atol=1e-6, msg=name)
+        # model/ holds the masters rounded to bf16 (buffers such as the APE table stay fp32)
+        assert torch.equal(bf16[name], master.bfloat16().float()) or torch.equal(bf16[name], master.float()), name
     off = max((bf16[n].float() - m.float()).abs().max().item() for n, m in masters.items())
     assert off > 1e-4  # the bf16 weights are not the masters: the EMA really tracks the fp32 copy
 

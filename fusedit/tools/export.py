@@ -90,6 +90,7 @@ def resolve_tag(run_dir: Path, tag: str) -> int:
 
 def build_pipeline(run_dir: Path, step: int, use_ema: bool):
     """Our sampler's components, loaded from the run, wrapped as a :class:`FuseDiTPipeline`."""
+    from fusedit.config import load_config
     from fusedit.diffusers_pipeline import FuseDiTPipeline
     from fusedit.pipeline import DiTPipeline
 
@@ -102,6 +103,7 @@ def build_pipeline(run_dir: Path, step: int, use_ema: bool):
         scheduler=sampler.scheduler,
         hidden_states_index=sampler.text_encoder.hidden_states_index,
         max_prompt_length=sampler.max_prompt_length,
+        resolution=load_config(run_dir / "config.yaml").data.resolution,
     ), sampler
 
 
@@ -190,6 +192,8 @@ def push_to_hub(folder: Path, repo: str, private: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.checkpoint import CheckpointDamaged
+
     args = parse_args(argv)
     run_dir, out = Path(args.checkpoint), Path(args.out)
     try:
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not args.overwrite:
             raise ExportError(f"--out {out}: exists (pass --overwrite to replace it)")
         export(run_dir, out, args.tag, args.raw, args.dtype)
-    except ExportError as err:
+    except (ExportError, CheckpointDamaged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"exported {run_dir} -> {out}")

@@ -248,6 +248,8 @@ class Plan:
     activations_per_sample: Activations
     data: list[PatternReport]
     notes: list[str] = field(default_factory=list)
+    # trainer.init_from as configured (the dry run does not read the parent; the trainer checks it)
+    init_from: dict[str, Any] | None = None
 
     def component(self, name: str) -> Component:
         return next(c for c in self.components if c.name == name)
@@ -674,6 +676,8 @@ def build_plan(
         data=check_data_paths(list(cfg.data.data_path)),
     )
     plan.notes = _notes(plan, text, vae, contiguous)
+    if cfg.trainer.init_from is not None:
+        plan.init_from = asdict(cfg.trainer.init_from)
     return plan
 
 
@@ -814,10 +818,22 @@ def _render_data(plan: Plan) -> list[str]:
     return lines
 
 
+def _render_init_from(plan: Plan) -> list[str]:
+    i = plan.init_from
+    if i is None:
+        return []
+    return [
+        f"Starts from: {i['checkpoint']} tag {i['tag']} ({i['weights']} weights; trainer.init_from): fresh optimizer, "
+        "step 0, new data stream. Not read here: the trainer checks the folder, the tag and the architecture "
+        "before launch (a checkpoint of this run, if any, is resumed instead)"
+    ]
+
+
 def render(plan: Plan) -> str:
     """The human-readable plan printed by ``train.py --dry-run``."""
+    head = [f"Dry-run plan for {plan.config_path or plan.run} (run {plan.run!r}): meta device only, nothing loaded"]
     sections = [
-        [f"Dry-run plan for {plan.config_path or plan.run} (run {plan.run!r}): meta device only, nothing loaded"],
+        head + _render_init_from(plan),
         _render_params(plan),
         _render_tokens(plan),
         _render_flops(plan),

@@ -42,6 +42,7 @@ from fusedit.models.dit import DiT
 from fusedit.text import TextEncoder
 from fusedit.train.deepspeed_config import load_deepspeed_json, resolve_deepspeed_config
 from fusedit.train.ema import ModuleEMA, ShardedEMA, copy_weights
+from fusedit.train.init_from import RECORD_NAME, load_parent_weights, read_record, resolve_parent
 
 log = logging.getLogger("fusedit.train")
 
@@ -176,6 +177,7 @@ class Trainer:
         ds_path = deepspeed_config_path or cfg.trainer.deepspeed_config
         ds_raw = load_deepspeed_json(ds_path)  # parse errors before any heavy work
         self._validate_inputs()
+        self.parent = resolve_parent(cfg)  # trainer.init_from: folder, tag, architecture (None if resuming)
         self.env: DistEnv = init_distributed()
         self.ds_config = resolve_deepspeed_config(ds_raw, cfg, self.env.world_size)
         # ZeRO-0 (fp32, bf16) cannot skip a step: there the guard inspects gradients before it.
@@ -216,8 +218,11 @@ class Trainer:
         )
         resume_step = self.checkpoints.resume_step(cfg.trainer.resume_from)
         self.resume_universal = resume_step is not None and self._prepare_universal_resume(resume_step)
+        parent_weights = self._load_parent(resume_step)
         self.engine = self._build_engine()
         self.ema = self._build_ema()
+        if parent_weights is not None:
+            self._start_from_parent(parent_weights)
         data_state = self._resume(resume_step) if resume_step is not None else None
         self.loader = self._build_loader(data_state)
         if self.env.is_main:
@@ -323,6 +328,35 @@ class Trainer:
         if self.env.is_main:
             log.info("EMA (%s): %.2f MiB of fp32 on this rank", type(ema).__name__, 4 * ema.numel_per_rank / 2**20)
         return ema
+
+    # ------------------------------------------------ trainer.init_from (a new run from another's weights)
+    def _load_parent(self, resume_step: int | None) -> dict[str, torch.Tensor] | None:
+        """Load the parent's weights into the DiT before the engine is built; return them for the EMA.
+
+        A run that resumes (``resume_step``) keeps the record of the parent it started from.
+        """
+        if resume_step is not None or self.parent is None:
+            self.parent_record = read_record(self.run_dir)
+            return None
+        self.parent_record = self.parent.record()
+        return load_parent_weights(self.parent, self.parts.dit, self.model_config)
+
+    def _start_from_parent(self, weights: dict[str, torch.Tensor]) -> None:
+        """EMA == the loaded weights at step 0; ZeRO's fp32 masters get them exactly too.
+
+        DeepSpeed builds its fp32 master partitions from the module's (bf16) weights, which would
+        round the parent's fp32 weights; the EMA partitions have the masters' layout, so they are
+        copied over. Optimizer moments, LR schedule, step and data stream start fresh.
+        """
+        self.ema.load_full_state_dict(weights)
+        masters = getattr(self.engine.optimizer, "single_partition_of_fp32_groups", None)
+        if isinstance(self.ema, ShardedEMA) and masters is not None:
+            with torch.no_grad():
+                for master, shadow in zip(masters, self.ema.shadow):
+                    master.copy_(shadow)
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.run_dir / RECORD_NAME, self.parent_record)
 
     def _build_loader(self, data_state: dict | None):
         from fusedit.data.webdata import StreamState
@@ -588,6 +622,7 @@ class Trainer:
             "data_seed": self.data_seed,
             "nonfinite_total": self.nonfinite_total,
             "ema_bytes_per_rank": 4 * self.ema.numel_per_rank,
+            "init_from": self.parent_record,
             "time": time.time(),
         }
         ema = self._gathered_ema()
@@ -610,13 +645,19 @@ class Trainer:
 
     def _write_engine(self, partial: Path) -> None:
         client_state = ckpt.universal_checkpoint_info()
-        self.engine.save_checkpoint(str(partial), tag="deepspeed", client_state=client_state, save_latest=False)
+        self.engine.save_checkpoint(str(partial), tag=ckpt.ENGINE_TAG, client_state=client_state, save_latest=False)
+        if self.env.is_main:
+            ckpt.write_engine_latest(partial)  # <step>/latest -> "deepspeed": zero_to_fp32.py's defaults work
+            # save_checkpoint ends with a barrier: every rank's shards are final, hash them while
+            # rank 0 writes the weights
+            self.checkpoints.hash_soon(partial / ckpt.ENGINE_TAG)
 
     def _write_weights(self, partial: Path, ema: dict[str, torch.Tensor]) -> None:
         module = self.engine.module
-        ckpt.save_weights_folder(self.model_config, _with_buffers(ema, module), partial / "ema")
+        hashing = self.checkpoints.manifest_builder  # hashes each weights file from memory while the next is written
+        ckpt.save_weights_folder(self.model_config, _with_buffers(ema, module), partial / "ema", hashing)
         raw = dict(module.named_parameters())
-        ckpt.save_weights_folder(self.model_config, _with_buffers(raw, module), partial / "model")
+        ckpt.save_weights_folder(self.model_config, _with_buffers(raw, module), partial / "model", hashing)
         write_json_atomic(partial / "vae.json", _vae_spec(self.cfg).__dict__)
 
     # --------------------------------------------------------------- sampling

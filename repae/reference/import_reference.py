@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from common.files import write_json_atomic, write_text_atomic
+from common.manifest import write_manifest
 from common.weights import TRAINING_ARGS, safe_torch_load
 from repae import checkpoint as rckpt
 
@@ -169,6 +170,7 @@ def import_reference_run(
         "imported_from": str(path),
     }
     write_json_atomic(folder / "trainer_state.json", state)
+    write_manifest(folder)  # like every trainer-written tag: sizes and SHA-256 of its files
     write_text_atomic(out / "latest", f"{step_value}\n")
     return folder
 

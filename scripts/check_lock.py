@@ -28,8 +28,15 @@ def normalize(name: str) -> str:
 
 
 def installed() -> dict[str, str]:
-    """Normalised name -> version of every installed distribution except this project."""
-    found = {normalize(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
+    """Normalised name -> version of every installed distribution except this project.
+
+    Importing setuptools (torch and DeepSpeed do) puts its ``_vendor`` folder on ``sys.path``, and
+    the copies bundled there (jaraco, zipp, an older importlib-metadata, ...) would then count as
+    installed, even shadow the real versions; only real install locations are read.
+    """
+    paths = [p for p in sys.path if "_vendor" not in Path(p).parts]
+    dists = metadata.distributions(path=paths)
+    found = {normalize(d.metadata["Name"]): d.version for d in dists if d.metadata["Name"]}
     found.pop(normalize(PROJECT), None)
     return dict(sorted(found.items()))
 

@@ -60,7 +60,13 @@ def test_lock_checker_names_every_difference(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(bool(os.environ.get("TEST_LATEST")), reason="make test-latest runs off the lock on purpose")
 def test_this_environment_matches_the_committed_lock() -> None:
-    """`make test` installs from requirements.lock; the suite runs in exactly that environment."""
+    """`make test` installs from requirements.lock; the suite runs in exactly that environment.
+
+    setuptools is imported first, as torch/DeepSpeed do in other tests: its ``_vendor`` copies
+    on ``sys.path`` must not count as installed packages (they made this test order-dependent).
+    """
+    import setuptools  # noqa: F401
+
     lock = _check_lock()
     assert lock.main([str(ROOT / "requirements.lock")]) == 0
     pins = lock.read_lock(ROOT / "requirements.lock")

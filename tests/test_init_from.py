@@ -19,26 +19,12 @@ from fusedit.config import check_geometry, load_config
 from fusedit.models.dit import DiT
 from fusedit.models.layers import PatchEmbed, rope_tables, sincos_2d_table
 from fusedit.train.init_from import check_architecture, load_parent_weights, resolve_parent
+from tests.test_dit import TINY  # the same tiny DiT as the model tests
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "e2e-vae"
 TOY = CONFIGS / "toy.yaml"
 VAES = ["fluxvae", "e2efluxvae", "sd3.5vae", "e2esd3.5vae", "qwenimagevae", "e2eqwenimagevae"]
-
-TINY = dict(
-    in_channels=4,
-    out_channels=4,
-    patch_size=2,
-    hidden_size=32,
-    num_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    intermediate_size=48,
-    text_hidden_size=24,
-    pos_embed_max_size=8,
-    sample_size=8,
-)
 
 
 # ------------------------------------------------------------------------- positions, larger grids

@@ -83,11 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     from common.checkpoint import CheckpointSaveError
     from common.distributed import cleanup
+    from common.signals import ignore_stop_signals
     from fusedit.train.trainer import Trainer
 
     try:
         trainer = Trainer(cfg, deepspeed_config_path=args.deepspeed_config_path)
         last = trainer.train()
+        ignore_stop_signals()
     except ConfigError as err:
         print(f"error: {user_message(err)}", file=sys.stderr)
         return 2

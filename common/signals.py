@@ -36,3 +36,17 @@ class StopSignal:
         """Collective: True on every rank when any rank has received a stop signal."""
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
         return bool(all_reduce_sum(flag).item() > 0)
+
+
+def ignore_stop_signals(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+    """Training is over: a late stop request has nothing left to stop. For entry points only.
+
+    A launcher may ask again for a stop it already got (train.sbatch resends USR1 until the
+    trainers exit), and at interpreter shutdown CPython puts every Python-level handler back to
+    SIG_DFL, whose action for SIGUSR1 is to kill: a finished run would end as "killed by signal
+    10". SIG_IGN is left alone by that shutdown. Not for library code, which must not change the
+    signal dispositions of a process it does not own.
+    """
+    for sig in signals:
+        with contextlib.suppress(ValueError):
+            signal.signal(sig, signal.SIG_IGN)

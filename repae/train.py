@@ -45,7 +45,7 @@ from common.distributed import DistEnv, all_reduce_mean, init_distributed
 from common.files import write_json_atomic
 from common.metrics import MetricsLogger
 from common.randomness import step_seed
-from common.signals import StopSignal
+from common.signals import StopSignal, ignore_stop_signals
 from common.vae_config import per_channel_stats
 from repae import checkpoint as rckpt
 from repae.config import ConfigError, RepaeConfig, load_repae_config, save_config
@@ -665,7 +665,9 @@ def run(trainer_cls, argv: list[str] | None, description: str) -> int:
     env = init_distributed(use_deepspeed=False)
     try:
         trainer = trainer_cls(cfg, env)
-        return trainer.fit()
+        status = trainer.fit()
+        ignore_stop_signals()
+        return status
     except ConfigError as err:
         print(f"error: {user_message(err)}", file=sys.stderr)
         return 2

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from fusedit.tools import sweep
 from tests.conftest import ROOT, TOY_CONFIG, tiny_train_overrides
 
 SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
+NODE_SH = ROOT / "scripts" / "slurm" / "node.sh"
 
 
 def _steps(run: Path) -> list[int]:
@@ -85,7 +88,7 @@ def test_launch_commands() -> None:
     node = " ".join(sweep.TrainJob(run, "/tmp", nproc_per_node=8).command())
     assert (
         "--nproc_per_node 8 --standalone" in node
-        and "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in node
+        and "--signals-to-handle SIGINT,SIGHUP,SIGQUIT" in node  # USR1/TERM go to the workers (_Launch)
     )
     multi = " ".join(sweep.TrainJob(run, "/tmp", nnodes=4, nproc_per_node=8).command(["gpu07", "gpu08"], "31337"))
     assert "--nnodes 4 --rdzv_id 31337 --rdzv_backend c10d --rdzv_endpoint gpu07:31337" in multi
@@ -102,7 +105,7 @@ def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path: Path, capsys: pyt
     for name in ("toy__lr=1e-3", "toy__lr=3e-4"):
         assert f"checkpoints  {out / name}" in text
         assert f"{out / name}/submitit/<job id>_0_log.out" in text
-    assert "--nnodes 2" in text and "--rdzv_backend c10d" in text and "SIGUSR1" in text
+    assert "--nnodes 2" in text and "--rdzv_backend c10d" in text and "--signals-to-handle" in text
     assert text.rstrip().endswith("dry run: nothing submitted")
     assert not out.exists()
 
@@ -145,16 +148,30 @@ def _stub(folder: Path, name: str, body: str) -> None:
 
 
 def _run_sbatch(tmp_path: Path, finish: bool) -> tuple[subprocess.CompletedProcess, str]:
-    """Run the batch script with stand-ins for srun, scontrol and torchrun; return its output and their log."""
+    """Run the batch script with stand-ins for srun, scontrol and torchrun; return its output and their log.
+
+    The stand-in torchrun starts one "worker" (python, which can catch USR1 although the real
+    node.sh starts torchrun with USR1 ignored) and waits for it, as the real one does.
+    """
     bin_dir, log, ready = tmp_path / "bin", tmp_path / "calls.log", tmp_path / "ready"
     bin_dir.mkdir()
+    (tmp_path / "scripts" / "slurm").mkdir(parents=True)
+    shutil.copy2(NODE_SH, tmp_path / "scripts" / "slurm" / "node.sh")
     _stub(bin_dir, "scontrol", f'[ "$1" = show ] && printf "gpu01\\ngpu02\\n" || echo "scontrol $*" >> {log}\n')
     _stub(bin_dir, "srun", f'echo "srun $*" >> {log}\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    worker = (
+        "import pathlib, signal, sys, time\n"
+        f"def stop(*_):\n    open({str(log)!r}, 'a').write('checkpointed\\n'); sys.exit(0)\n"
+        f"signal.signal(signal.SIGUSR1, stop); pathlib.Path({str(ready)!r}).touch()\n"
+        "while True: time.sleep(0.05)\n"
+    )
+    (tmp_path / "worker.py").write_text(worker)
     torchrun = f'echo "torchrun $*" >> {log}\n[ -n "$FINISH" ] && exit 0\n'
-    torchrun += f"trap 'echo checkpointed >> {log}; exit 0' USR1\ntouch {ready}\nwhile :; do sleep 0.05; done\n"
+    torchrun += f"{sys.executable} {tmp_path / 'worker.py'} &\nwait $!\n"
     _stub(bin_dir, "torchrun", torchrun)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NNODES="2")
     env.update(SLURM_JOB_NODELIST="gpu[01-02]", SLURM_SUBMIT_DIR=str(tmp_path), FINISH="1" if finish else "")
+    env.update(SLURM_GPUS_ON_NODE="8", TMPDIR=str(tmp_path))
     cmd = ["bash", str(SBATCH), "configs/x.yaml", "trainer.max_steps=9"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not finish:
@@ -170,11 +187,12 @@ def _run_sbatch(tmp_path: Path, finish: bool) -> tuple[subprocess.CompletedProce
 def test_sbatch_forwards_the_signal_then_requeues(tmp_path: Path) -> None:
     proc, calls = _run_sbatch(tmp_path, finish=False)
     assert proc.returncode == 0, proc.stdout
-    expected = "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_id 4242 --rdzv_backend c10d --rdzv_endpoint gpu01:29742"
-    assert expected in calls
+    expected = "torchrun --signals-to-handle SIGINT,SIGHUP,SIGQUIT --nnodes 2 --nproc_per_node 8 --rdzv_id 4242"
+    assert expected + " --rdzv_backend c10d --rdzv_endpoint gpu01:29742" in calls
     assert "train.py -c configs/x.yaml --deepspeed_config_path configs/deepspeed/zero2.json trainer.max_steps=9" in (
         calls
     )
+    assert "srun --overlap --nodes=2 --ntasks-per-node=1 scripts/slurm/node.sh --relay USR1" in calls
     assert calls.index("checkpointed") < calls.index("scontrol requeue 4242")
 
 

@@ -19,6 +19,7 @@ job then requeues itself and the new attempt resumes from ``<checkpoint_dir>/lat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -45,8 +46,10 @@ ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = ROOT / "train.py"
 # The sweep owns these: every run needs its own folder, and a requeued run must resume.
 OWNED_KEYS = ("trainer.run", "trainer.checkpoint_dir")
-# torchrun only forwards the signals it is told to; SIGUSR1 is the trainer's "checkpoint and stop".
-TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# torchrun treats every signal it handles as a death signal (it raises, kills its workers and exits 1
+# with a traceback), so it handles only these; the stop signals go to its workers (see _Launch).
+TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # Set by whoever launched *us*; inherited by train.py they would make concurrent runs share a port.
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
@@ -200,14 +203,16 @@ def parse_time(text: str) -> int:
 
 
 # ----------------------------------------------------------------------------------- the job
-def _child_preexec() -> Callable[[], None]:
+def _child_preexec(torchrun: bool) -> Callable[[], None]:
     """What the forked child does before exec'ing the training command (prepared in the parent).
 
-    Parent dies -> the child gets SIGTERM (the trainer then checkpoints), so a killed submitit
-    task never orphans a training run. submitit's own preemption signal (USR2 by default) is
-    ignored: SLURM delivers it to *every* process of the step, and its default action would kill
-    torchrun and the trainer before they could checkpoint. SIG_IGN survives exec, and the
-    trainer installs its own SIGUSR1/SIGTERM handlers. libc is looked up here, not after fork.
+    Parent dies -> the child gets a signal (SIGTERM: the trainer checkpoints; torchrun gets
+    SIGHUP, which it handles by tearing its workers down), so a killed submitit task never
+    orphans a training run. submitit's own preemption signal (USR2 by default) is ignored: SLURM
+    delivers it to *every* process of the step, and its default action would kill torchrun and
+    the trainer before they could checkpoint. torchrun also ignores SIGUSR1 and SIGTERM, which
+    _Launch hands to its workers instead. SIG_IGN survives exec, and the trainer installs its own
+    SIGUSR1/SIGTERM handlers. libc is looked up here, not after fork.
     """
     try:
         import ctypes
@@ -216,13 +221,14 @@ def _child_preexec() -> Callable[[], None]:
     except (OSError, AttributeError):
         prctl = None
     sig = _preempt_signal()
-    ignore = sig not in (signal.SIGUSR1, signal.SIGTERM)
+    ignore = {sig} - set(STOP_SIGNALS) | (set(STOP_SIGNALS) if torchrun else set())
+    death = signal.SIGHUP if torchrun else signal.SIGTERM
 
     def preexec() -> None:
         if prctl is not None:
-            prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-        if ignore:
-            signal.signal(sig, signal.SIG_IGN)
+            prctl(1, int(death))  # PR_SET_PDEATHSIG
+        for each in ignore:
+            signal.signal(each, signal.SIG_IGN)
 
     return preexec
 
@@ -244,7 +250,8 @@ class _Launch:
     def __init__(self, cmd: list[str], cwd: str) -> None:
         env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
         env.setdefault("PYTHONUNBUFFERED", "1")
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, preexec_fn=_child_preexec())
+        self.torchrun = "torch.distributed.run" in cmd
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, preexec_fn=_child_preexec(self.torchrun))
         self.returncode: int | None = None
         threading.Thread(target=self._reap, daemon=True).start()
 
@@ -259,11 +266,21 @@ class _Launch:
         return self.returncode
 
     def send(self, sig: int) -> None:
-        if self.returncode is None:
-            try:
+        """Signal the trainer: torchrun's workers for the stop signals (torchrun ignores them), all for SIGKILL."""
+        if self.returncode is not None:
+            return
+        targets = []
+        if self.torchrun and sig in (*STOP_SIGNALS, signal.SIGKILL):
+            import psutil
+
+            with contextlib.suppress(psutil.Error):
+                targets = psutil.Process(self.proc.pid).children()
+        for child in targets:
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(sig)
+        if sig not in STOP_SIGNALS or not self.torchrun:
+            with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
 
 
 def _read_latest(checkpoint_dir: str) -> str | None:
@@ -344,9 +361,9 @@ class TrainJob(Checkpointable):
     def checkpoint(self) -> DelayedSubmission:
         """Called by submitit on preemption/time-out: checkpoint the training, then requeue.
 
-        SIGUSR1 makes the trainer save at the end of the current step and exit 0 (torchrun
-        forwards it to every worker; the ranks agree on the stop step through an all-reduce,
-        so signalling one node is enough). Only then is it safe to hand submitit the next
+        SIGUSR1 makes the trainer save at its next logging step and exit 0 (on this node it goes
+        to torchrun's workers; the ranks agree on the stop step through an all-reduce, so
+        signalling one node is enough). Only then is it safe to hand submitit the next
         attempt: on SLURM ``scontrol requeue`` kills whatever is still running.
         """
         launch = self._launch

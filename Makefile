@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup demo repae study chromium test test-fast test-latest lock lint toy clean
+.PHONY: setup demo repae study chromium slurm test test-fast test-latest lock lint toy clean
 
 setup: $(STAMP)
 
@@ -70,7 +70,14 @@ chromium:
 		apt-get install -y -qq chromium) >/dev/null 2>&1 || \
 		echo "chromium not installed: tests/test_report.py will skip its browser check"
 
-test: $(STAMP) chromium
+# Debian's SLURM and munge for tests/test_slurm.py, which starts a real two-node cluster on this machine
+# (scripts/slurm/local_cluster.py). Never fatal: without apt or root those tests skip and say why.
+slurm:
+	@command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) \
+		>/dev/null 2>&1 || echo "slurm-wlm not installed: tests/test_slurm.py will skip"
+
+test: $(STAMP) chromium slurm
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)

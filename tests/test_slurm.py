@@ -113,12 +113,16 @@ class Job:
     def stops(self) -> list[str]:
         return re.findall(r"training stopped \(status (\d+)\) after SIG(\w+)", self.text())
 
-    def wait_stopped(self, n: int, timeout: float = 240) -> None:
-        """Wait for the n-th planned stop and the requeue, then let the job start again at once."""
+    def wait_stopped(self, n: int, timeout: float = 240, release: bool = True) -> None:
+        """Wait for the n-th stop and the requeue, then (``release``) let the job start again at once."""
         _wait(lambda: len(self.stops()) >= n and self.info().get("JobState") == "PENDING", timeout, f"stop {n}")
         # The killed batch script reports its end after the job shows PENDING; a job started before
         # that report would take it for its own end.
         _wait(lambda: not _step_daemons(self.id), 60, f"job {self.id}'s slurmstepd to exit")
+        if release:
+            self.release()
+
+    def release(self) -> None:
         time.sleep(2)  # the old credential is revoked by the second: a start in that second is refused
         self.cluster.run("scontrol", "update", f"jobid={self.id}", "StartTime=now")
 
@@ -224,11 +228,14 @@ def test_stop_signals_requeue_and_resume(cluster, reference: Path, quick_world: 
     periodic = (planned[-1] // CHECKPOINT_EVERY + 1) * CHECKPOINT_EVERY
     assert periodic < STEPS, f"stopped too late ({planned}) to test a kill after a periodic checkpoint"
     job.wait_running(3, 1)
-    _wait(lambda: job.step() >= periodic + 2 and (job.run / "latest").read_text().strip() == str(periodic),
-          120, f"checkpoint {periodic}")  # fmt: skip
+    latest = job.run / "latest"
+    _wait(lambda: int(latest.read_text()) >= periodic and job.step() >= periodic + 2, 120, f"checkpoint {periodic}")
     killed_at = job.step()
     job.scancel("--signal=TERM", "--full")
-    job.wait_stopped(4)
+    job.wait_stopped(4, release=False)
+    kept = int(latest.read_text())  # the last complete checkpoint when srun killed the step
+    assert kept % CHECKPOINT_EVERY == 0 and planned[-1] < kept < STEPS, (planned, kept)
+    job.release()
     assert job.wait_done() == "COMPLETED", job.text()[-3000:]
     print(f"[slurm] job with 3 planned stops and a kill at step {killed_at}: {time.monotonic() - job.t0:.0f}s")
 
@@ -237,9 +244,9 @@ def test_stop_signals_requeue_and_resume(cluster, reference: Path, quick_world: 
         assert f"job {job.id} start {attempt}:" in log  # SLURM_RESTART_COUNT
     assert job.info().get("Restarts") == "4"
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)]
-    assert resumed == [*planned, periodic], (planned, resumed)
+    assert resumed == [*planned, kept], (planned, resumed)
     assert job.stops()[3][1] == "TERM" and job.stops()[3][0] != "0"  # killed by srun, not a planned stop
-    assert _replayed(job.run) == list(range(periodic + 1, max(_replayed(job.run), default=0) + 1))
+    assert _replayed(job.run) == list(range(kept + 1, max(_replayed(job.run), default=kept) + 1))
     assert _losses(job.run) == _losses(reference)
     _assert_same_weights(job.run, reference)
 

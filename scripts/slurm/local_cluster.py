@@ -77,7 +77,8 @@ def missing() -> str | None:
     return None
 
 
-def _config(folder: Path, nodes: tuple[str, ...], cpus: int, mem_mb: int, port: int) -> str:
+def config_text(folder: Path, nodes: tuple[str, ...], cpus: int, mem_mb: int, port: int) -> str:
+    """slurm.conf for ``nodes`` on this host: every path the daemons write lies inside ``folder``."""
     host = socket.gethostname()
     first, last = port + 1, port + len(nodes)
     names = nodes[0] if len(nodes) == 1 else f"{nodes[0][:-1]}[1-{len(nodes)}]"
@@ -172,7 +173,7 @@ def up(
         (folder / sub).mkdir(parents=True, exist_ok=True)
     names = tuple(f"n{i + 1}" for i in range(nodes))
     cluster = Cluster(folder, names)
-    cluster.conf.write_text(_config(folder, names, cpus, mem_mb, port))
+    cluster.conf.write_text(config_text(folder, names, cpus, mem_mb, port))
     (folder / "cluster.json").write_text(json.dumps({"nodes": names}))
     _ensure_hosts(names)
     _ensure_munge(folder)

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import ROOT, TOY_CONFIG, launch, tiny_train_overrides
+from tests.test_zero2_equivalence import _weights
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess]
 
@@ -87,15 +87,20 @@ def _wait(ready: Callable[[], object], timeout: float, what: str, poll: float = 
 class Job:
     """One sbatch submission of scripts/slurm/train.sbatch and what can be read of it."""
 
-    def __init__(self, cluster, run: Path, world: Path, sbatch_args: tuple[str, ...] = ()) -> None:  # noqa: ANN001
-        self.cluster, self.run, self.log = cluster, run, run.parent / f"{run.name}.out"
+    def __init__(self, cluster, run: Path, log: Path, job_id: str) -> None:  # noqa: ANN001
+        self.cluster, self.run, self.log, self.id = cluster, run, log, job_id
+        self.t0 = time.monotonic()
+
+    @classmethod
+    def submit(cls, cluster, run: Path, world: Path, sbatch_args: tuple[str, ...] = ()) -> Job:  # noqa: ANN001
+        """sbatch the toy config on 2 nodes x 1 process; the log sits next to the run folder."""
+        log = run.parent / f"{run.name}.out"
         cmd = ["sbatch", "--parsable", "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1"]
-        cmd += ["--job-name", run.name, f"--output={self.log}", f"--error={self.log}", *sbatch_args]
+        cmd += ["--job-name", run.name, f"--output={log}", f"--error={log}", *sbatch_args]
         cmd += [str(SBATCH), str(TOY_CONFIG), *_overrides(world, run)]
         env = cluster.env({**os.environ, **JOB_ENV})
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=30)
-        self.id = out.stdout.strip().split(";")[0]
-        self.t0 = time.monotonic()
+        return cls(cluster, run, log, out.stdout.strip().split(";")[0])
 
     def info(self) -> dict[str, str]:
         out = self.cluster.run("scontrol", "-o", "show", "job", self.id).stdout
@@ -152,15 +157,9 @@ def _step_daemons(job_id: str) -> list[int]:
     return pids
 
 
-def _weights(run: Path, kind: str, step: int = STEPS) -> dict[str, torch.Tensor]:
-    from common.checkpoint import load_weights
-
-    return load_weights(run / str(step) / kind)
-
-
-def _assert_same_weights(run: Path, reference: Path) -> None:
+def _assert_same_weights(run: Path, reference: Path, step: int = STEPS) -> None:
     for kind in ("model", "ema"):
-        a, b = _weights(run, kind), _weights(reference, kind)
+        a, b = _weights(run, kind, step), _weights(reference, kind, step)
         assert a.keys() == b.keys()
         diff = max((a[k] - b[k]).abs().max().item() for k in a)
         assert diff == 0.0, f"{run.name} {kind} differs from {reference.name} by {diff:.3g}"
@@ -183,7 +182,7 @@ def _replayed(run: Path) -> list[int]:
 def reference(cluster, quick_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: ANN001
     """The uninterrupted 2-node sbatch run every other job must reproduce."""
     run = tmp_path_factory.mktemp("slurm-runs") / "reference"
-    job = Job(cluster, run, quick_world)
+    job = Job.submit(cluster, run, quick_world)
     assert job.wait_done() == "COMPLETED", job.text()[-3000:]
     print(f"[slurm] uninterrupted 2-node job: {time.monotonic() - job.t0:.0f}s")
     assert "training finished with status 0" in job.text()
@@ -213,7 +212,7 @@ def test_stop_signals_requeue_and_resume(cluster, reference: Path, quick_world: 
     hard limit send); srun answers that by SIGKILLing its step, so the job requeues and resumes
     from the last periodic checkpoint, replaying the steps after it. Attempt 4 runs to the end.
     """
-    job = Job(cluster, reference.parent / "preempted", quick_world, ("--time=2", "--signal=B:USR1@100"))
+    job = Job.submit(cluster, reference.parent / "preempted", quick_world, ("--time=2", "--signal=B:USR1@100"))
     job.wait_stopped(1)
     cluster.run("scontrol", "update", f"jobid={job.id}", "TimeLimit=UNLIMITED")
     for attempt, sig in ((1, "USR1"), (2, "TERM")):
@@ -268,7 +267,7 @@ def test_dead_node_ends_the_job_and_resubmit_resumes(cluster, reference: Path, q
     """SIGKILL of node 2's trainer: the job fails within a bound, the last checkpoint verifies, and
     the same submission again resumes from it and ends with the uninterrupted weights."""
     run = reference.parent / "dead-node"
-    job = Job(cluster, run, quick_world)
+    job = Job.submit(cluster, run, quick_world)
     _wait(lambda: (run / "latest").is_file() and job.step() >= CHECKPOINT_EVERY + 3, 240, "a first checkpoint")
     pids = _worker_pids("n2")
     assert len(pids) == 1, pids
@@ -287,7 +286,7 @@ def test_dead_node_ends_the_job_and_resubmit_resumes(cluster, reference: Path, q
         timeout=120,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    again = Job(cluster, run, quick_world)
+    again = Job.submit(cluster, run, quick_world)
     assert again.wait_done() == "COMPLETED", again.text()[-3000:]
     assert f"resumed from {run / latest} at step {latest}" in again.text()
     assert _losses(run) == _losses(reference)
@@ -340,14 +339,12 @@ def test_submitit_sweep_on_the_cluster_equals_the_local_executor(
     t_local = time.monotonic() - t0
     submitted = sweep_with("slurm")
     (run_a, job_a), (run_b, job_b) = submitted
-    a = Job.__new__(Job)  # the reading helpers of Job, on submitit's job
-    a.cluster, a.run, a.id, a.log = cluster, Path(run_a.checkpoint_dir), job_a.job_id, job_a.paths.stdout
+    a = Job(cluster, Path(run_a.checkpoint_dir), job_a.paths.stdout, job_a.job_id)  # submitit's job, read as ours
     _wait(lambda: a.step() >= 3, 240, "run a to train")
     a.scancel(f"--signal={sweep._preempt_signal().name.removeprefix('SIG')}")
     _wait(lambda: "requeueing; next attempt resumes from step" in a.text(), 120, "run a's checkpoint")
     _wait(lambda: a.info().get("JobState") == "PENDING" and not _step_daemons(a.id), 120, "run a's requeue")
-    time.sleep(2)  # see Job.wait_stopped
-    cluster.run("scontrol", "update", f"jobid={a.id}", "StartTime=now")
+    a.release()
     results = [job.result() for _, job in submitted]
     print(f"[slurm] submitit sweep: local {t_local:.0f}s, SLURM with a requeue {time.monotonic() - t0 - t_local:.0f}s")
 
@@ -359,6 +356,4 @@ def test_submitit_sweep_on_the_cluster_equals_the_local_executor(
     for run in (run_a, run_b):
         slurm_run, local_run = Path(run.checkpoint_dir), tmp_path / "local" / Path(run.checkpoint_dir).name
         assert _losses(slurm_run) == _losses(local_run)
-        for kind in ("model", "ema"):
-            a_w, b_w = _weights(slurm_run, kind, SWEEP_STEPS), _weights(local_run, kind, SWEEP_STEPS)
-            assert all(torch.equal(a_w[k], b_w[k]) for k in a_w), f"{run.name} {kind}"
+        _assert_same_weights(slurm_run, local_run, SWEEP_STEPS)

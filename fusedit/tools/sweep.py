@@ -269,18 +269,26 @@ class _Launch:
         """Signal the trainer: torchrun's workers for the stop signals (torchrun ignores them), all for SIGKILL."""
         if self.returncode is not None:
             return
-        targets = []
         if self.torchrun and sig in (*STOP_SIGNALS, signal.SIGKILL):
-            import psutil
+            _signal_children(self.proc.pid, sig)
+            if sig != signal.SIGKILL:
+                return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
 
-            with contextlib.suppress(psutil.Error):
-                targets = psutil.Process(self.proc.pid).children()
-        for child in targets:
-            with contextlib.suppress(psutil.Error):
-                child.send_signal(sig)
-        if sig not in STOP_SIGNALS or not self.torchrun:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
+
+def _signal_children(pid: int, sig: int) -> list[int]:
+    """Send ``sig`` to the direct children of ``pid``; return their pids."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.Error:
+        return []
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.send_signal(sig)
+    return [c.pid for c in children]
 
 
 def _read_latest(checkpoint_dir: str) -> str | None:
@@ -461,13 +469,7 @@ def preempt_local_job(job: Any) -> list[int]:
     controller itself only signals its tasks when their time runs out. The tasks are the
     controller's children, so signal those.
     """
-    import psutil
-
-    sig = _preempt_signal()
-    tasks = psutil.Process(int(job.job_id)).children()
-    for task in tasks:
-        task.send_signal(sig)
-    return [t.pid for t in tasks]
+    return _signal_children(int(job.job_id), _preempt_signal())
 
 
 # ------------------------------------------------------------------------------------- output

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -38,7 +37,7 @@ HOSTS_FILE = Path("/etc/hosts")
 HOSTS_MARK = "# fusedit local SLURM cluster"
 # Short enough that a test of a dying node ends in seconds, long enough for a loaded 2-core machine.
 # KillWait: SIGTERM -> SIGKILL grace of a cancelled or timed-out step; see README "Scaling out".
-TIMING = {"KillWait": 10, "MessageTimeout": 20, "SlurmdTimeout": 30, "InactiveLimit": 0, "MinJobAge": 300}
+TIMING = {"KillWait": 10, "MessageTimeout": 20, "SlurmdTimeout": 30}
 
 
 class ClusterError(RuntimeError):
@@ -174,7 +173,6 @@ def up(
     names = tuple(f"n{i + 1}" for i in range(nodes))
     cluster = Cluster(folder, names)
     cluster.conf.write_text(config_text(folder, names, cpus, mem_mb, port))
-    (folder / "cluster.json").write_text(json.dumps({"nodes": names}))
     _ensure_hosts(names)
     _ensure_munge(folder)
     env = cluster.env()

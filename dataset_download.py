@@ -186,6 +186,9 @@ def build_toy(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.toy:
+        from common import numerics
+
+        numerics.pin_process()  # one toy world on every x86-64 CPU (E2E_UNPINNED=1 opts out)
         return build_toy(args)
     return download(args.repos, args.output_dir, args.dry_run)
 

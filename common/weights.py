@@ -93,3 +93,26 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def safetensors_digest(folder: str | os.PathLike) -> str:
+    """SHA-256 of every tensor in a folder's ``*.safetensors`` files, bit-exact (names, dtypes, shapes, bytes).
+
+    Unlike :func:`weights_fingerprint` nothing is rounded: two builds agree only if every weight has
+    the same bits. The file bytes are not hashed, so a safetensors release that writes its header
+    differently does not change the digest. What ``world.json`` records per trained part and what
+    ``tests/test_numerics.py`` compares across machines.
+    """
+    import hashlib
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in sorted(f.keys()):
+                tensor = f.get_tensor(name).contiguous()
+                h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+                h.update(tensor.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

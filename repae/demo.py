@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from common import numerics
 from common.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny world and budgets (tests)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for configs/repae/toy.yaml")
     args = parser.parse_args(argv)
+    numerics.pin_process()  # the encoder build, tuning and comparison on the pinned numeric path
     from repae.export import export_e2e_vae
 
     toy, run = args.toy.resolve(), args.run.resolve()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import numerics
 from common.files import write_json_atomic
 from toyworld.labels import toy_label
 from toyworld.world import ATTRIBUTES as TOY_ATTRIBUTES
@@ -280,9 +281,11 @@ def build_toy_encoder(
     train_images, val_images = torch.from_numpy(train_images), torch.from_numpy(val_images)
     resolution = int(train_images.shape[-1])
     _say(progress, f"training the REPA encoder for {steps} steps on {len(train_images)} images")
-    model, heads, stats = train_toy_encoder(
-        train_images, train_attributes, steps=steps, seed=seed, vit=vit, progress=progress
-    )
+    with numerics.pinned_threads():
+        model, heads, stats = train_toy_encoder(
+            train_images, train_attributes, steps=steps, seed=seed, vit=vit, progress=progress
+        )
+        path = numerics.numeric_path()
     out.mkdir(parents=True, exist_ok=True)
     save_file(_cpu_state(model), str(out / "model.safetensors"))
     save_file(_cpu_state(heads), str(out / HEADS_NAME))
@@ -298,6 +301,7 @@ def build_toy_encoder(
         "embed_dim": encoder.embed_dim,
         "val": evaluate_toy_encoder(encoder, heads, val_images, val_attributes),
         "build_seconds": round(time.perf_counter() - start, 2),
+        "numerics": path,
     }
     gates = [Gate("repae_encoder", f"val.accuracy.{name}", ACCURACY_GATE[kind]) for name in TOY_ATTRIBUTES]
     report["gates"] = evaluate_gates(gates, report)
@@ -314,7 +318,9 @@ def _record_in_world(world: Path, report: dict[str, Any]) -> None:
     if not path.is_file():
         return
     record = json.loads(path.read_text())
-    record["repae_encoder"] = {k: report[k] for k in ("steps", "batch_size", "seed", "quick", "val", "gates")}
+    record["repae_encoder"] = {
+        k: report[k] for k in ("steps", "batch_size", "seed", "quick", "val", "gates", "numerics")
+    }
     write_json_atomic(path, record, sort_keys=False)
 
 

@@ -15,6 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TOY_CONFIG = ROOT / "configs" / "e2e-vae" / "toy.yaml"
 
+# The suite computes on the project's pinned numeric path (common/numerics.py), set before anything
+# imports torch: the session's quick world then has the same weights on every x86-64 CPU with AVX2
+# (tests/test_numerics.py checks them against committed digests), and so do the tests built on it.
+from common import numerics  # noqa: E402  (imports no torch)
+
+numerics.pin_environment_in_place(os.environ)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import numerics
 from common.files import write_json_atomic
+from common.weights import safetensors_digest
 from toyworld.text_encoder import build_tokenizer, train_text_encoder
 from toyworld.training import Gate, check_gates, evaluate_gates, library_versions, torch_threads
 from toyworld.vae import VAE_LR, calibrate_vae, train_vae, vae_psnr
@@ -38,8 +40,25 @@ from toyworld.world import (
 # The whole build
 # --------------------------------------------------------------------------------------------
 # Everything a build writes; a rebuild clears it all, including what `python -m repae.demo` derived
-# from the previous world's VAE (its alignment encoder and the exported E2E-VAE).
-_OWNED = ("world.json", "attributes.jsonl", "shards", "prompts", "text_encoder", "vae", "scorer", "repae", "e2e-vae")
+# from the previous world's VAE (its alignment encoder and the exported E2E-VAE) and the demo's encoder caches.
+_OWNED = (
+    "world.json",
+    "attributes.jsonl",
+    "shards",
+    "prompts",
+    "text_encoder",
+    "vae",
+    "scorer",
+    "repae",
+    "e2e-vae",
+    "latents",  # the demo's caches of this world's encoders (fusedit.tools.demo)
+    "text-features",
+)
+
+
+# The folders whose weights the build trains or initialises; world.json records a bit-exact digest of
+# each (``weights_sha256``), the same on every machine on the pinned numeric path.
+TRAINED_PARTS = ("text_encoder", "vae", "scorer")
 
 
 QUICK = {"num_train": 512, "num_val": 96, "samples_per_shard": 128, "lm": 60}
@@ -76,11 +95,17 @@ def quality_gates(quick: bool) -> list[Gate]:
     return gates
 
 
-def _request(
+def build_request(
     seed: int, resolution: int, num_train: int, num_val: int, per_shard: int, steps: dict[str, int], quick: bool
 ) -> dict:
-    """What a build was asked for; a world is reused only for an identical request."""
+    """What a build was asked for; a world is reused only for an identical request.
+
+    ``numerics`` says whether the build runs on the pinned numeric path (:mod:`common.numerics`):
+    a world built with the machine's own kernels (``E2E_UNPINNED=1``) is never reused as the
+    pinned one, nor the other way round.
+    """
     return {
+        "numerics": "unpinned" if numerics.opted_out() else "pinned",
         "seed": seed,
         "resolution": resolution,
         "num_train": num_train,
@@ -156,7 +181,7 @@ def build_toy_world(
         "text_encoder": text_encoder_steps,
     }
     out = Path(out_dir)
-    request = _request(seed, resolution, num_train, num_val, samples_per_shard, steps, quick)
+    request = build_request(seed, resolution, num_train, num_val, samples_per_shard, steps, quick)
     existing = None if force else existing_world(out, request)
     if existing is not None:
         _say(progress, f"reusing the toy world in {out} (same request; pass force/--force to rebuild)")
@@ -167,7 +192,8 @@ def build_toy_world(
     out.mkdir(parents=True, exist_ok=True)
     _say(progress, f"building the toy world in {out} (seed {seed}, {resolution}px, quick={quick}, steps {steps})")
     clock = _Laps()
-    with _hf_progress_bars(progress):
+    with _hf_progress_bars(progress), numerics.pinned_threads():
+        _say_numerics(progress)
         data = write_toy_data(
             out,
             seed=seed,
@@ -185,7 +211,10 @@ def build_toy_world(
         clock.lap("vae")
         scorer_report = _build_scorer(out, train, val, vae, vae_report, seed, steps["scorer"], quick, progress)
         clock.lap("scorer")
+        path = numerics.numeric_path()
     world = _summary(request, data, text, vae, vae_report, scorer_report, clock)
+    world["numerics"] = path
+    world["weights_sha256"] = {part: safetensors_digest(out / part) for part in TRAINED_PARTS}
     gates = quality_gates(quick)
     world["gates"] = evaluate_gates([g for g in gates if g.part == "vae"], world["vae"]) + evaluate_gates(
         [g for g in gates if g.part == "scorer"], world["scorer"]
@@ -197,6 +226,15 @@ def build_toy_world(
     write_json_atomic(out / "world.json", world, sort_keys=False)
     _say(progress, f"toy world ready in {world['build_seconds']:.0f}s, all {len(gates)} quality gates passed: {out}")
     return {**world, "reused": False}
+
+
+def _say_numerics(progress: bool) -> None:
+    """One line on the numeric path, and a warning when the world will not match other machines'."""
+    path = numerics.numeric_path()
+    if path["pinned"]:
+        _say(progress, f"numeric path: pinned (the same weights on every x86-64 CPU with AVX2; {path['cpu_model']})")
+    else:
+        _say(progress, f"numeric path: UNPINNED ({path['why']}): this world may differ from other machines'")
 
 
 @dataclass

@@ -137,6 +137,31 @@ def _mkl_cbwr() -> int | None:
     return int(get(-1))
 
 
+def process_pinned() -> bool:
+    """Whether this process computes on the pinned path, thread count aside (builds set that themselves)."""
+    return not _problems(check_threads=False)
+
+
+def _problems(check_threads: bool = True) -> list[str]:
+    """What keeps this process off the pinned path (empty: on it)."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    mkl = _mkl_cbwr()
+    problems = []
+    if opted_out():
+        problems.append(f"{OPT_OUT}=1 (the user opted out)")
+    elif not _env_is_pinned(os.environ):
+        problems.append("the process was not started on the pinned path (numerics.pin_process)")
+    if capability != "AVX2":
+        problems.append(f"ATen CPU capability is {capability}, not AVX2")
+    if mkl is not None and mkl != _MKL_COMPATIBLE_STRICT:
+        problems.append(f"MKL CNR mode is {mkl:#x}, not COMPATIBLE,STRICT")
+    if check_threads and torch.get_num_threads() != PINNED_THREADS:
+        problems.append(f"torch runs {torch.get_num_threads()} threads, not {PINNED_THREADS}")
+    return problems
+
+
 def numeric_path() -> dict[str, Any]:
     """Which numeric path this process computes on, as recorded in world.json and scores.json.
 
@@ -150,17 +175,7 @@ def numeric_path() -> dict[str, Any]:
 
     capability = torch.backends.cpu.get_cpu_capability()
     mkl = _mkl_cbwr()
-    problems = []
-    if opted_out():
-        problems.append(f"{OPT_OUT}=1 (the user opted out)")
-    elif not _env_is_pinned(os.environ):
-        problems.append("the process was not started on the pinned path (numerics.pin_process)")
-    if capability != "AVX2":
-        problems.append(f"ATen CPU capability is {capability}, not AVX2")
-    if mkl is not None and mkl != _MKL_COMPATIBLE_STRICT:
-        problems.append(f"MKL CNR mode is {mkl:#x}, not COMPATIBLE,STRICT")
-    if torch.get_num_threads() != PINNED_THREADS:
-        problems.append(f"torch runs {torch.get_num_threads()} threads, not {PINNED_THREADS}")
+    problems = _problems()
     return {
         "pinned": not problems,
         "why": "; ".join(problems) or "every pin in effect",

@@ -15,12 +15,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TOY_CONFIG = ROOT / "configs" / "e2e-vae" / "toy.yaml"
 
-# The suite computes on the project's pinned numeric path (common/numerics.py), set before anything
-# imports torch: the session's quick world then has the same weights on every x86-64 CPU with AVX2
-# (tests/test_numerics.py checks them against committed digests), and so do the tests built on it.
-from common import numerics  # noqa: E402  (imports no torch)
-
-numerics.pin_environment_in_place(os.environ)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,11 +22,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def quick_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small toy world (few hundred images, briefly trained VAE) built once for the session."""
-    from toyworld.build import build_toy_world
+    """A small toy world (few hundred images, briefly trained VAE) built once for the session.
 
+    Built as a user builds it, ``dataset_download.py --toy DIR --quick``, which puts itself on the
+    pinned numeric path (common/numerics.py): the world then has the same weights on every x86-64
+    CPU with AVX2 (tests/test_numerics.py checks them against committed digests), while the tests
+    themselves run on the machine's own, faster kernels.
+    """
     out = tmp_path_factory.mktemp("toy") / "world"
-    build_toy_world(out, seed=0, quick=True, progress=False)
+    cmd = [sys.executable, str(ROOT / "dataset_download.py"), "--toy", str(out), "--quick", "--quiet"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"quick world build failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return out
 
 

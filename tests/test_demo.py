@@ -51,5 +51,33 @@ def test_demo_quick_runs_end_to_end(quick_world: Path, tmp_path: Path) -> None:
     assert [row["scale"] for row in selection["grid"]] == list(demo.GUIDANCE_GRID)
     assert set(scores["goals"]["rows"]) == set(demo.GOALS)
     assert scores["versions"]["torch"] and scores["threads"] >= 1
+    # training and scoring on the pinned numeric path (the demo pins itself whatever it inherits),
+    # on the world's encoder caches
+    assert scores["numerics"]["threads"] == 2 and scores["numerics"]["env"]["MKL_CBWR"] == "COMPATIBLE,STRICT"
+    assert scores["world_numerics"]["pinned"] == scores["numerics"]["pinned"]
+    assert (quick_world / demo.LATENT_CACHE / "cache.json").is_file()
+    assert (quick_world / demo.TEXT_CACHE / "cache.json").is_file()
     assert (run / "heldout_grid.png").stat().st_size > 0
     assert (run / "latest").read_text().strip() == "6"
+
+
+def _missed(world_pinned: bool) -> dict:
+    return {
+        "guidance_scale": 1.5,
+        "world_numerics": {"pinned": world_pinned, "why": "E2E_UNPINNED=1 (the user opted out)", "cpu_model": "X"},
+        "goals": {
+            "met": False,
+            "rows": {
+                "color": {"goal": 0.9, "low": 0.8803, "met": False},
+                "shape": {"goal": 0.6, "low": 0.7, "met": True},
+            },
+        },
+    }
+
+
+def test_a_missed_goal_ends_in_a_verdict_naming_goal_shortfall_world_and_what_to_try() -> None:
+    text = demo.verdict(_missed(world_pinned=False))
+    assert "UNPINNED (E2E_UNPINNED=1" in text and "CFG 1.5" in text
+    assert "color: lower bound 0.880 < goal 0.90 (short by 0.020)" in text and "shape:" not in text
+    assert "unset E2E_UNPINNED" in text and "--seed 1" in text
+    assert "unset E2E_UNPINNED" not in demo.verdict(_missed(world_pinned=True))

@@ -101,11 +101,11 @@ def build_request(
     """What a build was asked for; a world is reused only for an identical request.
 
     ``numerics`` says whether the build runs on the pinned numeric path (:mod:`common.numerics`):
-    a world built with the machine's own kernels (``E2E_UNPINNED=1``) is never reused as the
-    pinned one, nor the other way round.
+    a world built with the machine's own kernels (``E2E_UNPINNED=1``, or a library call from an
+    unpinned process) is never reused as the pinned one, nor the other way round.
     """
     return {
-        "numerics": "unpinned" if numerics.opted_out() else "pinned",
+        "numerics": "pinned" if numerics.process_pinned() else "unpinned",
         "seed": seed,
         "resolution": resolution,
         "num_train": num_train,

@@ -40,7 +40,7 @@ import contextlib
 import ctypes
 import os
 import sys
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +118,6 @@ def pin_process(argv: list[str] | None = None) -> None:
     os.execve(sys.executable, args, pinned_environment())
 
 
-def pin_environment_in_place(env: MutableMapping[str, str]) -> None:
-    """Set the pins in ``env`` (e.g. ``os.environ`` before torch is imported, as the tests do)."""
-    if not opted_out(env):
-        env.update(PINNED_ENV)
-
-
 def _mkl_cbwr() -> int | None:
     """MKL's active CNR mode, read from the MKL linked into torch (None where it cannot be read)."""
     import torch
@@ -142,12 +136,12 @@ def process_pinned() -> bool:
     return not _problems(check_threads=False)
 
 
-def _problems(check_threads: bool = True) -> list[str]:
-    """What keeps this process off the pinned path (empty: on it)."""
+def _problems(check_threads: bool = True, capability: str | None = None, mkl: int | None = None) -> list[str]:
+    """What keeps this process off the pinned path (empty: on it); ``capability``/``mkl`` if already read."""
     import torch
 
-    capability = torch.backends.cpu.get_cpu_capability()
-    mkl = _mkl_cbwr()
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    mkl = _mkl_cbwr() if mkl is None else mkl
     problems = []
     if opted_out():
         problems.append(f"{OPT_OUT}=1 (the user opted out)")
@@ -175,7 +169,7 @@ def numeric_path() -> dict[str, Any]:
 
     capability = torch.backends.cpu.get_cpu_capability()
     mkl = _mkl_cbwr()
-    problems = _problems()
+    problems = _problems(capability=capability, mkl=mkl)
     return {
         "pinned": not problems,
         "why": "; ".join(problems) or "every pin in effect",

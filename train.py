@@ -66,14 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from common.config import ConfigError, user_message
+    from common.config import ConfigError
+    from common.lifecycle import error_exit
     from fusedit.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(str(err))
     if args.dry_run:
         return dry_run(args, cfg)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -81,29 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
     )
-    from common.checkpoint import CheckpointSaveError
     from common.distributed import cleanup
-    from common.signals import ignore_stop_signals
+    from common.lifecycle import run_entry
     from fusedit.train.trainer import Trainer
 
-    try:
-        trainer = Trainer(cfg, deepspeed_config_path=args.deepspeed_config_path)
-        last = trainer.train()
-        ignore_stop_signals()
-    except ConfigError as err:
-        print(f"error: {user_message(err)}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:  # the non-finite guard: the last checkpoint is intact
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    except CheckpointSaveError as err:  # e.g. a full disk: nothing published, the last checkpoint is intact
-        print(f"error: {err}", file=sys.stderr)
-        return 4
-    finally:
-        cleanup()
-    if rank == 0 and last:
-        print("final: " + " ".join(f"{k}={v:.6g}" for k, v in last.items() if isinstance(v, (int, float))))
-    return 0
+    def body() -> None:
+        last = Trainer(cfg, deepspeed_config_path=args.deepspeed_config_path).train()
+        if rank == 0 and last:
+            print("final: " + " ".join(f"{k}={v:.6g}" for k, v in last.items() if isinstance(v, (int, float))))
+
+    return run_entry(body, cleanup)
 
 
 def dry_run(args: argparse.Namespace, cfg: TrainConfig) -> int:

@@ -48,6 +48,7 @@ and ``latest`` still names the previous tag.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import logging
@@ -62,7 +63,8 @@ from safetensors.torch import load_file, save_file
 
 from common.config import ConfigError
 from common.files import write_json_atomic, write_text_atomic
-from common.manifest import MANIFEST, FolderCheck, ManifestBuilder, add_to_manifest, check_folder
+from common.manifest import MANIFEST, FolderCheck, ManifestBuilder, check_folder
+from common.ownership import FolderOwnership, watch_launcher
 
 log = logging.getLogger("common.checkpoint")
 
@@ -111,12 +113,12 @@ def publish(run_dir: Path, step: int) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     write_text_atomic(run_dir / "latest", f"{step}\n")
     return dst
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -166,6 +168,50 @@ def read_latest(run_dir: Path) -> int | None:
     if not text.isdigit() or not step_dir(run_dir, int(text)).is_dir():
         raise RuntimeError(f"{f}: names tag {text!r}, which is not a complete checkpoint folder")
     return int(text)
+
+
+class CheckpointNotFound(ConfigError, FileNotFoundError):
+    """A run folder, its ``latest`` or a tag that does not exist: a user error (one line, exit 2).
+
+    ``reason`` is the message without the location, for callers that name the place their own way.
+    """
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason
+
+
+def checkpoint_folder(run_dir: Path, tag: str | int = "latest", needs: str | None = None, flag: str = "") -> Path:
+    """The folder of one complete checkpoint of a run: the one reader every loader goes through.
+
+    ``tag`` is ``latest`` or a step number; ``needs`` is a file or folder the caller's kind of
+    checkpoint must contain (``sit_config.json`` for REPA-E, ``ema`` for the T2I stage), so a run of
+    the other stage, or half a folder, is named as such rather than failing later on a missing
+    file. ``flag`` (e.g. ``--checkpoint``) prefixes the message with what the user typed. Raises
+    :class:`CheckpointNotFound`. Contents are checked against the manifest by the loaders
+    (:func:`verify_files`), which know which files they read.
+    """
+    run_dir = Path(run_dir)
+    where = f"{flag} {run_dir}" if flag else str(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointNotFound(where, "no such run folder")
+    if str(tag) == "latest":
+        try:
+            step = read_latest(run_dir)
+        except RuntimeError as err:
+            raise CheckpointNotFound(str(run_dir / "latest"), str(err).split(": ", 1)[-1]) from None
+        if step is None:
+            raise CheckpointNotFound(where, "no 'latest' file, so no complete checkpoint")
+    elif str(tag).isdigit():
+        step = int(tag)
+    else:
+        raise CheckpointNotFound(where, f"tag {tag!r}: expected 'latest' or a step number")
+    folder = step_dir(run_dir, step)
+    if not folder.is_dir():
+        raise CheckpointNotFound(where, f"no checkpoint folder {folder}")
+    if needs is not None and not (folder / needs).exists():
+        raise CheckpointNotFound(str(folder), f"not a checkpoint of this kind (no {needs}): a run of the other stage?")
+    return folder
 
 
 class CheckpointDamaged(RuntimeError):
@@ -295,66 +341,6 @@ def resolve_resume(run_dir: Path, resume_from: str | None, verify: bool = True) 
     return step
 
 
-UNIVERSAL_TAG = "deepspeed_universal"
-ENGINE_TAG = "deepspeed"
-
-
-def write_engine_latest(step_folder: Path, tag: str = ENGINE_TAG) -> Path:
-    """``<step>/latest`` naming the engine subfolder, as DeepSpeed's own ``save_latest`` writes it.
-
-    The trainer saves with ``save_latest=False`` (the run-level ``latest`` is ours); this file
-    lets DeepSpeed's tools read ``<step>/`` with their defaults, e.g.
-    ``python -m deepspeed.utils.zero_to_fp32 <step> <out>`` (no ``-t deepspeed``).
-    """
-    return write_text_atomic(Path(step_folder) / "latest", tag)
-
-
-def ensure_universal(step_folder: Path, workers: int = 2) -> Path:
-    """DeepSpeed's *universal* form of ``step_folder/deepspeed`` (rank 0 only), made once.
-
-    ZeRO-1/2 optimizer shards are cut for the world size that wrote them, and DeepSpeed refuses to
-    load them at another one. Its ``ds_to_universal`` converter re-assembles every parameter's fp32
-    master weight and Adam moments (``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt``), which an
-    engine started with ``checkpoint.load_universal`` re-partitions for any world size. The result
-    goes to a hidden partial folder and is renamed into place, so a kill mid-conversion leaves the
-    checkpoint as it was.
-    """
-    import argparse
-
-    from deepspeed.checkpoint import ds_to_universal
-
-    out = Path(step_folder) / UNIVERSAL_TAG
-    if out.is_dir():
-        return out
-    partial = Path(step_folder) / f".{UNIVERSAL_TAG}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    args = argparse.Namespace(
-        input_folder=str(Path(step_folder) / "deepspeed"),
-        output_folder=str(partial),
-        num_extract_workers=workers,
-        num_merge_workers=workers,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,  # checkpoints written before the trainer recorded the universal info
-    )
-    ds_to_universal.main(args)
-    os.replace(partial, out)
-    _fsync_dir(Path(step_folder))
-    add_to_manifest(Path(step_folder), UNIVERSAL_TAG)  # the tag's manifest vouches for it too
-    return out
-
-
-def universal_checkpoint_info() -> dict[str, Any]:
-    """The client state DeepSpeed's converter asks for (written with every save)."""
-    from deepspeed.checkpoint.constants import (
-        UNIVERSAL_CHECKPOINT_INFO,
-        UNIVERSAL_CHECKPOINT_VERSION_KEY,
-        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-    )
-
-    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-
-
 # --------------------------------------------------------------------------------------------
 # The save / publish / prune / resume sequence, for every trainer
 # --------------------------------------------------------------------------------------------
@@ -434,6 +420,19 @@ class CheckpointWriter:
         self.gather = gather or gather_objects
         self.manifest, self.hash_workers = manifest, hash_workers
         self._builder: ManifestBuilder | None = None
+        self.ownership: FolderOwnership | None = None
+
+    def claim(self) -> None:
+        """Collective: make this launch the run folder's one writer (common.ownership), before it reads or writes.
+
+        Raises :class:`common.ownership.RunFolderBusy` on every rank when a live trainer holds the
+        folder. The claim is let go at interpreter exit (after a crash too; after ``kill -9`` the
+        next trainer finds the owner gone). Every rank also starts watching its launcher.
+        """
+        self.ownership = FolderOwnership(self.run_dir, self.is_main)
+        self.ownership.acquire()
+        atexit.register(self.ownership.release)
+        watch_launcher()
 
     def folder(self, step: int) -> Path:
         return step_dir(self.run_dir, step)
@@ -446,6 +445,8 @@ class CheckpointWriter:
         write_main: Any,
         write_all: Any = None,
     ) -> Path:
+        if self.ownership is not None:
+            self.ownership.check()  # taken over while this trainer was thought dead: write nothing
         partial = partial_dir(self.run_dir, step)
 
         def prepare() -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from common.argtypes import finite_float, positive_int
 from common.files import write_text_atomic, write_with
 from common.images import quantise
 
@@ -330,16 +331,16 @@ def build_parser(bench: Benchmark) -> argparse.ArgumentParser:
     p.add_argument("--vae_subfolder", default=None, help="subfolder of --vae (default: the folder itself)")
     flag = bench.prompts_flag
     p.add_argument(flag, dest="prompts", metavar="FILE", default=str(bench.default_prompts), help=_format_help(bench))
-    p.add_argument("--resolution", type=int, default=None, help="image side in px (default: the run's gen.H)")
-    p.add_argument("--num_inference_steps", type=int, default=25, help="Euler steps")
-    p.add_argument("--guidance_scale", type=float, default=6.0, help="classifier-free guidance (1 = off)")
-    p.add_argument("--batch_size", type=int, default=bench.default_batch_size, help="images per forward pass")
+    p.add_argument("--resolution", type=positive_int, default=None, help="image side in px (default: the run's gen.H)")
+    p.add_argument("--num_inference_steps", type=positive_int, default=25, help="Euler steps")
+    p.add_argument("--guidance_scale", type=finite_float, default=6.0, help="classifier-free guidance (1 = off)")
+    p.add_argument("--batch_size", type=positive_int, default=bench.default_batch_size, help="images per forward pass")
     p.add_argument("--save_dir", default=None, help="output folder (default: <checkpoint>/eval/<benchmark>_<settings>)")
     p.add_argument("--ema_weights", action=argparse.BooleanOptionalAction, default=True, help="EMA or raw weights")
     p.add_argument("--seed", type=int, default=42, help="base seed; image k of prompt i uses (seed, i, k)")
-    p.add_argument("--num_samples", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--num_samples", type=positive_int, default=None, help="use only the first N prompts")
     if bench.fixed_images_per_prompt is None:
-        p.add_argument("--n_samples", type=int, default=4, help="images per prompt")
+        p.add_argument("--n_samples", type=positive_int, default=4, help="images per prompt")
     return p
 
 
@@ -384,7 +385,7 @@ def export_info(folder: Path) -> dict[str, Any] | None:
 
 def resolve_step(run_dir: Path, tag: str) -> int:
     """The step to sample: from ``--tag`` for a run, from the export's record for a pipeline folder."""
-    from common.checkpoint import read_latest
+    from common.checkpoint import CheckpointNotFound, checkpoint_folder
 
     info = export_info(run_dir)
     if info is not None:
@@ -392,17 +393,10 @@ def resolve_step(run_dir: Path, tag: str) -> int:
         if str(tag) not in ("latest", str(step)):
             raise SamplingError(f"--tag {tag}: {run_dir} is an exported pipeline of step {step}")
         return step
-    if str(tag) != "latest":
-        if not str(tag).isdigit() or not (run_dir / str(tag)).is_dir():
-            raise SamplingError(f"{run_dir}: no checkpoint folder for --tag {tag!r}")
-        return int(tag)
     try:
-        step = read_latest(run_dir)
-    except RuntimeError as err:
-        raise SamplingError(str(err)) from err
-    if step is None:
-        raise SamplingError(f"{run_dir}: no 'latest' file; is --checkpoint a training run folder?")
-    return step
+        return int(checkpoint_folder(run_dir, tag, needs="vae.json", flag="--checkpoint").name)
+    except CheckpointNotFound as err:
+        raise SamplingError(str(err)) from None
 
 
 def vae_spec(args: argparse.Namespace, run_dir: Path, step: int) -> dict[str, Any]:
@@ -594,8 +588,10 @@ def main(benchmark: str, argv: list[str] | None = None) -> int:
     parser = build_parser(bench)
     args = parser.parse_args(argv)
     validate_args(parser, args)
+    from common.lifecycle import user_errors
+
     try:
         run(bench, args)
-    except SamplingError as e:
+    except (SamplingError, *user_errors()) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     return 0

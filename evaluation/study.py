@@ -240,7 +240,7 @@ def scored_steps(study: Study, run: Path) -> list[int]:
 
 def run_specs(study: Study) -> list:
     """One :class:`fusedit.tools.sweep.RunSpec` per arm x seed (what inline and submitit both launch)."""
-    from fusedit.tools.sweep import RunSpec
+    from common.jobs import RunSpec
 
     specs = []
     for arm in study.arms:
@@ -274,7 +274,7 @@ def train_inline(specs: list, max_steps: int, args: argparse.Namespace | None = 
 
     The command is the submitit job's (plain python, or torchrun with ``--gpus-per-node`` > 1).
     """
-    from fusedit.tools.sweep import make_job
+    from common.jobs import make_job
 
     for i, spec in enumerate(specs, 1):
         if finished(spec, max_steps):
@@ -286,7 +286,7 @@ def train_inline(specs: list, max_steps: int, args: argparse.Namespace | None = 
 
 
 def _settings(args: argparse.Namespace | None, local: bool = False):
-    from fusedit.tools.sweep import Settings, parse_time
+    from common.jobs import Settings, parse_time
 
     if args is None:
         return Settings(executor="local", gpus_per_node=1)
@@ -326,7 +326,7 @@ def train_submitit(specs: list, max_steps: int, args: argparse.Namespace) -> Non
     devices). A run whose earlier job is still queued or running is not submitted again: rerunning
     the command after the driver died waits for nothing and submits only what is missing.
     """
-    from fusedit.tools.sweep import submit, wait_all
+    from common.jobs import submit, wait_all
 
     todo = []
     for spec in specs:
@@ -395,10 +395,15 @@ def ensure_e2e_vae(toy: Path, repae_run: Path) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-# The text-to-image recipe the toy study was measured with (README, "What `make study` measured").
-# configs/e2e-vae/toy.yaml has since become the demo's recipe (batch 32, linear decay, EMA 0.99) to
+# The text-to-image recipe the toy study was measured with (docs/studies.md).
+# configs/e2e-vae/toy.yaml has since become the demo's recipe (batch 32, linear decay, EMA 0.99, shift 1) to
 # fit its 10 minutes on the pinned numeric path (docs/numerics.md); the study keeps its own.
-TOY_T2I_RECIPE = ("data.batch_size_per_gpu=64", "lr_scheduler.name=constant_with_warmup", "ema.decay=0.995")
+TOY_T2I_RECIPE = (
+    "data.batch_size_per_gpu=64",
+    "lr_scheduler.name=constant_with_warmup",
+    "ema.decay=0.995",
+    "noise_scheduler.shift=3.0",
+)
 
 
 def toy_arm_overrides(toy: Path, kind: str, vae_folder: str) -> list[str]:
@@ -613,7 +618,7 @@ def score_real(study: Study, args: argparse.Namespace) -> dict[str, Any]:
     )
     executor = None
     if args.executor != "inline":
-        from fusedit.tools.sweep import parse_time
+        from common.jobs import parse_time
 
         folder = Path(study.out) / "eval-logs"
         executor = study_fid.make_executor(
@@ -671,7 +676,7 @@ def run_study(study: Study, args: argparse.Namespace, toy: Path | None, title: s
     check_study_folder(study, write=not args.dry_run)
     specs = run_specs(study)
     if args.dry_run:
-        from fusedit.tools.sweep import describe
+        from common.jobs import describe
 
         for i, spec in enumerate(specs, 1):
             print(f"[{i}/{len(specs)}] {spec.name}", *describe(spec, _settings(args)), sep="\n")

@@ -25,6 +25,7 @@ from common.config import (
     check_trainer,
     merge_structured,
     normalise_trainer,
+    raise_config_errors,
 )
 
 ATTENTION_KINDS = ("self", "cross")
@@ -467,5 +468,4 @@ def validate(cfg: TrainConfig) -> None:
     check_positive(errors, "lr_scheduler.num_warmup_steps", cfg.lr_scheduler.num_warmup_steps, allow_zero=True)
     for name in ("H", "W", "n_samples", "steps"):
         check_positive(errors, f"gen.{name}", getattr(cfg.gen, name))
-    if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    raise_config_errors(errors)

@@ -163,6 +163,27 @@ class FlowMatching:
         """Scalar float32 loss: mean over (C, H, W) per sample, then over the batch."""
         return self.per_sample_loss(pred, x0, noise, x_t, sigmas).mean()
 
+    def training_loss(
+        self,
+        model: Callable[..., torch.Tensor],
+        x0: torch.Tensor,
+        text: torch.Tensor,
+        mask: torch.Tensor,
+        generators: Generators,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The text-to-image step's loss on one micro-batch: the trainer's and the benchmark's one definition.
+
+        Sigmas and noise come from the per-sample ``generators`` (common.randomness), so the draws
+        do not depend on how the global batch is split; the model sees ``dtype`` inputs and the
+        timestep ``1000 sigma``; the loss is computed in float32.
+        """
+        sigmas = self.sample_sigmas(x0.shape[0], generator=generators, device=x0.device)
+        noise = self.sample_noise(x0, generators)
+        x_t = self.add_noise(x0, noise, sigmas)
+        pred = model(x_t.to(dtype), (sigmas * 1000.0).to(dtype), text.to(dtype), mask)
+        return self.loss(pred.float(), x0, noise, x_t, sigmas)
+
 
 def sampling_sigmas(scheduler: FlowMatchEulerDiscreteScheduler, num_inference_steps: int) -> torch.Tensor:
     """(steps + 1,) float32 inference sigmas, from 1.0 down to a terminal 0.

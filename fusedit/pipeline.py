@@ -58,16 +58,13 @@ class DiTPipeline:
         The files read (the weights folder, ``vae.json``) are checked against the tag's manifest
         first: ``common.checkpoint.CheckpointDamaged`` names a damaged file.
         """
-        from common.checkpoint import read_latest, step_dir, verify_files
+        from common.checkpoint import checkpoint_folder, verify_files
         from fusedit.config import load_config
         from fusedit.flow import build_scheduler
 
         run_dir = Path(run_dir)
-        step = read_latest(run_dir) if str(tag) == "latest" else int(tag)
-        if step is None:
-            raise FileNotFoundError(f"{run_dir}: no 'latest' checkpoint")
-        folder = step_dir(run_dir, step)
         weights = "ema" if use_ema else "model"
+        folder = checkpoint_folder(run_dir, tag, needs=weights)
         verify_files(folder, [weights] if vae is not None else [weights, "vae.json"])
         cfg = load_config(run_dir / "config.yaml")
         spec = vae if vae is not None else VaeSpec(**json.loads((folder / "vae.json").read_text()))

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.checkpoint import read_latest, step_dir, verify_files
+from common.checkpoint import checkpoint_folder, verify_files
 from common.manifest import ManifestBuilder
 from common.weights import safe_torch_load
 
@@ -65,18 +65,8 @@ def read_json(path: Path) -> Any:
 
 
 def resolve_tag(run_dir: Path, tag: str | int = "latest") -> Path:
-    """The folder of a complete checkpoint: ``latest`` or a step number."""
-    run_dir = Path(run_dir)
-    if str(tag) == "latest":
-        step = read_latest(run_dir)
-        if step is None:
-            raise FileNotFoundError(f"{run_dir}: no 'latest' file, so no complete checkpoint to load")
-    else:
-        step = int(tag)
-    folder = step_dir(run_dir, step)
-    if not (folder / SIT_CONFIG).is_file():
-        raise FileNotFoundError(f"{folder}: not a complete REPA-E checkpoint (no {SIT_CONFIG})")
-    return folder
+    """The folder of a complete REPA-E checkpoint: ``latest`` or a step number (common.checkpoint's reader)."""
+    return checkpoint_folder(run_dir, tag, needs=SIT_CONFIG, flag="--run")
 
 
 def load_vae_from_checkpoint(folder: Path, device: torch.device | str = "cpu"):
@@ -150,12 +140,12 @@ def load_sampling_bundle(
         num_classes=int(state["num_classes"]),
         latent_shape=latent_shape,
         resolution=int(state["resolution"]),
-        config=_run_config(Path(run_dir)),
+        config=run_config(Path(run_dir)),
         step=int(state["step"]),
     )
 
 
-def _run_config(run_dir: Path) -> dict:
+def run_config(run_dir: Path) -> dict:
     """The resolved config the run was trained with (``config.yaml``), as a plain dict.
 
     Always in the current vocabulary: a run saved with the older names (``run.*``, ``optim.*``,
@@ -166,10 +156,10 @@ def _run_config(run_dir: Path) -> dict:
         return {}
     from omegaconf import OmegaConf
 
-    from common.config import apply_aliases
+    from common.config import apply_aliases, load_yaml_file
     from repae.config import ALIASES
 
-    loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    loaded = OmegaConf.to_container(load_yaml_file(path), resolve=False)
     if not isinstance(loaded, dict):
         return {}
     return OmegaConf.to_container(OmegaConf.create(apply_aliases(loaded, ALIASES, str(path))), resolve=True)

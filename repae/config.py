@@ -32,6 +32,7 @@ from common.config import (
     check_trainer,
     merge_structured,
     normalise_trainer,
+    raise_config_errors,
     save_config,
 )
 
@@ -146,7 +147,7 @@ class LossSection:
     disc_layers: int = 3
     # True reproduces the published recipe's losses exactly: LPIPS fed [-3, 1] (the reference maps
     # its [-1, 1] images again) and separate discriminator passes for real and fake images. False
-    # (default) keeps this repository's fixes. See README "Reproducing published numbers".
+    # (default) keeps this repository's fixes. See docs/repae.md.
     reference_faithful: bool = False
     proj_coeff: float = 0.5
     vae_align_proj_coeff: float = 1.5
@@ -378,5 +379,4 @@ def validate(cfg: RepaeConfig) -> None:
     check_positive(errors, "optimizer.weight_decay", o.weight_decay, allow_zero=True)
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         errors.append(f"optimizer.betas: expected two values in [0, 1), got {o.betas!r}")
-    if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    raise_config_errors(errors)

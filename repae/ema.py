@@ -1,7 +1,7 @@
 """EMA of the SiT: parameters *and* buffers, because the BatchNorm buffers define the latents.
 
 The reference averages every named parameter (the frozen positional embedding included) and
-every floating-point buffer, and copies integer buffers (spec 5.3). That matters here more than
+every floating-point buffer, and copies integer buffers. That matters here more than
 in most diffusion models: the EMA's BatchNorm running mean/variance become the E2E-VAE's latent
 statistics at export and sampling time. The update is one fused ``torch._foreach_lerp_`` over
 all floating tensors instead of the reference's Python loop over ~700 tensors.

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.lifecycle import error_exit, user_errors
 from repae import checkpoint as rckpt
 
 STATS_SOURCES = ("images", "ema")
@@ -60,7 +61,6 @@ def training_images(run_dir: str | Path, count: int = DEFAULT_STATS_IMAGES) -> t
     rows are spread evenly over the whole index (deterministic), not its first ``count`` rows,
     because ImageNet shards are written class by class. Corrupt images are skipped.
     """
-    from omegaconf import OmegaConf
 
     from common.shards import BadSample, validate_data_paths
     from repae.data import SampleIndex, ShardFiles, local_shard_path, to_uint8_chw
@@ -71,10 +71,11 @@ def training_images(run_dir: str | Path, count: int = DEFAULT_STATS_IMAGES) -> t
             f"{config_path}: no saved config, so no training images to measure latent statistics on "
             "(an imported reference run?); use --stats ema (stats='ema') for the SiT's BatchNorm statistics"
         )
-    data = OmegaConf.load(config_path).data
-    index = SampleIndex.build(validate_data_paths(list(data.data_path)), str(data.get("label", "cls")))
+    data = rckpt.run_config(Path(run_dir)).get("data", {})  # the run's config, old spellings included
+    paths = list(data.get("data_path", []))
+    index = SampleIndex.build(validate_data_paths(paths), str(data.get("label", "cls")))
     if len(index) == 0:
-        raise FileNotFoundError(f"{list(data.data_path)}: no usable training images")
+        raise FileNotFoundError(f"{paths}: no usable training images")
     rows = np.unique(np.linspace(0, len(index) - 1, num=min(count, len(index))).round().astype(np.int64))
     files, images = ShardFiles(), []
     try:
@@ -82,13 +83,13 @@ def training_images(run_dir: str | Path, count: int = DEFAULT_STATS_IMAGES) -> t
             path = local_shard_path(index.urls[index.shard[row]])
             try:
                 data_bytes = files.read(path, int(index.offset[row]), int(index.size[row]))
-                images.append(to_uint8_chw(data_bytes, int(data.resolution)))
+                images.append(to_uint8_chw(data_bytes, int(data["resolution"])))
             except BadSample:
                 continue
     finally:
         files.close()
     if not images:
-        raise FileNotFoundError(f"{list(data.data_path)}: none of the {len(rows)} chosen training images decodes")
+        raise FileNotFoundError(f"{paths}: none of the {len(rows)} chosen training images decodes")
     return torch.stack(images)
 
 
@@ -210,9 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             seed=args.seed,
         )
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, *user_errors()) as err:
+        return error_exit(str(err))
     print(f"E2E-VAE written to {path} (latent statistics: {args.stats})")
     return 0
 

@@ -45,8 +45,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.argtypes import finite_float, positive_int
 from common.files import write_json_atomic, write_with
 from common.images import PIXEL_ROUNDING, quantise
+from common.lifecycle import error_exit, user_errors
 from common.randomness import index_generators
 from repae.samplers import MODES, expected_nfe, run_sampler
 
@@ -293,9 +295,11 @@ def run_config(bundle: Any, run_dir: str | Path) -> dict:
         return config
     path = Path(run_dir) / "config.yaml"
     if path.is_file():
-        import yaml
+        from omegaconf import OmegaConf
 
-        loaded = yaml.safe_load(path.read_text())
+        from common.config import load_yaml_file
+
+        loaded = OmegaConf.to_container(load_yaml_file(path), resolve=False)
         return loaded if isinstance(loaded, dict) else {}
     return {}
 
@@ -421,14 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", "--run", dest="run", required=True, help="run directory (trainer.checkpoint_dir)")
     p.add_argument("--tag", default="latest", help="'latest' or a checkpoint step")
     p.add_argument("--no-ema", action="store_true", help="sample with the live SiT instead of the EMA")
-    p.add_argument("--num-samples", type=int, default=50_000)
-    p.add_argument("--batch-size", type=int, default=64, help="per process; does not change the images")
+    p.add_argument("--num-samples", type=positive_int, default=50_000)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="per process; does not change the images")
     p.add_argument("--mode", choices=MODES, default=None, help="default: the run's sample.mode, else ode")
-    p.add_argument("--num-steps", type=int, default=None, help="default: sample.num_steps (50 ode / 250 sde)")
+    p.add_argument("--num-steps", type=positive_int, default=None, help="default: sample.num_steps (50 ode / 250 sde)")
     p.add_argument("--heun", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--cfg-scale", type=float, default=None, help="1 disables guidance")
-    p.add_argument("--guidance-low", type=float, default=None)
-    p.add_argument("--guidance-high", type=float, default=None)
+    p.add_argument("--cfg-scale", type=finite_float, default=None, help="1 disables guidance")
+    p.add_argument("--guidance-low", type=finite_float, default=None)
+    p.add_argument("--guidance-high", type=finite_float, default=None)
     p.add_argument("--path-type", choices=("linear", "cosine"), default=None, help="SDE only; default: the run's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label-sampling", choices=LABEL_MODES, default="balanced")
@@ -442,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="truncate",
         help="uint8 conversion: truncate (the reference's; compare FID with published numbers) or round",
     )
-    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="images per part file")
+    p.add_argument("--chunk-size", type=positive_int, default=CHUNK_SIZE, help="images per part file")
     p.add_argument("--keep-parts", action="store_true", help="keep the part files after assembling the npz")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -558,10 +562,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             job = prepare(args, device)
             check_output(job.out_dir, job.settings)  # raises early on a folder of another configuration
-        except ValueError as err:  # bad settings or a foreign --out: a message, not a traceback
-            print(f"repae.generate: error: {err}", file=sys.stderr)
-            return 2
-        return run_job(job, args, rank, world_size, device)
+        except (ValueError, *user_errors()) as err:  # bad settings, run folder or --out: a message, not a traceback
+            return error_exit(str(err), prog="repae.generate")
+        try:
+            return run_job(job, args, rank, world_size, device)
+        except user_errors() as err:  # e.g. a weights file damaged since it was checked
+            return error_exit(str(err), prog="repae.generate")
     finally:
         if _distributed():
             dist.destroy_process_group()

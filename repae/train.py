@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +38,21 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common.checkpoint import CheckpointSaveError, CheckpointWriter
-from common.config import user_message
+from common.checkpoint import CheckpointWriter
 from common.distributed import DistEnv, all_reduce_mean, init_distributed
 from common.files import write_json_atomic
+from common.lifecycle import (
+    Cadence,
+    NonFiniteGuard,
+    error_exit,
+    last_good_checkpoint,
+    preview_path,
+    run_entry,
+    run_loop,
+)
 from common.metrics import MetricsLogger
 from common.randomness import step_seed
-from common.signals import StopSignal, ignore_stop_signals
+from common.signals import StopSignal
 from common.vae_config import per_channel_stats
 from repae import checkpoint as rckpt
 from repae.config import ConfigError, RepaeConfig, load_repae_config, save_config
@@ -238,8 +245,8 @@ class Trainer:
         self.cfg, self.env, self.device = cfg, env, env.device
         self.run_dir = cfg.run_dir
         self.step = 0
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
+        self.guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
+        self._step_finite = True  # all optimizers of the current step applied their update
         self.stop_signal = StopSignal()
         self.checkpoints = CheckpointWriter(self.run_dir, env.rank, env.is_main, cfg.trainer.checkpoints_total_limit)
         if cfg.data.global_batch_size % env.world_size:
@@ -253,6 +260,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = cfg.trainer.allow_tf32
             torch.backends.cudnn.allow_tf32 = cfg.trainer.allow_tf32
         self._check_data_paths()
+        self.checkpoints.claim()  # one writer per run folder, before anything reads or writes it
 
     # -- set-up ------------------------------------------------------------------------------
     def _check_data_paths(self) -> None:
@@ -320,9 +328,10 @@ class Trainer:
             log.info("latent statistics (%s): mean %s, std %s", source, _fmt(bias), _fmt(1.0 / scale))
 
     # -- the loop ----------------------------------------------------------------------------
-    def fit(self) -> int:
+    def fit(self) -> None:
+        """Train to ``trainer.max_steps`` or an agreed stop (common.lifecycle)."""
         cfg = self.cfg
-        logger = MetricsLogger(
+        self.logger = MetricsLogger(
             self.run_dir, cfg.trainer.report_to, cfg.trainer.project, cfg.trainer.run, {}, enabled=self.env.is_main
         )
         from tqdm.auto import tqdm
@@ -336,55 +345,43 @@ class Trainer:
         )
         if cfg.trainer.sampling_steps and self.step == 0:
             self.preview()
-        window: dict[str, torch.Tensor] = {}
-        window_n = 0
-        t0 = time.time()
+        self._window: dict[str, torch.Tensor] = {}
         try:
-            while self.step < cfg.trainer.max_steps:
-                batch = next(self.data_iter)
-                metrics = self.train_step(batch)
-                self.step += 1
-                bar.update(1)
-                for k, v in metrics.items():  # on the device: no host sync until the logging step
-                    window[k] = window[k] + v if k in window else v
-                window_n += 1
-                logging_step = self.step % cfg.trainer.logging_steps == 0 or self.step == cfg.trainer.max_steps
-                if logging_step:
-                    values = mean_over_ranks({k: v / window_n for k, v in window.items()}, self.device)
-                    values["steps_per_s"] = window_n / max(time.time() - t0, 1e-9)
-                    values["skipped_samples"] = getattr(self.loader, "skipped", 0)
-                    values["nonfinite_total"] = self.nonfinite_total  # optimizer steps skipped by the guard
-                    logger.log(self.step, values)
-                    bar.set_postfix({k: f"{values[k]:.3g}" for k in self.postfix_keys if k in values})
-                    window, window_n, t0 = {}, 0, time.time()
-                done = self.step == cfg.trainer.max_steps
-                # One collective to agree on a stop, on logging steps only (see common.signals).
-                stop = logging_step and self.stop_signal.agreed(self.device)
-                if self.step % cfg.trainer.checkpointing_steps == 0 or done or stop:
-                    self.save()
-                if stop:
-                    log.warning("signal %s: checkpointed at step %d, stopping", self.stop_signal.received, self.step)
-                    return 1
-                if cfg.trainer.sampling_steps and (self.step % cfg.trainer.sampling_steps == 0 or done):
-                    self.preview()
+            run_loop(self, Cadence.of(cfg.trainer), self.stop_signal, self.device, bar)
         finally:
             bar.close()
-            logger.close()
-        return 0
+            self.logger.close()
+
+    # -- the stage's part of the loop ----------------------------------------------------------
+    def loop_step(self) -> None:
+        """One training step; the guard counts it as skipped when any of its optimizers skipped."""
+        self._step_finite = True
+        metrics = self.train_step(next(self.data_iter))
+        self.guard.record(
+            self._step_finite, self.step + 1, lambda: last_good_checkpoint(self.run_dir), warn=self.env.is_main
+        )
+        for k, v in metrics.items():  # on the device: no host sync until the logging step
+            self._window[k] = self._window[k] + v if k in self._window else v
+
+    def log_window(self, steps: int, seconds: float) -> dict[str, str]:
+        values = mean_over_ranks({k: v / steps for k, v in self._window.items()}, self.device)
+        values["steps_per_s"] = steps / max(seconds, 1e-9)
+        values["skipped_samples"] = getattr(self.loader, "skipped", 0)
+        values["nonfinite_total"] = self.guard.total  # optimizer steps skipped by the guard
+        self.logger.log(self.step, values)
+        self._window = {}
+        return {k: f"{values[k]:.3g}" for k in self.postfix_keys if k in values}
+
+    def end_step(self) -> None:
+        pass
 
     def _guard(self, finite: bool) -> None:
-        """Count non-finite steps; stop the run when they keep coming (the update was skipped)."""
-        if finite:
-            self.nonfinite_in_a_row = 0
-            return
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_total += 1
-        log.warning("step %d: non-finite gradient, update skipped (%d in a row)", self.step, self.nonfinite_in_a_row)
-        if self.nonfinite_in_a_row >= self.cfg.trainer.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"{self.nonfinite_in_a_row} steps in a row had non-finite gradients; the last good "
-                f"checkpoint is untouched in {self.run_dir}"
-            )
+        """Note one optimizer's verdict (it skipped its update when not finite); the step is judged once.
+
+        Judged per optimizer, a run whose SiT is non-finite on every step never stopped while the
+        VAE's and the discriminator's finite steps in between reset the count.
+        """
+        self._step_finite = self._step_finite and finite
 
     def batch_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Generator, list]:
         """Images and labels on the device, this step's generator, and the encoders' target tokens."""
@@ -408,7 +405,7 @@ class Trainer:
             "latent_shape": list(self.latent_shape),
             "num_classes": self.cfg.model.num_classes,
             "resolution": self.cfg.data.resolution,
-            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_total": self.guard.total,
         }
 
     def save(self) -> None:
@@ -427,7 +424,9 @@ class Trainer:
         folder = self.checkpoints.folder(step)
         state = self.checkpoints.trainer_state(step)
         if state.get("kind") != self.kind:
-            raise RuntimeError(f"{folder} was written by the {state.get('kind')} trainer, not {self.kind}")
+            raise ConfigError(
+                f"{folder} was written by the {state.get('kind')} trainer, not {self.kind}: train into another folder"
+            )
         self.load_models(folder)
         data_state = self.checkpoints.data_state(step, self.env.world_size)
         if data_state is not None:
@@ -439,7 +438,7 @@ class Trainer:
                 state["world_size"],
             )
         self.step = int(state["step"])
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.guard.total = int(state.get("nonfinite_total", 0))
         if self.env.is_main:
             log.info("resumed from %s (step %d)", folder, self.step)
         return True
@@ -474,7 +473,7 @@ class Trainer:
                 velocity, noise, labels, num_steps=s.num_steps, generator=g, path_type=self.cfg.loss.path_type, **kwargs
             )
         images = self.decode_for_preview(sit.denormalize(x.float()))
-        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
+        path = preview_path(self.run_dir, self.step)
         save_grid(((images + 1) / 2).clamp(0, 1).cpu(), path, ncol=max(1, round(n**0.5)))
 
 
@@ -654,29 +653,23 @@ def parse_args(
 
 
 def run(trainer_cls, argv: list[str] | None, description: str) -> int:
-    """Parse, validate (before any heavy work), start the process group, train, clean up."""
+    """Parse, validate (before any heavy work), start the process group, train, clean up.
+
+    Exit codes: common.lifecycle.ExitCode (0 also after a planned stop on a signal).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     args = parse_args(argv, description, f"python -m repae.{'train_ldm' if trainer_cls.kind == 'ldm' else 'train'}")
     try:
         cfg = load_repae_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(str(err))
     env = init_distributed(use_deepspeed=False)
-    try:
-        trainer = trainer_cls(cfg, env)
-        status = trainer.fit()
-        ignore_stop_signals()
-        return status
-    except ConfigError as err:
-        print(f"error: {user_message(err)}", file=sys.stderr)
-        return 2
-    except CheckpointSaveError as err:  # e.g. a full disk: nothing published, the last checkpoint is intact
-        print(f"error: {err}", file=sys.stderr)
-        return 4
-    finally:
+
+    def cleanup() -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    return run_entry(lambda: trainer_cls(cfg, env).fit(), cleanup)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     python scripts/check_layers.py            # exit 1 and list every violation
     python scripts/check_layers.py --graph    # also print the package-to-package arrows
 
-The layers, lowest first (see README, "Architecture")::
+The layers, lowest first (see docs/architecture.md)::
 
     common  <-  toyworld  <-  {fusedit, repae}  <-  evaluation  <-  entry points (train.py, ...)
 

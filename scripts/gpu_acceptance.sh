@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU acceptance check for a fresh single-GPU node, before launching a 3B run (see README, "GPU acceptance").
+# GPU acceptance check for a fresh single-GPU node, before launching a 3B run (see docs/planning.md).
 #
 #   scripts/gpu_acceptance.sh [--wheels DIR] [--venv DIR] [--out FILE] [-- ARGS for python -m fusedit.tools.acceptance]
 #   scripts/gpu_acceptance.sh --download-wheels DIR      # on a machine with internet: fill DIR for offline nodes

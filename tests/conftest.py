@@ -36,6 +36,16 @@ def quick_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def repae_world(quick_world: Path) -> Path:
+    """The quick toy world plus a briefly trained toy vision encoder."""
+    from repae.toy import build_toy_encoder
+
+    if not (quick_world / "repae" / "encoder" / "model.safetensors").is_file():
+        build_toy_encoder(quick_world, quick=True, progress=False)
+    return quick_world
+
+
 def tiny_train_overrides(world: Path, run: Path, **extra: object) -> list[str]:
     """Overrides that make configs/e2e-vae/toy.yaml train in seconds on the quick world."""
     from fusedit.tools.demo import toy_overrides

@@ -53,6 +53,39 @@ def test_unknown_key_in_yaml(tmp_path: Path) -> None:
         load_config(p)
 
 
+def test_a_yaml_file_that_does_not_parse_names_file_line_and_column(tmp_path: Path) -> None:
+    """Before: the parser's traceback, exit 1 (both stages load YAML through common.config)."""
+    from repae.config import load_repae_config
+
+    p = tmp_path / "broken.yaml"
+    p.write_text("trainer:\n  max_steps: [1\nmodel: {\n")
+    for load in (load_config, load_repae_config):
+        with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML \(line 3, column 6\): "):
+            load(p)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match=r"binary\.yaml: not a text file"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match=r"config file not found"):
+        load_config(tmp_path)  # a folder
+
+
+@pytest.mark.parametrize(
+    ("where", "spelled"),
+    [("override", "optimizer.lr=.nan"), ("override", "ema.decay=-.inf"), ("yaml", "optimizer:\n  lr: .nan\n")],
+)
+def test_a_non_finite_number_anywhere_is_refused_by_field(minimal: Path, where: str, spelled: str) -> None:
+    """Before: ``optimizer.lr: .nan`` passed validation (``nan <= 0`` is False) and died in the optimizer."""
+    if where == "yaml":
+        minimal.write_text(MINIMAL + spelled)
+        overrides = []
+    else:
+        overrides = [spelled]
+    field = spelled.split("=")[0] if where == "override" else "optimizer.lr"
+    with pytest.raises(ConfigError, match=rf"{field}: must be a finite number, got (nan|-inf)"):
+        load_config(minimal, overrides)
+
+
 def test_missing_required_field(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("model:\n  base: x\ndata:\n  data_path: [a.tar]\n")

@@ -219,7 +219,7 @@ def test_old_repae_yaml_loads_into_the_new_fields(tmp_path, shard, caplog) -> No
 
 
 def test_saved_repae_config_uses_the_new_names_and_old_runs_still_read(tmp_path, shard) -> None:
-    from repae.checkpoint import _run_config
+    from repae.checkpoint import run_config
 
     old = tmp_path / "old.yaml"
     old.write_text(OLD_REPAE.format(root=tmp_path))
@@ -236,7 +236,7 @@ def test_saved_repae_config_uses_the_new_names_and_old_runs_still_read(tmp_path,
     run = tmp_path / "old-run"
     run.mkdir()
     (run / "config.yaml").write_text(OLD_REPAE.format(root=tmp_path))
-    read = _run_config(run)
+    read = run_config(run)
     assert read["trainer"]["max_steps"] == 1234 and read["trainer"]["checkpoint_dir"] == f"{tmp_path}/exps/old-run"
     assert read["data"]["global_batch_size"] == 64 and "run" not in read and "optim" not in read
 

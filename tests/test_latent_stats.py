@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.latent_stats import check_normalisation, failing_channels, measure_latents
-from tests.test_repae_train import make_trainer, repae_world  # noqa: F401  (a session fixture)
+from tests.test_repae_train import make_trainer
 
 
 def tiny_vae(**config: object):

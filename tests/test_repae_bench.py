@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from repae.bench import joint
@@ -27,16 +26,6 @@ TINY = [
     "data.dataloader_num_workers=0",
     "vae.stats_batches=1",
 ]
-
-
-@pytest.fixture(scope="session")
-def repae_world(quick_world: Path) -> Path:
-    """The quick toy world plus a briefly trained toy vision encoder (shared with test_repae_train)."""
-    from repae.toy import build_toy_encoder
-
-    if not (quick_world / "repae" / "encoder" / "model.safetensors").is_file():
-        build_toy_encoder(quick_world, quick=True, progress=False)
-    return quick_world
 
 
 def test_bench_reports_and_the_formulations_agree(repae_world: Path, tmp_path: Path) -> None:

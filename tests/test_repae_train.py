@@ -17,16 +17,6 @@ from tests.conftest import ROOT, in_parallel, launch
 CONFIG = ROOT / "configs" / "repae" / "toy.yaml"
 
 
-@pytest.fixture(scope="session")
-def repae_world(quick_world: Path) -> Path:
-    """The quick toy world plus a briefly trained toy vision encoder."""
-    from repae.toy import build_toy_encoder
-
-    if not (quick_world / "repae" / "encoder" / "model.safetensors").is_file():
-        build_toy_encoder(quick_world, quick=True, progress=False)
-    return quick_world
-
-
 def tiny_overrides(world: Path, run: Path, **extra: object) -> list[str]:
     from repae.demo import toy_overrides
 

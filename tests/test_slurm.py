@@ -37,7 +37,7 @@ STEPS = 60
 CHECKPOINT_EVERY = 20
 # How long a dead node may keep the allocation: srun --kill-on-bad-exit, then KillWait (10 s here).
 DEAD_NODE_BOUND_S = 60
-# What the launcher's knobs are set to here (README "Scaling out" has the defaults).
+# What the launcher's knobs are set to here (docs/scaling-out.md has the defaults).
 JOB_ENV = {"OMP_NUM_THREADS": "1", "RESEND_S": "5", "RDZV_TIMEOUT": "120", "STOP_TIMEOUT": "30"}
 
 
@@ -92,13 +92,23 @@ class Job:
         self.t0 = time.monotonic()
 
     @classmethod
-    def submit(cls, cluster, run: Path, world: Path, sbatch_args: tuple[str, ...] = ()) -> Job:  # noqa: ANN001
-        """sbatch the toy config on 2 nodes x 1 process; the log sits next to the run folder."""
+    def submit(
+        cls,
+        cluster,  # noqa: ANN001
+        run: Path,
+        world: Path,
+        sbatch_args: tuple[str, ...] = (),
+        trainer: tuple[str, list[str]] | None = None,
+    ) -> Job:
+        """sbatch on 2 nodes x 1 process; the log sits next to the run folder.
+
+        ``trainer``: (TRAINER, config + overrides) for another stage; default the toy T2I config.
+        """
         log = run.parent / f"{run.name}.out"
         cmd = ["sbatch", "--parsable", "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1"]
         cmd += ["--job-name", run.name, f"--output={log}", f"--error={log}", *sbatch_args]
-        cmd += [str(SBATCH), str(TOY_CONFIG), *_overrides(world, run)]
-        env = cluster.env({**os.environ, **JOB_ENV})
+        cmd += [str(SBATCH), *(trainer[1] if trainer else [str(TOY_CONFIG), *_overrides(world, run)])]
+        env = cluster.env({**os.environ, **JOB_ENV, **({"TRAINER": trainer[0]} if trainer else {})})
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=30)
         return cls(cluster, run, log, out.stdout.strip().split(";")[0])
 
@@ -341,7 +351,7 @@ def test_submitit_sweep_on_the_cluster_equals_the_local_executor(
     (run_a, job_a), (run_b, job_b) = submitted
     a = Job(cluster, Path(run_a.checkpoint_dir), job_a.paths.stdout, job_a.job_id)  # submitit's job, read as ours
     _wait(lambda: a.step() >= 3, 240, "run a to train")
-    a.scancel(f"--signal={sweep._preempt_signal().name.removeprefix('SIG')}")
+    a.scancel(f"--signal={sweep.preempt_signal().name.removeprefix('SIG')}")
     _wait(lambda: "requeueing; next attempt resumes from step" in a.text(), 120, "run a's checkpoint")
     _wait(lambda: a.info().get("JobState") == "PENDING" and not _step_daemons(a.id), 120, "run a's requeue")
     a.release()
@@ -357,3 +367,24 @@ def test_submitit_sweep_on_the_cluster_equals_the_local_executor(
         slurm_run, local_run = Path(run.checkpoint_dir), tmp_path / "local" / Path(run.checkpoint_dir).name
         assert _losses(slurm_run) == _losses(local_run)
         _assert_same_weights(slurm_run, local_run, SWEEP_STEPS)
+
+
+def test_repae_stage_on_the_same_launcher_stops_requeues_and_finishes(cluster, repae_world: Path, tmp_path: Path):  # noqa: ANN001, E501
+    """TRAINER=repae.train: the REPA-E trainer under the same protocol (before the shared lifecycle it
+    exited 1 on a planned stop, which torchrun and SLURM read as a crash)."""
+    from tests.test_repae_train import CONFIG, tiny_overrides
+
+    run = tmp_path / "repae"
+    steps = {"trainer.max_steps": 40, "trainer.checkpointing_steps": 20, "trainer.logging_steps": 1}
+    args = [str(CONFIG), *tiny_overrides(repae_world, run, **steps)]
+    job = Job.submit(cluster, run, repae_world, trainer=("repae.train", args))
+    job.wait_running(0, 3)
+    job.scancel("--signal=USR1", "--batch")
+    job.wait_stopped(1)
+    assert job.wait_done() == "COMPLETED", job.text()[-3000:]
+    log = job.text()
+    assert job.stops() == [("0", "USR1")], log[-3000:]
+    assert "trainer repae.train" in log and "Traceback" not in log and "ChildFailedError" not in log, log[-4000:]
+    stopped = int(re.findall(r"checkpointed at step (\d+), stopping", log)[0])
+    assert f"resumed from {run / str(stopped)}" in log
+    assert (run / "latest").read_text().strip() == "40" and not (run / "owner.json").exists()

@@ -16,7 +16,7 @@ from common.config import ConfigError
 from fusedit.config import load_config
 from fusedit.data import latent_cache, text_cache
 from fusedit.data.text_features import EMPTY_FILE, TextFeatureReader, shard_name
-from fusedit.data.webdata import _ShardReader
+from fusedit.data.webdata import ShardReader
 from fusedit.text import TextEncoder
 from fusedit.tools.demo import toy_overrides
 from fusedit.train.trainer import Trainer, build_components, loader_from_config
@@ -56,7 +56,7 @@ def test_cache_stores_both_captions_real_tokens_only(quick_world: Path, cache: P
     assert info["caption_column"] == {"original": "short.txt", "synthetic": "txt"}
     assert info["counts"]["captions"] == 2 * info["counts"]["samples"] > 0 and info["counts"]["missing_captions"] == 0
     encoder = TextEncoder(cfg.model.base)
-    reader = _ShardReader(info["sources"][0], 0, 0)
+    reader = ShardReader(info["sources"][0], 0, 0)
     samples = [reader.next() for _ in range(3)]
     with safe_open(str(cache / shard_name(0)), framework="pt") as f:
         keys, starts, lengths = json.loads(f.metadata()["keys"]), f.get_tensor("starts"), f.get_tensor("lengths")
@@ -187,7 +187,7 @@ def test_a_cache_for_other_settings_or_weights_is_refused(quick_world: Path, cac
         text_cache.check_text_cache_fingerprint(ok, encoder)
     # a stream over other shards than the cache's fails on its first sample, naming the field
     urls = json.loads((cache / "cache.json").read_text())["sources"]
-    first = _ShardReader(urls[0], 0, 0).next()
+    first = ShardReader(urls[0], 0, 0).next()
     with pytest.raises(ValueError, match="^data.cached_text_features: sample 0"):
         TextFeatureReader(cache, urls[::-1]).features(urls[0], 0, first["__key__"], "synthetic")
 

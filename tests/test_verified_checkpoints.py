@@ -21,6 +21,7 @@ from common import checkpoint as ckpt
 from common.config import ConfigError
 from common.manifest import MANIFEST, ManifestBuilder, add_to_manifest, read_manifest, write_manifest
 from common.verify import main as verify_main
+from fusedit.train import engine_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EMA = "ema/" + ckpt.WEIGHTS_NAME
@@ -223,12 +224,12 @@ def test_safetensors_io_errors_and_other_ranks_failures_are_named(tmp_path: Path
 
 def test_the_universal_form_added_later_joins_the_manifest(tmp_path: Path) -> None:
     folder = _save(_writer(tmp_path / "run"), 10)
-    (folder / ckpt.UNIVERSAL_TAG / "zero").mkdir(parents=True)
-    (folder / ckpt.UNIVERSAL_TAG / "zero" / "fp32.pt").write_bytes(b"state")
-    add_to_manifest(folder, ckpt.UNIVERSAL_TAG)
-    assert f"{ckpt.UNIVERSAL_TAG}/zero/fp32.pt" in read_manifest(folder)["files"]
+    (folder / engine_checkpoint.UNIVERSAL_TAG / "zero").mkdir(parents=True)
+    (folder / engine_checkpoint.UNIVERSAL_TAG / "zero" / "fp32.pt").write_bytes(b"state")
+    add_to_manifest(folder, engine_checkpoint.UNIVERSAL_TAG)
+    assert f"{engine_checkpoint.UNIVERSAL_TAG}/zero/fp32.pt" in read_manifest(folder)["files"]
     assert ckpt.verify_tag(folder).ok
-    ckpt.write_engine_latest(folder)
+    engine_checkpoint.write_engine_latest(folder)
     assert (folder / "latest").read_text() == "deepspeed"  # what zero_to_fp32.py reads by default
 
 

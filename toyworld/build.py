@@ -65,7 +65,7 @@ QUICK = {"num_train": 512, "num_val": 96, "samples_per_shard": 128, "lm": 60}
 
 
 # Fixed training lengths, (full build, quick build). Chosen by measurement so that the full build
-# clears its quality gates with a margin (see README, "The toy world"); quick builds are for tests.
+# clears its quality gates with a margin (see docs/toy-world.md); quick builds are for tests.
 STEPS = {"vae": (1500, 120), "scorer": (500, 120)}
 
 

@@ -50,7 +50,7 @@ from common.shards import BadSample, validate_data_paths
 from common.vae_config import VaeSpec
 from common.weights import weights_fingerprint
 from fusedit.config import TrainConfig, load_config
-from fusedit.data.webdata import LATENT_MEMBER, _caption_columns, _SampleTransform, _ShardReader
+from fusedit.data.webdata import LATENT_MEMBER, SampleTransform, ShardReader, caption_columns
 from fusedit.latents import LatentCodec
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,13 @@ def _vae_record(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(VaeSpec.from_config(cfg.vae))
 
 
-def _transform(cfg: TrainConfig) -> _SampleTransform:
+def _transform(cfg: TrainConfig) -> SampleTransform:
     d = cfg.data
-    return _SampleTransform(
+    return SampleTransform(
         resolution=d.resolution,
         center_crop=True,
         image_column=d.image_column,
-        caption_column=_caption_columns(d.caption_column),
+        caption_column=caption_columns(d.caption_column),
         original_caption_rate=d.original_caption_rate,
         random_dropping_rate=d.random_dropping_rate,
         instruction=d.instruction,
@@ -95,7 +95,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 class _ShardEncoder:
     """Copies one source shard to a cache shard, encoding images in batches, order kept."""
 
-    def __init__(self, codec: LatentCodec, transform: _SampleTransform, batch_size: int, dtype: np.dtype) -> None:
+    def __init__(self, codec: LatentCodec, transform: SampleTransform, batch_size: int, dtype: np.dtype) -> None:
         self.codec, self.transform, self.batch_size, self.dtype = codec, transform, batch_size, dtype
         self.counts = {"samples": 0, "encoded": 0, "undecodable": 0, "broken_shards": 0}
 
@@ -119,7 +119,7 @@ class _ShardEncoder:
         import webdataset as wds
 
         partial = dest.with_name(f".{dest.name}.partial")
-        reader = _ShardReader(url, 0, 0)
+        reader = ShardReader(url, 0, 0)
         pending: list[tuple[dict, torch.Tensor | None]] = []
         images = 0  # decoded images in `pending`
         rng = np.random.default_rng(0)  # the centre crop draws nothing; the API wants a generator

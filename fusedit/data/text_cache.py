@@ -50,7 +50,7 @@ from common.shards import BadSample, validate_data_paths
 from common.weights import weights_fingerprint
 from fusedit.config import TrainConfig, load_config
 from fusedit.data.text_features import CACHE_INFO, COLUMNS, DTYPES, EMPTY_FILE, FORMAT, shard_name
-from fusedit.data.webdata import _caption_columns, _SampleTransform, _ShardReader, prompt_token_budget
+from fusedit.data.webdata import SampleTransform, ShardReader, caption_columns, prompt_token_budget
 from fusedit.text import TextEncoder, tokenize
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def _settings(cfg: TrainConfig) -> dict[str, Any]:
     """The config fields the features depend on, cheap to compare before anything loads."""
     d = cfg.data
-    original, synthetic = _caption_columns(d.caption_column)
+    original, synthetic = caption_columns(d.caption_column)
     return {
         "max_prompt_length": d.max_prompt_length,
         "text_hidden_states_index": cfg.model.text_hidden_states_index,
@@ -103,7 +103,9 @@ FIELDS = {
 
 def _encoder_dtype(cfg: TrainConfig) -> torch.dtype:
     """The dtype the trainer runs the frozen encoder in, so the cache holds what training would compute."""
-    return torch.bfloat16 if cfg.trainer.mixed_precision == "bf16" else torch.float32
+    from common.machine import frozen_dtype
+
+    return frozen_dtype(cfg.trainer.mixed_precision)
 
 
 def load_encoder(cfg: TrainConfig, device: torch.device | str) -> TextEncoder:
@@ -157,7 +159,7 @@ class _ShardEncoder:
     """Encodes both caption columns of every sample of a shard; features kept in shard order."""
 
     def __init__(
-        self, encoder: TextEncoder, transform: _SampleTransform, max_length: int, batch_size: int, dtype: torch.dtype
+        self, encoder: TextEncoder, transform: SampleTransform, max_length: int, batch_size: int, dtype: torch.dtype
     ) -> None:
         self.encoder, self.transform, self.max_length = encoder, transform, max_length
         self.batch_size, self.dtype = batch_size, dtype
@@ -175,7 +177,7 @@ class _ShardEncoder:
 
     def read(self, url: str) -> tuple[list[str], list[list[str | None]], bool]:
         """Keys and prompts of a shard's samples in order, and whether a broken tar ended it (as in training)."""
-        reader = _ShardReader(url, 0, 0)
+        reader = ShardReader(url, 0, 0)
         keys, prompts = [], []
         try:
             while True:
@@ -312,13 +314,13 @@ def render_estimate(e: dict[str, Any], shards_total: int, shards_todo: int) -> s
 # ----------------------------------------------------------------------------- build
 
 
-def _transform(cfg: TrainConfig) -> _SampleTransform:
+def _transform(cfg: TrainConfig) -> SampleTransform:
     d = cfg.data
-    return _SampleTransform(
+    return SampleTransform(
         resolution=d.resolution,
         center_crop=d.center_crop,
         image_column=d.image_column,
-        caption_column=_caption_columns(d.caption_column),
+        caption_column=caption_columns(d.caption_column),
         original_caption_rate=d.original_caption_rate,
         random_dropping_rate=d.random_dropping_rate,
         instruction=d.instruction,

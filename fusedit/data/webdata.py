@@ -107,7 +107,7 @@ def _open_url(url: str) -> Any:
     return gopen(url)
 
 
-class _ShardReader:
+class ShardReader:
     """Reads the samples of one shard in order; ``offset`` = samples handed out so far.
 
     Samples follow the webdataset convention (webdataset's own tar iteration and grouping):
@@ -158,7 +158,7 @@ class _RoleStream:
             slots, self.next_k, self.draws = [[k, 0] for k in range(num_open_shards)], num_open_shards, 0
         else:
             slots, self.next_k, self.draws = state["slots"], int(state["next_k"]), int(state["draws"])
-        self.readers = [_ShardReader(self._url(k), k, off) for k, off in slots]
+        self.readers = [ShardReader(self._url(k), k, off) for k, off in slots]
         self.warnings = RateLimitedWarnings()
         self.skipped = 0  # broken shards since the last pop_skipped()
 
@@ -167,7 +167,7 @@ class _RoleStream:
 
     def _replace(self, slot: int) -> None:
         self.readers[slot].close()
-        self.readers[slot] = _ShardReader(self._url(self.next_k), self.next_k, 0)
+        self.readers[slot] = ShardReader(self._url(self.next_k), self.next_k, 0)
         self.next_k += 1
 
     def next_sample(self) -> tuple[dict[str, Any], int, int]:
@@ -209,7 +209,7 @@ class _RoleStream:
 # ----------------------------------------------------------------------------- sample decoding
 
 
-class _SampleTransform:
+class SampleTransform:
     """Raw sample -> (pixels (3,R,R) float32 in [-1,1], caption). Built once per stream.
 
     The random draws are made in a fixed order from the sample's own generator, so a sample's
@@ -322,7 +322,7 @@ class _WebBatches(IterableDataset):
         self,
         urls: list[str],
         tokenizer: Any,
-        transform: _SampleTransform,
+        transform: SampleTransform,
         *,
         batch_size: int,
         max_length: int,
@@ -450,7 +450,7 @@ def _resume_positions(
     return roles, int(resume_state["batches"])
 
 
-def _caption_columns(caption_column: Any) -> tuple[str, str]:
+def caption_columns(caption_column: Any) -> tuple[str, str]:
     """(original, synthetic) member names from a dict, DictConfig or dataclass."""
     if isinstance(caption_column, Mapping):
         return str(caption_column.get("original") or ""), str(caption_column.get("synthetic") or "")
@@ -510,12 +510,12 @@ def build_dataloader(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     urls = validate_data_paths(data_path)
-    original, synthetic = _caption_columns(caption_column or {"original": "", "synthetic": "txt"})
+    original, synthetic = caption_columns(caption_column or {"original": "", "synthetic": "txt"})
     if not synthetic:
         raise ValueError("caption_column.synthetic must name the caption member (e.g. 'txt')")
     num_roles = max(1, num_workers)
     role_states, batches_done = _resume_positions(resume_state, seed=seed, rank=rank, num_roles=num_roles, urls=urls)
-    transform = _SampleTransform(
+    transform = SampleTransform(
         resolution=resolution,
         center_crop=center_crop,
         image_column=image_column,
@@ -550,4 +550,14 @@ def build_dataloader(
     )
 
 
-__all__ = ["BadSample", "StreamState", "build_dataloader", "decode_image", "prompt_token_budget", "validate_data_paths"]
+__all__ = [
+    "BadSample",
+    "SampleTransform",
+    "ShardReader",
+    "StreamState",
+    "build_dataloader",
+    "caption_columns",
+    "decode_image",
+    "prompt_token_budget",
+    "validate_data_paths",
+]

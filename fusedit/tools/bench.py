@@ -649,7 +649,7 @@ def train_step(v: Variant, batch: Batch, ctx: StepContext) -> dict[str, float]:
     """
     from common.randomness import sample_generators
 
-    clock, dev = PhaseClock(ctx.device), ctx.device
+    clock = PhaseClock(ctx.device)
     pad = ctx.max_len if v.pad_to_max else batch.ours_len
     clock.times["data_wait"] = batch.data_seconds
     gens = sample_generators(ctx.cfg.trainer.seed, batch.index, 0, len(batch.lengths))
@@ -658,11 +658,7 @@ def train_step(v: Variant, batch: Batch, ctx: StepContext) -> dict[str, float]:
     with clock.phase("text_encoder"):
         text, mask = text_inputs(ctx, batch, pad, v.cached_text)
     with clock.phase("dit_forward_backward"):
-        sigmas = ctx.flow.sample_sigmas(x0.shape[0], generator=gens, device=dev)
-        noise = ctx.flow.sample_noise(x0, gens)
-        x_t = ctx.flow.add_noise(x0, noise, sigmas)
-        pred = v.forward(x_t.to(ctx.dtype), (sigmas * 1000.0).to(ctx.dtype), text.to(ctx.dtype), mask)
-        loss = ctx.flow.loss(pred.float(), x0, noise, x_t, sigmas)
+        loss = ctx.flow.training_loss(v.forward, x0, text, mask, gens, ctx.dtype)
         loss.backward()
     with clock.phase("optimizer"):
         norm = v.optimizer.step()

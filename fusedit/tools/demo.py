@@ -259,7 +259,7 @@ def summary_line(result: dict, seconds: float) -> str:
 
 
 # The demo's cost in units of one calibration step (a toy-VAE training step at batch 16, the median
-# of CALIBRATION_STEPS), measured on an idle 2-core machine (see README, "make demo"): calibration
+# of CALIBRATION_STEPS), measured on an idle 2-core machine (see docs/demo.md): calibration
 # takes a few seconds, and ratios carry over between machines far better than absolute seconds.
 CALIBRATION_STEPS = 8
 # Measured on the pinned path with the encoder caches (2026-12-06, AMD EPYC, idle, unit 0.076 s):

@@ -71,21 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_tag(run_dir: Path, tag: str) -> int:
-    from common.checkpoint import read_latest, step_dir
+    from common.checkpoint import CheckpointNotFound, checkpoint_folder
 
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"--checkpoint {run_dir}: not a training run folder (no config.yaml)")
-    if str(tag) == "latest":
-        try:
-            step = read_latest(run_dir)
-        except RuntimeError as err:
-            raise ExportError(str(err)) from err
-        if step is None:
-            raise ExportError(f"--checkpoint {run_dir}: no 'latest' file (has the run saved a checkpoint?)")
-        return step
-    if not str(tag).isdigit() or not step_dir(run_dir, int(tag)).is_dir():
-        raise ExportError(f"--tag {tag}: no checkpoint folder {run_dir / str(tag)}")
-    return int(tag)
+    try:
+        return int(checkpoint_folder(run_dir, tag, needs="vae.json", flag="--checkpoint").name)
+    except CheckpointNotFound as err:
+        raise ExportError(str(err)) from None
 
 
 def build_pipeline(run_dir: Path, step: int, use_ema: bool):
@@ -192,7 +185,7 @@ def push_to_hub(folder: Path, repo: str, private: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.checkpoint import CheckpointDamaged
+    from common.lifecycle import error_exit, user_errors
 
     args = parse_args(argv)
     run_dir, out = Path(args.checkpoint), Path(args.out)
@@ -202,9 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not args.overwrite:
             raise ExportError(f"--out {out}: exists (pass --overwrite to replace it)")
         export(run_dir, out, args.tag, args.raw, args.dtype)
-    except (ExportError, CheckpointDamaged) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ExportError, *user_errors()) as err:
+        return error_exit(str(err))
     print(f"exported {run_dir} -> {out}")
     if args.push_to_hub:
         push_to_hub(out, args.push_to_hub, args.private)

@@ -109,25 +109,12 @@ def check_architecture(new: dict[str, Any], parent: dict[str, Any], where: Path,
 
 
 def _parent_step(run_dir: Path, tag: str) -> int:
-    found = ckpt.list_steps(run_dir)
-    if tag == "latest":
-        try:
-            step = ckpt.read_latest(run_dir)
-        except RuntimeError as err:
-            raise ConfigError(f"trainer.init_from.tag: {err}") from None
-        if step is None:
-            raise ConfigError(
-                f"trainer.init_from.tag: 'latest', but {run_dir} has no 'latest' file "
-                f"(checkpoints found: {found or 'none'})"
-            )
-        return step
-    step = int(tag)
-    if not ckpt.step_dir(run_dir, step).is_dir():
-        raise ConfigError(
-            f"trainer.init_from.tag: {tag}: no checkpoint folder {ckpt.step_dir(run_dir, step)} "
-            f"(checkpoints found: {found or 'none'})"
-        )
-    return step
+    try:
+        return int(ckpt.checkpoint_folder(run_dir, tag).name)
+    except ckpt.CheckpointNotFound as err:
+        found = ckpt.list_steps(run_dir) if run_dir.is_dir() else []
+        message = f"trainer.init_from.tag: {tag}: {err.reason} (checkpoints found: {found or 'none'})"
+        raise ConfigError(message) from None
 
 
 def will_resume(run_dir: Path, resume_from: str | None) -> bool:

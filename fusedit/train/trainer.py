@@ -29,7 +29,8 @@ from common import checkpoint as ckpt
 from common.config import ConfigError, save_config
 from common.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, init_distributed
 from common.files import write_json_atomic
-from common.machine import device_peak
+from common.lifecycle import Cadence, NonFiniteGuard, last_good_checkpoint, preview_path, run_loop
+from common.machine import device_peak, frozen_dtype
 from common.metrics import MetricsLogger
 from common.randomness import data_seed_after_restart, sample_generators
 from common.signals import StopSignal
@@ -40,6 +41,7 @@ from fusedit.flow import FlowMatching, build_scheduler
 from fusedit.latents import LatentCodec
 from fusedit.models.dit import DiT
 from fusedit.text import TextEncoder
+from fusedit.train import engine_checkpoint
 from fusedit.train.deepspeed_config import load_deepspeed_json, resolve_deepspeed_config
 from fusedit.train.ema import ModuleEMA, ShardedEMA, copy_weights
 from fusedit.train.init_from import RECORD_NAME, load_parent_weights, read_record, resolve_parent
@@ -77,20 +79,20 @@ class Components:
     dit: DiT
 
 
-def build_components(cfg: TrainConfig, device: torch.device, frozen_dtype: torch.dtype) -> Components:
+def build_components(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Components:
     """Load the frozen text encoder and VAE, then build the DiT sized to fit them."""
     text_encoder = TextEncoder(
         cfg.model.base,
         subfolder=cfg.model.base_subfolder,
         tokenizer=cfg.data.tokenizer,
         hidden_states_index=cfg.model.text_hidden_states_index,
-        torch_dtype=frozen_dtype,
+        torch_dtype=dtype,
     ).to(device)
     if cfg.data.cached_text_features:  # the cache's features must be this encoder's, checked before the VAE loads
         from fusedit.data.text_cache import check_text_cache_fingerprint
 
         check_text_cache_fingerprint(cfg, text_encoder)
-    codec = LatentCodec.from_spec(_vae_spec(cfg), torch_dtype=frozen_dtype).to(device)
+    codec = LatentCodec.from_spec(_vae_spec(cfg), torch_dtype=dtype).to(device)
     check_geometry(cfg, codec.spatial_factor)
     if cfg.model.text_hidden_size and cfg.model.text_hidden_size != text_encoder.hidden_size:
         raise ConfigError(
@@ -188,8 +190,12 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         if cfg.trainer.mixed_precision == "fp16" and self.device.type == "cpu":
             raise ConfigError("trainer.mixed_precision: 'fp16' needs a GPU; use 'bf16' or 'no' on CPU")
-        frozen_dtype = torch.bfloat16 if cfg.trainer.mixed_precision == "bf16" else torch.float32
-        self.parts = build_components(cfg, self.device, frozen_dtype)
+        self.checkpoints = ckpt.CheckpointWriter(
+            self.run_dir, self.env.rank, self.env.is_main, cfg.trainer.checkpoints_total_limit
+        )
+        self.checkpoints.claim()  # one writer per run folder, before anything reads or writes it
+        frozen = frozen_dtype(cfg.trainer.mixed_precision)
+        self.parts = build_components(cfg, self.device, frozen)
         if cfg.data.cached_latents:
             from fusedit.data.latent_cache import check_cache_fingerprint
 
@@ -198,9 +204,7 @@ class Trainer:
             self.parts.text_encoder.to("cpu")
         self.model_config = json.loads(self.parts.dit.to_json_string())
         self.flops = self._training_flops()
-        self.peak_flops, peak_note = device_peak(
-            self.device, frozen_dtype, cfg.trainer.peak_tflops, "trainer.peak_tflops"
-        )
+        self.peak_flops, peak_note = device_peak(self.device, frozen, cfg.trainer.peak_tflops, "trainer.peak_tflops")
         self.work = {"flops": 0.0, "text_tokens": 0.0}  # this rank's model FLOPs and real text tokens per window
         if self.env.is_main:
             log.info("MFU: %s", peak_note if self.peak_flops is None else f"against {peak_note}")
@@ -208,14 +212,10 @@ class Trainer:
             self.parts.dit.enable_gradient_checkpointing()
         self.step = 0
         self.samples_seen = 0
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
+        self.guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
         self._ema_gathered: tuple[int, dict[str, torch.Tensor] | None] | None = None
         self.data_seed = cfg.trainer.seed
         self.stream = None
-        self.checkpoints = ckpt.CheckpointWriter(
-            self.run_dir, self.env.rank, self.env.is_main, cfg.trainer.checkpoints_total_limit
-        )
         resume_step = self.checkpoints.resume_step(cfg.trainer.resume_from)
         self.resume_universal = resume_step is not None and self._prepare_universal_resume(resume_step)
         parent_weights = self._load_parent(resume_step)
@@ -389,7 +389,7 @@ class Trainer:
                 saved,
                 self.env.world_size,
             )
-            ckpt.ensure_universal(folder)
+            engine_checkpoint.ensure_universal(folder)
         barrier()
         self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
         return True
@@ -397,7 +397,7 @@ class Trainer:
     def _resume(self, step: int) -> dict | None:
         """Restore engine, EMA and counters of ``step``; return this rank's data position."""
         folder = self.checkpoints.folder(step)
-        tag = ckpt.UNIVERSAL_TAG if self.resume_universal else "deepspeed"
+        tag = engine_checkpoint.UNIVERSAL_TAG if self.resume_universal else "deepspeed"
         load_path, _ = self.engine.load_checkpoint(
             str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -406,7 +406,7 @@ class Trainer:
         self.ema.load_full_state_dict(ckpt.load_weights(folder / "ema"))
         state = self.checkpoints.trainer_state(step)
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.guard.total = int(state.get("nonfinite_total", 0))
         self.data_seed = int(state.get("data_seed", self.cfg.trainer.seed))
         if self.env.is_main:
             log.info("resumed from %s at step %d", folder, self.step)
@@ -451,90 +451,77 @@ class Trainer:
                 text = cached_text.to(dev, non_blocking=True).float()
             else:
                 text = p.text_encoder.encode(batch["input_ids"].to(dev, non_blocking=True), mask)
-        sigmas = p.flow.sample_sigmas(x0.shape[0], generator=gens, device=dev)
-        noise = p.flow.sample_noise(x0, gens)
-        x_t = p.flow.add_noise(x0, noise, sigmas)
         dtype = next(self.engine.module.parameters()).dtype
-        pred = self.engine(x_t.to(dtype), (sigmas * 1000.0).to(dtype), text.to(dtype), mask)
-        return p.flow.loss(pred.float(), x0, noise, x_t, sigmas)
+        return p.flow.training_loss(self.engine, x0, text, mask, gens, dtype)
 
     def train(self) -> dict[str, Any]:
-        cfg, env = self.cfg, self.env
-        data_iter = iter(self.loader)
-        accum = cfg.trainer.gradient_accumulation_steps
-        global_batch = cfg.data.batch_size_per_gpu * accum * env.world_size
-        bar = tqdm(
-            total=cfg.trainer.max_steps,
-            initial=self.step,
-            disable=not env.is_main,
-            desc="train",
-            dynamic_ncols=True,
-        )
-        loss_sum = torch.zeros((), device=self.device)
-        skipped = nonfinite = 0
-        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-        last: dict[str, Any] = {}
+        """Train to ``trainer.max_steps`` or an agreed stop (common.lifecycle); the last logged metrics."""
+        cfg = self.cfg
+        self._data_iter = iter(self.loader)
+        self._window = {"loss": torch.zeros((), device=self.device), "skipped": 0, "nonfinite": 0, "data_wait": 0.0}
+        self.last_logged: dict[str, Any] = {}
+        bar = tqdm(total=cfg.trainer.max_steps, initial=self.step, disable=not self.env.is_main, desc="train")
         self.engine.train()
         try:
-            while self.step < cfg.trainer.max_steps:
-                step_loss = torch.zeros((), device=self.device)
-                for micro in range(accum):
-                    t0 = time.perf_counter()
-                    batch = next(data_iter)
-                    data_wait += time.perf_counter() - t0
-                    self.stream.update(batch)
-                    skipped += int(batch.get("skipped", 0))
-                    loss = self.micro_step(batch, micro)
-                    self._count_work(batch["attention_mask"])
-                    self.engine.backward(loss)
-                    if micro == accum - 1 and self.check_grads_before_step:
-                        self._refuse_nonfinite_gradient()
-                    self.engine.step()
-                    step_loss += loss.detach()
-                self.step += 1
-                self.samples_seen += global_batch
-                window_steps += 1
-                if self._step_applied():
-                    loss_sum += step_loss
-                    if self.step % cfg.ema.update_steps == 0:
-                        self.ema.update(self.engine.module)
-                else:
-                    nonfinite += 1
-                bar.update(1)
-                logging_step = self.step % cfg.trainer.logging_steps == 0 or self.step == cfg.trainer.max_steps
-                if logging_step:
-                    elapsed = time.perf_counter() - window_start
-                    good = (window_steps - nonfinite) * accum
-                    mean = loss_sum / good if good else torch.full((), math.nan, device=self.device)
-                    last = self._log(mean, skipped, window_steps, elapsed, data_wait, nonfinite)
-                    bar.set_postfix(
-                        loss=f"{last['train/loss']:.4f}",
-                        lr=f"{last['train/lr']:.2e}",
-                        img_s=f"{last['perf/images_per_s']:.1f}",
-                    )
-                    loss_sum.zero_()
-                    skipped = nonfinite = 0
-                    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-                if cfg.trainer.sampling_steps and self.step % cfg.trainer.sampling_steps == 0:
-                    self.sample_grid()
-                # One collective to agree on a stop, on logging steps only (see common.signals).
-                stop = logging_step and self.stop_signal.agreed(self.device)
-                if self.step % cfg.trainer.checkpointing_steps == 0 or self.step == cfg.trainer.max_steps or stop:
-                    self.save_checkpoint()
-                self._ema_gathered = None  # the step's gathered EMA (grid, checkpoint) is not kept past it
-                if stop:
-                    log.warning(
-                        "signal %s received: checkpointed at step %d, stopping", self.stop_signal.received, self.step
-                    )
-                    break
+            run_loop(self, Cadence.of(cfg.trainer), self.stop_signal, self.device, bar)
         finally:
             bar.close()
             self.metrics.close()
-        return last
+        return self.last_logged
+
+    # ------------------------------------------------ the stage's part of the loop
+    def loop_step(self) -> None:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches, then the EMA."""
+        accum = self.cfg.trainer.gradient_accumulation_steps
+        window = self._window
+        step_loss = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            batch = next(self._data_iter)
+            window["data_wait"] += time.perf_counter() - t0
+            self.stream.update(batch)
+            window["skipped"] += int(batch.get("skipped", 0))
+            loss = self.micro_step(batch, micro)
+            self._count_work(batch["attention_mask"])
+            self.engine.backward(loss)
+            if micro == accum - 1 and self.check_grads_before_step:
+                self._refuse_nonfinite_gradient()
+            self.engine.step()
+            step_loss += loss.detach()
+        self.samples_seen += self.cfg.data.batch_size_per_gpu * accum * self.env.world_size
+        if self._step_applied():
+            window["loss"] += step_loss
+            if (self.step + 1) % self.cfg.ema.update_steps == 0:
+                self.ema.update(self.engine.module)
+        else:
+            window["nonfinite"] += 1
+
+    def log_window(self, steps: int, seconds: float) -> dict[str, str]:
+        window, accum = self._window, self.cfg.trainer.gradient_accumulation_steps
+        good = (steps - window["nonfinite"]) * accum
+        mean = window["loss"] / good if good else torch.full((), math.nan, device=self.device)
+        last = self._log(mean, window["skipped"], steps, seconds, window["data_wait"], window["nonfinite"])
+        self.last_logged = last
+        window["loss"].zero_()
+        window.update(skipped=0, nonfinite=0, data_wait=0.0)
+        return {
+            "loss": f"{last['train/loss']:.4f}",
+            "lr": f"{last['train/lr']:.2e}",
+            "img_s": f"{last['perf/images_per_s']:.1f}",
+        }
+
+    def save(self) -> Path:
+        return self.save_checkpoint()
+
+    def preview(self) -> Path | None:
+        return self.sample_grid()
+
+    def end_step(self) -> None:
+        self._ema_gathered = None  # the step's gathered EMA (grid, checkpoint) is not kept past it
 
     # ------------------------------------------------------ non-finite guard
     def _step_applied(self) -> bool:
-        """Whether the optimizer step just taken changed the weights; counts and limits skips.
+        """Whether the optimizer step just taken changed the weights (common.lifecycle counts and limits skips).
 
         DeepSpeed's ZeRO-1/2 optimizer (fp32 and bf16; fp16 by loss scaling) computes the global
         gradient norm, all-reduced over ranks, and skips the update on *every* rank when it is not
@@ -542,28 +529,12 @@ class Trainer:
         non-finite loss gives a non-finite norm, so one check covers both; the EMA is then skipped
         here. Every rank sees the same answer, so no collective is needed.
         """
-        if self.engine.was_step_applied():
-            self.nonfinite_in_a_row = 0
-            return True
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_total += 1
-        limit = self.cfg.trainer.max_nonfinite_steps
-        if self.env.is_main:
-            log.warning(
-                "step %d: non-finite loss or gradient norm, update skipped on every rank (%d in a row, limit %d)",
-                self.step,
-                self.nonfinite_in_a_row,
-                limit,
-            )
-        if self.nonfinite_in_a_row >= limit:
-            latest = ckpt.read_latest(self.run_dir)
-            where = str(ckpt.step_dir(self.run_dir, latest)) if latest is not None else "none was written yet"
-            raise FloatingPointError(
-                f"step {self.step}: {self.nonfinite_in_a_row} steps in a row had a non-finite loss or "
-                f"gradient norm (trainer.max_nonfinite_steps={limit}); the weights are those of step "
-                f"{self.step - self.nonfinite_in_a_row}; last good checkpoint: {where}"
-            )
-        return False
+        return self.guard.record(
+            self.engine.was_step_applied(),
+            self.step + 1,
+            lambda: last_good_checkpoint(self.run_dir),
+            warn=self.env.is_main,
+        )
 
     def _refuse_nonfinite_gradient(self) -> None:
         """ZeRO stage 0 (fp32, bf16) has no skip path: stop before a non-finite gradient reaches the weights.
@@ -620,7 +591,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "seed": self.cfg.trainer.seed,
             "data_seed": self.data_seed,
-            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_total": self.guard.total,
             "ema_bytes_per_rank": 4 * self.ema.numel_per_rank,
             "init_from": self.parent_record,
             "time": time.time(),
@@ -644,13 +615,14 @@ class Trainer:
         return self._ema_gathered[1]
 
     def _write_engine(self, partial: Path) -> None:
-        client_state = ckpt.universal_checkpoint_info()
-        self.engine.save_checkpoint(str(partial), tag=ckpt.ENGINE_TAG, client_state=client_state, save_latest=False)
+        client_state = engine_checkpoint.universal_checkpoint_info()
+        tag = engine_checkpoint.ENGINE_TAG
+        self.engine.save_checkpoint(str(partial), tag=tag, client_state=client_state, save_latest=False)
         if self.env.is_main:
-            ckpt.write_engine_latest(partial)  # <step>/latest -> "deepspeed": zero_to_fp32.py's defaults work
+            engine_checkpoint.write_engine_latest(partial)  # <step>/latest -> "deepspeed": zero_to_fp32's defaults
             # save_checkpoint ends with a barrier: every rank's shards are final, hash them while
             # rank 0 writes the weights
-            self.checkpoints.hash_soon(partial / ckpt.ENGINE_TAG)
+            self.checkpoints.hash_soon(partial / engine_checkpoint.ENGINE_TAG)
 
     def _write_weights(self, partial: Path, ema: dict[str, torch.Tensor]) -> None:
         module = self.engine.module
@@ -695,7 +667,7 @@ class Trainer:
                 seed=g.seed,
                 num_images_per_prompt=g.n_samples,
             )
-            out = self.run_dir / "samples" / f"{self.step:08d}.png"
+            out = preview_path(self.run_dir, self.step)
             save_grid(images, out, ncol=min(len(prompts), 8))
             self.metrics.log_image(self.step, "gen/images", out)
             del dit, pipe

@@ -1,22 +1,22 @@
-"""The REPA-E joint step as the original ``train_repae.py`` computes it (spec 5.2, 2.7, 4.2, 4.3, 5.3).
+"""The REPA-E joint step as the original ``train_repae.py`` computes it.
 
 Never used for training. It exists so that ``python -m repae.bench`` (and its test) can run the
 original *formulation* next to ours (:meth:`repae.train.JointTrainer.train_step`) on the same
 weights, batch and random draws, time both, and check that both give the same losses: a speed-up
 that computed something else would be worthless.
 
-Written from ``../shared/reference/repae-stage.md``. What it does the original's way, where ours
-differs:
+Written from what the original code does (docs/repae.md and docs/performance.md describe it in
+our words). What it does the original's way, where ours differs:
 
 * the SiT forward computes its losses inside itself (BN, interpolant, blocks, projectors,
   per-sample denoising loss, REPA loss) and runs the final layer and unpatchify even in the
-  alignment pass, on the block-``encoder_depth`` state (spec 2.7 step 5, defect 14); ours stops
+  alignment pass, on the block-``encoder_depth`` state (wasted work in that pass); ours stops
   after block ``encoder_depth``;
 * the REPA loss is a Python loop over encoders and samples, one normalise / dot / mean per
   sample (the REPA code base's ``proj_loss += mean_flat(...)``); ours is one batched expression;
 * the SiT BatchNorm is the module's own train-mode ``BatchNorm2d`` (ours: the global-batch
   moments of :mod:`repae.sync_bn`);
-* the VAE loss module (spec 4.2, 4.3): the discriminator's ``requires_grad`` toggled on every
+* the VAE loss module: the discriminator's ``requires_grad`` toggled on every
   call, the generator's GAN term on the reconstructions alone with the discriminator in train
   mode (its BatchNorm running statistics are updated too), the discriminator loss from two
   passes (real, fake), LPIPS fed ``2x - 1``, results kept as a dict of detached tensors;

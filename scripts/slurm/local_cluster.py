@@ -36,7 +36,7 @@ MUNGE_KEY = Path("/etc/munge/munge.key")
 HOSTS_FILE = Path("/etc/hosts")
 HOSTS_MARK = "# fusedit local SLURM cluster"
 # Short enough that a test of a dying node ends in seconds, long enough for a loaded 2-core machine.
-# KillWait: SIGTERM -> SIGKILL grace of a cancelled or timed-out step; see README "Scaling out".
+# KillWait: SIGTERM -> SIGKILL grace of a cancelled or timed-out step; see docs/scaling-out.md.
 TIMING = {"KillWait": 10, "MessageTimeout": 20, "SlurmdTimeout": 30}
 
 

@@ -140,8 +140,12 @@ def cases(toy: Path, runs: dict[str, Path], out: Path) -> list[Case]:
         ]
     found.append(Case("train.py", "NaN in the YAML file", ["train.py", "-c", str(files / "nan.yaml"), *t2i], "lr"))
     found.append(
-        Case("repae.train_ldm", "the joint trainer's run folder", ["-m", "repae.train_ldm", "-c", REPAE_CONFIG,
-             *repae_overrides(toy, runs["repae"]), "trainer.max_steps=4"], "joint trainer")  # fmt: skip
+        Case(
+            "repae.train_ldm",
+            "the joint trainer's run folder",
+            ["-m", "repae.train_ldm", "-c", REPAE_CONFIG, *repae_overrides(toy, runs["repae"]), "trainer.max_steps=4"],
+            "joint trainer",
+        )  # fmt: skip
     )
     # readers of run folders
     for stage, reader, head in (

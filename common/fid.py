@@ -308,9 +308,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.lifecycle import UsageExit
+
     args = parse_args(argv)
     if args.resolution < 1:
-        raise SystemExit(f"--resolution must be positive, got {args.resolution}")
+        raise UsageExit(f"--resolution must be positive, got {args.resolution}")
+    for flag, folder in (("--real_images", args.real_images), ("--fake_images", args.fake_images)):
+        if folder is not None and not Path(folder).is_dir():  # before the feature extractor loads
+            raise UsageExit(f"{flag} {folder}: not a folder")
     try:
         result = compute_fid(
             args.real_images,
@@ -326,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             verbose=True,
         )
     except (FileNotFoundError, ValueError, ImportError) as e:
-        raise SystemExit(f"fid.py: error: {e}") from e
+        raise UsageExit(str(e)) from e
     text = json.dumps(result, indent=2)
     if args.out:
         write_text_atomic(args.out, text + "\n")

@@ -181,6 +181,22 @@ def error_exit(message: str, code: ExitCode = ExitCode.USER_ERROR, prog: str | N
     return int(code)
 
 
+class UsageExit(SystemExit):
+    """A user error deep in a tool's own code: one ``error:`` line now, exit 2 (still a ``SystemExit``).
+
+    For tools whose callers and tests already expect ``SystemExit``; a bare ``SystemExit("text")``
+    exits 1, which the exit-code table reserves for crashes.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(int(ExitCode.USER_ERROR))
+        self.message = message
+        print(f"error: {message}", file=sys.stderr)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """What a user got wrong, for every entry point to turn into one line and exit 2 (never a traceback).
 
@@ -192,6 +208,20 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from common.config import ConfigError
 
     return (ConfigError, CheckpointDamaged)
+
+
+def run_cli(prog: str, main: Callable[[], object]) -> int:
+    """A tool's entry point: user errors and missing files or folders end in one ``prog: error:`` line, exit 2.
+
+    ``OSError`` covers a missing input (``FileNotFoundError``), a permission problem, and a model
+    hub that cannot be reached offline; the first line of its message is kept.
+    """
+    try:
+        status = main()
+        return status if isinstance(status, int) else 0  # some tools return their report
+    except (*user_errors(), OSError) as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        return error_exit(lines[0] if lines else type(err).__name__, prog=prog)
 
 
 def run_entry(body: Callable[[], object], cleanup: Callable[[], None] | None = None) -> int:
@@ -226,10 +256,12 @@ __all__ = [
     "NonFiniteGuard",
     "NonFiniteStop",
     "Stage",
+    "UsageExit",
     "error_exit",
     "user_errors",
     "last_good_checkpoint",
     "preview_path",
+    "run_cli",
     "run_entry",
     "run_loop",
 ]

@@ -7,6 +7,7 @@ before they build anything; they are read here, once, from the config alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -38,8 +39,20 @@ class VaeSpec:
         if self.kind not in VAE_KINDS:
             raise ValueError(f"VaeSpec.kind must be one of {VAE_KINDS}, got {self.kind!r}")
 
+    def require_local_folder(self) -> None:
+        """A path that is clearly local (absolute, ``./``, ``../``, ``~``) must exist.
+
+        Otherwise diffusers takes it for a hub id and, offline, fails with a message about the
+        internet connection that names neither the path nor the flag.
+        """
+        name = str(self.pretrained_model_name_or_path)
+        local = name.startswith(("/", "./", "../", "~"))
+        if local and not Path(name).expanduser().exists():
+            raise FileNotFoundError(f"{name}: no such VAE folder (a hub id has the form org/name)")
+
     def resolve_kind(self) -> str:
         """Return "kl" or "qwen"; reads the saved config only when the path does not decide it."""
+        self.require_local_folder()
         if self.kind != "auto":
             return self.kind
         if "qwen" in str(self.pretrained_model_name_or_path).lower():

@@ -119,4 +119,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common.lifecycle import run_cli
+
+    sys.exit(run_cli("python -m evaluation.check_latents", main))

@@ -1054,9 +1054,9 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, Path]:
     for value in values or []:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"{flag} expects NAME=PATH, got {value!r}")
+            raise ValueError(f"{flag} expects NAME=PATH, got {value!r}")
         if name in out:
-            raise SystemExit(f"{flag}: name {name!r} given twice")
+            raise ValueError(f"{flag}: name {name!r} given twice")
         out[name] = Path(path)
     return out
 
@@ -1097,8 +1097,11 @@ def read_study(path: Path) -> Mapping[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runs = _pairs(args.run, "--run")
     try:
+        runs = _pairs(args.run, "--run")
+        for name, folder in runs.items():
+            if not folder.is_dir():
+                raise ValueError(f"--run {name}={folder}: no such run folder")
         study = read_study(args.study) if args.study is not None else None
         path = build_report(
             runs,
@@ -1118,4 +1121,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common.lifecycle import run_cli
+
+    sys.exit(run_cli("report.py", main))

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from common.files import write_json_atomic
+from common.lifecycle import UsageExit
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_T2I = (
@@ -186,9 +187,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def parse_arm(text: str) -> tuple[str, Path]:
     name, sep, config = text.partition("=")
     if not sep or not name or not config:
-        raise SystemExit(f"--arm {text!r}: expected NAME=CONFIG")
+        raise UsageExit(f"--arm {text!r}: expected NAME=CONFIG")
     if not Path(config).is_file():
-        raise SystemExit(f"--arm {name}: config {config} not found")
+        raise UsageExit(f"--arm {name}: config {config} not found")
     return name, Path(config).resolve()  # runs start in the repository root, wherever this was called
 
 
@@ -373,12 +374,12 @@ def check_study_folder(study: Study, write: bool = True, grow_arms: bool = False
             before = {a["name"]: a for a in previous.get("arms", [])}
             changed_arms = [a["name"] for a in current["arms"] if a["name"] in before and before[a["name"]] != a]
             if changed_arms:
-                raise SystemExit(f"{out} holds arms {changed_arms} with other settings: pick another --out")
+                raise UsageExit(f"{out} holds arms {changed_arms} with other settings: pick another --out")
             merged = [*before.values(), *(a for a in current["arms"] if a["name"] not in before)]
             current, previous = {**current, "arms": merged}, {**previous, "arms": merged}  # arms compared above
         if previous != current:
             changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-            raise SystemExit(
+            raise UsageExit(
                 f"{out} holds another study (differs in {', '.join(changed)}): pick another --out or delete it"
             )
     if write:  # a dry run checks but leaves no trace
@@ -708,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     toy = args.toy.resolve() if args.toy is not None else None
     if toy is not None and not (toy / "world.json").is_file():
-        raise SystemExit(f"{toy}: no toy world (build it: python dataset_download.py --toy {args.toy})")
+        raise UsageExit(f"{toy}: no toy world (build it: python dataset_download.py --toy {args.toy})")
     out = args.out.resolve()
     if args.arm:
         studies = [(config_study(args), "Paired study")]
@@ -743,4 +744,6 @@ def index_page(out: Path, studies: list[tuple[Study, str]]) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common.lifecycle import run_cli
+
+    sys.exit(run_cli("python -m evaluation.study", main))

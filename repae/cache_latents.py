@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -401,4 +402,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common.lifecycle import run_cli
+
+    sys.exit(run_cli("python -m repae.cache_latents", main))

@@ -46,6 +46,7 @@ from torch import nn
 
 from common.files import write_json_atomic
 from common.images import psnr, quantise
+from common.lifecycle import UsageExit
 from common.randomness import STREAM_RECONSTRUCTION, derive_seed
 from common.vae_config import normalisation_constants, normalisation_source
 
@@ -688,7 +689,7 @@ def _paired(values: list[str] | None, n: int, flag: str) -> list[str | None]:
     if not values:
         return [None] * n
     if len(values) != n:
-        raise SystemExit(f"{flag} was given {len(values)} times for {n} --vae; give it once per --vae ('none' to skip)")
+        raise UsageExit(f"{flag} was given {len(values)} times for {n} --vae; give it once per --vae ('none' to skip)")
     return [None if v.lower() in ("none", "") else v for v in values]
 
 
@@ -751,7 +752,7 @@ def _folder_limit(folder: str, limit: int | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.resolution < 1 or args.batch_size < 1 or args.num_images < 0:
-        raise SystemExit("--resolution and --batch-size must be positive, --num-images >= 0")
+        raise UsageExit("--resolution and --batch-size must be positive, --num-images >= 0")
     n = len(args.vae)
     checkpoints = _paired(args.vae_checkpoint, n, "--vae-checkpoint")
     subfolders = _paired(args.vae_subfolder, n, "--vae-subfolder")
@@ -765,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             lpips_fn = build_lpips(net="vgg", backbone=args.lpips_backbone).to(device).eval()
         except (RuntimeError, OSError, ValueError) as e:
-            raise SystemExit(f"repae.diagnostics: LPIPS: {e} (or use --lpips-backbone random / --no-lpips)") from e
+            raise UsageExit(f"repae.diagnostics: LPIPS: {e} (or use --lpips-backbone random / --no-lpips)") from e
     skipped: list[str] = []
     try:
         limit = _folder_limit(args.images, args.num_images or None) if args.images else args.num_images or None
@@ -783,7 +784,9 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
         )
     except (OSError, ValueError) as e:  # missing files / VAEs, bad shapes, too few images
-        raise SystemExit(f"repae.diagnostics: error: {e}") from e
+        from common.lifecycle import error_exit
+
+        return error_exit(str(e), prog="repae.diagnostics")
     report["config"].update(
         images=args.images,
         shards=args.shards,
@@ -802,4 +805,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common.lifecycle import run_cli
+
+    sys.exit(run_cli("python -m repae.diagnostics", main))

@@ -27,6 +27,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -375,4 +376,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common.lifecycle import run_cli
+
+    sys.exit(run_cli("python -m repae.preprocess", main))

@@ -218,6 +218,135 @@ def cases(toy: Path, runs: dict[str, Path], out: Path) -> list[Case]:
             "num_inference_steps",
         ),  # fmt: skip
         Case("fusedit.tools.demo", "unknown flag", ["-m", "fusedit.tools.demo", "--no-such-flag"], "--no-such-flag"),
+        Case(
+            "train.py --dry-run",
+            "NaN learning rate",
+            [
+                "train.py",
+                "-c",
+                T2I_CONFIG,
+                "--dry-run",
+                "model.text_hidden_size=64",
+                "model.in_channels=4",
+                "optimizer.lr=.nan",
+            ],
+            "optimizer.lr",
+        ),  # fmt: skip
+        Case(
+            "fusedit.tools.bench",
+            "YAML syntax error",
+            ["-m", "fusedit.tools.bench", "-c", str(files / "bad.yaml")],
+            "bad.yaml",
+        ),  # fmt: skip
+        Case(
+            "fusedit.tools.sweep",
+            "YAML syntax error",
+            ["-m", "fusedit.tools.sweep", "--configs", str(files / "bad.yaml"), "--dry-run", "--executor", "local"],
+            "bad.yaml",
+        ),  # fmt: skip
+        Case(
+            "fusedit.tools.sweep",
+            "unknown flag",
+            ["-m", "fusedit.tools.sweep", "--configs", T2I_CONFIG, "--no-such-flag"],
+            "--no-such-flag",
+        ),  # fmt: skip
+        Case(
+            "repae.cache_latents",
+            "missing shards",
+            [
+                "-m",
+                "repae.cache_latents",
+                "--vae",
+                str(toy / "vae"),
+                "--shards",
+                str(files / "no-such-shards-{0..1}.tar"),
+                "--out",
+                str(out / "c"),
+            ],
+            "no-such-shards",
+        ),  # fmt: skip
+        Case(
+            "repae.cache_latents",
+            "missing VAE",
+            [
+                "-m",
+                "repae.cache_latents",
+                "--vae",
+                str(files / "no-such-vae"),
+                "--shards",
+                str(toy / "shards" / "train-000000.tar"),
+                "--out",
+                str(out / "c2"),
+            ],
+            "no-such-vae",
+        ),  # fmt: skip
+        Case(
+            "repae.diagnostics",
+            "missing VAE",
+            [
+                "-m",
+                "repae.diagnostics",
+                "--vae",
+                str(files / "no-such-vae"),
+                "--shards",
+                str(toy / "shards" / "train-000000.tar"),
+                "--no-lpips",
+                "--no-rfid",
+                "--out",
+                str(out / "d"),
+            ],
+            "no-such-vae",
+        ),  # fmt: skip
+        Case(
+            "repae.preprocess",
+            "missing ImageNet folder",
+            ["-m", "repae.preprocess", "--imagenet-path", str(files / "no-such-imagenet"), "--out", str(out / "p")],
+            "no-such-imagenet",
+        ),  # fmt: skip
+        Case(
+            "evaluation/fid.py",
+            "missing image folder",
+            [
+                "evaluation/fid.py",
+                "--real_images",
+                str(files / "no-such-real"),
+                "--fake_images",
+                str(files / "no-such-fake"),
+                "--resolution",
+                "32",
+            ],
+            "no-such",
+        ),  # fmt: skip
+        Case(
+            "evaluation/toy_eval.py",
+            "missing image folder",
+            ["evaluation/toy_eval.py", "--images", str(files / "no-such-images"), "--toy", str(toy)],
+            "no-such-images",
+        ),  # fmt: skip
+        Case(
+            "evaluation/report.py",
+            "missing run",
+            ["evaluation/report.py", "--run", f"a={files / 'no-such-run'}", "--out", str(out / "r")],
+            "no-such-run",
+        ),  # fmt: skip
+        Case(
+            "evaluation/report.py",
+            "--run without a name",
+            ["evaluation/report.py", "--run", str(runs["t2i"]), "--out", str(out / "r2")],
+            "--run",
+        ),  # fmt: skip
+        Case(
+            "evaluation/check_latents.py",
+            "missing VAE",
+            ["evaluation/check_latents.py", "--vae", str(files / "no-such-vae"), "--toy", str(toy)],
+            "no-such-vae",
+        ),  # fmt: skip
+        Case(
+            "common.verify",
+            "unknown flag",
+            ["-m", "common.verify", str(runs["t2i"]), "--no-such-flag"],
+            "--no-such-flag",
+        ),  # fmt: skip
         Case("dataset_download.py", "unknown flag", ["dataset_download.py", "--no-such-flag"], "--no-such-flag"),
     ]
     return found

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.config import ConfigError
 from common.files import write_json_atomic
 from common.machine import PEAK_BF16_DENSE, device_peak, machine_info
 from common.randomness import STREAM_BENCH, derive_seed
@@ -129,7 +130,7 @@ def random_init_frozen(cfg: Any, device: torch.device, dtype: torch.dtype, text_
         raise SystemExit("--random-init-frozen: set data.tokenizer=PATH (any local tokenizer, e.g. toy/text_encoder)")
     arch = describe_text_encoder(cfg).arch
     if arch is None:
-        raise SystemExit(f"--random-init-frozen: the architecture of {cfg.model.base!r} is not known offline")
+        raise ConfigError(f"--random-init-frozen: the architecture of {cfg.model.base!r} is not known offline")
     arch = {**arch, "num_hidden_layers": text_layers or arch["num_hidden_layers"]}
     vocab = len(AutoTokenizer.from_pretrained(cfg.data.tokenizer))
     with torch.device(device):
@@ -1049,4 +1050,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from common.lifecycle import run_cli
+
+    sys.exit(run_cli("python -m fusedit.tools.bench", main))

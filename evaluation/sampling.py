@@ -356,15 +356,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     """Refuse what the reference silently accepted or that would fail late, on every process."""
     if args.type not in SUPPORTED_TYPES:
         parser.error(f"--type {args.type!r} is not supported: only {SUPPORTED_TYPES} checkpoints are trained here")
-    for name in ("num_inference_steps", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if getattr(args, "n_samples", 1) < 1:
-        parser.error(f"--n_samples must be >= 1, got {args.n_samples}")
-    if args.resolution is not None and args.resolution < 1:
-        parser.error(f"--resolution must be >= 1, got {args.resolution}")
-    if args.num_samples is not None and args.num_samples < 1:
-        parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
+    # counts and steps are refused at the flag (common.argtypes.positive_int)
     if args.vae_subfolder and not args.vae:
         parser.error("--vae_subfolder needs --vae")
 

@@ -492,8 +492,6 @@ def prepare(args: argparse.Namespace, device: torch.device) -> Job:
     """Load the checkpoint and resolve every setting; ValueError for anything inconsistent."""
     from repae.checkpoint import load_sampling_bundle
 
-    if args.num_samples < 1 or args.batch_size < 1 or args.chunk_size < 1:
-        raise ValueError("--num-samples, --batch-size and --chunk-size must be >= 1")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     bundle = load_sampling_bundle(args.run, args.tag, not args.no_ema, device)
     sampling = resolve_sampling(args, run_config(bundle, args.run))

@@ -1,9 +1,9 @@
 """Get training data: the real BLIP3o webdataset shards, or the offline toy world.
 
-Real data (needs network; ~32M images, so check the printed total with --dry_run first):
+Real data (needs network; ~32M images, so check the printed total with --dry-run first):
 
-    python dataset_download.py --output_dir data
-    python dataset_download.py --repos BLIP3o/BLIP3o-Pretrain-Short-Caption --dry_run
+    python dataset_download.py --output-dir data
+    python dataset_download.py --repos BLIP3o/BLIP3o-Pretrain-Short-Caption --dry-run
 
 Toy world (offline, deterministic; what the tests and ``make demo`` use):
 
@@ -22,6 +22,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from common.argtypes import DashedArgumentParser
+
 DEFAULT_REPOS = (
     "BLIP3o/BLIP3o-Pretrain-Long-Caption",
     "BLIP3o/BLIP3o-Pretrain-Short-Caption",
@@ -29,14 +31,13 @@ DEFAULT_REPOS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = DashedArgumentParser(  # also reads the old spellings (--output_dir)
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     real = parser.add_argument_group("real data (Hugging Face Hub)")
     real.add_argument(
-        "--output_dir",
         "--output-dir",
         default="data",
         help="each repository goes to <output_dir>/<repository name>/ (default: %(default)s)",
@@ -48,23 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OWNER/NAME",
         help="dataset repositories to download (default: both BLIP3o pretraining sets)",
     )
-    real.add_argument("--dry_run", "--dry-run", action="store_true", help="list what would be downloaded, then stop")
+    real.add_argument("--dry-run", action="store_true", help="list what would be downloaded, then stop")
     toy = parser.add_argument_group("toy world (offline)")
     toy.add_argument("--toy", metavar="DIR", help="build the procedurally generated toy world in DIR instead")
     toy.add_argument("--seed", type=int, default=0, help="toy world seed (default: %(default)s)")
     toy.add_argument("--resolution", type=int, default=32, help="toy image size in pixels (default: %(default)s)")
+    toy.add_argument("--num-train", type=int, default=8192, help="toy training images (default: %(default)s)")
     toy.add_argument(
-        "--num_train", "--num-train", type=int, default=8192, help="toy training images (default: %(default)s)"
-    )
-    toy.add_argument(
-        "--vae_steps",
         "--vae-steps",
         type=int,
         default=None,
         help="toy VAE training steps (default: toyworld.world.STEPS; a fixed count, never a time budget)",
     )
     toy.add_argument(
-        "--scorer_steps",
         "--scorer-steps",
         type=int,
         default=None,

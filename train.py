@@ -2,7 +2,7 @@
 
 Examples:
   python train.py -c configs/e2e-vae/toy.yaml                       # one process (CPU or one GPU)
-  torchrun --nproc_per_node 8 train.py -c CONFIG --deepspeed_config_path configs/deepspeed/zero2.json
+  torchrun --nproc_per_node 8 train.py -c CONFIG --deepspeed-config-path configs/deepspeed/zero2.json
   srun torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d ... train.py -c CONFIG
   python train.py -c CONFIG trainer.max_steps=1000 data.batch_size_per_gpu=16   # key=value overrides
   python train.py -c CONFIG --dry-run --world-size 32   # plan: params, FLOPs, memory per GPU; no GPU
@@ -29,21 +29,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    from common.argtypes import DashedArgumentParser
+
+    parser = DashedArgumentParser(  # also reads the old spellings (--deepspeed_config_path)
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-c", "--config", required=True, help="training YAML (see configs/e2e-vae/)")
     parser.add_argument(
-        "--deepspeed_config_path",
+        "--deepspeed-config-path",
         default=None,
         help="DeepSpeed JSON; 'auto' fields are filled from the YAML (default: built-in ZeRO-2)",
     )
-    plan = parser.add_argument_group("dry run (fusedit/plan.py): plan without GPUs, weights, data or processes")
+    plan = parser.add_argument_group("dry run (fusedit/tools/plan.py): plan without GPUs, weights, data or processes")
     plan.add_argument(
         "--dry-run",
-        "--dry_run",
         action="store_true",
         help="build the DiT on the meta device, print parameters, FLOPs/step and memory/GPU, write "
         "<checkpoint_dir>/plan.json and config.resolved.yaml, then exit",
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     plan.add_argument(
         "--text-tokens", type=int, default=None, help="text tokens per prompt (default: data.max_prompt_length)"
     )
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # torch.distributed.launch
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
     return parser.parse_args(argv)
 

@@ -23,8 +23,8 @@ A run directory looks like::
 Every rank writes into ``.<step>.partial/``; after a barrier rank 0 renames it to ``<step>/``
 and only then rewrites ``latest`` (temp file + ``os.replace``). A kill at any moment therefore
 leaves either the previous complete checkpoint or the new one as ``latest``, never a tag whose
-files are missing (reference defect 11). Evaluation reads only the safetensors folders, so no
-pickle from a checkpoint is ever loaded outside the trainer's own resume.
+files are missing (reference defect T2I-D11, docs/reference-facts.md). Evaluation reads only the safetensors
+folders, so no pickle from a checkpoint is ever loaded outside the trainer's own resume.
 
 Verified checkpoints. Before publishing, rank 0 hashes every file of the partial folder into
 ``manifest.json`` (a thread pool; weights handed over with their tensors,

@@ -22,12 +22,12 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.files import write_text_atomic
@@ -253,15 +253,7 @@ def merge_structured(
     notices: list[str] = []
     try:
         if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file not found: {p}")
-            loaded = load_yaml_file(p)
-            if not isinstance(loaded, DictConfig):
-                raise ConfigError(f"{p}: top level must be a mapping of sections")
-            if aliases:
-                loaded = _aliased(loaded, _AliasedSource(aliases, str(p), notices))
-            layers.append(loaded)
+            layers.extend(file_layers(Path(path), aliases, notices))
         parsed = [parse_override(item) for item in overrides or []]
         if aliases:
             source = _AliasedSource(aliases, "overrides", notices)
@@ -284,6 +276,44 @@ def merge_structured(
     if bad:
         raise ConfigError("; ".join(f"{name}: must be a finite number, got {value}" for name, value in bad))
     return cfg
+
+
+EXTENDS = "extends"
+
+
+def file_layers(
+    path: Path, aliases: AliasTable | None = None, notices: list[str] | None = None, chain: tuple[Path, ...] = ()
+) -> list[DictConfig]:
+    """A config file and the files it ``extends``, as layers to merge in order (bases first).
+
+    ``extends: base.yaml`` (or a list of files, merged left to right) at the top level of a file
+    starts it from those files, paths relative to the file itself; the file's own keys win. So a
+    family of configs is one base plus short overlays (the 3B study's per-VAE files), and what a
+    run records is still the one resolved config. Aliases are applied per file, so a base written
+    in an old spelling and an overlay in the new one cannot both set a key unnoticed.
+    """
+    where = f"{chain[-1]}: {EXTENDS} " if chain else "config file "
+    if path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise ConfigError(f"{EXTENDS}: the files extend each other in a circle ({cycle})")
+    if not path.is_file():
+        raise ConfigError(f"{where}not found: {path}")
+    loaded = load_yaml_file(path)
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    parents = loaded.pop(EXTENDS, None)
+    if isinstance(parents, str):
+        parents = [parents]
+    elif parents is not None and not (
+        isinstance(parents, ListConfig) and all(isinstance(item, str) for item in parents)
+    ):
+        raise ConfigError(f"{path}: {EXTENDS}: expected a file name or a list of file names, got {parents!r}")
+    layers: list[DictConfig] = []
+    for parent in parents or ():
+        layers.extend(file_layers(path.parent / parent, aliases, notices, (*chain, path.resolve())))
+    if aliases:
+        loaded = _aliased(loaded, _AliasedSource(aliases, str(path), notices if notices is not None else []))
+    return [*layers, loaded]
 
 
 def load_yaml_file(path: Path) -> Any:
@@ -360,6 +390,58 @@ def save_config(cfg: Any, path: str | Path) -> None:
 # --------------------------------------------------------------------------------------------
 MIXED_PRECISION = ("no", "bf16", "fp16")
 REPORTERS = ("tensorboard", "wandb")
+
+
+@dataclass
+class SharedTrainer:
+    """The ``trainer`` fields both stages have, declared once (checked by :func:`check_trainer`).
+
+    Each stage's section extends this class with its own fields. A stage that needs another
+    default redeclares the field in its section with a comment saying why; these are the defaults
+    of neither stage in particular.
+    """
+
+    # The run's name: its folder name, the progress bar's and the tracker's run name.
+    run: str = "run"
+    # The tracker's project (wandb).
+    project: str = "e2e-vae"
+    # The run directory: config.yaml, metrics.jsonl, checkpoints (<step>/, latest), samples/.
+    checkpoint_dir: str = "output/${trainer.run}"
+    max_steps: int = 500_000
+    # Global L2-norm clipping of the gradients; 0 disables it.
+    gradient_clipping: float = 1.0
+    # "bf16" on GPUs; "no" (fp32) is what CPUs train in; "fp16" with a loss scaler.
+    mixed_precision: str = "bf16"
+    seed: int = 42
+    logging_steps: int = 100
+    checkpointing_steps: int = 50_000
+    # Keep only the newest N checkpoints (null keeps every one).
+    checkpoints_total_limit: Optional[int] = None
+    # Preview sample grids every N steps (samples/<step:08d>.png); 0 disables them.
+    sampling_steps: int = 50_000
+    # "latest", a step number as a string, or null to always start fresh.
+    resume_from: Optional[str] = "latest"
+    # torch.compile the trained network (inductor).
+    compile: bool = False
+    # Trackers next to metrics.jsonl (always written): "tensorboard", "wandb".
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # A step whose loss or gradient norm is not finite is skipped on every rank (weights, optimizer
+    # state and EMA untouched); this many skips in a row stop the run (exit code 3).
+    max_nonfinite_steps: int = 20
+
+
+@dataclass
+class SharedSample:
+    """The ``sample`` fields both stages have (preview grids during training, sampler defaults).
+
+    Each stage's ``sample`` section extends this class; the defaults are each stage's reference
+    recipe, so both redeclare them.
+    """
+
+    # ODE steps of the sampler.
+    num_steps: int = 50
+    # Classifier-free guidance scale; 1 disables guidance.
+    cfg_scale: float = 4.0
 
 
 def normalise_trainer(trainer: Any) -> None:

@@ -1,15 +1,15 @@
 """FID of a folder of generated images against a folder of real images (clean-fid, "clean" mode).
 
-    python evaluation/fid.py --real_images data/mjhq30k --fake_images out/mjhq --resolution 256 \\
-        --dataset_name mjhq --out out/mjhq_fid.json
+    python evaluation/fid.py --real-images data/mjhq30k --fake-images out/mjhq --resolution 256 \\
+        --dataset-name mjhq --out out/mjhq_fid.json
 
-What changes from the reference's ``evaluation/fid.py`` (spec 6.3 and 9.10):
+What changes from the reference's ``evaluation/fid.py`` (docs/reference-facts.md, T2I-6.3 and T2I-D10):
 
 * real images are centre-cropped and resized to the evaluation resolution (PIL bicubic, then
   quantised to uint8, as if they had been sampled at that size) *before* clean-fid's own 299 px
   resize, so a 1024 px MJHQ photo is compared with a 256 px sample on equal terms; generated
   images go through the same function (a no-op when they already have that size);
-* reference statistics are cached in our own folder (``--cache_dir``, default
+* reference statistics are cached in our own folder (``--cache-dir``, default
   ``~/.cache/fusedit/fid``) under a key made of the dataset name, the resolution, the feature
   extractor and a hash of the sorted real file list with sizes and mtimes, so changing, adding or
   removing a real image, or the resolution, can never reuse stale statistics (the reference
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.argtypes import DashedArgumentParser
 from common.files import write_text_atomic, write_with
 
 DEFAULT_CACHE = Path(os.environ.get("FUSEDIT_FID_CACHE", "~/.cache/fusedit/fid")).expanduser()
@@ -281,27 +282,26 @@ def _version(package: str) -> str | None:
 # Command line
 # --------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = DashedArgumentParser(  # also reads the old spellings (--real_images)
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--real_images", required=True, help="folder of real images (searched recursively)")
-    p.add_argument("--real_list", default=None, help="text file of image paths relative to --real_images to use")
-    p.add_argument("--fake_images", required=True, help="folder of generated images")
+    p.add_argument("--real-images", required=True, help="folder of real images (searched recursively)")
+    p.add_argument("--real-list", default=None, help="text file of image paths relative to --real-images to use")
+    p.add_argument("--fake-images", required=True, help="folder of generated images")
     p.add_argument("--resolution", type=int, required=True, help="evaluation resolution (the sampling resolution)")
-    p.add_argument("--dataset_name", default="custom", help="name in the statistics cache key (mjhq, coco, ...)")
+    p.add_argument("--dataset-name", default="custom", help="name in the statistics cache key (mjhq, coco, ...)")
     p.add_argument(
         "--feature-extractor",
-        "--feature_extractor",
         dest="feature_extractor",
         default=None,
         help="module:function returning a features callable (default: clean-fid InceptionV3); "
         "common.fid:random_conv_extractor is a local, offline one for smoke tests",
     )
-    p.add_argument("--cache_dir", default=str(DEFAULT_CACHE), help="reference statistics cache")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding workers")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="reference statistics cache")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding workers")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--out", default=None, help="write the result JSON here")
     return p.parse_args(argv)
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.resolution < 1:
         raise UsageExit(f"--resolution must be positive, got {args.resolution}")
-    for flag, folder in (("--real_images", args.real_images), ("--fake_images", args.fake_images)):
+    for flag, folder in (("--real-images", args.real_images), ("--fake-images", args.fake_images)):
         if folder is not None and not Path(folder).is_dir():  # before the feature extractor loads
             raise UsageExit(f"{flag} {folder}: not a folder")
     try:

@@ -201,7 +201,7 @@ class TrainJob(Checkpointable):
             return [*self.run.entry, "-c", self.run.config, *self.run.overrides]
         args = [str(TRAIN_SCRIPT), "-c", self.run.config]
         if self.deepspeed_config:
-            args += ["--deepspeed_config_path", self.deepspeed_config]
+            args += ["--deepspeed-config-path", self.deepspeed_config]
         return args + list(self.run.overrides)
 
     def command(self, hostnames: list[str] | None = None, job_id: str = "0") -> list[str]:

@@ -14,6 +14,18 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# One metric namespace for both stages (what metrics.jsonl, TensorBoard and wandb show):
+#   train/<name>   losses, learning rate, gradient norms, train/nonfinite_skipped (steps the
+#                  non-finite guard skipped in the logging window), train/samples_seen
+#   data/skipped   corrupt or incomplete samples skipped in the window, all ranks together
+#   perf/<name>    throughput (images, tokens or steps per second, data-wait fraction, MFU)
+TRAIN, DATA, PERF = "train/", "data/", "perf/"
+
+
+def train_key(name: str) -> str:
+    """A stage's own loss or gradient-norm name in the shared namespace (``sit_loss`` -> ``train/sit_loss``)."""
+    return name if name.startswith((TRAIN, DATA, PERF)) else TRAIN + name
+
 
 class MetricsLogger:
     def __init__(

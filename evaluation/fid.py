@@ -1,7 +1,7 @@
 """FID of generated images against real ones: the command line of :mod:`common.fid`.
 
-    python evaluation/fid.py --real_images data/mjhq30k --fake_images out/mjhq --resolution 256 \\
-        --dataset_name mjhq --out out/mjhq_fid.json
+    python evaluation/fid.py --real-images data/mjhq30k --fake-images out/mjhq --resolution 256 \\
+        --dataset-name mjhq --out out/mjhq_fid.json
 
 The metric itself lives in ``common.fid`` because both stages use it (the REPA-E VAE
 diagnostics compute rFID); this file keeps the evaluation layer's entry point.

@@ -649,7 +649,7 @@ def training_samples_section(runs: Mapping[str, Path], names: list[str], out: Pa
     ]
     return (
         f"<h3>training-time samples, step {step}</h3>"
-        "<p class='note'>Written by the trainer from <code>gen.val_prompt_file</code> with <code>gen.seed</code>.</p>"
+        "<p class='note'>Written by the trainer from <code>sample.prompt_file</code> with <code>sample.seed</code>.</p>"
         f"<div class='row grid'>{''.join(figures)}</div>"
     )
 

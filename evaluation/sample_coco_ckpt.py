@@ -1,7 +1,7 @@
 """Sample COCO-30K prompts from a training checkpoint; all logic lives in evaluation/sampling.py.
 
-python evaluation/sample_coco_ckpt.py --checkpoint RUN --save_dir OUT
-accelerate launch --num_processes 8 evaluation/sample_coco_ckpt.py --checkpoint RUN --save_dir OUT
+python evaluation/sample_coco_ckpt.py --checkpoint RUN --save-dir OUT
+accelerate launch --num_processes 8 evaluation/sample_coco_ckpt.py --checkpoint RUN --save-dir OUT
 """
 
 import sys

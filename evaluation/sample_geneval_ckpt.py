@@ -1,7 +1,7 @@
 """Sample GenEval prompts from a training checkpoint; all logic lives in evaluation/sampling.py.
 
-python evaluation/sample_geneval_ckpt.py --checkpoint RUN --save_dir OUT
-accelerate launch --num_processes 8 evaluation/sample_geneval_ckpt.py --checkpoint RUN --save_dir OUT
+python evaluation/sample_geneval_ckpt.py --checkpoint RUN --save-dir OUT
+accelerate launch --num_processes 8 evaluation/sample_geneval_ckpt.py --checkpoint RUN --save-dir OUT
 """
 
 import sys

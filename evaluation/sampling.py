@@ -1,6 +1,7 @@
 """Benchmark sampling shared by the five ``evaluation/sample_*_ckpt.py`` scripts.
 
-One module, five output layouts. What it fixes over the reference scripts (spec sections 6 and 9):
+One module, five output layouts. What it fixes over the reference scripts (docs/reference-facts.md, T2I-6 and
+reference defects T2I-D6 to T2I-D9, T2I-D12):
 
 * every image's noise comes from (seed, global prompt index, sample index), so the images do not
   depend on the number of processes, the batch size or which prompts share a batch;
@@ -14,7 +15,7 @@ One module, five output layouts. What it fixes over the reference scripts (spec 
 
 Launch one process or many, the result is the same::
 
-    python evaluation/sample_coco_ckpt.py --checkpoint RUN --save_dir out/coco
+    python evaluation/sample_coco_ckpt.py --checkpoint RUN --save-dir out/coco
     accelerate launch --num_processes 8 evaluation/sample_coco_ckpt.py --checkpoint RUN ...
     torchrun --standalone --nproc_per_node 2 evaluation/sample_coco_ckpt.py ...   # CPU, gloo
 """
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from common.argtypes import finite_float, positive_int
+from common.argtypes import DashedArgumentParser, finite_float, positive_int
 from common.files import write_text_atomic, write_with
 from common.images import quantise
 
@@ -216,11 +217,11 @@ class FlatLayout(Layout):
         if clash is not None:
             raise SamplingError(
                 f"{self.save_dir / INDEX_NAME}: {clash.name} was sampled for {existing[clash.name]!r}, "
-                f"the prompt file now says {clash.text!r}; use another --save_dir"
+                f"the prompt file now says {clash.text!r}; use another --save-dir"
             )
 
     def prepare(self, items: Sequence[PromptItem]) -> None:
-        """One index for the whole folder, kept across resumes (a shorter --num_samples drops nothing)."""
+        """One index for the whole folder, kept across resumes (a smaller --max-prompts drops nothing)."""
         index = self._existing_index() | {item.name: item.text for item in items}
         index = dict(sorted(index.items()))
         write_text_atomic(self.save_dir / INDEX_NAME, json.dumps(index, indent=1, ensure_ascii=False) + "\n")
@@ -240,7 +241,7 @@ class GenEvalLayout(Layout):
         for item in items:
             path = self.folder(item) / "metadata.jsonl"
             if path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("prompt") != item.text:
-                raise SamplingError(f"{path}: written for another prompt than {item.text!r}; use another --save_dir")
+                raise SamplingError(f"{path}: written for another prompt than {item.text!r}; use another --save-dir")
 
     def write(self, item: PromptItem, pixels: torch.Tensor) -> None:
         metadata, *samples = self.outputs(item)
@@ -271,7 +272,7 @@ class Benchmark:
     default_prompts: Path
     prompts_flag: str = "--prompts"
     default_batch_size: int = 32
-    fixed_images_per_prompt: int | None = 1  # None: --n_samples decides
+    fixed_images_per_prompt: int | None = 1  # None: --images-per-prompt decides
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -283,7 +284,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         load_geneval_metadata,
         GenEvalLayout,
         PROMPTS_DIR / "geneval_metadata.jsonl",
-        prompts_flag="--metadata_file",
+        prompts_flag="--metadata-file",
         default_batch_size=4,
         fixed_images_per_prompt=None,
     ),
@@ -314,11 +315,13 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser(bench: Benchmark) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = DashedArgumentParser(
         prog=f"sample_{bench.name}_ckpt.py",
         description=f"Sample {bench.title} prompts from a training checkpoint (one or many processes).",
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=_HelpFormatter,
+        # the old names; the underscore spellings of every flag (--batch_size) are accepted as well
+        renamed={"--num-samples": "--max-prompts", "--n-samples": "--images-per-prompt"},
     )
     p.add_argument(
         "--checkpoint",
@@ -328,19 +331,21 @@ def build_parser(bench: Benchmark) -> argparse.ArgumentParser:
     p.add_argument("--tag", default="latest", help="checkpoint step, or 'latest'")
     p.add_argument("--type", default="baseline-dit", help="model family; only 'baseline-dit' is trained here")
     p.add_argument("--vae", default=None, help="VAE path overriding the one stored in <tag>/vae.json")
-    p.add_argument("--vae_subfolder", default=None, help="subfolder of --vae (default: the folder itself)")
+    p.add_argument("--vae-subfolder", default=None, help="subfolder of --vae (default: the folder itself)")
     flag = bench.prompts_flag
     p.add_argument(flag, dest="prompts", metavar="FILE", default=str(bench.default_prompts), help=_format_help(bench))
-    p.add_argument("--resolution", type=positive_int, default=None, help="image side in px (default: the run's gen.H)")
-    p.add_argument("--num_inference_steps", type=positive_int, default=25, help="Euler steps")
-    p.add_argument("--guidance_scale", type=finite_float, default=6.0, help="classifier-free guidance (1 = off)")
-    p.add_argument("--batch_size", type=positive_int, default=bench.default_batch_size, help="images per forward pass")
-    p.add_argument("--save_dir", default=None, help="output folder (default: <checkpoint>/eval/<benchmark>_<settings>)")
-    p.add_argument("--ema_weights", action=argparse.BooleanOptionalAction, default=True, help="EMA or raw weights")
+    p.add_argument(
+        "--resolution", type=positive_int, default=None, help="image side in px (default: the run's sample.height)"
+    )
+    p.add_argument("--num-inference-steps", type=positive_int, default=25, help="Euler steps")
+    p.add_argument("--guidance-scale", type=finite_float, default=6.0, help="classifier-free guidance (1 = off)")
+    p.add_argument("--batch-size", type=positive_int, default=bench.default_batch_size, help="images per forward pass")
+    p.add_argument("--save-dir", default=None, help="output folder (default: <checkpoint>/eval/<benchmark>_<settings>)")
+    p.add_argument("--ema-weights", action=argparse.BooleanOptionalAction, default=True, help="EMA or raw weights")
     p.add_argument("--seed", type=int, default=42, help="base seed; image k of prompt i uses (seed, i, k)")
-    p.add_argument("--num_samples", type=positive_int, default=None, help="use only the first N prompts")
+    p.add_argument("--max-prompts", type=positive_int, default=None, help="use only the first N prompts")
     if bench.fixed_images_per_prompt is None:
-        p.add_argument("--n_samples", type=positive_int, default=4, help="images per prompt")
+        p.add_argument("--images-per-prompt", type=positive_int, default=4, help="images per prompt")
     return p
 
 
@@ -358,7 +363,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--type {args.type!r} is not supported: only {SUPPORTED_TYPES} checkpoints are trained here")
     # counts and steps are refused at the flag (common.argtypes.positive_int)
     if args.vae_subfolder and not args.vae:
-        parser.error("--vae_subfolder needs --vae")
+        parser.error("--vae-subfolder needs --vae")
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,7 +406,7 @@ def vae_spec(args: argparse.Namespace, run_dir: Path, step: int) -> dict[str, An
 
 
 def uses_ema(args: argparse.Namespace, run_dir: Path) -> bool:
-    """A run: ``--ema_weights``; a pipeline folder: whichever weights were exported."""
+    """A run: ``--ema-weights``; a pipeline folder: whichever weights were exported."""
     info = export_info(run_dir)
     if info is None:
         return bool(args.ema_weights)
@@ -409,12 +414,12 @@ def uses_ema(args: argparse.Namespace, run_dir: Path) -> bool:
 
 
 def default_resolution(run_dir: Path) -> int:
-    """The run's ``gen.H``; for a pipeline folder, the one recorded at export (else the DiT's own)."""
+    """The run's ``sample.height``; for a pipeline folder, the one recorded at export (else the DiT's own)."""
     from fusedit.config import load_config
 
     info = export_info(run_dir)
     if info is None:
-        return load_config(run_dir / "config.yaml").gen.H
+        return load_config(run_dir / "config.yaml").sample.height
     if info.get("resolution"):
         return int(info["resolution"])
     from common.vae_config import spatial_factor
@@ -442,7 +447,7 @@ def settings(args: argparse.Namespace, bench: Benchmark, run_dir: Path, step: in
 
 
 def images_per_prompt(bench: Benchmark, args: argparse.Namespace) -> int:
-    return bench.fixed_images_per_prompt or args.n_samples
+    return bench.fixed_images_per_prompt or args.images_per_prompt
 
 
 def check_settings(save_dir: Path, current: dict[str, Any]) -> None:
@@ -457,7 +462,7 @@ def check_settings(save_dir: Path, current: dict[str, Any]) -> None:
         changed = [k for k in IMAGE_SETTINGS if previous.get(k) != current.get(k)]
         if changed:
             diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
-            raise SamplingError(f"{save_dir} holds images made with other settings ({diffs}); use another --save_dir")
+            raise SamplingError(f"{save_dir} holds images made with other settings ({diffs}); use another --save-dir")
 
 
 def default_save_dir(run_dir: Path, bench: Benchmark, s: dict[str, Any]) -> Path:
@@ -538,7 +543,7 @@ def run(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
     run_dir = Path(args.checkpoint)
     step = resolve_step(run_dir, args.tag)
     resolution = args.resolution or default_resolution(run_dir)
-    items = bench.load(args.prompts)[: args.num_samples]
+    items = bench.load(args.prompts)[: args.max_prompts]
     if not items:
         raise PromptFileError(f"{args.prompts}: no prompts")
     current = settings(args, bench, run_dir, step, resolution)

@@ -155,7 +155,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fid.add_argument("--fid-real-list", default=None, help="text file of paths under --fid-real to use")
     fid.add_argument("--fid-prompts", default=None, help="prompt file (default: the benchmark's, prompts/)")
     fid.add_argument("--fid-samples", type=int, default=None, help="first N prompts (default: all)")
-    fid.add_argument("--fid-resolution", type=int, default=None, help="FID resolution (default: the run's gen.H)")
+    fid.add_argument(
+        "--fid-resolution", type=int, default=None, help="FID resolution (default: the run's sample.height)"
+    )
     fid.add_argument("--fid-extractor", default=None, help="module:function features (default: InceptionV3)")
     fid.add_argument("--eval-gpus", type=int, default=1, help="processes (GPUs) per scoring job")
     args = p.parse_args(argv)
@@ -202,9 +204,11 @@ def config_max_steps(kind: str, config: Path) -> int:
         from fusedit.config import load_config
 
         return int(load_config(config).trainer.max_steps)
-    from omegaconf import OmegaConf
+    from common.config import merge_structured
+    from repae.config import ALIASES, RepaeConfig
 
-    return int(OmegaConf.load(config).trainer.max_steps)
+    # Merged (extends, aliases) but not validated: the study needs the length, not the data.
+    return int(merge_structured(RepaeConfig, config, [], aliases=ALIASES, notify=None).trainer.max_steps)
 
 
 def seed_overrides(study: Study, arm: Arm, seed: int) -> list[str]:
@@ -415,9 +419,11 @@ def toy_arm_overrides(toy: Path, kind: str, vae_folder: str) -> list[str]:
         return [*toy_overrides(toy, vae_folder=vae_folder), *TOY_T2I_RECIPE]
     from repae.demo import toy_overrides as repae_toy_overrides
 
-    vae = f"vae.name_or_path={toy / vae_folder}"
+    vae = f"vae.pretrained_model_name_or_path={toy / vae_folder}"
     base = repae_toy_overrides(toy, Path(ROOT))  # its trainer.* keys are the study's to set
-    return [vae if o.startswith("vae.name_or_path=") else o for o in base if not o.startswith("trainer.")]
+    return [
+        vae if o.startswith("vae.pretrained_model_name_or_path=") else o for o in base if not o.startswith("trainer.")
+    ]
 
 
 def toy_study(toy: Path, kind: str, args: argparse.Namespace, out: Path) -> Study:
@@ -639,7 +645,7 @@ def score_real(study: Study, args: argparse.Namespace) -> dict[str, Any]:
 def _run_resolution(run: Path) -> int:
     from fusedit.config import load_config
 
-    return int(load_config(run / "config.yaml").gen.H)
+    return int(load_config(run / "config.yaml").sample.height)
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:

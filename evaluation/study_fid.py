@@ -48,10 +48,10 @@ def sampler_command(run: Path, step: int, s: FidSettings, save_dir: Path) -> lis
     launch = [sys.executable, script]
     if s.processes > 1:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(s.processes), script]
-    cmd = [*launch, "--checkpoint", str(run), "--tag", str(step), "--save_dir", str(save_dir)]
-    cmd += ["--guidance_scale", str(s.guidance), "--seed", str(s.seed)]
+    cmd = [*launch, "--checkpoint", str(run), "--tag", str(step), "--save-dir", str(save_dir)]
+    cmd += ["--guidance-scale", str(s.guidance), "--seed", str(s.seed)]
     if s.num_samples is not None:
-        cmd += ["--num_samples", str(s.num_samples)]
+        cmd += ["--max-prompts", str(s.num_samples)]
     if s.prompts is not None:
         cmd += ["--prompts", s.prompts]
     return cmd

@@ -2,7 +2,7 @@
 
     python prompts/build_prompts.py toy-geneval --toy toy --out prompts/toy_geneval.jsonl
     python evaluation/sample_geneval_ckpt.py --checkpoint output/toy \\
-        --metadata_file prompts/toy_geneval.jsonl --save_dir output/toy/eval/geneval
+        --metadata-file prompts/toy_geneval.jsonl --save-dir output/toy/eval/geneval
     python evaluation/toy_eval.py --images output/toy/eval/geneval --toy toy --out output/toy/eval/toy_scores.json
 
 This is the toy stand-in for GenEval's detector: the same folder layout

@@ -19,10 +19,13 @@ from omegaconf import MISSING
 from common.config import (
     Alias,
     ConfigError,
+    SharedSample,
+    SharedTrainer,
     check_choice,
     check_positive,
     check_rate,
     check_trainer,
+    config_notice,
     merge_structured,
     normalise_trainer,
     raise_config_errors,
@@ -59,44 +62,30 @@ class InitFromConfig:
 
 
 @dataclass
-class TrainerConfig:
-    """How the run is driven: steps, precision, checkpoints, logging."""
+class TrainerConfig(SharedTrainer):
+    """How the run is driven. The fields both stages share (steps, precision, checkpoints,
+    logging, resume, trackers, the non-finite guard) are declared once in
+    :class:`common.config.SharedTrainer`; these are the text-to-image stage's own."""
 
-    run: str = "run"
+    # The reference's wandb project, so a run here sits beside the reference's runs.
     project: str = "FuseDiT"
-    checkpoint_dir: str = "output/${trainer.run}"
-    max_steps: int = 500_000
+    # Images per optimizer step = data.batch_size_per_gpu x this x GPUs.
     gradient_accumulation_steps: int = 1
-    gradient_clipping: float = 1.0
-    mixed_precision: str = "bf16"
-    seed: int = 42
-    logging_steps: int = 100
-    checkpointing_steps: int = 50_000
-    # Keep only the newest N checkpoints (None keeps all). The reference kept all ten 43 GB tags.
-    checkpoints_total_limit: Optional[int] = None
-    sampling_steps: int = 50_000
-    # "latest", a step number as a string, or null to always start fresh.
-    resume_from: Optional[str] = "latest"
     # Null, or {checkpoint: RUN_DIR, tag: latest|<step>, weights: ema|raw}: a new run that starts
     # from another run's weights (see InitFromConfig). A checkpoint of this run (resume_from) wins.
     init_from: Optional[InitFromConfig] = None
     enable_gradient_checkpointing: bool = False
-    # torch.compile the DiT (through DeepSpeed's engine.compile; inductor). Each new text length
-    # may recompile until the padding buckets (data.pad_to_multiple_of) have all been seen.
-    compile: bool = False
+    # (trainer.compile: through DeepSpeed's engine.compile. Each new text length may recompile
+    # until the padding buckets, data.pad_to_multiple_of, have all been seen.)
     weighting_scheme: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
     precondition_outputs: bool = False
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    # DeepSpeed JSON; `train.py --deepspeed_config_path` sets it too. Null = ZeRO-2 defaults.
+    # DeepSpeed JSON; `train.py --deepspeed-config-path` sets it too. Null = ZeRO-2 defaults.
     deepspeed_config: Optional[str] = None
-    # Deterministic kernels cost speed on GPUs; off unless asked (reference defect 24).
+    # Deterministic kernels cost speed on GPUs; off unless asked (the reference forced them on).
     deterministic: bool = False
-    # A step whose loss or gradient norm is not finite is skipped on every rank (weights, optimizer
-    # state and EMA untouched); this many skips in a row stop the run (same field as repae).
-    max_nonfinite_steps: int = 20
     # Dense peak of one accelerator in TFLOP/s for the MFU in the training log. Null: H100/H200/A100
     # are recognised; on CPU (or an unknown GPU) MFU is omitted and the log says why.
     peak_tflops: Optional[float] = None
@@ -206,27 +195,39 @@ class DataConfig:
     num_open_shards: int = 4
     # Null: the text encoder's folder (model.base).
     tokenizer: Optional[str] = None
-    # data_path holds shards written by `python -m fusedit.data.latent_cache` (VAE posterior moments
-    # instead of images): training skips the VAE encoder. The cache's cache.json must match `vae`.
+    # A folder written by `python -m fusedit.data.latent_cache` for the shards of data_path (their VAE
+    # posterior moments instead of the images): training reads the cache's shards and skips the VAE
+    # encoder. Its cache.json must name data_path's shards as its sources and match `vae`.
+    latent_cache: Optional[str] = None
+    # A folder written by `python -m fusedit.data.text_cache` for these shards (both captions'
+    # text-encoder features, real tokens only): training skips the text encoder. Its cache.json
+    # must match `model` and `data`. (Spelled data.cached_text_features before.)
+    text_cache: Optional[str] = None
+    # The old spelling of a latent cache: true = data_path already names the cache's shards
+    # (latents-NNNNNN.tar). Still read; data.latent_cache is the folder form of the same thing.
     cached_latents: bool = False
-    # Folder written by `python -m fusedit.data.text_cache` for these shards (both captions' text-encoder
-    # features, real tokens only): training skips the text encoder. Its cache.json must match `model`/`data`.
-    cached_text_features: Optional[str] = None
+
+    @property
+    def uses_latent_cache(self) -> bool:
+        """Whether batches hold cached posterior moments instead of images (either spelling)."""
+        return bool(self.latent_cache) or self.cached_latents
 
 
 @dataclass
-class GenConfig:
-    """Training-time sample grids of fixed prompts (validation)."""
+class SampleConfig(SharedSample):
+    """Preview grids of fixed prompts during training (samples/<step>.png), and the run's sampler
+    settings that evaluation and the demo reuse. (Spelled ``gen.*`` before: see ALIASES.)"""
 
-    val_prompt: list[str] = field(default_factory=list)
-    # Optional JSON list of prompts (strings or {"prompt": ...}); used when val_prompt is empty.
-    val_prompt_file: Optional[str] = None
-    H: int = 256
-    W: int = 256
+    # Prompts of the grid; when empty, a JSON list of prompts (strings or {"prompt": ...}) in prompt_file.
+    prompts: list[str] = field(default_factory=list)
+    prompt_file: Optional[str] = None
+    height: int = 256
+    width: int = 256
     # Images per prompt (rank 0 draws the whole grid).
-    n_samples: int = 1
-    scale: float = 6.0
-    steps: int = 25
+    num_images_per_prompt: int = 1
+    # The reference Fuse-DiT's preview sampler: 25 Euler steps at guidance 6.
+    num_steps: int = 25
+    cfg_scale: float = 6.0
     negative_prompt: Optional[str] = None
     seed: int = 114514
     # Sample with the EMA weights (the reference sampled the raw weights).
@@ -243,7 +244,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_scheduler: LrSchedulerConfig = field(default_factory=LrSchedulerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    gen: GenConfig = field(default_factory=GenConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON/YAML-serialisable dict (what a run records next to its checkpoints)."""
@@ -277,7 +278,7 @@ class TrainConfig:
         )
 
 
-# Accepted spellings of the reference Fuse-DiT YAML (spec 1.2) and of older configs of this
+# Accepted spellings of the reference Fuse-DiT YAML (docs/reference-facts.md, T2I-1.2) and of older configs of this
 # repository: old dotted key -> schema key (see common.config.Alias). Each one used prints a notice.
 _XLA_ONLY = "XLA/TPU trainer only; no effect on GPUs"
 ALIASES: dict[str, str | Alias] = {
@@ -319,7 +320,7 @@ ALIASES: dict[str, str | Alias] = {
     "model.text_modulation_embeds_dim": Alias(
         None, note="reference default", allowed=(None,), unsupported="no pooled-text modulation"
     ),
-    # Reference keys without effect in its GPU trainer (spec 1.2, 4).
+    # Reference keys without effect in its GPU trainer (T2I-1.2 and T2I-4).
     "trainer.cache_dir": Alias(None, note="XLA compile cache only; no effect on GPUs"),
     "trainer.validation_steps": Alias(None, note="never read by the reference trainer"),
     "trainer.consolidation_steps": Alias(
@@ -336,7 +337,18 @@ ALIASES: dict[str, str | Alias] = {
     "data.apply_chat_template": Alias(
         None, note="prompts are tokenised without a chat template", allowed=(False,), unsupported="no chat template"
     ),
+    # Preview sampling was `gen` (the reference's section); both stages now say `sample`.
+    "gen.*": "sample.*",
+    "gen.val_prompt": "sample.prompts",
+    "gen.val_prompt_file": "sample.prompt_file",
+    "gen.H": "sample.height",
+    "gen.W": "sample.width",
+    "gen.n_samples": Alias("sample.num_images_per_prompt", note="images per prompt"),
+    "gen.scale": "sample.cfg_scale",
+    "gen.steps": "sample.num_steps",
     "gen.model_type": Alias(None, note="training samples always use the trained DiT"),
+    # Both caches are folders in both stages: data.latent_cache, data.text_cache.
+    "data.cached_text_features": "data.text_cache",
     "gen.instruction": Alias(
         None,
         note="training samples use no instruction prefix",
@@ -357,6 +369,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     cfg = merge_structured(TrainConfig, path, overrides, aliases=ALIASES)
     normalise_trainer(cfg.trainer)
+    if cfg.data.cached_latents:
+        config_notice(
+            "config: data.cached_latents=true (data.data_path names the cache's shards) is the old spelling of "
+            "a latent cache: data.latent_cache=DIR with data.data_path at the images says the same"
+        )
     validate(cfg)
     return cfg
 
@@ -419,10 +436,17 @@ def _validate_data(d: DataConfig, errors: list[str]) -> None:
         errors.append("data.caption_column.original: must be set when data.original_caption_rate > 0")
     if not d.caption_column.synthetic:
         errors.append("data.caption_column.synthetic: must name the caption member (e.g. 'txt')")
-    if d.cached_latents and not d.center_crop:
-        errors.append("data.cached_latents: a latent cache fixes the crop; it needs data.center_crop=true")
-    if d.cached_text_features is not None and not d.cached_text_features.strip():
-        errors.append("data.cached_text_features: a cache folder, or null to run the text encoder every step")
+    if d.uses_latent_cache and not d.center_crop:
+        errors.append("data.latent_cache: a latent cache fixes the crop; it needs data.center_crop=true")
+    if d.latent_cache is not None and d.cached_latents:
+        errors.append(
+            "data.cached_latents: give either data.latent_cache=DIR (data_path at the images) or the old "
+            "data.cached_latents=true (data_path at the cache's shards), not both"
+        )
+    for name in ("latent_cache", "text_cache"):
+        value = getattr(d, name)
+        if value is not None and not value.strip():
+            errors.append(f"data.{name}: a cache folder, or null to run the encoder every step")
 
 
 def check_geometry(cfg: TrainConfig, spatial_factor: int) -> None:
@@ -432,7 +456,12 @@ def check_geometry(cfg: TrainConfig, spatial_factor: int) -> None:
     config alone), so the three agree on what a valid geometry is.
     """
     unit = spatial_factor * cfg.model.patch_size
-    for name, value in (("data.resolution", cfg.data.resolution), ("gen.H", cfg.gen.H), ("gen.W", cfg.gen.W)):
+    sizes = (
+        ("data.resolution", cfg.data.resolution),
+        ("sample.height", cfg.sample.height),
+        ("sample.width", cfg.sample.width),
+    )
+    for name, value in sizes:
         if value % unit:
             raise ConfigError(
                 f"{name}: {value} is not a multiple of VAE factor {spatial_factor} "
@@ -466,6 +495,6 @@ def validate(cfg: TrainConfig) -> None:
         errors.append(f"optimizer.betas: expected two values in [0, 1), got {cfg.optimizer.betas!r}")
     check_choice(errors, "lr_scheduler.name", cfg.lr_scheduler.name, LR_SCHEDULES)
     check_positive(errors, "lr_scheduler.num_warmup_steps", cfg.lr_scheduler.num_warmup_steps, allow_zero=True)
-    for name in ("H", "W", "n_samples", "steps"):
-        check_positive(errors, f"gen.{name}", getattr(cfg.gen, name))
+    for name in ("height", "width", "num_images_per_prompt", "num_steps"):
+        check_positive(errors, f"sample.{name}", getattr(cfg.sample, name))
     raise_config_errors(errors)

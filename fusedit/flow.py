@@ -1,17 +1,18 @@
 """Rectified-flow training objective and Euler sampler with the SD3 shifted schedule.
 
-Conventions (spec section 3.2 and 5): `x_t = (1 - sigma) x0 + sigma eps`, sigma = 1 is pure noise,
-the network predicts the velocity `v = eps - x0` and is conditioned on `t = 1000 sigma`.
+Conventions (docs/reference-facts.md, T2I-3.2 and T2I-5): `x_t = (1 - sigma) x0 + sigma eps`,
+sigma = 1 is pure noise, the network predicts the velocity `v = eps - x0` and is conditioned on
+`t = 1000 sigma`.
 
-Three choices differ from the reference on purpose:
+Three choices differ from the reference on purpose (each names the reference defect it fixes):
 
 * Every random draw takes an explicit `torch.Generator`. The trainer seeds one per
   (seed, rank, step), so ranks draw different (t, eps) (the reference drew the same on all ranks,
-  defect 3) and a resumed run repeats the same draws.
+  T2I-D3) and a resumed run repeats the same draws.
 * The training sigma table is indexed directly with `i = floor(1000 u)` instead of a per-sample
-  Python search for the timestep (defect 22).
+  Python search for the timestep (T2I-D22).
 * Noising, targets, the loss and the sampler's latents are float32 whatever the caller's autocast
-  or the model's output dtype (defects 5 and 6).
+  or the model's output dtype (T2I-D5 and T2I-D6).
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ class FlowMatching:
 def sampling_sigmas(scheduler: FlowMatchEulerDiscreteScheduler, num_inference_steps: int) -> torch.Tensor:
     """(steps + 1,) float32 inference sigmas, from 1.0 down to a terminal 0.
 
-    Exactly the reference pipeline's schedule (spec section 5 step 3): diffusers' `set_timesteps`,
+    Exactly the reference pipeline's schedule (T2I-5): diffusers' `set_timesteps`,
     which spaces timesteps linearly between the shifted training extremes and shifts again. Run on
     a copy so the caller's scheduler keeps its training table.
     """

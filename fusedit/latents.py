@@ -3,8 +3,8 @@
 The DiT never sees raw VAE latents: it sees `x0 = (z - shift) * scale`, and whatever produced
 those latents must be undone exactly (`z = x0 / scale + shift`) before decoding. Keeping both
 directions in one object is the point of this module: the reference fork normalised in training
-but forgot to un-normalise at inference (spec section 9, defect 2), and normalised in bf16 or fp32
-depending on the VAE family (defect 5). Here both directions always run in float32.
+but forgot to un-normalise at inference (reference defect T2I-D2, docs/reference-facts.md), and normalised in
+bf16 or fp32 depending on the VAE family (T2I-D5). Here both directions always run in float32.
 
 Two VAE families are supported, both with 16 latent channels and x8 down-sampling in the
 shipped configs:
@@ -84,7 +84,7 @@ class LatentCodec:
     def encode(self, pixels: torch.Tensor, generator: Generators = None, sample: bool = True) -> torch.Tensor:
         """(B, 3, H, W) pixels in [-1, 1] -> (B, C, H/f, W/f) normalised float32 latents.
 
-        `sample=True` draws from the posterior (what training does, spec 3.2 step 3) with noise
+        `sample=True` draws from the posterior (what training does, T2I-3.2) with noise
         from `generator`, drawn on the generator's device so a CPU generator gives the same draw
         on any accelerator (a list of CPU generators: one per sample); `sample=False` returns the
         posterior mean.

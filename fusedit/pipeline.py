@@ -1,7 +1,7 @@
 """Inference: prompts -> images with the DiT, the frozen text encoder and the VAE.
 
-Fixes over the reference sampler (spec section 5 and 9): latents are un-normalised before
-decoding with the constants used in training; latents stay fp32 (bf16 only inside the model,
+Fixes over the reference sampler (docs/reference-facts.md, T2I-5, T2I-D2, T2I-D6, T2I-D7): latents
+are un-normalised before decoding with the constants used in training; latents stay fp32 (bf16 only inside the model,
 never fp16); and the initial noise of image ``k`` of prompt ``i`` comes from its own CPU
 generator seeded by (seed, i, k), so an image does not depend on batch size, batch
 composition, device or process count.

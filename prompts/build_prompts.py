@@ -21,7 +21,7 @@ Examples:
   python prompts/build_prompts.py coco --captions annotations/captions_val2014.json
   python prompts/build_prompts.py mjhq --meta MJHQ-30K/meta_data.json
   python prompts/build_prompts.py geneval --metadata geneval/prompts/evaluation_metadata.jsonl
-  python prompts/build_prompts.py dpgbench --prompts_dir ELLA/dpg_bench/prompts
+  python prompts/build_prompts.py dpgbench --prompts-dir ELLA/dpg_bench/prompts
   python prompts/build_prompts.py genaibench --prompts GenAI-Bench-1600/genai_image.json
   python prompts/build_prompts.py toy-geneval --toy toy --out prompts/toy_geneval.jsonl
 
@@ -40,6 +40,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from common.argtypes import DashedArgumentParser
 from common.files import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
@@ -191,7 +192,7 @@ def toy_geneval_rows(toy: str | Path, split: str = "heldout") -> list[dict[str, 
 # Command line
 # --------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = DashedArgumentParser(  # it and its subcommands also read the old spellings (--prompts_dir)
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="SOURCE")
@@ -201,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--num", type=int, default=30_000, help="number of images (one caption each)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default=str(HERE / "coco30k.json"))
-    c.add_argument("--image_list", default=None, help="also write the chosen val2014 file names (FID --real_list)")
+    c.add_argument("--image-list", default=None, help="also write the chosen val2014 file names (FID --real-list)")
 
     m = sub.add_parser("mjhq", help="MJHQ-30K from meta_data.json")
     m.add_argument("--meta", required=True, help="MJHQ-30K meta_data.json")
@@ -212,7 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--out", default=str(HERE / "geneval_metadata.jsonl"))
 
     d = sub.add_parser("dpgbench", help="DPG-Bench from the folder of .txt prompts")
-    d.add_argument("--prompts_dir", required=True, help="ELLA/dpg_bench/prompts")
+    d.add_argument("--prompts-dir", required=True, help="ELLA/dpg_bench/prompts")
     d.add_argument("--out", default=str(HERE / "dpgbench.json"))
 
     a = sub.add_parser("genaibench", help="GenAI-Bench from genai_image.json (or a JSON list)")

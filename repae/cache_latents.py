@@ -1,9 +1,9 @@
 """Encode labelled shards once with a frozen VAE: posterior mean/std per image, plus latent statistics.
 
 ``python -m repae.cache_latents --vae NAME_OR_PATH --shards PATTERN --out DIR`` (also under
-``torchrun``). What differs from the reference's ``cache_latents.py`` (spec 6.2):
+``torchrun``). What differs from the reference's ``cache_latents.py`` (docs/reference-facts.md, REPAE-6.2):
 
-* **No single writer** (spec 9, item 15): shard ``i`` belongs to rank ``i mod W``, and each rank
+* **No single writer** (reference defect REPAE-D15): shard ``i`` belongs to rank ``i mod W``, and each rank
   writes its own ``<shard-stem>.safetensors`` (``mean``, ``std`` (n,C,h,w), ``labels`` (n,)) and
   ``<shard-stem>.json`` (the n sample keys in order). Nothing is gathered; there is no padding
   to de-duplicate.
@@ -11,8 +11,8 @@
   a shard counts as done exactly when its ``.json`` exists (and was made with the same label rule
   and resolution); a rerun skips done shards.
 * **Paired by key**: :class:`repae.data.LabeledImageLoader` matches latents to images through the
-  key lists, never through sort order (spec 9, item 9).
-* **Latent statistics** (the reference computed none, spec 9, item 19): every shard file also
+  key lists, never through sort order (REPAE-D9).
+* **Latent statistics** (the reference computed none, REPAE-D19): every shard file also
   stores float64 per-channel sums of ``E[z]`` and ``E[z^2]`` over its posteriors, where
   ``z = mean + std * eps``; once all ranks are done, one process adds up the sums of *all* files
   (so resumed shards count too) and writes ``stats.json`` and ``latents_stats.safetensors``

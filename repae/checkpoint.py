@@ -108,7 +108,7 @@ class SamplingBundle:
 
     The SiT works in normalised latent space; ``decode`` undoes the normalisation with the
     SiT's own BatchNorm statistics (the EMA's, by default — as the reference does) using the
-    same eps as the forward normalisation (reference defect 7), then decodes.
+    same eps as the forward normalisation (reference defect REPAE-D7, docs/reference-facts.md), then decodes.
     """
 
     sit: Any

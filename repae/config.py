@@ -5,8 +5,8 @@ file merged on top, ``key=value`` overrides on the command line, and :func:`vali
 every semantic error with its field name before any model, data or process group exists.
 
 The defaults are the reference's ``train_repae.py`` CLI defaults and
-``configs/l1_lpips_kl_gan.yaml`` values (spec 4.1 and 5.4), except where the reference is wrong
-or unsafe: bf16 instead of fp16 (fp16 runs collapse around 90k steps), LPIPS fed the [-1, 1]
+``configs/l1_lpips_kl_gan.yaml`` values (docs/reference-facts.md, REPAE-4.1 and REPAE-5.4), except where the
+reference is wrong or unsafe: bf16 instead of fp16 (fp16 runs collapse around 90k steps), LPIPS fed the [-1, 1]
 range it expects, a discriminator warm-up when there is no pretrained discriminator, and a
 resume that restores everything.
 
@@ -26,6 +26,8 @@ from typing import Any, Optional
 from common.config import (
     Alias,
     ConfigError,
+    SharedSample,
+    SharedTrainer,
     check_choice,
     check_positive,
     check_rate,
@@ -47,46 +49,42 @@ __all__ = ["ALIASES", "ConfigError", "RepaeConfig", "load_repae_config", "save_c
 
 
 @dataclass
-class TrainerSection:
-    """Where the run lives and how it is driven (the names of the text-to-image stage's ``trainer``)."""
+class TrainerSection(SharedTrainer):
+    """How the run is driven. The fields shared with the text-to-image stage are declared once in
+    :class:`common.config.SharedTrainer`; the defaults redeclared here are this stage's reference
+    recipe (``train_repae.py``), which its users' scripts and numbers assume."""
 
-    # The run's name (the reference's --exp-name): folder name, tqdm and tracker run name.
+    # The reference's --exp-name default: the folder name, tqdm and tracker run name.
     run: str = "repae"
-    # The run directory: config.yaml, metrics, checkpoints (<step>/, latest), previews.
-    checkpoint_dir: str = "exps/${trainer.run}"
-    seed: int = 0
-    max_steps: int = 400_000
-    # Global L2-norm clipping of each of the three optimisers' gradients; 0 disables it.
-    gradient_clipping: float = 1.0
-    checkpointing_steps: int = 50_000
-    # Newest N checkpoints are kept (the reference kept every one).
-    checkpoints_total_limit: Optional[int] = 3
-    logging_steps: int = 100
-    # Preview grids with the EMA model; 0 disables them.
-    sampling_steps: int = 10_000
-    # "latest", a step number as a string, or null to always start fresh.
-    resume_from: Optional[str] = "latest"
-    mixed_precision: str = "bf16"
-    allow_tf32: bool = True
-    compile: bool = False
-    report_to: list[str] = field(default_factory=list)
     project: str = "repae"
-    # Steps in a row with a non-finite loss before the run stops (each one is skipped).
-    max_nonfinite_steps: int = 20
+    # The reference writes runs under exps/<exp-name>/.
+    checkpoint_dir: str = "exps/${trainer.run}"
+    # The published REPA-E recipe: 400k steps, seed 0.
+    max_steps: int = 400_000
+    seed: int = 0
+    # One REPA-E checkpoint holds SiT, VAE, discriminator and three optimisers: the newest 3 are
+    # kept (the reference kept every one).
+    checkpoints_total_limit: Optional[int] = 3
+    # Class-conditional previews of a 256 px SiT are cheap: more often than the T2I stage's.
+    sampling_steps: int = 10_000
+    # metrics.jsonl only unless a tracker is asked for (these runs are often many small sweeps).
+    report_to: list[str] = field(default_factory=list)
+    allow_tf32: bool = True
 
 
 @dataclass
 class VaeSection:
     """The VAE to tune (joint stage) or to keep frozen (train_ldm).
 
-    `name_or_path`: a preset ("f8d4", "f16d32", built from its diffusers config and filled from
-    `checkpoint`, a reference `.pt`), a diffusers folder, or a hub id (FLUX, SD-3.5, Qwen-Image).
+    `pretrained_model_name_or_path` (the T2I stage's spelling; `name_or_path` before): a preset
+    ("f8d4", "f16d32", built from its diffusers config and filled from `checkpoint`, a reference
+    `.pt`), a diffusers folder, or a hub id (FLUX, SD-3.5, Qwen-Image).
     `latents_stats`: "auto" (the reference's `<checkpoint>-latents-stats.pt` when it exists, else
     the per-channel `latents_mean`/`latents_std` in the VAE config, else estimated from data),
     "estimate", "config", or a path to a stats file.
     """
 
-    name_or_path: str = "f8d4"
+    pretrained_model_name_or_path: str = "f8d4"
     subfolder: Optional[str] = None
     kind: str = "auto"
     checkpoint: Optional[str] = None
@@ -125,7 +123,7 @@ class EncoderSection:
 
 @dataclass
 class LossSection:
-    """VAE losses (spec 4.1 values), the REPA coefficients and the transport."""
+    """VAE losses (REPAE-4.1 values), the REPA coefficients and the transport."""
 
     reconstruction_loss: str = "l1"
     reconstruction_weight: float = 1.0
@@ -210,18 +208,21 @@ class DataSection:
     global_batch_size: int = 256
     # Loader workers per process.
     dataloader_num_workers: int = 4
-    # train_ldm: cached posteriors from `python -m repae.cache_latents`.
-    latents_dir: Optional[str] = None
+    # train_ldm: a folder of cached posteriors from `python -m repae.cache_latents` (the T2I stage's
+    # name for its own latent cache folder too; spelled data.latents_dir before).
+    latent_cache: Optional[str] = None
 
 
 @dataclass
-class SampleSection:
-    """Preview sampling during training (and defaults for `repae.generate`)."""
+class SampleSection(SharedSample):
+    """Preview sampling during training (and defaults for `repae.generate`); ``num_steps`` and
+    ``cfg_scale`` are declared once for both stages (common.config.SharedSample)."""
 
     mode: str = "ode"
+    # The reference's sampler defaults (50 ODE steps, guidance 4).
     num_steps: int = 50
-    heun: bool = False
     cfg_scale: float = 4.0
+    heun: bool = False
     guidance_low: float = 0.0
     guidance_high: float = 1.0
     # Images in a preview grid (drawn by rank 0 alone).
@@ -262,6 +263,8 @@ ALIASES: dict[str, str | Alias] = {
     "data.batch_size": Alias("data.global_batch_size", note=_GLOBAL),
     "data.shards": "data.data_path",
     "data.num_workers": Alias("data.dataloader_num_workers", note="per process"),
+    "data.latents_dir": "data.latent_cache",
+    "vae.name_or_path": Alias("vae.pretrained_model_name_or_path", note="the T2I stage's spelling"),
 }
 
 

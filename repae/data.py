@@ -1,9 +1,10 @@
 """Labelled images from webdataset tar shards, shuffled per epoch, disjoint per rank, resumable exactly.
 
-The reference trains from one HDF5 file with a shuffled, ``drop_last`` sampler (spec 5.1, 6.5):
-every epoch sees every image once, in a fresh order. We keep that contract on tar shards, and fix
-what the reference lacks: a position that a checkpoint can store (spec 9, item 1), files opened
-per worker after fork (item 9), and cached latents paired with images by key (item 9).
+The reference trains from one HDF5 file with a shuffled, ``drop_last`` sampler (REPAE-5.1 and
+REPAE-6.5 in docs/reference-facts.md): every epoch sees every image once, in a fresh order. We keep that
+contract on tar shards, and fix what the reference lacks: a position that a checkpoint can store
+(REPAE-D1), files opened per worker after fork (REPAE-D9), and cached latents paired with images
+by key (REPAE-D9).
 
 How the stream is defined
 -------------------------

@@ -34,7 +34,7 @@ def toy_overrides(toy: Path, run: Path) -> list[str]:
     pattern = world.get("train_pattern") or "shards/train-*.tar"
     shards = pattern if Path(pattern).is_absolute() else str(toy / pattern)
     return [
-        f"vae.name_or_path={toy / 'vae'}",
+        f"vae.pretrained_model_name_or_path={toy / 'vae'}",
         f'encoder.types=["local:{toy / "repae" / "encoder"}"]',
         f'data.data_path=["{shards}"]',
         f"trainer.run={run.name}",

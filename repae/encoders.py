@@ -1,8 +1,8 @@
-"""Frozen vision encoders whose patch tokens are the REPA alignment targets (spec section 3).
+"""Frozen vision encoders whose patch tokens are the REPA alignment targets (docs/reference-facts.md, REPAE-3).
 
 The reference pulls each encoder from a different place (torch.hub/GitHub for DINOv2, the OpenAI
 CDN for CLIP, hand-placed pickles for MAE / I-JEPA / MoCo v3, and a module that does not exist for
-DINOv1; spec section 9, item 5). Here every encoder is a timm ``VisionTransformer``:
+DINOv1; reference defect REPAE-D5). Here every encoder is a timm ``VisionTransformer``:
 
 * hub names (``dinov2-vit-b`` ...) load timm's published weights through the Hugging Face cache
   (``HF_HOME`` / ``HF_HUB_CACHE``, or ``cache_dir=``); with ``HF_HUB_OFFLINE=1`` only the cache is

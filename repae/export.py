@@ -16,8 +16,8 @@ reference's meaning (``z_n = (z - bias) * scale``). Where they come from (``--st
   tuning: on the toy run they gave normalised latents of std ~1.1.
 * ``ema``: the EMA SiT's BatchNorm running mean and variance (the previous behaviour; what the
   jointly trained SiT normalised with, so ``train_ldm`` on the exported VAE matches the SiT).
-  The reference's ``save_vae_weights.py`` ignored the BatchNorm eps here (defect 7); this uses
-  the same ``sqrt(var + eps)`` as the normalisation did.
+  The reference's ``save_vae_weights.py`` ignored the BatchNorm eps here (reference defect
+  REPAE-D7, docs/reference-facts.md); this uses the same ``sqrt(var + eps)`` as the normalisation did.
 
 ``e2e_vae.json`` records which (``metadata.latent_statistics``: ``from``, ``images``, ``why``, and
 the BatchNorm numbers for comparison either way). Check any VAE with ``python -m

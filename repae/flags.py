@@ -4,7 +4,7 @@
         --vae-ckpt pretrained/sdvae/sdvae-f8d4.pt --enc-type dinov2-vit-b --proj-coeff 0.5 \\
         --encoder-depth 8 --no-compile data.data_path='["shards/imagenet-{000000..001281}.tar"]'
 
-Every reference flag (spec 5.4 and 6.1) that means one of our dotted keys becomes that
+Every reference flag (docs/reference-facts.md, REPAE-5.4 and REPAE-6.1) that means one of our dotted keys becomes that
 ``key=value`` override, applied after the YAML like any other override (``-c`` is optional: the
 schema defaults are the reference defaults, with the fixes listed in :mod:`repae.config`). Each
 translated flag prints one notice line. Flags without a counterpart are a :class:`ConfigError`
@@ -93,7 +93,7 @@ def _ignored(why: str) -> Flag:
     return Flag(None, allowed=None, instead=why)
 
 
-# Spec 5.4 (train_repae.py) and 6.1 (train_ldm_only.py, the same minus the VAE/discriminator flags).
+# REPAE-5.4 (train_repae.py) and REPAE-6.1 (train_ldm_only.py, the same minus the VAE/discriminator flags).
 FLAGS: dict[str, Flag] = {
     # run
     "--exp-name": _value("trainer.run"),
@@ -130,7 +130,7 @@ FLAGS: dict[str, Flag] = {
     "--path-type": _value("loss.path_type"),
     "--weighting": _value("loss.weighting"),
     # VAE and discriminator
-    "--vae": _value("vae.name_or_path"),
+    "--vae": _value("vae.pretrained_model_name_or_path"),
     "--vae-ckpt": _value("vae.checkpoint"),
     "--disc-pretrained-ckpt": _value("loss.discriminator_checkpoint"),
     # data
@@ -160,7 +160,7 @@ FLAGS: dict[str, Flag] = {
         "a run resumes inside its own trainer.checkpoint_dir (trainer.resume_from=latest|STEP)"
     ),
     "--vae-latents-name": _refused(
-        "cached latents are a folder: data.latents_dir=DIR (python -m repae.cache_latents --out DIR)"
+        "cached latents are a folder: data.latent_cache=DIR (python -m repae.cache_latents --out DIR)"
     ),
 }
 BETA_DEFAULTS = {"--adam-beta1": 0.9, "--adam-beta2": 0.999}

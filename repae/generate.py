@@ -1,4 +1,4 @@
-"""Generate the 50k-sample set of a REPA-E run for FID (ADM evaluation suite format, spec 7.4).
+"""Generate the 50k-sample set of a REPA-E run for FID (ADM evaluation suite format, REPAE-7.4).
 
     python -m repae.generate --run-dir exps/repae --mode sde --num-steps 250 --cfg-scale 1.8 \\
         --guidance-high 0.825 --num-samples 50000
@@ -7,7 +7,8 @@
 Output: ``<out>/samples.npz`` with ``arr_0`` uint8 (N, H, W, 3) in sample-index order and
 ``labels`` int64 (N,), next to ``generate.json`` (every setting that changes the images).
 
-What differs from the reference ``generate.py`` (spec 9, defects 10 and 15), on purpose:
+What differs from the reference ``generate.py`` (docs/reference-facts.md, reference defects
+REPAE-D10 and REPAE-D15), on purpose:
 
 * Image i's starting noise (and, for the SDE, its per-step noise) comes from its own generator
   seeded by (seed, i). Images therefore do not depend on the batch size, the number of processes

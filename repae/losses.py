@@ -1,29 +1,29 @@
 """Objectives of the REPA-E stage: the VAE's reconstruction/perceptual/KL/GAN loss and the REPA loss.
 
-The joint step (spec 5.2) trains three things with three losses, and each loss must reach only
-its own parameters (checklist 10.17):
+The joint step (docs/reference-facts.md, REPAE-5.2) trains three things with three losses, and each loss must reach only
+its own parameters (REPAE-10.17):
 
 * the VAE minimises :meth:`VAELoss.generator_loss` (+ the alignment term, :func:`repa_loss`)
   -- the discriminator is used there but receives no gradient;
 * the discriminator minimises :meth:`VAELoss.discriminator_loss` on detached reconstructions;
 * the SiT minimises its denoising loss plus :func:`repa_loss`.
 
-What differs from the reference loss module, on purpose (spec section 9):
+What differs from the reference loss module, on purpose (each item names the reference defect):
 
 * LPIPS is fed our [-1, 1] images unchanged, which is the range the ``lpips`` package expects
-  (defect 8: the reference mapped [-1, 1] images as if they were [0, 1], so VGG saw [-3, 1]).
+  (REPAE-D8: the reference mapped [-1, 1] images as if they were [0, 1], so VGG saw [-3, 1]).
   Its linear heads ship with the package and are read with ``weights_only=True``; the backbone
   is torchvision's (hub cache), a local file, or a seeded random VGG for offline worlds.
 * LPIPS is frozen, always in eval mode, excluded from ``discriminator_parameters()`` (the
   reference listed it in the discriminator optimiser) and left out of ``VAELoss.state_dict()``:
   a checkpoint of the loss is the discriminator plus the LeCam buffers, nothing else.
 * The discriminator sees real and fake images in one concatenated forward, so its BatchNorm
-  normalises both with the same statistics (defect 11), and the generator pass neither updates
+  normalises both with the same statistics (REPAE-D11), and the generator pass neither updates
   its running statistics nor gives its parameters gradients.
 * A linear warm-up of the generator's GAN weight (``discriminator_warmup_steps``) is the
-  supported path for a discriminator trained from scratch (defect 12).
+  supported path for a discriminator trained from scratch (REPAE-D12).
 * :func:`repa_loss` matches encoder and SiT token grids of different size by interpolation
-  instead of crashing (defect 6).
+  instead of crashing (REPAE-D6).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class FrozenLPIPS(nn.Module):
         """Per-sample LPIPS distance (B,) between images in [-1, 1], computed in float32."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             # Our images are already in [-1, 1], the range lpips.LPIPS expects with
-            # normalize=False: feed them unchanged (the reference rescaled them again, defect 8;
+            # normalize=False: feed them unchanged (the reference rescaled them again, REPAE-D8;
             # reference_range=True reproduces that, as the published E2E-VAEs were trained).
             return self.metric(x.float(), y.float(), normalize=self.reference_range).flatten()
 
@@ -229,7 +229,7 @@ def build_lpips(net: str = "vgg", backbone: str = "torchvision", reference_range
 
 
 class NLayerDiscriminator(nn.Module):
-    """PatchGAN discriminator with BatchNorm (spec 4.5): logits per overlapping patch.
+    """PatchGAN discriminator with BatchNorm (REPAE-4.5): logits per overlapping patch.
 
     Layout and parameter names (``main.<i>.*``) match the reference so its pretrained
     discriminators load strictly: 4x4 convs with padding 1 and LeakyReLU(0.2); the first conv has a
@@ -318,7 +318,7 @@ def _frozen(disc: nn.Module) -> Iterator[None]:
 
 
 def kl_loss(posterior: HasKL) -> Tensor:
-    """KL to N(0, I): per-sample sum over (C, h, w), mean over the batch (spec 4.2), float32 scalar."""
+    """KL to N(0, I): per-sample sum over (C, h, w), mean over the batch (REPAE-4.2), float32 scalar."""
     return posterior.kl().float().mean()
 
 
@@ -346,7 +346,7 @@ def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_we
     """VQGAN's adaptive GAN weight: ||d nll / d w|| / (||d g / d w|| + 1e-4) at the decoder's last layer.
 
     It balances the two gradients where they meet the image; detached and clamped to
-    [0, `max_weight`]. Off by default because the reference uses a fixed weight (spec 4.2).
+    [0, `max_weight`]. Off by default because the reference uses a fixed weight (REPAE-4.2).
     """
     nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
@@ -380,7 +380,7 @@ def _match_tokens(target: Tensor, like: Tensor) -> Tensor:
 
 
 def repa_loss(zs_tilde: list[Tensor], zs: list[Tensor]) -> Tensor:
-    """REPA alignment loss: negative mean token-wise cosine similarity (spec 2.7 step 7).
+    """REPA alignment loss: negative mean token-wise cosine similarity (REPAE-2.7 step 7).
 
     ``zs_tilde[k]`` (B, T, D_k) are the SiT projector outputs, ``zs[k]`` (B, N, D_k) the frozen
     encoder's patch tokens; the mean runs over encoders, samples and tokens. Range -1 (aligned)
@@ -403,7 +403,7 @@ class VAELoss(nn.Module):
     """The VAE's loss (reconstruction + LPIPS + KL + hinge GAN) and its discriminator's loss.
 
     Keyword fields are the ``loss`` config section (``repae.config.LossSection.vae_loss_kwargs``);
-    defaults are the reference ``configs/l1_lpips_kl_gan.yaml`` (spec 4.1). Owns ``.discriminator``
+    defaults are the reference ``configs/l1_lpips_kl_gan.yaml`` (REPAE-4.1). Owns ``.discriminator``
     (trained by the caller's optimiser over :meth:`discriminator_parameters`) and ``.lpips``
     (frozen; None when ``perceptual_weight`` is 0, so no backbone is built). Both losses run in
     float32 with autocast disabled, whatever the caller's precision.
@@ -436,7 +436,7 @@ class VAELoss(nn.Module):
         reference_faithful: bool = False,
     ) -> None:
         super().__init__()
-        # The published recipe's two quirks (spec 4.3, 4.4): LPIPS fed [-3, 1] and the discriminator
+        # The published recipe's two quirks (REPAE-4.3, REPAE-4.4): LPIPS fed [-3, 1] and the discriminator
         # run separately on real and fake images. Off by default (our fixes); on to reproduce it.
         self.reference_faithful = bool(reference_faithful)
         if reconstruction_loss not in RECONSTRUCTION_LOSSES:
@@ -491,7 +491,7 @@ class VAELoss(nn.Module):
     def generator_loss(
         self, x: Tensor, recon: Tensor, posterior: HasKL, step: int, last_layer: Tensor | None = None
     ) -> tuple[Tensor, dict[str, float]]:
-        """The VAE's loss: rec + perc + kl + d_weight * factor * ramp * hinge_g (spec 4.2).
+        """The VAE's loss: rec + perc + kl + d_weight * factor * ramp * hinge_g (REPAE-4.2).
 
         `x` and `recon` are (B, 3, H, W) in [-1, 1]; `last_layer` (the decoder's output conv
         weight) is needed only with ``adaptive_weight``. The discriminator runs on
@@ -544,10 +544,10 @@ class VAELoss(nn.Module):
         return weight * adaptive_weight(nll, gan, last_layer)
 
     def discriminator_loss(self, x: Tensor, recon: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
-        """The discriminator's loss: factor * hinge + LeCam, on detached images (spec 4.3).
+        """The discriminator's loss: factor * hinge + LeCam, on detached images (REPAE-4.3).
 
         Real and fake images go through ONE forward pass, so BatchNorm normalises both with the
-        same batch statistics (the reference used two passes, defect 11). The LeCam moving
+        same batch statistics (the reference used two passes, REPAE-D11). The LeCam moving
         averages are updated after use, in train mode only. Before ``discriminator_start`` (or
         with factor 0) no forward runs and the loss is a zero without grad.
         """

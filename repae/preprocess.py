@@ -1,14 +1,15 @@
 """ImageNet folder -> labelled webdataset shards of ADM centre crops (``python -m repae.preprocess``).
 
 The reference packs ImageNet into one HDF5 file of uncompressed PNGs through a single writer
-(spec 6.4). We keep its image recipe exactly (sorted file list, labels from the sorted top-level
-folder names or a ``dataset.json``, the ADM centre crop) but write plain tar shards, because
+(docs/reference-facts.md, REPAE-6.4). We keep its image recipe exactly (sorted file list, labels
+from the sorted top-level folder names or a ``dataset.json``, the ADM centre crop) but write plain
+tar shards, because
 
 * shards are independent files: a killed run leaves finished shards usable, and a rerun skips
   them (each tar is written under a temporary name and renamed, so a truncated tar never sits
   under a final name);
 * the loader (:mod:`repae.data`) opens them per worker after fork, unlike the shared HDF5 handle
-  of the reference (spec 9, item 9), and other webdataset tools can read them too.
+  of the reference (REPAE-D9), and other webdataset tools can read them too.
 
 Sample ``i`` of the sorted source list goes to shard ``i // shard_size`` under key
 ``img{i:08d}``; a corrupt source image is skipped (its key is simply absent) and listed in the
@@ -50,7 +51,7 @@ META_VERSION = 1
 
 
 def adm_center_crop(img: Image.Image, resolution: int) -> Image.Image:
-    """The ADM centre crop (spec 6.4): BOX-halve while the short side >= 2*res, BICUBIC, centre crop.
+    """The ADM centre crop (REPAE-6.4): BOX-halve while the short side >= 2*res, BICUBIC, centre crop.
 
     Halving with a box filter first is a cheap, alias-free downscale; the final bicubic resize
     brings the short side to exactly ``resolution`` (sizes rounded) and the crop offsets are

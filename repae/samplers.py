@@ -1,13 +1,14 @@
-"""ODE (Euler / Heun) and SDE (Euler-Maruyama) samplers for the class-conditional SiT (spec 7.1-7.3).
+"""ODE (Euler / Heun) and SDE (Euler-Maruyama) samplers for the class-conditional SiT (REPAE-7.1 to REPAE-7.3).
 
 Conventions: t in [0,1] with t=1 pure noise; ``velocity(x, t, y)`` returns the predicted velocity
 of normalised latents, ``t`` has one entry per row. Both samplers keep their state in float64 (as
 the reference does) but call the model in the dtype of ``noise``, so a float32 model never sees
 float64 inputs; the result is returned in ``noise``'s dtype.
 
-Classifier-free guidance uses the reference's guidance interval: at grid time t_i it is active iff
-``cfg_scale > 1`` and ``guidance_low <= t_i <= guidance_high``; the batch is then doubled
-([conditional; null label]) and ``uncond + scale * (cond - uncond)`` is taken over every channel.
+Classifier-free guidance uses the reference's guidance interval (docs/reference-facts.md,
+REPAE-7.3): at grid time t_i it is active iff ``cfg_scale > 1`` and
+``guidance_low <= t_i <= guidance_high``; the batch is then doubled ([conditional; null label])
+and ``uncond + scale * (cond - uncond)`` is taken over every channel.
 The ODE guides the velocity, the SDE guides the drift (after the score term), and a Heun
 corrector reuses the decision taken at t_i even when t_{i+1} falls on the other side of a bound.
 
@@ -116,7 +117,7 @@ def euler_sampler(
     guidance_high: float = 1.0,
     null_label: int,
 ) -> torch.Tensor:
-    """Integrate dx/dt = v from t=1 (``noise``) to t=0 on the grid t_i = 1 - i/N (spec 7.1; :func:`ode_time_grid`).
+    """Integrate dx/dt = v from t=1 (``noise``) to t=0 on the grid t_i = 1 - i/N (REPAE-7.1; :func:`ode_time_grid`).
 
     Euler: x <- x + (t_{i+1} - t_i) v(x, t_i). Heun adds, on every step but the last (whose end
     point t=0 the model never saw in training), a corrector v' at (x_Euler, t_{i+1}) and steps with
@@ -185,7 +186,7 @@ def euler_maruyama_sampler(
     generator: Generators = None,
     path_type: str = "linear",
 ) -> torch.Tensor:
-    """Euler-Maruyama on the reverse SDE from t=1 (``noise``) to 0 over ``sde_time_grid`` (spec 7.2).
+    """Euler-Maruyama on the reverse SDE from t=1 (``noise``) to 0 over ``sde_time_grid`` (REPAE-7.2).
 
     Intervals 0..N-2: x <- x + d dt + sqrt(w(t_i)) sqrt(|dt|) xi, xi ~ N(0, I) from ``generator``
     (one generator, or one per row). The last interval 0.04 -> 0 is deterministic: x + dt d. NFE = N.

@@ -5,7 +5,7 @@
     accelerate launch -m repae.train -c configs/repae/sdvae.yaml
     python -m repae.train -c configs/repae/sdvae.yaml --exp-name x --batch-size 256   # reference flags (repae.flags)
 
-One step, in the reference order (spec 5.2), with this repository's fixes:
+One step, in the reference order (docs/reference-facts.md, REPAE-5.2), with this repository's fixes:
 
 1. frozen vision encoders -> patch tokens ``zs`` (no grad);
 2. VAE forward -> posterior, a posterior sample ``z`` and the reconstruction;
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.checkpoint import CheckpointWriter
-from common.distributed import DistEnv, all_reduce_mean, init_distributed
+from common.distributed import DistEnv, all_reduce_mean, all_reduce_sum, init_distributed
 from common.files import write_json_atomic
 from common.lifecycle import (
     Cadence,
@@ -50,7 +51,7 @@ from common.lifecycle import (
     run_entry,
     run_loop,
 )
-from common.metrics import MetricsLogger
+from common.metrics import DATA, PERF, TRAIN, MetricsLogger, train_key
 from common.randomness import step_seed
 from common.signals import StopSignal
 from common.vae_config import per_channel_stats
@@ -188,12 +189,19 @@ def load_configured_vae(cfg: RepaeConfig):
     from repae.vae import TrainableVAE, load_vae
 
     v = cfg.vae
-    return TrainableVAE(load_vae(v.name_or_path, subfolder=v.subfolder, kind=v.kind, checkpoint=v.checkpoint))
+    return TrainableVAE(
+        load_vae(v.pretrained_model_name_or_path, subfolder=v.subfolder, kind=v.kind, checkpoint=v.checkpoint)
+    )
 
 
 def vae_source(cfg: RepaeConfig) -> dict[str, Any]:
     v = cfg.vae
-    return {"name_or_path": v.name_or_path, "subfolder": v.subfolder, "kind": v.kind, "checkpoint": v.checkpoint}
+    return {
+        "name_or_path": v.pretrained_model_name_or_path,
+        "subfolder": v.subfolder,
+        "kind": v.kind,
+        "checkpoint": v.checkpoint,
+    }
 
 
 def stats_from_vae_config(vae) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -218,7 +226,7 @@ def reference_stats_file(cfg: RepaeConfig) -> Path | None:
 def estimate_latent_stats(vae, batches, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (1/std, mean) of posterior samples over a few batches of every process.
 
-    The reference has no script for this (spec 6.2); without it a new VAE cannot be tuned.
+    The reference has no script for this (REPAE-6.2, REPAE-D19); without it a new VAE cannot be tuned.
     """
     g = torch.Generator(device=device).manual_seed(seed)
     total = None
@@ -284,7 +292,7 @@ class Trainer:
             world_size=self.env.world_size,
             seed=self.cfg.trainer.seed,
             num_workers=d.dataloader_num_workers,
-            latents_dir=d.latents_dir,
+            latents_dir=d.latent_cache,
         )
 
     def _build_encoders(self) -> list[nn.Module]:
@@ -302,7 +310,7 @@ class Trainer:
         self.latent_shape = (latent_channels, latent_side, latent_side)
 
     def _init_latent_stats(self, vae, loader_iter) -> None:
-        """Seed the SiT BatchNorm with the VAE's latent statistics (spec 2.6 `init_bn`)."""
+        """Seed the SiT BatchNorm with the VAE's latent statistics (REPAE-2.6 `init_bn`)."""
         how = self.cfg.vae.latents_stats
         stats = None
         if how not in ("auto", "estimate", "config"):
@@ -332,7 +340,12 @@ class Trainer:
         """Train to ``trainer.max_steps`` or an agreed stop (common.lifecycle)."""
         cfg = self.cfg
         self.logger = MetricsLogger(
-            self.run_dir, cfg.trainer.report_to, cfg.trainer.project, cfg.trainer.run, {}, enabled=self.env.is_main
+            self.run_dir,
+            cfg.trainer.report_to,
+            cfg.trainer.project,
+            cfg.trainer.run,
+            dataclasses.asdict(cfg),  # the tracker's run page shows the whole config, as in the T2I stage
+            enabled=self.env.is_main,
         )
         from tqdm.auto import tqdm
 
@@ -346,6 +359,7 @@ class Trainer:
         if cfg.trainer.sampling_steps and self.step == 0:
             self.preview()
         self._window: dict[str, torch.Tensor] = {}
+        self._logged = {"skipped": 0, "nonfinite": self.guard.total}  # window counts are differences
         try:
             run_loop(self, Cadence.of(cfg.trainer), self.stop_signal, self.device, bar)
         finally:
@@ -364,13 +378,18 @@ class Trainer:
             self._window[k] = self._window[k] + v if k in self._window else v
 
     def log_window(self, steps: int, seconds: float) -> dict[str, str]:
-        values = mean_over_ranks({k: v / steps for k, v in self._window.items()}, self.device)
-        values["steps_per_s"] = steps / max(seconds, 1e-9)
-        values["skipped_samples"] = getattr(self.loader, "skipped", 0)
-        values["nonfinite_total"] = self.guard.total  # optimizer steps skipped by the guard
+        """Log the window's means in the shared namespace (common.metrics): train/, data/, perf/."""
+        means = mean_over_ranks({k: v / steps for k, v in self._window.items()}, self.device)
+        values = {train_key(k): v for k, v in means.items()}
+        skipped = float(getattr(self.loader, "skipped", 0))  # this rank's count since the run started
+        total = all_reduce_sum(torch.tensor([skipped], device=self.device, dtype=torch.float64)).item()
+        values[DATA + "skipped"] = int(total) - self._logged["skipped"]
+        values[TRAIN + "nonfinite_skipped"] = self.guard.total - self._logged["nonfinite"]
+        values[PERF + "steps_per_s"] = steps / max(seconds, 1e-9)
+        self._logged = {"skipped": int(total), "nonfinite": self.guard.total}
         self.logger.log(self.step, values)
         self._window = {}
-        return {k: f"{values[k]:.3g}" for k in self.postfix_keys if k in values}
+        return {k: f"{values[train_key(k)]:.3g}" for k in self.postfix_keys if train_key(k) in values}
 
     def end_step(self) -> None:
         pass

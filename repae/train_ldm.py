@@ -1,13 +1,13 @@
 """SiT + REPA on a *frozen* VAE (the reference's train_ldm_only.py), e.g. on an exported E2E-VAE.
 
     python -m repae.cache_latents --vae exps/e2e-vae --shards 'data/imagenet-{000000..001281}.tar' --out data/latents
-    python -m repae.train_ldm -c configs/repae/ldm-e2e-vavae.yaml data.latents_dir=data/latents
+    python -m repae.train_ldm -c configs/repae/ldm-e2e-vavae.yaml data.latent_cache=data/latents
     torchrun --nproc_per_node=8 -m repae.train_ldm -c configs/repae/ldm-e2e-vavae.yaml
 
-Differences from the joint trainer (spec 6.1): no VAE or discriminator update; the SiT's
+Differences from the joint trainer (docs/reference-facts.md, REPAE-6.1): no VAE or discriminator update; the SiT's
 BatchNorm stays in eval mode so it normalises with the VAE's fixed latent statistics and never
 changes them; the latent is a fresh posterior sample each step, drawn from cached posterior
-means and standard deviations when `data.latents_dir` is set (`repae.cache_latents`), or encoded
+means and standard deviations when `data.latent_cache` is set (`repae.cache_latents`), or encoded
 on the fly with the frozen VAE otherwise. The vision encoder still sees the images.
 """
 

@@ -1,12 +1,12 @@
-"""Flow-matching transport of the REPA-E stage (spec 2.7): time draws, interpolants, the loss.
+"""Flow-matching transport of the REPA-E stage (REPAE-2.7): time draws, interpolants, the loss.
 
 Convention: t in [0,1], t=1 is pure noise, x_t = alpha(t) x0 + sigma(t) eps and the SiT predicts
 the velocity v = alpha'(t) x0 + sigma'(t) eps (linear path: eps - x0).
 
-Differences from the reference, on purpose:
+Differences from the reference (docs/reference-facts.md), on purpose:
 
 * Times are drawn from an explicit ``torch.Generator`` on that generator's device, so a CUDA
-  generator costs no host round trip per step (defect 13) and runs are reproducible per rank.
+  generator costs no host round trip per step (REPAE-D13) and runs are reproducible per rank.
 * Weighting only changes the time density; the loss is never reweighted (as in the reference).
 """
 

@@ -1,10 +1,10 @@
 """Trainable diffusers VAEs for REPA-E: loading, the posterior, a gradient-friendly wrapper, export.
 
 The reference trains its own CompVis-layout autoencoder class and so can only tune its two
-hard-coded architectures (spec 9.17). We train diffusers models instead, which covers the
-reference VAEs (converted losslessly by `repae.reference.convert`) *and* the text-to-image VAEs the
-`fusedit` stage consumes: FLUX / SD3.5 style `AutoencoderKL` (no quant convs) and Qwen-Image's
-`AutoencoderKLQwenImage` (a video VAE that needs a frame axis).
+hard-coded architectures (reference defect REPAE-D17, docs/reference-facts.md). We train diffusers
+models instead, which covers the reference VAEs (converted losslessly by `repae.reference.convert`)
+*and* the text-to-image VAEs the `fusedit` stage consumes: FLUX / SD3.5 style `AutoencoderKL` (no
+quant convs) and Qwen-Image's `AutoencoderKLQwenImage` (a video VAE that needs a frame axis).
 
 Why a wrapper rather than `vae.encode(...).latent_dist`:
 
@@ -49,7 +49,7 @@ _ENCODER_TYPES = ["DownEncoderBlock2D"] * 4
 _DECODER_TYPES = ["UpDecoderBlock2D"] * 4
 
 VAE_PRESETS: dict[str, dict] = {
-    # The Stable-Diffusion KL-f8 VAE (sd-vae-ft-mse) config, the reference "f8d4" (spec 1.2).
+    # The Stable-Diffusion KL-f8 VAE (sd-vae-ft-mse) config, the reference "f8d4" (REPAE-1.2).
     "f8d4": dict(
         in_channels=3,
         out_channels=3,
@@ -64,7 +64,7 @@ VAE_PRESETS: dict[str, dict] = {
         scaling_factor=1.0,
         shift_factor=None,
     ),
-    # IN-VAE / VA-VAE layout, the reference "f16d32": attention at the 16x16 level (spec 1.4).
+    # IN-VAE / VA-VAE layout, the reference "f16d32": attention at the 16x16 level (REPAE-1.4).
     "f16d32": dict(
         in_channels=3,
         out_channels=3,
@@ -136,7 +136,7 @@ class Posterior:
     """Diagonal Gaussian over latents, from moments (B, 2C, h, w) = [mean, logvar] on channels.
 
     Everything is float32 (moments computed under autocast are upcast here, differentiably). The
-    log-variance is clamped to [-30, 20] *before* std/var are derived (spec 1.3, checklist 4).
+    log-variance is clamped to [-30, 20] *before* std/var are derived (REPAE-1.3).
     """
 
     def __init__(self, moments: torch.Tensor) -> None:
@@ -211,7 +211,7 @@ class TrainableVAE(nn.Module):
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[Posterior, torch.Tensor, torch.Tensor]:
-        """(posterior, z, recon) with z a reparameterised sample and recon = decode(z) (spec 1.3)."""
+        """(posterior, z, recon) with z a reparameterised sample and recon = decode(z) (REPAE-1.3)."""
         posterior = self.encode(x)
         z = posterior.sample(generator)
         return posterior, z, self.decode(z)

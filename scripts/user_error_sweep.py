@@ -107,8 +107,8 @@ def _damaged(run: Path, copy: Path, how: str) -> Path:
 
 def cases(toy: Path, runs: dict[str, Path], out: Path) -> list[Case]:
     files = runs["files"]
-    coco = ["evaluation/sample_coco_ckpt.py", "--prompts", str(toy / "prompts" / "heldout.json"), "--num_samples", "1"]
-    coco += ["--save_dir", str(out / "coco")]
+    coco = ["evaluation/sample_coco_ckpt.py", "--prompts", str(toy / "prompts" / "heldout.json"), "--max-prompts", "1"]
+    coco += ["--save-dir", str(out / "coco")]
     t2i = t2i_overrides(toy, out / "scratch" / "t2i")
     rep = repae_overrides(toy, out / "scratch" / "repae")
     found: list[Case] = []
@@ -196,12 +196,12 @@ def cases(toy: Path, runs: dict[str, Path], out: Path) -> list[Case]:
                 "evaluation/sample_coco_ckpt.py",
                 "--checkpoint",
                 str(runs["t2i"]),
-                "--guidance_scale",
+                "--guidance-scale",
                 "nan",
-                "--num_samples",
+                "--max-prompts",
                 "1",
             ],
-            "guidance_scale",
+            "guidance-scale",
         ),  # fmt: skip
         Case(
             "sample_coco_ckpt.py",
@@ -210,12 +210,12 @@ def cases(toy: Path, runs: dict[str, Path], out: Path) -> list[Case]:
                 "evaluation/sample_coco_ckpt.py",
                 "--checkpoint",
                 str(runs["t2i"]),
-                "--num_inference_steps",
+                "--num-inference-steps",
                 "0",
-                "--num_samples",
+                "--max-prompts",
                 "1",
             ],
-            "num_inference_steps",
+            "num-inference-steps",
         ),  # fmt: skip
         Case("fusedit.tools.demo", "unknown flag", ["-m", "fusedit.tools.demo", "--no-such-flag"], "--no-such-flag"),
         Case(
@@ -308,9 +308,9 @@ def cases(toy: Path, runs: dict[str, Path], out: Path) -> list[Case]:
             "missing image folder",
             [
                 "evaluation/fid.py",
-                "--real_images",
+                "--real-images",
                 str(files / "no-such-real"),
-                "--fake_images",
+                "--fake-images",
                 str(files / "no-such-fake"),
                 "--resolution",
                 "32",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, save_config
-from fusedit.config import load_config
+from common.config import ConfigError, apply_aliases, save_config
+from fusedit.config import ALIASES, load_config
 from fusedit.train.deepspeed_config import load_deepspeed_json, resolve_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +128,58 @@ def test_save_roundtrip(minimal: Path, tmp_path: Path) -> None:
 def test_shipped_configs_validate() -> None:
     for path in sorted((ROOT / "configs" / "e2e-vae").glob("*.yaml")):
         load_config(path)
+
+
+def test_the_3b_overlays_resolve_to_the_configs_they_replaced() -> None:
+    """Each per-VAE file (base + overlay) gives exactly the config its 116-132-line file gave.
+
+    ``configs_3b_resolved.json`` is the resolved config of each of the twelve files as they were
+    written out in full, recorded before they became overlays. Recorded in the vocabulary of the
+    time (``gen``, since renamed ``sample``), it is read through the same alias table and schema as
+    an old YAML file (fields added since take their defaults), so the renames are checked too.
+    """
+    from omegaconf import OmegaConf
+
+    from fusedit.config import TrainConfig
+
+    recorded = json.loads((ROOT / "tests" / "configs_3b_resolved.json").read_text())
+    assert len(recorded) == 12
+    for name, old in recorded.items():
+        want = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(TrainConfig), apply_aliases(old, ALIASES)))
+        got = json.loads(json.dumps(load_config(ROOT / "configs" / "e2e-vae" / name).to_dict()))
+        assert got == json.loads(json.dumps(want)), name
+
+
+def test_a_pair_differs_in_its_vae_and_run_name_only() -> None:
+    configs = ROOT / "configs" / "e2e-vae"
+    for overlay in sorted(configs.glob("sa-w2048-3b-*.yaml")):
+        lines = [line for line in overlay.read_text().splitlines() if line and not line.startswith("#")]
+        assert len(lines) <= 9, overlay.name  # extends, run, (parent run), vae: nothing of the recipe
+
+
+def test_extends_merges_bases_first_relative_to_the_file(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "a.yaml").write_text(MINIMAL + "trainer:\n  max_steps: 7\n  seed: 1\n")
+    (tmp_path / "base" / "b.yaml").write_text("trainer:\n  seed: 2\n  logging_steps: 3\n")
+    (tmp_path / "run.yaml").write_text("extends: [base/a.yaml, base/b.yaml]\ntrainer:\n  logging_steps: 5\n")
+    cfg = load_config(tmp_path / "run.yaml", ["trainer.max_steps=9"])
+    assert (cfg.trainer.max_steps, cfg.trainer.seed, cfg.trainer.logging_steps) == (9, 2, 5)
+    (tmp_path / "old.yaml").write_text("extends: base/a.yaml\ndata:\n  batch_size: 4\n")  # an alias in an overlay
+    assert load_config(tmp_path / "old.yaml").data.batch_size_per_gpu == 4
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("extends: nowhere.yaml\n", r"c\.yaml: extends not found: .*nowhere\.yaml"),
+        ("extends: c.yaml\n", "extend each other in a circle"),
+        ("extends: {a: 1}\n", "extends: expected a file name or a list of file names"),
+    ],
+)
+def test_extends_mistakes_are_one_config_error(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "c.yaml")
 
 
 def test_deepspeed_auto_fields_are_filled(minimal: Path) -> None:

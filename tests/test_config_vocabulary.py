@@ -41,7 +41,7 @@ def shard(tmp_path: Path) -> Path:
 
 # ------------------------------------------------------------------ (a) a reference Fuse-DiT YAML
 def fusedit_reference_yaml(shard: Path, **extra: str) -> str:
-    """The shared fields of the reference configs (spec 1.2), in the reference's own spelling."""
+    """The shared fields of the reference configs (T2I-1.2 in docs/reference-facts.md), as it spells them."""
     data_extra = "".join(f"  {k}: {v}\n" for k, v in extra.items())
     return f"""
 trainer:
@@ -138,7 +138,7 @@ def test_reference_fusedit_yaml_loads_with_per_gpu_batch(tmp_path, shard, caplog
     assert cfg.data.batch_size_per_gpu == 32 and cfg.data.dataloader_num_workers == 32
     ds = resolve_deepspeed_config(load_deepspeed_json(None), cfg, world_size=32)
     assert ds["train_micro_batch_size_per_gpu"] == 32 and ds["train_batch_size"] == 1024  # 4 nodes x 8 GPUs
-    assert cfg.gen.val_prompt == VAL_PROMPTS and cfg.trainer.max_steps == 500_000
+    assert cfg.sample.prompts == VAL_PROMPTS and cfg.trainer.max_steps == 500_000
 
     notices = _notices(caplog)
     assert len(notices) == len(set(notices))  # one line per spelling
@@ -157,7 +157,10 @@ def test_reference_fusedit_yaml_loads_with_per_gpu_batch(tmp_path, shard, caplog
         "gen.instruction",
     ):
         assert sum(n.startswith(f"config: '{ignored}' is accepted and ignored") for n in notices) == 1, ignored
-    assert len(notices) == 9 + 1 + 1 + 6  # ignored keys, batch, depth, the six base_config_override keys
+    for old, new in (("gen.H", "sample.height"), ("gen.val_prompt", "sample.prompts"), ("gen.seed", "sample.seed")):
+        assert f"config: '{old}' is accepted as '{new}'" in notices
+    # ignored keys, batch, depth, the six base_config_override keys, the eight gen.* -> sample.* keys
+    assert len(notices) == 9 + 1 + 1 + 6 + 8
 
 
 @pytest.mark.parametrize("key", ["trainer.hard_skip_resume", "data.apply_chat_template"])
@@ -309,7 +312,7 @@ def test_reference_command_line_parses_into_the_config(tmp_path, shard, caplog) 
     assert (t.seed, t.report_to) == (7, ["wandb"])
     assert cfg.run_dir == tmp_path / "exps" / "sit-xl-repae"
     assert cfg.data.global_batch_size == 256 and cfg.data.data_path == [str(shard)]
-    assert cfg.vae.name_or_path == "f8d4" and cfg.vae.checkpoint == str(vae_ckpt)
+    assert cfg.vae.pretrained_model_name_or_path == "f8d4" and cfg.vae.checkpoint == str(vae_ckpt)
     assert cfg.encoder.types == ["dinov2-vit-b", "mocov3-vit-b"]
     assert (cfg.loss.proj_coeff, cfg.loss.vae_align_proj_coeff) == (0.5, 1.5)
     assert (cfg.model.encoder_depth, cfg.model.bn_momentum, cfg.model.qk_norm) == (8, 0.1, True)
@@ -342,7 +345,7 @@ def test_reference_flags_also_work_with_a_yaml(tmp_path, shard) -> None:
         (["--resume-step", "50000"], "--resume-step", "trainer.resume_from"),
         (["--continue-train-exp-dir", "exps/x"], "--continue-train-exp-dir", "trainer.resume_from"),
         (["--prediction", "eps"], "--prediction", "'v'"),
-        (["--vae-latents-name", "e2e-vavae"], "--vae-latents-name", "data.latents_dir"),
+        (["--vae-latents-name", "e2e-vavae"], "--vae-latents-name", "data.latent_cache"),
         (["--max-train-steps", "many"], "--max-train-steps", "integer"),
     ],
 )
@@ -463,3 +466,31 @@ def test_both_schemas_share_the_vocabulary() -> None:
         assert not any(k.split(".")[0] in ("run", "optim") for k in schema)
     assert TrainConfig().trainer.checkpoint_dir == "output/${trainer.run}"
     assert RepaeConfig().trainer.checkpoint_dir == "exps/${trainer.run}"
+
+
+def test_the_shared_trainer_fields_are_declared_once() -> None:
+    """Both ``trainer`` sections extend common.config.SharedTrainer; a stage that redeclares a
+    shared field (another default) is one of the listed ones, each with its reason in the schema."""
+    from common.config import SharedTrainer
+    from fusedit.config import TrainerConfig
+    from repae.config import TrainerSection
+
+    shared = {f.name: f for f in dataclasses.fields(SharedTrainer)}
+    assert len(shared) == 15
+
+    def redeclared(section: type) -> set[str]:
+        own = {f.name: f for f in dataclasses.fields(section)}
+        assert shared.keys() <= own.keys()
+        return {n for n in shared if section.__dataclass_fields__[n] is not SharedTrainer.__dataclass_fields__[n]}
+
+    assert redeclared(TrainerConfig) == {"project"}
+    assert redeclared(TrainerSection) == {
+        "run",
+        "project",
+        "checkpoint_dir",
+        "max_steps",
+        "seed",
+        "checkpoints_total_limit",
+        "sampling_steps",
+        "report_to",
+    }

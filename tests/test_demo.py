@@ -31,7 +31,7 @@ def test_demo_quick_runs_end_to_end(quick_world: Path, tmp_path: Path) -> None:
         "model.num_key_value_heads=1",
         "model.head_dim=16",
         "model.intermediate_size=64",
-        "gen.steps=2",  # the sampler's code path (--quick: 4 ODE steps), for half the sampling time
+        "sample.num_steps=2",  # the sampler's code path (--quick: 4 ODE steps), for half the sampling time
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -219,7 +219,7 @@ def test_invalid_options_raise():
 
 
 # ----------------------------------------------------------------------------------------------
-# primitives against the library the reference used / the spec's formulas
+# primitives against the library the reference used / the formulas in docs/reference-facts.md
 # ----------------------------------------------------------------------------------------------
 def test_timestep_sinusoid_matches_diffusers():
     t = torch.tensor([0.0, 2.994, 517.3, 1000.0])

@@ -65,8 +65,8 @@ def _fresh_accelerate_state():
 def sample(bench: str, checkpoint: Path, prompts: Path, save_dir: Path, *extra: str) -> dict:
     """Run a sampler in this process (what the CLI does, minus interpreter start-up)."""
     flag = sampling.BENCHMARKS[bench].prompts_flag
-    argv = ["--checkpoint", str(checkpoint), flag, str(prompts), "--save_dir", str(save_dir)]
-    argv += ["--num_inference_steps", STEPS, *extra]
+    argv = ["--checkpoint", str(checkpoint), flag, str(prompts), "--save-dir", str(save_dir)]
+    argv += ["--num-inference-steps", STEPS, *extra]
     parser = sampling.build_parser(sampling.BENCHMARKS[bench])
     args = parser.parse_args(argv)
     sampling.validate_args(parser, args)
@@ -104,7 +104,7 @@ def test_images_do_not_depend_on_batch_size(checkpoint: Path, heldout: list[dict
 @pytest.mark.multiprocess
 def test_one_and_two_processes_write_the_same_images(checkpoint: Path, prompts3: Path, tmp_path: Path) -> None:
     script = str(ROOT / "evaluation" / "sample_coco_ckpt.py")
-    common = ["--checkpoint", str(checkpoint), "--prompts", str(prompts3), "--num_inference_steps", STEPS]
+    common = ["--checkpoint", str(checkpoint), "--prompts", str(prompts3), "--num-inference-steps", STEPS]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launchers = {
         "one": [sys.executable, script],
@@ -114,7 +114,7 @@ def test_one_and_two_processes_write_the_same_images(checkpoint: Path, prompts3:
         "accelerate": [*accelerate, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script],
     }
     for name, launcher in launchers.items():
-        cmd = [*launcher, *common, "--save_dir", str(tmp_path / name), "--batch_size", "2"]
+        cmd = [*launcher, *common, "--save-dir", str(tmp_path / name), "--batch-size", "2"]
         proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "(rank 0 of 2)" in proc.stderr if name != "one" else "(rank 0 of 1)" in proc.stderr
@@ -133,7 +133,7 @@ def test_one_and_two_processes_write_the_same_images(checkpoint: Path, prompts3:
 @pytest.mark.parametrize("bench", ["coco", "mjhq", "genaibench"])
 def test_flat_layout(bench: str, checkpoint: Path, prompts3: Path, tmp_path: Path, heldout: list[dict]) -> None:
     out = tmp_path / bench
-    summary = sample(bench, checkpoint, prompts3, out, "--batch_size", "2")
+    summary = sample(bench, checkpoint, prompts3, out, "--batch-size", "2")
     assert summary == {"save_dir": str(out), "prompts": 3, "generated": 3, "skipped": 0}
     assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
     assert read_png(out / "00000.png").shape == (32, 32, 3)
@@ -148,7 +148,7 @@ def test_geneval_layout(checkpoint: Path, tmp_path: Path, heldout: list[dict]) -
     meta = tmp_path / "meta.jsonl"
     meta.write_text("".join(json.dumps(dict(p, tag="toy")) + "\n" for p in heldout[:3]))
     out = tmp_path / "geneval"
-    sample("geneval", checkpoint, meta, out, "--n_samples", "2", "--batch_size", "4")
+    sample("geneval", checkpoint, meta, out, "--images-per-prompt", "2", "--batch-size", "4")
     for i in range(3):
         folder = out / f"{i:05d}"
         assert json.loads((folder / "metadata.jsonl").read_text()) == dict(heldout[i], tag="toy")
@@ -162,7 +162,7 @@ def test_dpgbench_grid(checkpoint: Path, tmp_path: Path, heldout: list[dict]) ->
     named = {"alpha": heldout[0]["prompt"], "beta": heldout[1]["prompt"], "gamma": heldout[2]["prompt"]}
     (tmp_path / "dpg.json").write_text(json.dumps(named))
     out = tmp_path / "dpg"
-    sample("dpgbench", checkpoint, tmp_path / "dpg.json", out, "--batch_size", "8")
+    sample("dpgbench", checkpoint, tmp_path / "dpg.json", out, "--batch-size", "8")
     assert sorted(p.name for p in out.glob("*.png")) == ["alpha.png", "beta.png", "gamma.png"]
     grid = read_png(out / "beta.png")
     assert grid.shape == (64, 64, 3)
@@ -198,7 +198,7 @@ def test_resume_regenerates_only_missing_outputs(checkpoint: Path, prompts3: Pat
     assert not list(out.glob(".*")), "no temp files left behind"
     # same folder, different image-affecting setting: refused rather than mixed
     with pytest.raises(sampling.SamplingError, match="guidance_scale"):
-        sample("coco", checkpoint, prompts3, out, "--guidance_scale", "2.0")
+        sample("coco", checkpoint, prompts3, out, "--guidance-scale", "2.0")
     # same settings, but prompt 1 of the file changed: refused too
     changed = json.loads(prompts3.read_text())
     changed[1] = "another prompt"
@@ -208,7 +208,7 @@ def test_resume_regenerates_only_missing_outputs(checkpoint: Path, prompts3: Pat
 
 
 def test_cli_refusals(checkpoint: Path, prompts3: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    base = ["--checkpoint", str(checkpoint), "--prompts", str(prompts3), "--save_dir", str(tmp_path / "x")]
+    base = ["--checkpoint", str(checkpoint), "--prompts", str(prompts3), "--save-dir", str(tmp_path / "x")]
     with pytest.raises(SystemExit) as e:
         sampling.main("coco", [*base, "--type", "fuse-dit"])
     assert e.value.code == 2 and "fuse-dit" in capsys.readouterr().err
@@ -228,14 +228,14 @@ def test_a_truncated_weight_file_is_one_error_line(checkpoint: Path, prompts3: P
     weights = run / "2" / "ema" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(SystemExit) as e:
-        sampling.main("coco", ["--checkpoint", str(run), "--prompts", str(prompts3), "--save_dir", str(tmp_path / "x")])
+        sampling.main("coco", ["--checkpoint", str(run), "--prompts", str(prompts3), "--save-dir", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "ema/diffusion_pytorch_model.safetensors" in err[0], err
 
 
 def test_vae_override_is_used(checkpoint: Path, prompts3: Path, tmp_path: Path, quick_world: Path) -> None:
     out = tmp_path / "v"
-    sample("coco", checkpoint, prompts3, out, "--vae", str(quick_world / "vae"), "--num_samples", "1")
+    sample("coco", checkpoint, prompts3, out, "--vae", str(quick_world / "vae"), "--max-prompts", "1")
     vae = json.loads((out / sampling.SETTINGS_NAME).read_text())["vae"]
     assert vae == {"pretrained_model_name_or_path": str(quick_world / "vae"), "subfolder": None, "kind": "auto"}
     assert [p.name for p in out.glob("*.png")] == ["00000.png"]
@@ -323,8 +323,8 @@ def test_fid_cache_key_tracks_the_real_files(tmp_path: Path) -> None:
 def test_fid_cli_writes_json(tmp_path: Path) -> None:
     real = _write_images(tmp_path / "real", _shapes(6, 32, seed=0))
     out = tmp_path / "fid.json"
-    argv = ["--real_images", str(real), "--fake_images", str(real), "--resolution", "32", "--num_workers", "0"]
-    argv += ["--feature-extractor", FID_EXTRACTOR, "--cache_dir", str(tmp_path / "c"), "--out", str(out)]
+    argv = ["--real-images", str(real), "--fake-images", str(real), "--resolution", "32", "--num-workers", "0"]
+    argv += ["--feature-extractor", FID_EXTRACTOR, "--cache-dir", str(tmp_path / "c"), "--out", str(out)]
     assert fid.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["feature_extractor"] == FID_EXTRACTOR and abs(result["fid"]) < 1e-6
@@ -341,7 +341,7 @@ def test_build_prompts_from_fake_sources(tmp_path: Path) -> None:
     coco = {"images": images, "annotations": annotations}
     (tmp_path / "captions.json").write_text(json.dumps(coco))
     args = ["coco", "--captions", str(tmp_path / "captions.json"), "--num", "3", "--out", str(tmp_path / "coco.json")]
-    assert build_prompts.main([*args, "--image_list", str(tmp_path / "coco_images.txt")]) == 0
+    assert build_prompts.main([*args, "--image-list", str(tmp_path / "coco_images.txt")]) == 0
     captions = json.loads((tmp_path / "coco.json").read_text())
     names = (tmp_path / "coco_images.txt").read_text().split()
     assert len(captions) == 3 and len(names) == 3
@@ -365,7 +365,7 @@ def test_build_prompts_from_fake_sources(tmp_path: Path) -> None:
     (tmp_path / "dpg").mkdir()
     for stem, text in {"b_2": "two\n", "a_1": "one "}.items():
         (tmp_path / "dpg" / f"{stem}.txt").write_text(text)
-    build_prompts.main(["dpgbench", "--prompts_dir", str(tmp_path / "dpg"), "--out", str(tmp_path / "dpg.json")])
+    build_prompts.main(["dpgbench", "--prompts-dir", str(tmp_path / "dpg"), "--out", str(tmp_path / "dpg.json")])
     assert json.loads((tmp_path / "dpg.json").read_text()) == {"a_1": "one", "b_2": "two"}
     assert sampling.load_named_prompts(tmp_path / "dpg.json")[1].name == "b_2"
 
@@ -394,7 +394,7 @@ def test_toy_eval_on_geneval_folder(checkpoint: Path, quick_world: Path, tmp_pat
     rows = [json.loads(line) for line in meta.read_text().splitlines()]
     assert {"prompt", "color", "shape", "position", "background"} <= rows[0].keys()
     out = tmp_path / "geneval"
-    sample("geneval", checkpoint, meta, out, "--num_samples", "3", "--n_samples", "2")
+    sample("geneval", checkpoint, meta, out, "--max-prompts", "3", "--images-per-prompt", "2")
     scores_file = tmp_path / "scores.json"
     assert toy_eval.main(["--images", str(out), "--toy", str(quick_world), "--out", str(scores_file)]) == 0
     scores = json.loads(scores_file.read_text())

@@ -6,7 +6,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from fusedit.flow import FlowMatching, euler_sample, sampling_sigmas
 
-# Published in the spec (section 5 step 3) for 25 steps, shift 3.
+# The reference schedule for 25 steps, shift 3 (docs/reference-facts.md, T2I-5).
 PUBLISHED_25 = [1.0, 0.98576, 0.97068, 0.95469, 0.93771, 0.91964, 0.90036, 0.87976, 0.85769, 0.834]
 PUBLISHED_25 += [0.80849, 0.78095, 0.75112, 0.71871, 0.68337, 0.64469, 0.60215, 0.55516, 0.50299]
 PUBLISHED_25 += [0.44471, 0.37919, 0.30501, 0.22031, 0.12268, 0.00893, 0.0]

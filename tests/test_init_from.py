@@ -100,7 +100,7 @@ model: {base: some/text-encoder, hidden_size: 32, num_hidden_layers: 2, num_atte
         num_key_value_heads: 1, head_dim: 16, intermediate_size: 48, pos_embed_max_size: 8, sample_size: 8}
 vae: {pretrained_model_name_or_path: some/vae}
 data: {data_path: ["shards/train-{000..003}.tar"], resolution: 32}
-gen: {H: 32, W: 32}
+sample: {height: 32, width: 32}
 """
 
 
@@ -112,12 +112,12 @@ def minimal(tmp_path: Path) -> Path:
 
 
 def test_geometry_refuses_a_grid_larger_than_the_ape_table(minimal: Path):
-    cfg = load_config(minimal, ["data.resolution=64", "gen.H=64", "gen.W=64"])
+    cfg = load_config(minimal, ["data.resolution=64", "sample.height=64", "sample.width=64"])
     check_geometry(cfg, 4)  # 64 px / 4 / patch 2 = 8 tokens = pos_embed_max_size
     with pytest.raises(ConfigError, match=r"data\.resolution: 128 px .* model\.pos_embed_max_size=8"):
         check_geometry(load_config(minimal, ["data.resolution=128"]), 4)
-    with pytest.raises(ConfigError, match=r"gen\.H"):
-        check_geometry(load_config(minimal, ["gen.H=128"]), 4)
+    with pytest.raises(ConfigError, match=r"sample\.height"):
+        check_geometry(load_config(minimal, ["sample.height=128"]), 4)
     check_geometry(load_config(minimal, ["data.resolution=128", "model.pos_embed=2d-rope"]), 4)
 
 
@@ -255,7 +255,12 @@ def test_512_configs_continue_their_256_px_run(vae: str):
     assert child.trainer.run == f"sa-w2048-3b-res512-{vae}-200k" == Path(child.trainer.checkpoint_dir).name
     i = child.trainer.init_from
     assert (i.checkpoint, i.tag, i.weights) == (parent.trainer.checkpoint_dir, "500000", "ema")
-    assert (child.data.resolution, child.gen.H, child.gen.W, child.trainer.max_steps) == (512, 512, 512, 200_000)
+    assert (child.data.resolution, child.sample.height, child.sample.width, child.trainer.max_steps) == (
+        512,
+        512,
+        512,
+        200_000,
+    )
     assert child.data.batch_size_per_gpu * child.trainer.gradient_accumulation_steps * 32 == 448
     assert child.model == parent.model and child.vae == parent.vae  # same DiT (and APE table), same VAE
     a, b = parent.to_dict(), child.to_dict()
@@ -269,8 +274,8 @@ def test_512_configs_continue_their_256_px_run(vae: str):
         "lr_scheduler.num_warmup_steps",
         "data.batch_size_per_gpu",
         "data.resolution",
-        "gen.H",
-        "gen.W",
+        "sample.height",
+        "sample.width",
     }
 
 
@@ -320,7 +325,13 @@ def test_toy_continuation_starts_from_the_parent_and_beats_scratch(quick_world: 
     Trainer(config(parent_run, **{"trainer.max_steps": 30, "trainer.checkpointing_steps": 30})).train()
     parent = ckpt.load_weights(parent_run / "30" / "ema")
 
-    at_64 = {"data.resolution": 64, "gen.H": 64, "gen.W": 64, "trainer.max_steps": 4, "trainer.checkpointing_steps": 4}
+    at_64 = {
+        "data.resolution": 64,
+        "sample.height": 64,
+        "sample.width": 64,
+        "trainer.max_steps": 4,
+        "trainer.checkpointing_steps": 4,
+    }
     child_run, scratch_run = tmp_path / "child", tmp_path / "scratch"
     child = Trainer(config(child_run, **at_64, **{"trainer.init_from.checkpoint": str(parent_run)}))
     # step 0: the DiT, its EMA and ZeRO's fp32 masters hold the parent's EMA weights exactly

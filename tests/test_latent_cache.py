@@ -85,27 +85,30 @@ def test_loader_reads_the_same_stream_as_the_images(quick_world: Path, cache: Pa
 def test_training_from_the_cache_equals_training_from_images(quick_world: Path, cache: Path, tmp_path: Path) -> None:
     data = json.loads((cache / "cache.json").read_text())["data_path"]
     runs = {}
-    for name, extra in (("images", {}), ("cache", {"data.cached_latents": "true", "data.data_path": f'["{data}"]'})):
+    old_spelling = {"data.cached_latents": "true", "data.data_path": f'["{data}"]'}  # data_path at the cache
+    for name, extra in (("images", {}), ("cache", {"data.latent_cache": str(cache)}), ("old", old_spelling)):
         run = tmp_path / name
         overrides = tiny_train_overrides(quick_world, run, **{"trainer.max_steps": 3, **extra})
         run_train(overrides)
         runs[name] = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(runs["images"]) == 3
     assert runs["cache"] == pytest.approx(runs["images"], rel=1e-5)
+    assert runs["old"] == runs["cache"]
 
 
 def test_a_cache_made_for_another_vae_or_resolution_is_refused(quick_world: Path, cache: Path) -> None:
-    data = json.loads((cache / "cache.json").read_text())["data_path"]
-    ok = _config(quick_world, "data.cached_latents=true", f'data.data_path=["{data}"]')
+    folder = f"data.latent_cache={cache}"
+    ok = _config(quick_world, folder)
     latent_cache.check_cache_matches(ok)
+    shards = json.loads((cache / "cache.json").read_text())["shards"]
+    assert latent_cache.training_urls(ok) == [str(cache / latent_cache.shard_name(i)) for i in range(shards)]
     with pytest.raises(ConfigError, match="data.resolution"):
-        latent_cache.check_cache_matches(
-            _config(quick_world, "data.cached_latents=true", f'data.data_path=["{data}"]', "data.resolution=64")
-        )
+        latent_cache.check_cache_matches(_config(quick_world, folder, "data.resolution=64"))
     with pytest.raises(ConfigError, match=r"^vae: the latent cache"):
-        latent_cache.check_cache_matches(
-            _config(quick_world, "data.cached_latents=true", f'data.data_path=["{data}"]', "vae.subfolder=other")
-        )
+        latent_cache.check_cache_matches(_config(quick_world, folder, "vae.subfolder=other"))
+    one_shard = f'data.data_path=["{quick_world / "shards" / "train-000000.tar"}"]'
+    with pytest.raises(ConfigError, match=r"^data.latent_cache: .* other shards than the 1 of data.data_path"):
+        latent_cache.check_cache_matches(_config(quick_world, folder, one_shard))
     codec = LatentCodec.from_spec(VaeSpec(str(quick_world / "vae")), torch_dtype=torch.bfloat16)
     latent_cache.check_cache_fingerprint(ok, codec)  # a bf16 load of the same weights matches
     with torch.no_grad():
@@ -114,8 +117,12 @@ def test_a_cache_made_for_another_vae_or_resolution_is_refused(quick_world: Path
         latent_cache.check_cache_fingerprint(ok, codec)
     with pytest.raises(ConfigError, match="no cache.json"):
         latent_cache.check_cache_matches(_config(quick_world, "data.cached_latents=true"))  # the image shards
+    with pytest.raises(ConfigError, match="no cache.json"):
+        latent_cache.check_cache_matches(_config(quick_world, f"data.latent_cache={quick_world / 'shards'}"))
     with pytest.raises(ConfigError, match="center_crop"):
-        _config(quick_world, "data.cached_latents=true", "data.center_crop=false")
+        _config(quick_world, folder, "data.center_crop=false")
+    with pytest.raises(ConfigError, match="not both"):
+        _config(quick_world, folder, "data.cached_latents=true")
 
 
 def test_an_undecodable_image_keeps_its_place_and_is_skipped(quick_world: Path, tmp_path: Path) -> None:
@@ -149,7 +156,7 @@ def test_an_undecodable_image_keeps_its_place_and_is_skipped(quick_world: Path, 
 def test_cli_help_and_parts(quick_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         latent_cache.main(["--help"])
-    assert "cached_latents" in capsys.readouterr().out
+    assert "data.latent_cache=" in capsys.readouterr().out
     args = ["-c", str(TOY_CONFIG), "--out", str(tmp_path / "c"), *toy_overrides(quick_world)]
     assert latent_cache.main([*args, "--part", "1/2"]) == 0
     assert not (tmp_path / "c" / "cache.json").exists()  # part 0 has not run yet

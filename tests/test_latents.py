@@ -89,7 +89,7 @@ def test_real_configs_give_factor_eight():
     default_qwen = AutoencoderKLQwenImage(base_dim=4, z_dim=16, num_res_blocks=1)  # dim_mult [1, 2, 4, 4]
     codec = LatentCodec(default_qwen)
     assert codec.spatial_factor == 8 and codec.latent_channels == 16
-    assert abs(codec.shift[0, 0, 0, 0].item() + 0.7571) < 1e-6  # spec 1.1 default statistics
+    assert abs(codec.shift[0, 0, 0, 0].item() + 0.7571) < 1e-6  # docs/reference-facts.md, T2I-1.1
 
 
 @pytest.mark.parametrize("family", ["kl", "qwen"])
@@ -119,7 +119,7 @@ def test_encode_decode_matches_raw_vae(family):
     decoded = codec.decode(latents)
     assert decoded.shape == x.shape and decoded.dtype == torch.float32
     torch.testing.assert_close(decoded, expected.squeeze(2) if family == "qwen" else expected, atol=1e-5, rtol=0)
-    # Decoding the normalised latents as if they were raw gives something else (defect 2).
+    # Decoding the normalised latents as if they were raw gives something else (reference defect T2I-D2).
     with torch.no_grad():
         wrong = vae.decode(latents.unsqueeze(2) if family == "qwen" else latents).sample
     assert not torch.allclose(wrong.squeeze(2) if family == "qwen" else wrong, decoded, atol=1e-3)

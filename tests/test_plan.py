@@ -117,7 +117,7 @@ model: {{base: "{root}/text_encoder", hidden_size: 32, num_hidden_layers: 2, num
 vae: {{pretrained_model_name_or_path: "{root}/vae"}}
 data: {{data_path: ["{root}/shards/train-{{000..003}}.tar"], resolution: 16, batch_size_per_gpu: 2,
        max_prompt_length: 12}}
-gen: {{H: 16, W: 16}}
+sample: {{height: 16, width: 16}}
 """
     )
     return root
@@ -334,19 +334,19 @@ def test_train_py_dry_run_on_3b_config(tmp_path: Path) -> None:
     assert elapsed < 90, f"dry run took {elapsed:.0f} s"
 
 
-def test_cached_latents_take_the_vae_out_of_the_step(tmp_path: Path) -> None:
+def test_a_latent_cache_takes_the_vae_out_of_the_step(tmp_path: Path) -> None:
     online = build_plan(_3b("sa-w2048-3b-res256-fluxvae-fulldataset-500k", tmp_path), world_size=32).flops
     cfg = _3b("sa-w2048-3b-res256-fluxvae-fulldataset-500k", tmp_path)
-    cfg.data.cached_latents = True
+    cfg.data.latent_cache = "data/latents"  # planning needs no cache on disk
     cached = build_plan(cfg, world_size=32).flops
     assert online.per_sample()["vae_encoder_forward"] > 0 and cached.per_sample()["vae_encoder_forward"] == 0
     assert online.model_per_sample() - cached.model_per_sample() == online.per_sample()["vae_encoder_forward"]
 
 
-def test_cached_text_features_take_the_text_encoder_out_of_the_step(tmp_path: Path) -> None:
+def test_a_text_cache_takes_the_text_encoder_out_of_the_step(tmp_path: Path) -> None:
     online = build_plan(_3b("sa-w2048-3b-res256-fluxvae-fulldataset-500k", tmp_path), world_size=32).flops
     cfg = _3b("sa-w2048-3b-res256-fluxvae-fulldataset-500k", tmp_path)
-    cfg.data.cached_text_features = "data/gemma-2b-features"  # planning needs no cache on disk
+    cfg.data.text_cache = "data/gemma-2b-features"  # planning needs no cache on disk
     cached = build_plan(cfg, world_size=32).flops
     assert online.per_sample()["text_encoder_forward"] > 0 and cached.per_sample()["text_encoder_forward"] == 0
     assert online.model_per_sample() - cached.model_per_sample() == online.per_sample()["text_encoder_forward"]

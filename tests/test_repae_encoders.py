@@ -1,4 +1,4 @@
-"""Frozen REPA encoders (spec section 3) and the toy world's semantic encoder.
+"""Frozen REPA encoders (docs/reference-facts.md, REPAE-3) and the toy world's semantic encoder.
 
 No network: hub architectures are built with ``pretrained=False`` (real weights only matter for
 numbers we cannot check offline), big ones on the meta device where only shapes matter.
@@ -19,7 +19,7 @@ from repae import encoders as enc
 from repae import toy
 from toyworld import labels as toy_labels
 
-# Spec section 3: z_dim of every encoder.
+# REPAE-3: z_dim of every encoder.
 SPEC_DIMS = {
     "dinov2-vit-s": 384,
     "dinov2-vit-b": 768,
@@ -48,7 +48,7 @@ def _expected_input(images: torch.Tensor, mean, std, size: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# The spec table
+# The REPAE-3 table
 # --------------------------------------------------------------------------------------------
 def test_timm_names_exist():
     import timm

@@ -1,4 +1,7 @@
-"""REPA-E samplers and the 50k-sample generator (spec 7, checklist items 11-14; defects 10 and 15).
+"""REPA-E samplers and the 50k-sample generator.
+
+Facts and reference defects checked (docs/reference-facts.md): REPAE-7.1 to REPAE-7.4, REPAE-10.11 to
+REPAE-10.14, REPAE-D10 and REPAE-D15.
 
 The samplers are checked against a Gaussian toy flow whose velocity field and ODE solution are
 known in closed form; the generator runs end to end on a tiny SiT with a stand-in decoder.
@@ -228,7 +231,7 @@ def test_to_uint8_truncates_like_the_reference_and_can_round():
     x = levels.view(1, 1, 1, -1).expand(1, 3, 1, -1)
     out = gen.to_uint8(x)
     assert out.dtype == np.uint8 and out.shape == (1, 1, 6, 3)
-    reference = (255 * ((x + 1) / 2)).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # spec 7.4
+    reference = (255 * ((x + 1) / 2)).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # REPAE-7.4
     assert (out == reference).all() and out[0, 0, :, 0].tolist() == [0, 0, 255, 255, 0, 254]
     assert gen.to_uint8(x, "round")[0, 0, :, 0].tolist() == [0, 0, 255, 255, 1, 255]
 

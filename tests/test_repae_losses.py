@@ -1,4 +1,7 @@
-"""REPA-E losses: hand-computed values, gradient routing (checklist 10.17) and the discriminator layout."""
+"""REPA-E losses: hand-computed values, gradient routing and the discriminator layout.
+
+Gradient routing: REPAE-10.17 in docs/reference-facts.md.
+"""
 
 from __future__ import annotations
 
@@ -412,7 +415,7 @@ def test_vae_loss_lpips_frozen_excluded_and_eval(vgg_random, monkeypatch):
 
 # ------------------------------------------------------------------ the reference-faithful recipe
 def test_reference_faithful_lpips_sees_the_references_range():
-    """The reference maps [-1, 1] images once more (x -> 2x - 1): LPIPS sees [-3, 1] (spec 4.4)."""
+    """The reference maps [-1, 1] images once more (x -> 2x - 1): LPIPS sees [-3, 1] (REPAE-4.4)."""
     ours = build_lpips("squeeze", "random")
     faithful = build_lpips("squeeze", "random", reference_range=True)
     x, recon = _images()

@@ -54,7 +54,7 @@ def inputs(model: SiT, batch: int = 3, seed: int = 1):
     return x, t, y
 
 
-# ----- sizes (checklist item 5) -----
+# ----- sizes (REPAE-10.5 in docs/reference-facts.md) -----
 def test_xl_parameter_counts_match_the_spec():
     with torch.device("meta"):
         with_proj = build_sit("SiT-XL/2", input_size=32, in_channels=4, z_dims=(768,))
@@ -91,7 +91,7 @@ def test_registry_and_errors():
 
 
 def test_sit_s_builds_and_runs():
-    """The reference built a 768-wide final layer against SiT-S's 384-wide trunk (spec 9.6)."""
+    """The reference built a 768-wide final layer against SiT-S's 384-wide trunk (reference defect REPAE-D6)."""
     with torch.device("meta"):
         model = build_sit("SiT-S/2", input_size=32, in_channels=4, z_dims=(384,))
         out = model(torch.zeros(2, 4, 32, 32), torch.zeros(2), torch.zeros(2, dtype=torch.long))
@@ -99,7 +99,7 @@ def test_sit_s_builds_and_runs():
     assert out.output.shape == (2, 4, 32, 32) and out.zs_tilde[0].shape == (2, 256, 384)
 
 
-# ----- state-dict layout (spec 2.8) -----
+# ----- state-dict layout (REPAE-2.8) -----
 def expected_keys(depth: int, n_proj: int, qk_norm: bool) -> set[str]:
     keys = {"pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias", "y_embedder.embedding_table.weight"}
     keys |= {f"t_embedder.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
@@ -214,7 +214,7 @@ def test_unpatchify_inverts_row_major_patch_tokens():
     torch.testing.assert_close(model.unpatchify(tokens), x, atol=0, rtol=0)
 
 
-# ----- BatchNorm latent normaliser (checklist items 8, 9, 18) -----
+# ----- BatchNorm latent normaliser (REPAE-10.8, REPAE-10.9, REPAE-10.18) -----
 def test_init_bn_round_trip_and_eval_formula():
     model = tiny().eval()
     scale = torch.tensor([0.18, 1.5, 0.9, 4.0])
@@ -318,7 +318,7 @@ def test_load_safetensors(tmp_path):
     assert torch.equal(fresh.final_layer.linear.weight, model.final_layer.linear.weight)
 
 
-# ----- transport (spec 2.7) -----
+# ----- transport (REPAE-2.7) -----
 def test_linear_interpolant_hand_values():
     x0 = torch.full((2, 1, 2, 2), 2.0)
     eps = torch.full((2, 1, 2, 2), 5.0)

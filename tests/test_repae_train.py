@@ -138,7 +138,7 @@ def test_denoising_loss_never_reaches_the_vae_and_sit_step_updates_batchnorm(rep
 
 
 def test_initial_denoising_loss_is_about_two(repae_world: Path, tmp_path: Path) -> None:
-    """Zero-initialised output: E||eps - x_n||^2 = 2 per element for unit-variance x_n (spec 10.6)."""
+    """Zero-initialised output: E||eps - x_n||^2 = 2 per element for unit-variance x_n (REPAE-10.6)."""
     tr = make_trainer(repae_world, tmp_path / "run", **{"data.global_batch_size": 16})
     _, labels, zs, _, z, _, t, noise, g = _phase_inputs(tr)
     metrics = {k: float(v) for k, v in tr.sit_phase(z, labels, zs, t, noise, g).items()}  # device scalars
@@ -191,6 +191,9 @@ def test_joint_run_resumes_exactly_and_exports_an_e2e_vae(repae_world: Path, tmp
             assert torch.equal(a[k], b[k]), f"{name}:{k} differs after resume"
     lines = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    # one metric namespace with the T2I stage (common.metrics)
+    shared = {"train/sit_loss", "train/vae_loss", "train/nonfinite_skipped", "data/skipped", "perf/steps_per_s"}
+    assert shared <= lines[0].keys() and not [k for k in lines[0] if k not in ("step", "time") and "/" not in k]
 
     vae = AutoencoderKL.from_pretrained(out)
     scale, bias = load_sit(straight / "4").latents_stats()
@@ -198,6 +201,23 @@ def test_joint_run_resumes_exactly_and_exports_an_e2e_vae(repae_world: Path, tmp
     assert torch.allclose(torch.tensor(vae.config.latents_std), 1.0 / scale, atol=1e-5)
     codec = LatentCodec(vae)
     assert torch.allclose(codec.shift.flatten(), bias, atol=1e-6)
+
+
+def test_the_tracker_gets_the_whole_config(repae_world: Path, tmp_path: Path, monkeypatch) -> None:
+    import repae.train
+    from common.metrics import MetricsLogger
+
+    seen = {}
+
+    def record(run_dir, report_to, project, run, config, enabled):
+        seen.update(config=config, run=run)
+        return MetricsLogger(run_dir, [], project, run, config, enabled)
+
+    monkeypatch.setattr(repae.train, "MetricsLogger", record)
+    tr = make_trainer(repae_world, tmp_path / "run", **{"trainer.max_steps": 1})
+    tr.fit()
+    assert seen["config"]["loss"]["proj_coeff"] == 0.5 and seen["config"]["trainer"]["max_steps"] == 1
+    assert seen["run"] == tr.cfg.trainer.run
 
 
 def test_generate_from_a_joint_run(repae_world: Path, tmp_path: Path) -> None:

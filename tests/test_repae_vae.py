@@ -115,7 +115,7 @@ def test_reference_keys_follow_spec():
 
 @pytest.mark.parametrize("arch", ["f8d4", "f16d32"])
 def test_full_size_key_maps_are_exact(arch):
-    """Checklist 2: every reference key maps onto the diffusers preset, shapes included, none extra."""
+    """REPAE-10.2: every reference key maps onto the diffusers preset, shapes included, none extra."""
     levels = len(LDM_ARCHS[arch]["ch_mult"])
     with torch.device("meta"):
         ldm = build_ldm_vae(arch).state_dict()

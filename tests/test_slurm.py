@@ -203,7 +203,7 @@ def test_sbatch_two_nodes_equals_torchrun_one_node(reference: Path, quick_world:
     """2 nodes x 1 process through sbatch/srun/node.sh = 1 node x 2 processes through torchrun."""
     run = reference.parent / "torchrun"
     t0 = time.monotonic()
-    launch([str(ROOT / "train.py"), "-c", str(TOY_CONFIG), "--deepspeed_config_path", ZERO2,
+    launch([str(ROOT / "train.py"), "-c", str(TOY_CONFIG), "--deepspeed-config-path", ZERO2,
             *_overrides(quick_world, run)], nproc=2, timeout=300)  # fmt: skip
     print(f"[slurm] 1-node torchrun reference: {time.monotonic() - t0:.0f}s")
     assert (reference / str(STEPS) / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()

@@ -28,7 +28,7 @@ def tiny_study_args(world: Path, out: Path, *extra: str) -> list[str]:
     if not twin.is_dir():
         shutil.copytree(world / "vae", twin)
     common = [o for o in tiny_train_overrides(world, out / "unused") if not o.startswith("trainer.checkpoint_dir")]
-    common.append("gen.steps=2")  # scoring samples with the run's sampler settings: 2 ODE steps, not 25
+    common.append("sample.num_steps=2")  # scoring samples with the run's sampler settings: 2 ODE steps, not 25
     return [
         "--toy",
         str(world),
@@ -64,8 +64,8 @@ def test_runs_differ_only_in_seed_and_folder(tmp_path: Path) -> None:
     s = study.Study(
         kind="ldm",
         arms=[
-            study.Arm("original", "a.yaml", ["vae.name_or_path=A"]),
-            study.Arm("e2e", "a.yaml", ["vae.name_or_path=B"]),
+            study.Arm("original", "a.yaml", ["vae.pretrained_model_name_or_path=A"]),
+            study.Arm("e2e", "a.yaml", ["vae.pretrained_model_name_or_path=B"]),
         ],
         seeds=[0, 1, 2],
         max_steps=100,
@@ -89,7 +89,11 @@ def test_runs_differ_only_in_seed_and_folder(tmp_path: Path) -> None:
     }
     assert "trainer.checkpointing_steps=25" in a and "trainer.checkpoints_total_limit=12" in a
     paired = set(by_name["original-seed0"].overrides) ^ set(by_name["e2e-seed0"].overrides)
-    assert {o.split("=")[0] for o in paired} == {"vae.name_or_path", "trainer.checkpoint_dir", "trainer.run"}
+    assert {o.split("=")[0] for o in paired} == {
+        "vae.pretrained_model_name_or_path",
+        "trainer.checkpoint_dir",
+        "trainer.run",
+    }
     # the sweep's job launches the other trainer with the same -c / key=value interface
     from fusedit.tools.sweep import Settings, make_job
 

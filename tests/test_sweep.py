@@ -68,7 +68,7 @@ def test_grid_edge_cases(tmp_path: Path) -> None:
         "optimizer.lr": "lr",
     }
     assert sweep.split_values("'a,b',[1,{x: 2}],3") == ["'a,b'", "[1,{x: 2}]", "3"]
-    runs = sweep.expand([str(TOY_CONFIG)], {"gen.val_prompt_file": ["a/b", "a_b"]}, [], str(tmp_path))
+    runs = sweep.expand([str(TOY_CONFIG)], {"sample.prompt_file": ["a/b", "a_b"]}, [], str(tmp_path))
     assert len({r.name for r in runs}) == 2  # same after sanitising: a hash keeps them apart
     kept = sweep.expand([str(TOY_CONFIG)], {}, ["trainer.resume_from=null"], str(tmp_path))[0]
     assert "trainer.resume_from=latest" not in kept.overrides
@@ -189,7 +189,7 @@ def test_sbatch_forwards_the_signal_then_requeues(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout
     expected = "torchrun --signals-to-handle SIGINT,SIGHUP,SIGQUIT --nnodes 2 --nproc_per_node 8 --rdzv_id 4242"
     assert expected + " --rdzv_backend c10d --rdzv_endpoint gpu01:29742" in calls
-    assert "train.py -c configs/x.yaml --deepspeed_config_path configs/deepspeed/zero2.json trainer.max_steps=9" in (
+    assert "train.py -c configs/x.yaml --deepspeed-config-path configs/deepspeed/zero2.json trainer.max_steps=9" in (
         calls
     )
     assert "srun --overlap --nodes=2 --ntasks-per-node=1 scripts/slurm/node.sh --relay USR1" in calls

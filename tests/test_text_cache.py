@@ -81,7 +81,7 @@ def components(quick_world: Path, cache: Path):
     zero-initialised output layer would make every loss independent of it)."""
     overrides = tiny_train_overrides(quick_world, Path("unused"), **dict(s.split("=") for s in STREAM))
     cfg = load_config(TOY_CONFIG, [*overrides, _shards(quick_world)])
-    cfg.data.cached_text_features = str(cache)  # build_components checks the fingerprints
+    cfg.data.text_cache = str(cache)  # build_components checks the fingerprints
     parts = build_components(cfg, torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -119,11 +119,11 @@ def test_micro_steps_from_the_caches_equal_those_from_images(
 ) -> None:
     """A float32 store: equal up to float rounding (bf16, the default, rounds each feature once more)."""
     cfg, parts = components
-    images = _losses(_with(cfg, cached_text_features=None), parts)
+    images = _losses(_with(cfg, text_cache=None), parts)
     assert _losses(cfg, parts) == pytest.approx(images, rel=1e-5)
     # together with a latent cache (aligned by shard and key) the stream and the losses are still the images'
-    latents = latent_cache.build_cache(cfg, tmp_path / "latents", batch_size=128, progress=False)
-    both = _with(cfg, cached_latents=True, data_path=[latents["data_path"]])
+    latent_cache.build_cache(cfg, tmp_path / "latents", batch_size=128, progress=False)
+    both = _with(cfg, latent_cache=str(tmp_path / "latents"))
     assert _losses(both, parts) == pytest.approx(images, rel=1e-5)
 
 
@@ -140,7 +140,7 @@ def _with(cfg, **data):
 def test_batches_are_padded_as_the_encoders_output(quick_world: Path, cache: Path, components) -> None:
     cfg, parts = components
     encoder = parts.text_encoder
-    tokens = iter(loader_from_config(_with(cfg, cached_text_features=None), encoder.tokenizer))
+    tokens = iter(loader_from_config(_with(cfg, text_cache=None), encoder.tokenizer))
     cached = iter(loader_from_config(cfg, encoder.tokenizer))
     for _ in range(3):
         a, b = next(tokens), next(cached)
@@ -153,8 +153,9 @@ def test_batches_are_padded_as_the_encoders_output(quick_world: Path, cache: Pat
 
 
 def test_a_cache_for_other_settings_or_weights_is_refused(quick_world: Path, cache: Path) -> None:
-    ok = _config(quick_world, f"data.cached_text_features={cache}")
+    ok = _config(quick_world, f"data.text_cache={cache}")
     text_cache.check_text_cache_matches(ok)
+    assert _config(quick_world, f"data.cached_text_features={cache}").data.text_cache == str(cache)  # old spelling
     Trainer._validate_inputs(SimpleNamespace(cfg=ok))  # the trainer's early check, before any model loads
     for override, field in (
         ("data.max_prompt_length=64", "data.max_prompt_length"),
@@ -165,20 +166,18 @@ def test_a_cache_for_other_settings_or_weights_is_refused(quick_world: Path, cac
         ('data.data_path=["' + str(quick_world / "shards" / "train-000000.tar") + '"]', "data.data_path"),
     ):
         with pytest.raises(ConfigError, match=f"^{field}: the text cache"):
-            Trainer._validate_inputs(
-                SimpleNamespace(cfg=_config(quick_world, f"data.cached_text_features={cache}", override))
-            )
+            Trainer._validate_inputs(SimpleNamespace(cfg=_config(quick_world, f"data.text_cache={cache}", override)))
     # the original column is not read when it is never picked
     text_cache.check_text_cache_matches(
         _config(
             quick_world,
-            f"data.cached_text_features={cache}",
+            f"data.text_cache={cache}",
             "data.caption_column.original=x",
             "data.original_caption_rate=0",
         )
     )
     with pytest.raises(ConfigError, match="no cache.json"):
-        text_cache.check_text_cache_matches(_config(quick_world, f"data.cached_text_features={quick_world}"))
+        text_cache.check_text_cache_matches(_config(quick_world, f"data.text_cache={quick_world}"))
     encoder = TextEncoder(ok.model.base, torch_dtype=torch.bfloat16)
     text_cache.check_text_cache_fingerprint(ok, encoder)  # a bf16 load of the same weights matches
     with torch.no_grad():
@@ -188,7 +187,7 @@ def test_a_cache_for_other_settings_or_weights_is_refused(quick_world: Path, cac
     # a stream over other shards than the cache's fails on its first sample, naming the field
     urls = json.loads((cache / "cache.json").read_text())["sources"]
     first = ShardReader(urls[0], 0, 0).next()
-    with pytest.raises(ValueError, match="^data.cached_text_features: sample 0"):
+    with pytest.raises(ValueError, match="^data.text_cache: sample 0"):
         TextFeatureReader(cache, urls[::-1]).features(urls[0], 0, first["__key__"], "synthetic")
 
 
@@ -248,7 +247,7 @@ def test_cli_parts_split_the_shards_in_bf16(quick_world: Path, cache: Path, tmp_
     assert [p.name for p in out.glob("text-*")] == [shard_name(1)]
     assert not (out / "cache.json").exists()  # part 0 has not run yet
     assert text_cache.main([*args, "--part", "0/2"]) == 0
-    assert "train with: data.cached_text_features=" in capsys.readouterr().out
+    assert "train with: data.text_cache=" in capsys.readouterr().out
     info = json.loads((out / "cache.json").read_text())
     assert info["dtype"] == "bfloat16" and info["counts"] == json.loads((cache / "cache.json").read_text())["counts"]
     for i in range(2):  # the float32 cache's features, rounded to bf16 once (8 bits of mantissa)

@@ -235,7 +235,7 @@ def test_download_skips_only_files_with_matching_size(tmp_path):
     )
     assert dataset_download.format_size(3 * 1024**3) == "3.0 GiB"
     help_text = dataset_download.build_parser().format_help()
-    assert "--toy" in help_text and "--output_dir" in help_text and "--repos" in help_text
+    assert "--toy" in help_text and "--output-dir" in help_text and "--repos" in help_text
 
 
 def test_text_encoder_tells_attribute_words_apart(quick_world: Path) -> None:

@@ -128,7 +128,7 @@ def test_two_process_zero2_bf16_trains_checkpoints_and_resumes(quick_world: Path
     run = tmp_path / "run"
     extra = {"trainer.max_steps": 3, "trainer.checkpointing_steps": 3, "trainer.mixed_precision": "bf16"}
     overrides = tiny_train_overrides(quick_world, run, **extra, **{"ema.decay": 1e-6, "trainer.peak_tflops": 2.0})
-    run_train(["--deepspeed_config_path", ZERO2, *overrides], nproc=2)
+    run_train(["--deepspeed-config-path", ZERO2, *overrides], nproc=2)
     _assert_ema_follows_fp32_masters(run / "3", script=True)
     halves = json.loads((run / "3" / "trainer_state.json").read_text())["ema_bytes_per_rank"]
     files = sorted(p.name for p in (run / "3" / "deepspeed").iterdir())
@@ -142,14 +142,14 @@ def test_two_process_zero2_bf16_trains_checkpoints_and_resumes(quick_world: Path
     assert ranks[0] != ranks[1]  # ranks read different positions of their streams
     assert json.loads((run / "3" / "trainer_state.json").read_text())["world_size"] == 2
     overrides[overrides.index("trainer.max_steps=3")] = "trainer.max_steps=4"
-    run_train(["--deepspeed_config_path", ZERO2, *overrides], nproc=2)
+    run_train(["--deepspeed-config-path", ZERO2, *overrides], nproc=2)
     steps = [m["step"] for m in _metrics(run)]
     assert steps == [1, 2, 3, 4]
     _assert_throughput_logged(run, 4, [{**m, "world": 2} for m in _metrics(run)], peak_tflops=2.0)
     assert all(m["train/samples_seen"] == m["step"] * 4 * 2 for m in _metrics(run))
     # the same run continues in 1 process: ZeRO state re-partitioned, the data stream re-seeded
     overrides[overrides.index("trainer.max_steps=4")] = "trainer.max_steps=5"
-    proc = run_train(["--deepspeed_config_path", ZERO2, *overrides], nproc=1)
+    proc = run_train(["--deepspeed-config-path", ZERO2, *overrides], nproc=1)
     assert "re-seeded" in proc.stderr
     assert [m["step"] for m in _metrics(run)][-1] == 5
     state = json.loads((run / "5" / "trainer_state.json").read_text())
@@ -293,7 +293,7 @@ def test_nonfinite_gradient_under_zero_stage_0_stops_before_the_update(quick_wor
     run = tmp_path / "run"
     overrides = tiny_train_overrides(quick_world, run, **{"trainer.max_steps": 4, "trainer.checkpointing_steps": 1})
     script = str(ROOT / "tests" / "nonfinite_train.py")
-    args = [script, "2", "-c", str(TOY_CONFIG), *overrides, "--deepspeed_config_path", str(tmp_path / "zero0.json")]
+    args = [script, "2", "-c", str(TOY_CONFIG), *overrides, "--deepspeed-config-path", str(tmp_path / "zero0.json")]
     proc = launch(args, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "step 2: non-finite gradient under ZeRO stage 0" in proc.stderr and "weights are untouched" in proc.stderr

@@ -40,7 +40,7 @@ def _train(world: Path, run: Path, nproc: int, batch: int, accum: int) -> None:
             "trainer.checkpointing_steps": 2,
         },
     )
-    launch([WORKER, "-c", str(TOY_CONFIG), "--deepspeed_config_path", ZERO2, *overrides], nproc=nproc)
+    launch([WORKER, "-c", str(TOY_CONFIG), "--deepspeed-config-path", ZERO2, *overrides], nproc=nproc)
 
 
 def _curve(run: Path) -> list[tuple[int, float, float]]:

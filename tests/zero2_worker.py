@@ -6,7 +6,7 @@ takes its slice ``(r * accumulation + micro) * micro_batch`` onwards: the same s
 per-sample randomness indexes (fusedit/randomness.py). Everything else -- DeepSpeed engine and
 ZeRO-2 optimizer, noise, loss, EMA, checkpoints, resume -- is the real trainer.
 
-    python tests/zero2_worker.py -c configs/e2e-vae/toy.yaml --deepspeed_config_path ZERO2 key=value ...
+    python tests/zero2_worker.py -c configs/e2e-vae/toy.yaml --deepspeed-config-path ZERO2 key=value ...
 """
 
 from __future__ import annotations

@@ -6,7 +6,11 @@ FLUX VAE at 256 px). This module writes, for each source shard, a shard with the
 the same order: every member but the image is copied, and the image is replaced by
 ``latent.npy``, the posterior's (mean, std) stacked as (2, C, h, w), un-normalised.
 
-Training reads it with ``data.cached_latents=true`` and ``data.data_path`` pointing at the cache:
+Training reads it with ``data.latent_cache=DIR`` (``data.data_path`` still naming the images: the
+cache's ``cache.json`` must list those shards as its sources, so a cache cannot be paired with
+another dataset by mistake). The old spelling, ``data.cached_latents=true`` with ``data.data_path``
+at the cache's shards, still works.
+
 
 * the stream is *the same stream*: same shard count and order, same sample positions, and the
   centre crop draws nothing from the per-sample generator, so caption choice and dropout are
@@ -17,15 +21,14 @@ Training reads it with ``data.cached_latents=true`` and ``data.data_path`` point
 * an image that does not decode keeps its place without ``latent.npy``; the loader skips and
   counts it, as it would have skipped the image.
 
-Text features have their own cache (:mod:`fusedit.data.text_cache`, ``data.cached_text_features``),
+Text features have their own cache (:mod:`fusedit.data.text_cache`, ``data.text_cache``),
 which aligns with this one by shard index and sample key.
 
 ``cache.json`` next to the shards records the VAE (spec and a fingerprint of its weights), the
 resolution and the sources; the trainer refuses a cache made with another VAE or resolution.
 
     python -m fusedit.data.latent_cache -c configs/e2e-vae/toy.yaml --out toy/latents
-    python train.py -c configs/e2e-vae/toy.yaml data.cached_latents=true \\
-        'data.data_path=["toy/latents/latents-{000000..000007}.tar"]'
+    python train.py -c configs/e2e-vae/toy.yaml data.latent_cache=toy/latents
 """
 
 from __future__ import annotations
@@ -226,8 +229,20 @@ def _sum_stats(out: Path) -> dict[str, int]:
 # ----------------------------------------------------------------------------- checks at train time
 
 
+def _folder_info(folder: Path) -> tuple[Path, dict]:
+    path = folder / CACHE_INFO
+    if not path.is_file():
+        raise ConfigError(
+            f"data.latent_cache: {folder} has no {CACHE_INFO} (a build not finished, or none); build the cache "
+            f"with `python -m fusedit.data.latent_cache -c CONFIG --out {folder}`"
+        )
+    return path, json.loads(path.read_text())
+
+
 def _cache_infos(cfg: TrainConfig) -> list[tuple[Path, dict]]:
-    """cache.json of every local folder the data paths name (remote shards cannot be checked)."""
+    """cache.json of the latent cache folder (or, old spelling, of every local folder the data paths name)."""
+    if cfg.data.latent_cache:
+        return [_folder_info(Path(cfg.data.latent_cache).expanduser())]
     folders = []
     for url in validate_data_paths(cfg.data.data_path):
         if "://" in url or url.startswith("pipe:"):
@@ -235,16 +250,26 @@ def _cache_infos(cfg: TrainConfig) -> list[tuple[Path, dict]]:
         folder = Path(url).parent
         if folder not in folders:
             folders.append(folder)
-    infos = []
-    for folder in folders:
-        path = folder / CACHE_INFO
-        if not path.is_file():
-            raise ConfigError(
-                f"data.cached_latents: {folder} has no {CACHE_INFO}; build the cache with "
-                f"`python -m fusedit.data.latent_cache -c CONFIG --out {folder}`"
-            )
-        infos.append((path, json.loads(path.read_text())))
-    return infos
+    return [_folder_info(folder) for folder in folders]
+
+
+def training_urls(cfg: TrainConfig) -> list[str]:
+    """The shards training reads: the latent cache's (one per source shard, same order) or data.data_path's."""
+    if not cfg.data.latent_cache:
+        return validate_data_paths(cfg.data.data_path)
+    folder = Path(cfg.data.latent_cache).expanduser()
+    _, info = _folder_info(folder)
+    return [str(folder / shard_name(i)) for i in range(int(info.get("shards", 0)))]
+
+
+def _same_shards(recorded: list[str], named: list[str]) -> bool:
+    """The cache's sources are data_path's shards (local paths compared resolved: the cache may be
+    built with relative paths and read with absolute ones)."""
+
+    def key(url: str) -> str:
+        return url if "://" in url or url.startswith("pipe:") else str(Path(url).expanduser().resolve())
+
+    return [key(u) for u in recorded] == [key(u) for u in named]
 
 
 def check_cache_matches(cfg: TrainConfig) -> None:
@@ -252,13 +277,19 @@ def check_cache_matches(cfg: TrainConfig) -> None:
     want = {"vae": _vae_record(cfg), "resolution": cfg.data.resolution, "image_column": cfg.data.image_column}
     for path, info in _cache_infos(cfg):
         if info.get("format") != FORMAT:
-            raise ConfigError(f"data.cached_latents: {path} has format {info.get('format')!r}, expected {FORMAT}")
+            raise ConfigError(f"data.latent_cache: {path} has format {info.get('format')!r}, expected {FORMAT}")
+        if cfg.data.latent_cache and not _same_shards(info.get("sources", []), validate_data_paths(cfg.data.data_path)):
+            raise ConfigError(
+                f"data.latent_cache: {path} was made from {len(info.get('sources', []))} other shards than the "
+                f"{len(validate_data_paths(cfg.data.data_path))} of data.data_path; point data.latent_cache at this "
+                "dataset's cache or rebuild it"
+            )
         for key, value in want.items():
             if info.get(key) != value:
                 field = {"vae": "vae", "resolution": "data.resolution", "image_column": "data.image_column"}[key]
                 raise ConfigError(
                     f"{field}: the latent cache {path} was made with {key}={info.get(key)!r}, "
-                    f"this config has {value!r}; rebuild the cache or point data.data_path elsewhere"
+                    f"this config has {value!r}; rebuild the cache or point data.latent_cache elsewhere"
                 )
 
 
@@ -309,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"part {args.part} done; other parts still running (cache.json is written by the last one)")
         return 0
     print(json.dumps(info["counts"]))
-    print(f"train with: data.cached_latents=true 'data.data_path=[\"{info['data_path']}\"]'")
+    print(f"train with: data.latent_cache={args.out}")
     return 0
 
 

@@ -9,7 +9,7 @@ the processing the stream applies (UTF-8, stripped, ``data.instruction`` prepend
 at the token budget), real tokens only, at ``model.text_hidden_states_index``; plus the empty
 prompt's features once (what caption dropout produces). Format: :mod:`fusedit.data.text_features`.
 
-Training reads it with ``data.cached_text_features=DIR`` (next to ``data.cached_latents`` or not):
+Training reads it with ``data.text_cache=DIR`` (next to ``data.latent_cache`` or not):
 
 * the stream is *the same stream*: it reads the same shards and samples and makes the same caption
   choice and dropout decision with the same per-sample generator, then looks the chosen caption's
@@ -25,7 +25,7 @@ Building is resumable (each shard is written to a hidden partial file and rename
 are kept) and splittable (``--part I/N``); it prints the storage it expects before it starts.
 
     python -m fusedit.data.text_cache -c configs/e2e-vae/toy.yaml --out toy/text-features
-    python train.py -c configs/e2e-vae/toy.yaml data.cached_text_features=toy/text-features
+    python train.py -c configs/e2e-vae/toy.yaml data.text_cache=toy/text-features
 """
 
 from __future__ import annotations
@@ -397,23 +397,23 @@ def _finish(out: Path, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _info(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
-    folder = Path(cfg.data.cached_text_features).expanduser()
+    folder = Path(cfg.data.text_cache).expanduser()
     path = folder / CACHE_INFO
     if not path.is_file():
         raise ConfigError(
-            f"data.cached_text_features: {folder} has no {CACHE_INFO} (a build not finished, or none); build it "
+            f"data.text_cache: {folder} has no {CACHE_INFO} (a build not finished, or none); build it "
             f"with `python -m fusedit.data.text_cache -c CONFIG --out {folder}`"
         )
     info = json.loads(path.read_text())
     if info.get("format") != FORMAT:
-        raise ConfigError(f"data.cached_text_features: {path} has format {info.get('format')!r}, expected {FORMAT}")
+        raise ConfigError(f"data.text_cache: {path} has format {info.get('format')!r}, expected {FORMAT}")
     return path, info
 
 
 def _refuse(field: str, path: Path, key: str, have: Any, want: Any) -> None:
     raise ConfigError(
         f"{field}: the text cache {path} was made with {key}={have!r}, this config has {want!r}; "
-        "rebuild the cache or set data.cached_text_features=null"
+        "rebuild the cache or set data.text_cache=null"
     )
 
 
@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(json.dumps(info["counts"]))
     print(f"stored {_size(info['bytes'])}, {_size(info['bytes_per_sample'])} per sample")
-    print(f"train with: data.cached_text_features={args.out}")
+    print(f"train with: data.text_cache={args.out}")
     return 0
 
 

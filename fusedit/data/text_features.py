@@ -47,7 +47,7 @@ class _Shard:
 
     def __init__(self, path: Path) -> None:
         if not path.is_file():
-            raise FileNotFoundError(f"data.cached_text_features: {path} is missing; finish the cache build")
+            raise FileNotFoundError(f"data.text_cache: {path} is missing; finish the cache build")
         self.path = path
         self.file = safe_open(str(path), framework="pt")
         self.keys: list[str] = json.loads(self.file.metadata()["keys"])
@@ -59,13 +59,13 @@ class _Shard:
         if offset >= len(self.keys) or self.keys[offset] != key:
             have = repr(self.keys[offset]) if offset < len(self.keys) else f"only {len(self.keys)} samples"
             raise ValueError(
-                f"data.cached_text_features: sample {offset} of the shard is {key!r}, the cache {self.path} "
+                f"data.text_cache: sample {offset} of the shard is {key!r}, the cache {self.path} "
                 f"has {have}; the cache was made from other shards: rebuild it for data.data_path"
             )
         start, length = self.starts[offset][column], self.lengths[offset][column]
         if length < 0:
             raise ValueError(
-                f"data.cached_text_features: {self.path} has no {COLUMNS[column]} caption for {key!r}, "
+                f"data.text_cache: {self.path} has no {COLUMNS[column]} caption for {key!r}, "
                 "but the sample has one; rebuild the cache"
             )
         return self.features[start : start + length]

@@ -484,7 +484,7 @@ def build_dataloader(
     resume_state: dict | None = None,
     pin_memory: bool = False,
     cached_latents: bool = False,
-    cached_text_features: str | None = None,
+    text_cache: str | None = None,
 ) -> DataLoader:
     """An infinite DataLoader of batches (see the module docstring for the stream's definition).
 
@@ -501,7 +501,7 @@ def build_dataloader(
     ``cached_latents``: the shards come from :mod:`fusedit.data.latent_cache`; batches hold
     ``latent_moments`` (B, 2, C, h, w) float32 (posterior mean, std) instead of ``pixel_values``.
 
-    ``cached_text_features``: a folder written by :mod:`fusedit.data.text_cache` for these shards;
+    ``text_cache``: a folder written by :mod:`fusedit.data.text_cache` for these shards;
     batches hold ``text_features`` (B, L, D) (the cache's dtype) instead of ``input_ids``, with the
     same ``attention_mask`` and L the tokenised captions would have had.
     """
@@ -538,7 +538,7 @@ def build_dataloader(
         num_open_shards=num_open_shards,
         role_states=role_states,
         batches_done=batches_done,
-        text_features=TextFeatureReader(cached_text_features, urls) if cached_text_features else None,
+        text_features=TextFeatureReader(text_cache, urls) if text_cache else None,
     )
     return DataLoader(
         dataset,

@@ -1,10 +1,11 @@
-"""The baseline text-to-image DiT (spec section 2), as a diffusers ``ModelMixin``.
+"""The baseline text-to-image DiT (docs/reference-facts.md, T2I-2.1 to T2I-2.12), as a diffusers ``ModelMixin``.
 
 Numerically the same function as the reference (``reference_dit.py``), but with the hot-path
-fixes of spec section 9: a boolean key mask (or none at all) instead of a dense float mask,
-native GQA in SDPA instead of ``repeat_kv``, and no redundant zero modulation.
+fixes of reference defects T2I-D17, T2I-D19 and T2I-D20: a boolean key mask (or none at all)
+instead of a dense float mask, native GQA in SDPA instead of ``repeat_kv``, and no redundant zero
+modulation.
 
-State-dict keys equal the reference layout (section 2.10). Variants not used by the shipped
+State-dict keys equal the reference layout (T2I-2.10). Variants not used by the shipped
 configs use the reference's own names as well:
 
 - cross attention: ``layers.{i}.cross_attn.{q_proj,text_k_proj,text_v_proj,o_proj,q_norm,k_norm}``
@@ -54,7 +55,7 @@ TIMESTEP_CHANNELS = 256
 
 
 class DiTBlock(nn.Module):
-    """One DiT layer (spec 2.5 / 2.8): adaLN attention, optional cross-attention, adaLN MLP.
+    """One DiT layer (T2I-2.5 / T2I-2.8): adaLN attention, optional cross-attention, adaLN MLP.
 
     ``cond`` is the per-sample conditioning this block needs: ``temb`` (B, d) for adaLN-zero,
     the ``t_block`` output (B, 6d) for adaLN-single, and None for "addition"/None, where shift
@@ -189,7 +190,7 @@ class DiT(ModelMixin, ConfigMixin):
 
     # ----------------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
-        """Reference initialisation (spec 2.9): the output is exactly 0 and blocks are identities
+        """Reference initialisation (T2I-2.9): the output is exactly 0 and blocks are identities
         at step 0 (all modulation and the output projection are zero)."""
         std = self.config.initializer_range
         for m in self.modules():

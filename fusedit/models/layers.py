@@ -1,8 +1,8 @@
-"""Building blocks of the baseline DiT (spec sections 2.3-2.8).
+"""Building blocks of the baseline DiT (docs/reference-facts.md, T2I-2.3 to T2I-2.8).
 
 Everything here is written for the hot path of training: no dense float masks, no materialised
 ``repeat_kv`` copies, positional tables computed in fp32 on the fly. Parameter names follow the
-reference key layout (spec section 2.10) so checkpoints of the reference load without renaming.
+reference key layout (T2I-2.10) so checkpoints of the reference load without renaming.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def sincos_2d_table(dim: int, grid_size: int, base_size: int) -> torch.Tensor:
     """SD3-style (grid_size^2, dim) APE table; row-major tokens, first half encodes the column.
 
     Coordinates are ``k / (grid_size / base_size)``, so a crop of the centre of the big table
-    reproduces the coordinates a ``base_size`` grid would get (spec section 2.4).
+    reproduces the coordinates a ``base_size`` grid would get (T2I-2.4).
     """
     coords = torch.arange(grid_size, dtype=torch.float64) / (grid_size / base_size)
     rows = coords.repeat_interleave(grid_size)  # token n = r * grid + c
@@ -304,7 +304,7 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Image-to-text cross-attention (``cross_attn``) of the "cross" variant (spec section 2.8).
+    """Image-to-text cross-attention (``cross_attn``) of the "cross" variant (T2I-2.8).
 
     Its text projections take the context-embedded text (width ``text_dim``, which the DiT sets
     to its hidden size; the reference declares ``text_hidden_size`` here, identical in every

@@ -12,7 +12,7 @@ is an untrusted file and an unrestricted unpickle can execute arbitrary code. If
 loader refuses a file, we raise instead of falling back.
 
 The reference ``config.json`` is a DiTConfig: top-level DiT fields plus the (overridden) Gemma
-config under ``base_config`` (spec sections 1.2, 2.1, 2.10); ``dit_kwargs_from_reference_config``
+config under ``base_config`` (docs/reference-facts.md, T2I-1.2, T2I-2.1, T2I-2.10); ``dit_kwargs_from_reference_config``
 maps it to our ``DiT`` keyword arguments. Our state-dict keys equal the reference's, so the
 weight mapping is only prefix stripping followed by a strict key and shape check.
 """
@@ -146,7 +146,7 @@ def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> 
 
 
 def convert_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Reference keys -> our keys. The layouts are identical by design (spec section 2.10), so
+    """Reference keys -> our keys. The layouts are identical by design (T2I-2.10), so
     this only strips wrapper prefixes. Tensors keep their dtype and are cloned, so the model owns
     ordinary memory rather than pages of a memory-mapped checkpoint file."""
     return {k: v.clone(memory_format=torch.contiguous_format) for k, v in strip_prefixes(sd).items()}

@@ -1,4 +1,6 @@
-"""The reference ("fuse-dit" baseline-dit) formulation, written independently from the spec prose.
+"""The reference ("fuse-dit" baseline-dit) formulation, written independently from a prose description.
+
+The facts it follows are recorded in docs/reference-facts.md (T2I-2.1 to T2I-2.12).
 
 Purpose: (1) ground truth for the checkpoint converter's equivalence tests, (2) the "before"
 side of a benchmark against ``dit.DiT``'s hot path. It therefore keeps the reference's costly
@@ -10,7 +12,7 @@ Nothing is imported from ``dit.py``/``layers.py``: every primitive (RMSNorm, sin
 rotary tables, attention) is re-written here so that an error in one implementation cannot
 hide in both. The model is built from a reference-format config dict (a DiTConfig as saved in
 the reference's ``config.json``: top-level DiT fields plus a nested Gemma ``base_config``), and
-its state-dict keys are the reference's (spec section 2.10 and the variant names in dit.py).
+its state-dict keys are the reference's (T2I-2.10 and the variant names in dit.py).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ GEMMA_2B_BASE = {
     "torch_dtype": "float32",
 }
 
-# the six shipped configs' base_config_override (spec section 1.2)
+# the six shipped configs' base_config_override (T2I-1.2)
 SHIPPED_OVERRIDE = {
     "hidden_activation": "gelu_pytorch_tanh",
     "head_dim": 128,
@@ -387,7 +389,7 @@ class ReferenceDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Spec section 2.9."""
+        """Reference initialisation (T2I-2.9)."""
         cfg, std = self.config, self.config["base_config"]["initializer_range"]
         for mod in self.modules():
             if isinstance(mod, nn.Linear):

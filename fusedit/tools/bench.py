@@ -314,14 +314,14 @@ class BatchSource:
 
         if self.frozen.text_encoder is None:
             raise SystemExit("--loader needs the config's tokenizer, but the text encoder could not be loaded")
-        if self.cfg.data.cached_latents:
+        if self.cfg.data.uses_latent_cache:
             raise SystemExit(
-                "--loader: data.cached_latents=true has no pixels for the reference to encode; point the "
+                "--loader: a latent cache (data.latent_cache) has no pixels for the reference to encode; point the "
                 "benchmark at the image shards and pass --cached-latents instead"
             )
-        if self.cfg.data.cached_text_features:
+        if self.cfg.data.text_cache:
             raise SystemExit(
-                "--loader: data.cached_text_features has no token ids for the reference to encode; set it to "
+                "--loader: data.text_cache has no token ids for the reference to encode; set it to "
                 "null and pass --cached-text instead"
             )
         loader = loader_from_config(self.cfg, self.frozen.text_encoder.tokenizer, pin_memory=self.device.type == "cuda")
@@ -445,7 +445,7 @@ class AdamWStep:
 
 class LoopEMA:
     """The reference's EMA: ``ema = decay * ema + (1 - decay) * theta`` one tensor at a time in a
-    Python loop over named parameters, names checked against the model every step (spec 3.5)."""
+    Python loop over named parameters, names checked against the model every step (docs/reference-facts.md, T2I-3.5)."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
@@ -851,13 +851,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--cached-latents",
         action="store_true",
-        help="ours (and ours_eager) read posterior moments from a latent cache (data.cached_latents) "
+        help="ours (and ours_eager) read posterior moments from a latent cache (data.latent_cache) "
         "instead of running the VAE encoder; the reference and ours_padded encode every step",
     )
     p.add_argument(
         "--cached-text",
         action="store_true",
-        help="ours (and ours_eager) read text features from a text cache (data.cached_text_features) instead of "
+        help="ours (and ours_eager) read text features from a text cache (data.text_cache) instead of "
         "running the text encoder, whose FLOPs then leave the model count; the reference and ours_padded encode "
         "every step",
     )

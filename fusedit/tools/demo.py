@@ -66,7 +66,7 @@ def toy_overrides(toy: Path, vae_folder: str = "vae") -> list[str]:
         f"model.base={toy / 'text_encoder'}",
         f"vae.pretrained_model_name_or_path={toy / vae_folder}",
         f'data.data_path=["{toy / pattern if not Path(pattern).is_absolute() else pattern}"]',
-        f"gen.val_prompt_file={toy / 'prompts' / 'val.json'}",
+        f"sample.prompt_file={toy / 'prompts' / 'val.json'}",
     ]
 
 
@@ -95,14 +95,11 @@ def ensure_caches(toy: Path, config: str, vae_folder: str = "vae") -> list[str]:
 
     cfg = load_config(config, toy_overrides(toy, vae_folder))
     latents, text = toy / LATENT_CACHE, toy / TEXT_CACHE
-    info = _cache_info(latents) or build_cache(cfg, latents, batch_size=256, progress=False)
+    if _cache_info(latents) is None:
+        build_cache(cfg, latents, batch_size=256, progress=False)
     if _cache_info(text) is None:
         build_text_cache(cfg, text, batch_size=256, dtype="float32", progress=False)
-    return [
-        "data.cached_latents=true",
-        f'data.data_path=["{info["data_path"]}"]',
-        f"data.cached_text_features={text}",
-    ]
+    return [f"data.latent_cache={latents}", f"data.text_cache={text}"]
 
 
 def _cache_info(folder: Path) -> dict | None:
@@ -141,9 +138,9 @@ def sample(pipe, cfg, prompts: list[dict], scale: float, seed: int, per_prompt: 
     with torch.inference_mode():
         return pipe(
             [p["prompt"] for p in prompts],
-            height=cfg.gen.H,
-            width=cfg.gen.W,
-            num_inference_steps=cfg.gen.steps,
+            height=cfg.sample.height,
+            width=cfg.sample.width,
+            num_inference_steps=cfg.sample.num_steps,
             guidance_scale=scale,
             seed=seed,
             num_images_per_prompt=per_prompt,
@@ -221,7 +218,7 @@ def evaluate(toy: Path, run: Path, guidance: float | None, seed: int, samples: i
         "goals": goal_report(intervals),
         "guidance_scale": guidance,
         "guidance_selection": selection,
-        "steps": cfg.gen.steps,
+        "steps": cfg.sample.num_steps,
         "seed": seed,
         "ema": True,
         "checkpoint": (run / "latest").read_text().strip(),
@@ -358,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             "trainer.sampling_steps=0",
             "data.batch_size_per_gpu=8",
             "data.dataloader_num_workers=0",
-            "gen.steps=4",  # the sampler's code path, not its quality: 4 ODE steps instead of 25
+            "sample.num_steps=4",  # the sampler's code path, not its quality: 4 ODE steps instead of 25
         ]
     if args.steps is not None:
         overrides.append(f"trainer.max_steps={args.steps}")

@@ -163,7 +163,7 @@ def export_info(run_dir: Path, step: int, raw: bool, dtype: str) -> dict[str, An
     from fusedit.config import load_config
 
     return {
-        "resolution": load_config(run_dir / "config.yaml").gen.H,
+        "resolution": load_config(run_dir / "config.yaml").sample.height,
         "source_run": str(run_dir.resolve()),
         "step": step,
         "weights": "raw" if raw else "ema",

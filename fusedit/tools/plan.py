@@ -42,7 +42,8 @@ GIB = 1024**3
 # --------------------------------------------------------------------------------------------
 # Known hub architectures (the planner must work offline, so hub configs are never read)
 # --------------------------------------------------------------------------------------------
-# Gemma-2B as the reference uses it: AutoModel -> GemmaModel (decoder stack, no LM head). Spec 2.11/2.12.
+# Gemma-2B as the reference uses it: AutoModel -> GemmaModel (decoder stack, no LM head).
+# docs/reference-facts.md, T2I-2.11 and T2I-2.12.
 GEMMA_2B = {
     "params": 2_506_172_416,
     "hidden_size": 2048,
@@ -578,7 +579,7 @@ def _frozen_memory(cfg: TrainConfig, text: TextEncoderInfo, vae: VaeInfo) -> dic
     """
     bf16 = cfg.trainer.mixed_precision == "bf16"
     size, name = (2, "bf16") if bf16 else (4, "fp32")
-    on_device = not cfg.data.cached_text_features
+    on_device = not cfg.data.text_cache
     return {
         f"text encoder ({name}, frozen)": size * (text.params or 0) * on_device,
         f"VAE ({name}, frozen)": size * (vae.params or 0),
@@ -595,8 +596,8 @@ def _check_channels(cfg: TrainConfig, vae: VaeInfo) -> None:
 
 
 def _text_encoder_flops(cfg: TrainConfig, text: TextEncoderInfo, n_text: int) -> int | None:
-    """Per-sample encoder FLOPs; 0 with data.cached_text_features (it ran once, ahead of training)."""
-    if cfg.data.cached_text_features:
+    """Per-sample encoder FLOPs; 0 with data.text_cache (it ran once, ahead of training)."""
+    if cfg.data.text_cache:
         return 0
     return text_encoder_forward_flops(text.arch, n_text) if text.arch else None
 
@@ -609,9 +610,9 @@ def _step_flops(
         dit_forward_per_sample=fwd,
         dit_blocks_forward_per_sample=blocks,
         text_encoder_forward_per_sample=_text_encoder_flops(cfg, text, tokens.text_tokens),
-        # data.cached_latents: the encoder ran once, ahead of training (fusedit/data/latent_cache.py)
+        # data.latent_cache: the encoder ran once, ahead of training (fusedit/data/latent_cache.py)
         vae_encoder_forward_per_sample=0
-        if cfg.data.cached_latents
+        if cfg.data.uses_latent_cache
         else vae_encoder_forward_flops(vae, cfg.data.resolution),
         samples_per_gpu=cfg.data.batch_size_per_gpu * cfg.trainer.gradient_accumulation_steps,
         world_size=world_size,

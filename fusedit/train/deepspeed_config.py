@@ -1,7 +1,7 @@
 """Merge a DeepSpeed JSON with the training config so that every setting really reaches DeepSpeed.
 
 The reference read its JSON and then replaced it with a dict built in code, so ZeRO and bf16
-were silently off (section 1.4 of the spec). Here the JSON is the base, each ``"auto"`` is filled
+were silently off (docs/reference-facts.md, T2I-1.4). Here the JSON is the base, each ``"auto"`` is filled
 from the training config, an explicit value that contradicts the training config is an error,
 and an ``"auto"`` we cannot fill is an error too: nothing is dropped without a word.
 """
@@ -40,7 +40,7 @@ def load_deepspeed_json(path: str | Path | None) -> dict[str, Any]:
         return copy.deepcopy(DEFAULT_ZERO2)
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--deepspeed_config_path: file not found: {p}")
+        raise ConfigError(f"--deepspeed-config-path: file not found: {p}")
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as err:

@@ -101,7 +101,8 @@ def check_architecture(new: dict[str, Any], parent: dict[str, Any], where: Path,
         if pos_embed == "ape" and name in ("sample_size", "pos_embed_max_size"):
             hint = (
                 " (under pos_embed=ape it fixes the sin-cos table's coordinates, which the parent learned; keep "
-                "the parent's value: a larger data.resolution / gen.H uses a larger centred crop of the same table)"
+                "the parent's value: a larger data.resolution / sample.height uses a larger centred crop of the "
+                "same table)"
             )
         errors.append(f"{_field(name)}{source}: {ours!r}, but the parent {where} has {theirs!r}{hint}")
     if errors:

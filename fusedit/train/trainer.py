@@ -88,7 +88,7 @@ def build_components(cfg: TrainConfig, device: torch.device, dtype: torch.dtype)
         hidden_states_index=cfg.model.text_hidden_states_index,
         torch_dtype=dtype,
     ).to(device)
-    if cfg.data.cached_text_features:  # the cache's features must be this encoder's, checked before the VAE loads
+    if cfg.data.text_cache:  # the cache's features must be this encoder's, checked before the VAE loads
         from fusedit.data.text_cache import check_text_cache_fingerprint
 
         check_text_cache_fingerprint(cfg, text_encoder)
@@ -126,11 +126,12 @@ def loader_from_config(
 
     ``seed`` defaults to ``trainer.seed``; a run resumed at another world size passes a new one.
     """
+    from fusedit.data.latent_cache import training_urls
     from fusedit.data.webdata import build_dataloader
 
     d = cfg.data
     return build_dataloader(
-        d.data_path,
+        training_urls(cfg),
         tokenizer,
         batch_size=d.batch_size_per_gpu,
         resolution=d.resolution,
@@ -148,8 +149,8 @@ def loader_from_config(
         world_size=world_size,
         num_open_shards=d.num_open_shards,
         resume_state=resume_state,
-        cached_latents=d.cached_latents,
-        cached_text_features=d.cached_text_features,
+        cached_latents=d.uses_latent_cache,
+        text_cache=d.text_cache,
         pin_memory=pin_memory,
     )
 
@@ -159,12 +160,12 @@ def _vae_spec(cfg: TrainConfig) -> VaeSpec:
 
 
 def load_val_prompts(cfg: TrainConfig) -> list[str]:
-    if cfg.gen.val_prompt:
-        return list(cfg.gen.val_prompt)
-    if cfg.gen.val_prompt_file:
+    if cfg.sample.prompts:
+        return list(cfg.sample.prompts)
+    if cfg.sample.prompt_file:
         import json
 
-        items = json.loads(Path(cfg.gen.val_prompt_file).read_text())
+        items = json.loads(Path(cfg.sample.prompt_file).read_text())
         return [it["prompt"] if isinstance(it, dict) else str(it) for it in items]
     return []
 
@@ -196,11 +197,11 @@ class Trainer:
         self.checkpoints.claim()  # one writer per run folder, before anything reads or writes it
         frozen = frozen_dtype(cfg.trainer.mixed_precision)
         self.parts = build_components(cfg, self.device, frozen)
-        if cfg.data.cached_latents:
+        if cfg.data.uses_latent_cache:
             from fusedit.data.latent_cache import check_cache_fingerprint
 
             check_cache_fingerprint(cfg, self.parts.codec)
-        if cfg.data.cached_text_features:  # only the sample grids' prompts need it: keep it off the accelerator
+        if cfg.data.text_cache:  # only the sample grids' prompts need it: keep it off the accelerator
             self.parts.text_encoder.to("cpu")
         self.model_config = json.loads(self.parts.dit.to_json_string())
         self.flops = self._training_flops()
@@ -246,11 +247,11 @@ class Trainer:
             validate_data_paths(self.cfg.data.data_path)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"data.data_path: {err}") from None
-        if self.cfg.data.cached_latents:
+        if self.cfg.data.uses_latent_cache:
             from fusedit.data.latent_cache import check_cache_matches
 
             check_cache_matches(self.cfg)
-        if self.cfg.data.cached_text_features:
+        if self.cfg.data.text_cache:
             from fusedit.data.text_cache import check_text_cache_matches
 
             check_text_cache_matches(self.cfg)
@@ -271,14 +272,14 @@ class Trainer:
         cfg, codec = self.cfg, self.parts.codec
         side = cfg.data.resolution // codec.spatial_factor // cfg.model.patch_size
         vae_flops = 0
-        if not cfg.data.cached_latents:
+        if not cfg.data.uses_latent_cache:
             from torch.utils.flop_counter import FlopCounterMode
 
             counter = FlopCounterMode(display=False)
             with counter:
                 codec.moments(torch.zeros(1, 3, cfg.data.resolution, cfg.data.resolution, device=self.device))
             vae_flops = int(counter.get_total_flops())
-        arch = None if cfg.data.cached_text_features else decoder_arch(self.parts.text_encoder.model.config)
+        arch = None if cfg.data.text_cache else decoder_arch(self.parts.text_encoder.model.config)
         return TrainingFlops(self.model_config, side * side, arch, vae_flops)
 
     def _count_work(self, mask: torch.Tensor) -> None:
@@ -639,12 +640,12 @@ class Trainer:
         if not prompts:
             return None
         out = None
-        ema = self._gathered_ema() if self.cfg.gen.use_ema else None
+        ema = self._gathered_ema() if self.cfg.sample.use_ema else None
         if self.env.is_main:
             from common.images import save_grid
             from fusedit.pipeline import DiTPipeline
 
-            g = self.cfg.gen
+            g = self.cfg.sample
             dit = DiT.from_config(self.model_config).to(self.device).eval()
             if ema is not None:
                 copy_weights(ema, dit)
@@ -659,13 +660,13 @@ class Trainer:
             )
             images = pipe(
                 prompts,
-                height=g.H,
-                width=g.W,
-                num_inference_steps=g.steps,
-                guidance_scale=g.scale,
+                height=g.height,
+                width=g.width,
+                num_inference_steps=g.num_steps,
+                guidance_scale=g.cfg_scale,
                 negative_prompt=g.negative_prompt,
                 seed=g.seed,
-                num_images_per_prompt=g.n_samples,
+                num_images_per_prompt=g.num_images_per_prompt,
             )
             out = preview_path(self.run_dir, self.step)
             save_grid(images, out, ncol=min(len(prompts), 8))

@@ -209,7 +209,7 @@ def reference_variant(trainer: Any) -> Variant:
             labels = batch["labels"].to(device, non_blocking=True)
         return step.step(images, labels, draws, clock)
 
-    return Variant("reference", "repae.reference.joint_step (spec 5.2)", run, clock)
+    return Variant("reference", "repae.reference.joint_step (docs/reference-facts.md, REPAE-5.2)", run, clock)
 
 
 def _copy_module(module: torch.nn.Module) -> torch.nn.Module:

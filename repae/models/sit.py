@@ -1,22 +1,23 @@
-"""The class-conditional SiT of the REPA-E stage (spec section 2), with its REPA projectors and BN.
+"""The class-conditional SiT of the REPA-E stage (REPAE-2.1 to REPAE-2.8), with its REPA projectors and BN.
 
 Why this shape: the joint-tuning recipe needs three things from the diffusion transformer besides
 the velocity prediction, and they live here so trainer, sampler and exporter agree on them:
 
 * REPA projectors read the hidden state after block ``encoder_depth`` (1-based). The VAE's
   alignment pass only needs those features, so ``align_only=True`` stops there and returns no
-  output (the reference still ran the final layer on block-8 features; defect 14).
+  output (the reference still ran the final layer on block-8 features; REPAE-D14).
 * A non-affine ``BatchNorm2d`` (``bn``) turns raw VAE latents into the normalised space the SiT
   sees. In train mode it tracks the drifting latent distribution; in eval mode it is a fixed
   affine map that gradients pass through, which is how the frozen SiT sends REPA gradients into
   the VAE. ``init_bn`` / ``latents_stats`` / ``denormalize`` all use the *same* eps as the
   normalisation, so ``denormalize(normalize(z)) == z`` (the reference mixed eps and no eps;
-  defect 7).
-* The state-dict keys equal the reference layout (spec 2.8), so released checkpoints load with
+  REPAE-D7).
+* The state-dict keys equal the reference layout (REPAE-2.8), so released checkpoints load with
   ``strict=True`` (``load_reference_sit`` reads them without full unpickling).
 
 Other reference defects fixed: SiT-S builds (final layer width = hidden size), ``encoder_depth``
-outside [1, depth] and wrongly sized inputs raise a clear ``ValueError`` (defect 6).
+outside [1, depth] and wrongly sized inputs raise a clear ``ValueError`` (REPAE-D6). The IDs in
+this file are entries of docs/reference-facts.md.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from common.weights import TRAINING_ARGS, load_weights_file, strip_prefixes
 TIMESTEP_FREQ_DIM = 256
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
-# Registry of spec 2.1: depth, width and heads per size; every size is registered for patch 1/2/4/8.
+# Registry of REPAE-2.1: depth, width and heads per size; every size is registered for patch 1/2/4/8.
 _SIZES = {
     "S": {"depth": 12, "hidden_size": 384, "num_heads": 6},
     "B": {"depth": 12, "hidden_size": 768, "num_heads": 12},
@@ -72,7 +73,7 @@ def sincos_2d(dim: int, grid_size: int, device: torch.device | None = None) -> t
 
     Channels [0, dim/2) encode the *column* index and [dim/2, dim) the row index: the MAE code
     builds its grid with the column coordinate first, and reference checkpoints were trained with
-    that layout (spec 2.2).
+    that layout (REPAE-2.2).
     """
     idx = torch.arange(grid_size, device=device)
     rows, cols = torch.meshgrid(idx, idx, indexing="ij")
@@ -185,7 +186,7 @@ def _validate(input_size: int, patch_size: int, hidden_size: int, depth: int, nu
 
 
 class SiT(nn.Module):
-    """Class-conditional SiT predicting the velocity of normalised latents (spec 2.1-2.6).
+    """Class-conditional SiT predicting the velocity of normalised latents (REPAE-2.1 to REPAE-2.6).
 
     ``forward`` takes latents that are already normalised (``normalize`` is a separate call so the
     trainer decides when BN runs in train or eval mode); t in [0,1] with t=1 pure noise.
@@ -234,7 +235,7 @@ class SiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Spec 2.4: Xavier linears with zero bias, N(0,0.02) tables, zero adaLN and final layer."""
+        """REPAE-2.4: Xavier linears with zero bias, N(0,0.02) tables, zero adaLN and final layer."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -254,7 +255,7 @@ class SiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    # ----- latent normalisation (spec 2.6, with the eps made consistent) -----
+    # ----- latent normalisation (REPAE-2.6, with the eps made consistent) -----
     def _bn_eps(self) -> float:
         return float(self.bn.eps)
 

@@ -1,9 +1,9 @@
 """Lossless conversion between reference (CompVis/LDM) VAE weights and diffusers `AutoencoderKL`.
 
-The reference trains and ships its VAEs as plain LDM-layout state dicts (spec 1.4); we train
+The reference trains and ships its VAEs as plain LDM-layout state dicts (docs/reference-facts.md, REPAE-1.4); we train
 diffusers models (so FLUX/SD3.5/Qwen-Image VAEs go through the same code). This module is the
 bridge, and it is deliberately strict, because the reference loaded VAE weights with
-`strict=False` and so silently ignored typos and architecture mismatches (spec 9.4):
+`strict=False` and so silently ignored typos and architecture mismatches (reference defect REPAE-D4):
 
 * every key must map; an unknown key raises `VAEKeyError` naming it (and its neighbours);
 * one table of key templates serves both directions, so the mapping is a bijection by

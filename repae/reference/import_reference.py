@@ -6,14 +6,14 @@
 
 A reference experiment is ``args.json`` + ``checkpoints/<step:07d>.pt`` (a pickle with ``model``,
 ``ema``, ``vae``, ``discriminator``, optimiser states, an ``argparse.Namespace`` and ``steps``;
-spec 5.5). It is read once with ``weights_only=True`` (the Namespace is the one allow-listed
+docs/reference-facts.md, REPAE-5.5). It is read once with ``weights_only=True`` (the Namespace is the one allow-listed
 class), the SiT weights are loaded *strictly* into our SiT (same key layout), the jointly tuned
 VAE is converted from the CompVis layout to a diffusers ``AutoencoderKL`` folder, and the result
 is written in the layout ``repae.train`` writes, so ``generate``, ``export`` and resuming the
 SiT work on it. An LDM-only experiment (no ``vae`` in the checkpoint) names its frozen VAE.
 
 The reference de-normalised samples with ``1/sqrt(running_var)``; this repository uses
-``sqrt(running_var + 1e-4)`` in both directions (spec defect 7). For the released models the
+``sqrt(running_var + 1e-4)`` in both directions (reference defect REPAE-D7). For the released models the
 running variances are O(1), so the difference is below 1e-4 relative.
 """
 
@@ -56,7 +56,7 @@ def read_reference(path: Path) -> dict[str, Any]:
 
 
 def sit_config_from_args(args: dict[str, Any], z_dims: list[int]) -> dict[str, Any]:
-    """Our SiT constructor arguments from the reference's args.json (spec 7.4 lists the keys used)."""
+    """Our SiT constructor arguments from the reference's args.json (REPAE-7.4 lists the keys used)."""
     from repae.models.sit import SIT_ARCHS
 
     vae = args.get("vae") or "f8d4"

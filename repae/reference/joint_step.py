@@ -6,7 +6,8 @@ weights, batch and random draws, time both, and check that both give the same lo
 that computed something else would be worthless.
 
 Written from what the original code does (docs/repae.md and docs/performance.md describe it in
-our words). What it does the original's way, where ours differs:
+our words; the IDs below are entries of docs/reference-facts.md). What it does the original's way, where ours
+differs:
 
 * the SiT forward computes its losses inside itself (BN, interpolant, blocks, projectors,
   per-sample denoising loss, REPA loss) and runs the final layer and unpatchify even in the
@@ -21,12 +22,12 @@ our words). What it does the original's way, where ours differs:
   mode (its BatchNorm running statistics are updated too), the discriminator loss from two
   passes (real, fake), LPIPS fed ``2x - 1``, results kept as a dict of detached tensors;
 * the discriminator optimiser and its clipping cover every loss-module parameter, the frozen
-  LPIPS network included (spec 4.4);
-* the EMA is a Python loop over named parameters and buffers (spec 5.3);
-* every logged value is copied to the host every step (defect 13).
+  LPIPS network included (REPAE-4.4);
+* the EMA is a Python loop over named parameters and buffers (REPAE-5.3);
+* every logged value is copied to the host every step (REPAE-D13).
 
 The same in both: the modules themselves (VAE, LPIPS, discriminator, SiT blocks, encoders; the
-reference's CompVis autoencoder is numerically the diffusers one, spec 1.4), the order of the three
+reference's CompVis autoencoder is numerically the diffusers one, REPAE-1.4), the order of the three
 updates, AdamW and the clipping norm. Chosen so that both compute the same function:
 
 * the published losses, i.e. ours with ``loss.reference_faithful=true`` (our default fixes change
@@ -36,8 +37,8 @@ updates, AdamW and the clipping norm. Chosen so that both compute the same funct
 * the GAN factor is the caller's schedule (``loss.discriminator_warmup_steps``, ours only; the
   reference is the schedule with no warm-up);
 * "unfreezing" the SiT restores the flags it had; REPA's ``requires_grad(model, True)`` helper sets
-  it on every parameter, the frozen positional embedding included (the spec does not say; not
-  reproduced).
+  it on every parameter, the frozen positional embedding included (docs/reference-facts.md does not record this;
+  not reproduced).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def mean_flat(x: Tensor) -> Tensor:
 
 
 def interpolant(t: Tensor, path_type: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(alpha, sigma, d_alpha, d_sigma) at t of shape (B,1,1,1) (spec 2.7 step 4)."""
+    """(alpha, sigma, d_alpha, d_sigma) at t of shape (B,1,1,1) (REPAE-2.7 step 4)."""
     if path_type == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
     angle = t * (math.pi / 2)
@@ -132,7 +133,7 @@ def projection_loss(zs: list[Tensor], zs_tilde: list[Tensor]) -> Tensor:
 
 
 def posterior_kl(mean: Tensor, logvar: Tensor) -> Tensor:
-    """Per-sample KL to N(0, I): 0.5 * sum over (C, h, w) of mean^2 + var - 1 - logvar (spec 1.3)."""
+    """Per-sample KL to N(0, I): 0.5 * sum over (C, h, w) of mean^2 + var - 1 - logvar (REPAE-1.3)."""
     return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3])
 
 
@@ -156,7 +157,7 @@ def sit_forward(
     noises: Tensor,
     force_drop_ids: Tensor | None = None,
 ) -> dict[str, Tensor | None]:
-    """The reference ``SiT.forward(x, y, zs, loss_kwargs, time_input, noises)`` on our SiT's modules (spec 2.7).
+    """The reference ``SiT.forward(x, y, zs, loss_kwargs, time_input, noises)`` on our SiT's modules (REPAE-2.7).
 
     ``x`` is the raw VAE latent (BN runs here, in whatever mode the module is in); the final layer
     runs whether or not ``align_only`` stops the block loop.
@@ -190,7 +191,7 @@ def sit_forward(
 
 
 class ReferenceVAELoss:
-    """``ReconstructionLoss_Single_Stage`` in its generator and discriminator modes (spec 4.2, 4.3)."""
+    """``ReconstructionLoss_Single_Stage`` in its generator and discriminator modes (REPAE-4.2, REPAE-4.3)."""
 
     def __init__(self, module: nn.Module, recipe: ReferenceRecipe) -> None:
         self.module = module  # a repae.losses.VAELoss: its .discriminator and .lpips hold the weights
@@ -207,7 +208,7 @@ class ReferenceVAELoss:
             rec = F.l1_loss(x, recon, reduction="mean")
         else:
             rec = F.mse_loss(x, recon, reduction="mean")
-        rec = r.reconstruction_weight * rec / math.exp(0.0)  # the fixed log-variance 0 (spec 4.1)
+        rec = r.reconstruction_weight * rec / math.exp(0.0)  # the fixed log-variance 0 (REPAE-4.1)
         if self.lpips_metric is not None:
             perc = self.lpips_metric(x, recon, normalize=True).mean()  # [-1, 1] mapped once more: [-3, 1]
         else:
@@ -279,7 +280,7 @@ class StepDraws:
 
 
 class ReferenceJointStep:
-    """Models, optimisers and EMA of the reference loop, and its step (spec 5.2)."""
+    """Models, optimisers and EMA of the reference loop, and its step (REPAE-5.2)."""
 
     def __init__(
         self,
@@ -298,7 +299,7 @@ class ReferenceJointStep:
         self.autocast = autocast
         self.opt_sit = torch.optim.AdamW(sit.parameters(), **optimizer_kwargs["sit"])
         self.opt_vae = torch.optim.AdamW(vae.parameters(), **optimizer_kwargs["vae"])
-        # Every loss-module parameter, the frozen LPIPS network included (spec 4.4).
+        # Every loss-module parameter, the frozen LPIPS network included (REPAE-4.4).
         self.opt_disc = torch.optim.AdamW(loss_module.parameters(), **optimizer_kwargs["disc"])
         self.ema = ReferenceEMA(sit, recipe.ema_decay)
         self.sit_trainable = [p for p in sit.parameters() if p.requires_grad]

@@ -1,11 +1,11 @@
-"""The reference KL autoencoder in the CompVis latent-diffusion layout (spec 1.1-1.4).
+"""The reference KL autoencoder in the CompVis latent-diffusion layout (REPAE-1.1 to REPAE-1.4).
 
 Training never runs this module: the REPA-E stage trains diffusers `AutoencoderKL` models
 (`repae.vae`). It exists so the LDM <-> diffusers converter (`repae.reference.convert`) can be checked
 *numerically* and not only by key names: a randomly initialised model built here, converted, must
 give the same moments and reconstructions as the diffusers model it was converted into. Its
-state-dict keys are exactly the reference checkpoint keys (spec 1.4), so a reference `.pt` loads
-into it with `strict=True`.
+state-dict keys are exactly the reference checkpoint keys (REPAE-1.4 in docs/reference-facts.md),
+so a reference `.pt` loads into it with `strict=True`.
 
 Layout facts that matter for the keys and the numerics:
 

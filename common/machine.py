@@ -14,16 +14,6 @@ from typing import Any
 import torch
 
 
-def frozen_dtype(mixed_precision: str) -> torch.dtype:
-    """The dtype frozen encoders (text encoder, VAE) run in: bf16 under bf16 training, else fp32.
-
-    One rule for the trainer and for the caches built ahead of it, so a cache holds exactly what
-    training would have computed (fp16 training keeps its frozen parts in fp32: fp16 activations
-    of a large text encoder overflow).
-    """
-    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
-
-
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (what a reader needs to compare numbers)."""
     try:

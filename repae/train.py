@@ -27,7 +27,6 @@ and checkpoints that resume exactly (weights, optimisers, scalers, data position
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import sys
@@ -52,6 +51,7 @@ from common.lifecycle import (
     run_loop,
 )
 from common.metrics import DATA, PERF, TRAIN, MetricsLogger, train_key
+from common.precision import Precision
 from common.randomness import step_seed
 from common.signals import StopSignal
 from common.vae_config import per_channel_stats
@@ -62,19 +62,10 @@ from repae.sync_bn import batch_normalize
 
 log = logging.getLogger("repae.train")
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
-
 
 # ---------------------------------------------------------------------------------------------
 # Small utilities
 # ---------------------------------------------------------------------------------------------
-def autocast(device: torch.device, precision: str):
-    dtype = AUTOCAST_DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def allreduce_grads(params: list[nn.Parameter]) -> None:
     """Average gradients over processes in one flat buffer (for modules not wrapped in DDP)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -251,6 +242,7 @@ class Trainer:
 
     def __init__(self, cfg: RepaeConfig, env: DistEnv) -> None:
         self.cfg, self.env, self.device = cfg, env, env.device
+        self.precision = Precision.resolve(cfg.trainer.mixed_precision, env.device)  # once per run
         self.run_dir = cfg.run_dir
         self.step = 0
         self.guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
@@ -406,7 +398,7 @@ class Trainer:
         """Images and labels on the device, this step's generator, and the encoders' target tokens."""
         images = batch["images"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
-        with torch.no_grad(), autocast(self.device, self.cfg.trainer.mixed_precision):
+        with torch.no_grad(), self.precision.autocast():
             zs = [enc(images).float() for enc in self.encoders]
         return images, labels, self.generator(), zs
 
@@ -479,7 +471,7 @@ class Trainer:
         labels = torch.arange(n, device=self.device) % self.cfg.model.num_classes
 
         def velocity(x, t, y):
-            with autocast(self.device, self.cfg.trainer.mixed_precision):
+            with self.precision.autocast():
                 return sit(x, t, y).output.float()
 
         kwargs = dict(
@@ -519,7 +511,7 @@ class JointTrainer(Trainer):
         self.loss_fn = VAELoss(**cfg.loss.vae_loss_kwargs()).to(self.device)
         if cfg.loss.discriminator_checkpoint:
             load_discriminator_checkpoint(self.loss_fn.discriminator, cfg.loss.discriminator_checkpoint)
-        fp16 = cfg.trainer.mixed_precision == "fp16"
+        fp16 = self.precision.loss_scaling
         o, clip = cfg.optimizer, cfg.trainer.gradient_clipping
         self.opt_sit = Optim(list(self.sit.parameters()), o.sit_lr, o, fp16, self.device, clip)
         self.opt_vae = Optim(list(self.vae.parameters()), o.vae_lr, o, fp16, self.device, clip)
@@ -582,11 +574,10 @@ class JointTrainer(Trainer):
 
     # -- the step ----------------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | float]:
-        cfg, dev = self.cfg, self.device
         images, labels, g, zs = self.batch_inputs(batch)
         x = to_unit(images)
         self.vae_train.train()
-        with autocast(dev, cfg.trainer.mixed_precision):
+        with self.precision.autocast():
             posterior, z, recon = self.vae_train(x, generator=g)
         t, noise = self._time_and_noise(z, g)
         metrics = self.vae_phase(x, recon, posterior, z, labels, zs, t, noise)
@@ -613,7 +604,7 @@ class JointTrainer(Trainer):
         for p in trainable:
             p.requires_grad_(False)
         try:
-            with autocast(self.device, cfg.trainer.mixed_precision):
+            with self.precision.autocast():
                 rec_loss, gdict = self.loss_fn.generator_loss(
                     x, recon, posterior, self.step, last_layer=self.vae.last_layer()
                 )
@@ -630,7 +621,7 @@ class JointTrainer(Trainer):
         return detached(metrics)
 
     def disc_phase(self, x, recon) -> dict[str, torch.Tensor | float]:
-        with autocast(self.device, self.cfg.trainer.mixed_precision):
+        with self.precision.autocast():
             d_loss, ddict = self.loss_fn.discriminator_loss(x, recon.detach(), self.step)
         if not d_loss.requires_grad:  # before discriminator_start: nothing to train
             return detached({"d_loss": d_loss, **ddict})
@@ -648,7 +639,7 @@ class JointTrainer(Trainer):
         cfg = self.cfg
         self.sit.train()
         drop = torch.rand(labels.shape, generator=g, device=self.device) < cfg.model.class_dropout_prob
-        with autocast(self.device, cfg.trainer.mixed_precision):
+        with self.precision.autocast():
             x_n = batch_normalize(self.sit.bn, z.detach().float())
             x_t, target = interpolate(x_n, noise, t, cfg.loss.path_type)
             out = self.sit_train(x_t, t, labels, force_drop_ids=drop)

@@ -24,7 +24,7 @@ from common.files import write_json_atomic
 from repae import checkpoint as rckpt
 from repae.config import ConfigError, RepaeConfig
 from repae.ema import ModelEMA
-from repae.train import Optim, Trainer, autocast, detached, load_configured_vae, run, to_unit, vae_source
+from repae.train import Optim, Trainer, detached, load_configured_vae, run, to_unit, vae_source
 
 
 class LdmTrainer(Trainer):
@@ -44,7 +44,7 @@ class LdmTrainer(Trainer):
             list(self.sit.parameters()),
             o.sit_lr,
             o,
-            cfg.trainer.mixed_precision == "fp16",
+            self.precision.loss_scaling,
             self.device,
             cfg.trainer.gradient_clipping,
         )
@@ -103,7 +103,7 @@ class LdmTrainer(Trainer):
         drop = torch.rand(labels.shape, generator=g, device=dev) < cfg.model.class_dropout_prob
         self.sit.train()
         self.sit.bn.eval()  # fixed statistics of the frozen VAE
-        with autocast(dev, cfg.trainer.mixed_precision):
+        with self.precision.autocast():
             x_t, target = interpolate(self.sit.normalize(z), noise, t, cfg.loss.path_type)
             out = self.sit_train(x_t, t, labels, force_drop_ids=drop)
             den = denoising_loss(out.output.float(), target).mean()

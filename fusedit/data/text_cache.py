@@ -103,9 +103,9 @@ FIELDS = {
 
 def _encoder_dtype(cfg: TrainConfig) -> torch.dtype:
     """The dtype the trainer runs the frozen encoder in, so the cache holds what training would compute."""
-    from common.machine import frozen_dtype
+    from common.precision import Precision
 
-    return frozen_dtype(cfg.trainer.mixed_precision)
+    return Precision(cfg.trainer.mixed_precision).frozen_dtype
 
 
 def load_encoder(cfg: TrainConfig, device: torch.device | str) -> TextEncoder:

@@ -30,8 +30,9 @@ from common.config import ConfigError, save_config
 from common.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, init_distributed
 from common.files import write_json_atomic
 from common.lifecycle import Cadence, NonFiniteGuard, last_good_checkpoint, preview_path, run_loop
-from common.machine import device_peak, frozen_dtype
+from common.machine import device_peak
 from common.metrics import MetricsLogger
+from common.precision import Precision
 from common.randomness import data_seed_after_restart, sample_generators
 from common.signals import StopSignal
 from common.vae_config import VaeSpec
@@ -185,17 +186,18 @@ class Trainer:
         self.ds_config = resolve_deepspeed_config(ds_raw, cfg, self.env.world_size)
         # ZeRO-0 (fp32, bf16) cannot skip a step: there the guard inspects gradients before it.
         zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
-        self.check_grads_before_step = zero_stage == 0 and cfg.trainer.mixed_precision != "fp16"
         self.device = self.env.device
+        self.precision = Precision.resolve(cfg.trainer.mixed_precision, self.device)  # once per run
+        self.check_grads_before_step = zero_stage == 0 and not self.precision.loss_scaling
         if cfg.trainer.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        if cfg.trainer.mixed_precision == "fp16" and self.device.type == "cpu":
+        if self.precision.loss_scaling and self.device.type == "cpu":  # DeepSpeed's fp16 optimizer
             raise ConfigError("trainer.mixed_precision: 'fp16' needs a GPU; use 'bf16' or 'no' on CPU")
         self.checkpoints = ckpt.CheckpointWriter(
             self.run_dir, self.env.rank, self.env.is_main, cfg.trainer.checkpoints_total_limit
         )
         self.checkpoints.claim()  # one writer per run folder, before anything reads or writes it
-        frozen = frozen_dtype(cfg.trainer.mixed_precision)
+        frozen = self.precision.frozen_dtype
         self.parts = build_components(cfg, self.device, frozen)
         if cfg.data.uses_latent_cache:
             from fusedit.data.latent_cache import check_cache_fingerprint

@@ -178,7 +178,6 @@ def ours_variant(trainer: Any) -> Variant:
 def reference_variant(trainer: Any) -> Variant:
     """The reference formulation on copies of the trainer's modules (same weights, fresh optimisers)."""
     from repae.reference.joint_step import ReferenceJointStep, ReferenceRecipe, StepDraws
-    from repae.train import autocast
 
     cfg, device = trainer.cfg, trainer.device
     vae, sit, loss_module = (_copy_module(m) for m in (trainer.vae, trainer.sit, trainer.loss_fn))
@@ -192,7 +191,7 @@ def reference_variant(trainer: Any) -> Variant:
         encoders=trainer.encoders,
         recipe=ReferenceRecipe.from_config(cfg),
         optimizer_kwargs={k: {"lr": lr, **common} for k, lr in lrs.items()},
-        autocast=lambda: autocast(device, cfg.trainer.mixed_precision),
+        autocast=trainer.precision.autocast,
     )
     clock = PhaseClock(device)
     ours_loss = trainer.loss_fn

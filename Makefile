@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -q -c $(LOCK) pip setuptools torch torchvision
 	$(PY) -m pip install -q -c $(LOCK) -e '.[dev]'
 	$(PY) scripts/check_lock.py $(LOCK)
+	# DeepSpeed compiles its CPU communication op on first use (~30 s, once per machine, cached in
+	# ~/.cache/torch_extensions): part of installing DeepSpeed, so it happens here, not in the demo.
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || \
+		echo "note: DeepSpeed's CPU communication op did not build now; the first training run builds it"
 	touch $(STAMP)
 
 # Regenerate requirements.lock from the newest releases that pyproject.toml allows, in a scratch

@@ -71,6 +71,7 @@ def run_cell(out: Path, variant: str, seed: int) -> dict:
         "shape_mean": round(result["accuracy"]["shape"], 4),
         "margin": round(min(goals[k]["low"] - goals[k]["goal"] for k in goals), 4),
         "guidance": result["guidance_scale"],
+        "guidance_rule": result.get("guidance_rule", "selected on the guidance prompts"),
         "met": result["goals"]["met"],
         "world_vae_psnr_db": _world(out, variant)["vae"]["psnr_db"],
         "world_pinned": _world(out, variant)["numerics"]["pinned"],

@@ -32,6 +32,7 @@ def test_demo_quick_runs_end_to_end(quick_world: Path, tmp_path: Path) -> None:
         "model.head_dim=16",
         "model.intermediate_size=64",
         "sample.num_steps=2",  # the sampler's code path (--quick: 4 ODE steps), for half the sampling time
+        "--select-guidance",  # the selection's code path; by default the recipe's sample.cfg_scale (below)
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -49,6 +50,7 @@ def test_demo_quick_runs_end_to_end(quick_world: Path, tmp_path: Path) -> None:
     selection = scores["guidance_selection"]
     assert selection["prompts"] == 48 and scores["guidance_scale"] == selection["chosen"]
     assert [row["scale"] for row in selection["grid"]] == list(demo.GUIDANCE_GRID)
+    assert scores["guidance_rule"] == "selected on the guidance prompts"
     assert set(scores["goals"]["rows"]) == set(demo.GOALS)
     assert scores["versions"]["torch"] and scores["threads"] >= 1
     # training and scoring on the pinned numeric path (the demo pins itself whatever it inherits),
@@ -59,6 +61,10 @@ def test_demo_quick_runs_end_to_end(quick_world: Path, tmp_path: Path) -> None:
     assert (quick_world / demo.TEXT_CACHE / "cache.json").is_file()
     assert (run / "heldout_grid.png").stat().st_size > 0
     assert (run / "latest").read_text().strip() == "6"
+    # without --select-guidance the scale is the recipe's, fixed before any held-out prompt is seen
+    again = demo.evaluate(quick_world, run, None, seed=0, samples=1)
+    assert again["guidance_scale"] == 1.5 and again["guidance_selection"] is None
+    assert again["guidance_rule"] == "recipe (sample.cfg_scale)"
 
 
 def _missed(world_pinned: bool) -> dict:

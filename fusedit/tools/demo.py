@@ -39,7 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guidance",
         type=float,
         default=None,
-        help="CFG scale for scoring (default: chosen on the world's guidance prompts, training triples only)",
+        help="CFG scale for scoring (default: the recipe's sample.cfg_scale, 1.5 for configs/e2e-vae/toy.yaml)",
+    )
+    p.add_argument(
+        "--select-guidance",
+        action="store_true",
+        help="choose the CFG scale on the world's guidance prompts (training triples only) instead",
     )
     p.add_argument(
         "--samples", type=int, default=None, help=f"samples per held-out prompt (default: {HELDOUT_SAMPLES})"
@@ -184,10 +189,15 @@ def choose_guidance(pipe, cfg, scorer, prompts: list[dict], grid=GUIDANCE_GRID) 
     }
 
 
-def evaluate(toy: Path, run: Path, guidance: float | None, seed: int, samples: int = HELDOUT_SAMPLES) -> dict:
+def evaluate(
+    toy: Path, run: Path, guidance: float | None, seed: int, samples: int = HELDOUT_SAMPLES, select: bool = False
+) -> dict:
     """Sample every held-out prompt ``samples`` times with the EMA weights; score with intervals.
 
-    The guidance scale is ``guidance`` if given, else chosen on ``prompts/guidance.json``.
+    The guidance scale is ``guidance`` if given; else, with ``select``, the one chosen on
+    ``prompts/guidance.json`` (training triples); else the recipe's ``sample.cfg_scale``, a rule
+    fixed beforehand from the guidance prompts of earlier runs (docs/numerics.md): never the
+    held-out prompts it reports on.
     """
     from common.images import save_grid
     from common.stats import summarize_correct
@@ -197,9 +207,11 @@ def evaluate(toy: Path, run: Path, guidance: float | None, seed: int, samples: i
     cfg, pipe = load_pipeline(run)
     scorer = ToyScorer.from_pretrained(toy / "scorer")
     selection = None
-    if guidance is None:
+    rule = "given (--guidance)" if guidance is not None else "recipe (sample.cfg_scale)"
+    if guidance is None and select:
         selection = choose_guidance(pipe, cfg, scorer, json.loads((toy / "prompts" / "guidance.json").read_text()))
-        guidance = selection["chosen"]
+        guidance, rule = selection["chosen"], "selected on the guidance prompts"
+    guidance = cfg.sample.cfg_scale if guidance is None else guidance
     prompts = json.loads((toy / "prompts" / "heldout.json").read_text())
     images = sample(pipe, cfg, prompts, guidance, seed, samples)
     correct = per_image_correct(scorer, images, prompts, samples)
@@ -217,6 +229,7 @@ def evaluate(toy: Path, run: Path, guidance: float | None, seed: int, samples: i
         "interval_method": "95% stratified bootstrap over samples within each prompt (common.stats)",
         "goals": goal_report(intervals),
         "guidance_scale": guidance,
+        "guidance_rule": rule,
         "guidance_selection": selection,
         "steps": cfg.sample.num_steps,
         "seed": seed,
@@ -261,14 +274,15 @@ def summary_line(result: dict, seconds: float) -> str:
 CALIBRATION_STEPS = 8
 # Measured on the pinned path with the encoder caches (2026-12-06, AMD EPYC, idle, unit 0.076 s):
 # world build 224 s, caches and imports 17 s, train.py start-up 9 s, 2,500 DiT steps of 32 images
-# in 289 s (0.045 s per step + 0.0022 s per image), guidance selection + scoring 44 s: 583 s in all.
+# in 289 s (0.045 s per step + 0.0022 s per image), guidance selection 24 s + scoring 20 s.
 COST_UNITS = {
     "world": 2950.0,
     "caches": 220.0,
     "train_start": 120.0,
     "dit_step": 0.59,
     "dit_image": 0.029,
-    "evaluation": 578.0,
+    "evaluation": 265.0,  # scoring the held-out prompts
+    "selection": 313.0,  # --select-guidance: 4 scales x 48 prompts x 4 samples
 }
 
 
@@ -296,12 +310,14 @@ def calibration_seconds() -> float:
     return statistics.median(times[1:])
 
 
-def expected_seconds(unit: float, world_built: bool, caches_built: bool, dit_steps: int, batch: int) -> float:
+def expected_seconds(
+    unit: float, world_built: bool, caches_built: bool, dit_steps: int, batch: int, select: bool = False
+) -> float:
     """The demo's expected duration on this machine, from one calibration and COST_UNITS."""
     c = COST_UNITS
     units = (0.0 if world_built else c["world"]) + (0.0 if caches_built else c["caches"])
     units += c["train_start"] + dit_steps * (c["dit_step"] + batch * c["dit_image"]) + c["evaluation"]
-    return unit * units
+    return unit * (units + (c["selection"] if select else 0.0))
 
 
 def _reusable_world(toy: Path) -> bool:
@@ -334,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps if args.steps is not None else steps
         world_built = _reusable_world(toy)
         caches_built = args.no_cache or (toy / TEXT_CACHE / "cache.json").is_file()
-        expect = expected_seconds(unit, world_built, caches_built, steps, batch)
+        expect = expected_seconds(unit, world_built, caches_built, steps, batch, args.select_guidance)
         print(
             f"[demo] this machine: {unit:.3f} s per calibration step; expected duration ~{expect / 60:.1f} min "
             f"(world {'reused' if world_built else 'to build'}, {steps} DiT steps of {batch} images)",
@@ -362,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     train(args.config, run, overrides + list(args.overrides))
     t_train = time.perf_counter() - start - t_world
     samples = args.samples if args.samples is not None else (2 if args.quick else HELDOUT_SAMPLES)
-    result = evaluate(toy, run, args.guidance, args.seed, samples)
+    result = evaluate(toy, run, args.guidance, args.seed, samples, select=args.select_guidance)
     total = time.perf_counter() - start
     result["timing_s"] = {
         "world": round(t_world, 1),

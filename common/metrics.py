@@ -24,7 +24,7 @@ TRAIN, DATA, PERF = "train/", "data/", "perf/"
 
 def train_key(name: str) -> str:
     """A stage's own loss or gradient-norm name in the shared namespace (``sit_loss`` -> ``train/sit_loss``)."""
-    return name if name.startswith((TRAIN, DATA, PERF)) else TRAIN + name
+    return TRAIN + name
 
 
 class MetricsLogger:

@@ -229,6 +229,11 @@ def _sum_stats(out: Path) -> dict[str, int]:
 # ----------------------------------------------------------------------------- checks at train time
 
 
+def _remote(url: str) -> bool:
+    """A shard this process cannot look at on disk (an URL or a ``pipe:`` command)."""
+    return "://" in url or url.startswith("pipe:")
+
+
 def _folder_info(folder: Path) -> tuple[Path, dict]:
     path = folder / CACHE_INFO
     if not path.is_file():
@@ -245,7 +250,7 @@ def _cache_infos(cfg: TrainConfig) -> list[tuple[Path, dict]]:
         return [_folder_info(Path(cfg.data.latent_cache).expanduser())]
     folders = []
     for url in validate_data_paths(cfg.data.data_path):
-        if "://" in url or url.startswith("pipe:"):
+        if _remote(url):
             continue
         folder = Path(url).parent
         if folder not in folders:
@@ -267,7 +272,7 @@ def _same_shards(recorded: list[str], named: list[str]) -> bool:
     built with relative paths and read with absolute ones)."""
 
     def key(url: str) -> str:
-        return url if "://" in url or url.startswith("pipe:") else str(Path(url).expanduser().resolve())
+        return url if _remote(url) else str(Path(url).expanduser().resolve())
 
     return [key(u) for u in recorded] == [key(u) for u in named]
 
@@ -275,14 +280,14 @@ def _same_shards(recorded: list[str], named: list[str]) -> bool:
 def check_cache_matches(cfg: TrainConfig) -> None:
     """Cheap checks before any model loads: same VAE spec, resolution and image column."""
     want = {"vae": _vae_record(cfg), "resolution": cfg.data.resolution, "image_column": cfg.data.image_column}
+    named = validate_data_paths(cfg.data.data_path) if cfg.data.latent_cache else []
     for path, info in _cache_infos(cfg):
         if info.get("format") != FORMAT:
             raise ConfigError(f"data.latent_cache: {path} has format {info.get('format')!r}, expected {FORMAT}")
-        if cfg.data.latent_cache and not _same_shards(info.get("sources", []), validate_data_paths(cfg.data.data_path)):
+        if cfg.data.latent_cache and not _same_shards(info.get("sources", []), named):
             raise ConfigError(
                 f"data.latent_cache: {path} was made from {len(info.get('sources', []))} other shards than the "
-                f"{len(validate_data_paths(cfg.data.data_path))} of data.data_path; point data.latent_cache at this "
-                "dataset's cache or rebuild it"
+                f"{len(named)} of data.data_path; point data.latent_cache at this dataset's cache or rebuild it"
             )
         for key, value in want.items():
             if info.get(key) != value:

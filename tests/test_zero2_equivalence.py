@@ -29,7 +29,7 @@ TOL = 1e-6
 pytestmark = pytest.mark.multiprocess
 
 
-def _train(world: Path, run: Path, nproc: int, batch: int, accum: int) -> None:
+def _train(world: Path, run: Path, nproc: int, batch: int, accum: int, deepspeed: str = ZERO2) -> None:
     overrides = tiny_train_overrides(
         world,
         run,
@@ -40,7 +40,7 @@ def _train(world: Path, run: Path, nproc: int, batch: int, accum: int) -> None:
             "trainer.checkpointing_steps": 2,
         },
     )
-    launch([WORKER, "-c", str(TOY_CONFIG), "--deepspeed-config-path", ZERO2, *overrides], nproc=nproc)
+    launch([WORKER, "-c", str(TOY_CONFIG), "--deepspeed-config-path", deepspeed, *overrides], nproc=nproc)
 
 
 def _curve(run: Path) -> list[tuple[int, float, float]]:
@@ -68,15 +68,24 @@ def _assert_same_curve(a: list, b: list) -> None:
 
 @pytest.fixture(scope="module")
 def runs(quick_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same 4 steps of global batch 8 on 1 process, 2 processes, and 1 process with accumulation."""
+    """The same 4 steps of global batch 8 on 1 process, 2 processes, and 1 process with accumulation.
+
+    ``one_small_buckets`` is ``one`` with gradient buckets of 4,096 elements (~90 a step instead of
+    one): the bucket size only groups gradients for communication, so the weights must be the same bits.
+    """
     root = tmp_path_factory.mktemp("zero2")
-    layouts = {"one": (1, 8, 1), "two": (2, 4, 1), "one_accum": (1, 4, 2)}
+    layouts = {"one": (1, 8, 1), "two": (2, 4, 1), "one_accum": (1, 4, 2), "one_small_buckets": (1, 8, 1)}
+    small = json.loads(Path(ZERO2).read_text())
+    small["zero_optimization"]["reduce_bucket_size"] = 4096
+    (root / "small_buckets.json").write_text(json.dumps(small))
 
     def train(name: str) -> None:
-        _train(quick_world, root / name, *layouts[name])
+        deepspeed = str(root / "small_buckets.json") if name == "one_small_buckets" else ZERO2
+        _train(quick_world, root / name, *layouts[name], deepspeed=deepspeed)
 
     in_parallel(lambda: train("one"), lambda: train("one_accum"))  # one process each: side by side
     train("two")  # two processes: alone
+    train("one_small_buckets")
     return {name: root / name for name in layouts}
 
 
@@ -93,6 +102,12 @@ def test_two_processes_match_one_process(runs: dict[str, Path]) -> None:
         assert _max_diff(_weights(runs["one_accum"], kind), reference) < TOL
     moved = _max_diff(_weights(runs["one"], "model", 2), _weights(runs["one"], "model"))
     assert moved > 1000 * TOL  # training moved the weights far more than the tolerance
+
+
+def test_gradient_bucket_size_does_not_change_the_weights(runs: dict[str, Path]) -> None:
+    for kind in ("model", "ema"):
+        assert _max_diff(_weights(runs["one_small_buckets"], kind), _weights(runs["one"], kind)) == 0.0
+    assert _curve(runs["one_small_buckets"]) == _curve(runs["one"])
 
 
 @pytest.mark.parametrize(("source", "nproc", "batch"), [("two", 1, 8), ("one", 2, 4)])

@@ -33,6 +33,18 @@ DEFAULT_ZERO2: dict[str, Any] = {
     "steps_per_print": 1_000_000_000,
 }
 
+# The smallest ZeRO gradient bucket "auto" gives, in elements (2**22 = 2048**2: the 3B configs'
+# hidden_size**2, so their buckets are unchanged). DeepSpeed pays a Python hook pass, a flatten and
+# a collective per bucket; with hidden_size**2 alone the toy DiT (hidden 128) cut its 1.3M gradients
+# into ~80 buckets a step and spent ~11% of its step there (docs/performance.md). The bucket size
+# only groups elements for communication: each element's sum is the same, so the weights are too.
+MIN_REDUCE_BUCKET = 2**22
+
+
+def auto_reduce_bucket_size(hidden_size: int) -> int:
+    """``reduce_bucket_size`` for ``"auto"``: hidden_size**2 (the usual DeepSpeed rule), at least MIN_REDUCE_BUCKET."""
+    return max(int(hidden_size) ** 2, MIN_REDUCE_BUCKET)
+
 
 def load_deepspeed_json(path: str | Path | None) -> dict[str, Any]:
     """Read the JSON (or the ZeRO-2 defaults); a parse error names the file."""
@@ -101,7 +113,7 @@ def resolve_deepspeed_config(raw: dict[str, Any], cfg: TrainConfig, world_size: 
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if zero.get("reduce_bucket_size") == "auto":
         # The size Hugging Face's integration uses: one hidden x hidden block per bucket.
-        zero["reduce_bucket_size"] = int(cfg.model.hidden_size) ** 2
+        zero["reduce_bucket_size"] = auto_reduce_bucket_size(cfg.model.hidden_size)
     if zero.get("stage", 0) not in (0, 1, 2):
         raise ConfigError(
             f"deepspeed.zero_optimization.stage: {zero.get('stage')!r} is not supported; use 0, 1 or 2 "

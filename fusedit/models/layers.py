@@ -180,30 +180,46 @@ def rope_tables(kind: str, height: int, width: int, head_dim: int, theta: float,
       frequencies (index 0..hd/4-1) and columns the lower ones.
     Computed on the fly in fp32 (not a buffer) so ``model.to(bfloat16)`` cannot degrade them.
     """
-    n = height * width
-    idx = torch.arange(n, device=device)
+    idx = torch.arange(height * width, device=device)
     if kind == "1d-rope":
-        return _rope_table(idx, head_dim, theta)
-    rows, cols = idx // width, idx % width
-    if kind == "2d-rope":
-        rc, rs = _rope_table(rows, head_dim // 2, theta)
-        cc, cs = _rope_table(cols, head_dim // 2, theta)
+        return rope_tables_at(kind, idx, None, head_dim, theta)
+    return rope_tables_at(kind, idx // width, idx % width, head_dim, theta)
+
+
+def rope_tables_at(
+    kind: str, rows: torch.Tensor, cols: torch.Tensor | None, head_dim: int, theta: float
+) -> RotaryTables:
+    """(cos, sin) of shape ``(*rows.shape, head_dim)`` for explicit integer position ids.
+
+    Same layouts as :func:`rope_tables`, but the caller chooses the ids, so they may carry a
+    per-sample offset (a batch of shifted grids) or describe a text sequence. For "1d-rope"
+    ``rows`` holds the positions and ``cols`` is ignored; "2d-rope"/"m-rope" need both.
+    """
+    shape = rows.shape
+    r = rows.reshape(-1)
+    if kind == "1d-rope":
+        cos, sin = _rope_table(r, head_dim, theta)
+    elif kind in ("2d-rope", "m-rope"):
+        c = cols.reshape(-1)
         q = head_dim // 4
+        if kind == "2d-rope":
+            rc, rs = _rope_table(r, head_dim // 2, theta)
+            cc, cs = _rope_table(c, head_dim // 2, theta)
 
-        def interleave(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            return torch.cat([r[:, :q], c[:, :q], r[:, q:], c[:, q:]], dim=-1)
+            def mix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                return torch.cat([a[:, :q], b[:, :q], a[:, q:], b[:, q:]], dim=-1)
 
-        return interleave(rc, cc), interleave(rs, cs)
-    if kind == "m-rope":
-        rc, rs = _rope_table(rows, head_dim, theta)
-        cc, cs = _rope_table(cols, head_dim, theta)
-        q = head_dim // 4
+        else:
+            rc, rs = _rope_table(r, head_dim, theta)
+            cc, cs = _rope_table(c, head_dim, theta)
 
-        def alternate(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            return torch.cat([r[:, :q], c[:, q : 2 * q], r[:, 2 * q : 3 * q], c[:, 3 * q :]], dim=-1)
+            def mix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                return torch.cat([a[:, :q], b[:, q : 2 * q], a[:, 2 * q : 3 * q], b[:, 3 * q :]], dim=-1)
 
-        return alternate(rc, cc), alternate(rs, cs)
-    raise ValueError(f"unknown rotary kind {kind!r}")
+        cos, sin = mix(rc, cc), mix(rs, cs)
+    else:
+        raise ValueError(f"unknown rotary kind {kind!r}")
+    return cos.reshape(*shape, head_dim), sin.reshape(*shape, head_dim)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

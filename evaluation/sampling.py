@@ -40,7 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS_DIR = ROOT / "prompts"
 SETTINGS_NAME = "sampling_settings.json"
 INDEX_NAME = "index_to_prompt.json"
-SUPPORTED_TYPES = ("baseline-dit",)
+SUPPORTED_TYPES = ("baseline-dit", "fuse-dit")
+# The reference's third type: a FuseDiT modulated by a pooled CLIP-L text embedding. The model takes
+# one (model.text_modulation_embeds_dim); training and sampling do not load a CLIP encoder yet.
+NOT_YET_TYPES = {"fuse-dit-clip": "needs a pooled CLIP text embedding, which no sampler or trainer here loads yet"}
 DPG_GRID = 4  # DPG-Bench's scorer crops four tiles out of a 2x2 grid
 # Settings that change the pixels; a folder must not mix images made with different values.
 IMAGE_SETTINGS = (
@@ -329,7 +332,11 @@ def build_parser(bench: Benchmark) -> argparse.ArgumentParser:
         help="training run folder (holds config.yaml, latest, <step>/), or a pipeline folder from fusedit.export",
     )
     p.add_argument("--tag", default="latest", help="checkpoint step, or 'latest'")
-    p.add_argument("--type", default="baseline-dit", help="model family; only 'baseline-dit' is trained here")
+    p.add_argument(
+        "--type",
+        default="baseline-dit",
+        help="model family of the checkpoint: baseline-dit or fuse-dit (fuse-dit-clip: not yet)",
+    )
     p.add_argument("--vae", default=None, help="VAE path overriding the one stored in <tag>/vae.json")
     p.add_argument("--vae-subfolder", default=None, help="subfolder of --vae (default: the folder itself)")
     flag = bench.prompts_flag
@@ -359,8 +366,10 @@ def _format_help(bench: Benchmark) -> str:
 
 def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse what the reference silently accepted or that would fail late, on every process."""
+    if args.type in NOT_YET_TYPES:
+        parser.error(f"--type {args.type}: not supported yet: {NOT_YET_TYPES[args.type]}")
     if args.type not in SUPPORTED_TYPES:
-        parser.error(f"--type {args.type!r} is not supported: only {SUPPORTED_TYPES} checkpoints are trained here")
+        parser.error(f"--type {args.type!r} is not a model family here; choose from {SUPPORTED_TYPES}")
     # counts and steps are refused at the flag (common.argtypes.positive_int)
     if args.vae_subfolder and not args.vae:
         parser.error("--vae-subfolder needs --vae")
@@ -488,11 +497,24 @@ def load_pipeline(args: argparse.Namespace, run_dir: Path, step: int, device: to
     if export_info(run_dir) is not None:
         from fusedit.diffusers_pipeline import sampler_from_folder
 
-        return sampler_from_folder(run_dir, device=device, vae=spec)
+        pipe = sampler_from_folder(run_dir, device=device, vae=spec)
+        check_type(args.type, pipe)
+        return pipe
     try:  # the weights are checked against the tag's manifest before they load
-        return DiTPipeline.from_checkpoint(run_dir, step, use_ema=args.ema_weights, device=device, vae=spec)
+        pipe = DiTPipeline.from_checkpoint(run_dir, step, use_ema=args.ema_weights, device=device, vae=spec)
     except CheckpointDamaged as err:
         raise SamplingError(str(err)) from err
+    check_type(args.type, pipe)
+    return pipe
+
+
+def check_type(expected: str, pipe) -> None:
+    """``--type`` must name the family the checkpoint holds (the reference loaded whatever it was told)."""
+    from fusedit.models import is_fuse_dit
+
+    held = "fuse-dit" if is_fuse_dit(pipe.transformer) else "baseline-dit"
+    if held != expected:
+        raise SamplingError(f"--type {expected}, but the checkpoint holds a {held} model; pass --type {held}")
 
 
 def check_resolution(pipe, resolution: int) -> None:

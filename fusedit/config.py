@@ -32,6 +32,8 @@ from common.config import (
 )
 
 ATTENTION_KINDS = ("self", "cross")
+BASELINE_NAMES = ("baseline-dit", "DiT")
+FUSE_DIT_NAMES = ("FuseDiT", "fuse-dit")
 TIMESTEP_CONDITIONING = ("adaln-zero", "adaln-single", "addition", "none")
 POS_EMBED_KINDS = ("ape", "1d-rope", "2d-rope", "m-rope")
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
@@ -75,6 +77,10 @@ class TrainerConfig(SharedTrainer):
     # from another run's weights (see InitFromConfig). A checkpoint of this run (resume_from) wins.
     init_from: Optional[InitFromConfig] = None
     enable_gradient_checkpointing: bool = False
+    # FuseDiT: which side trains. The LLM inside the model is frozen unless train_llm (its
+    # parameters then join the optimizer and the EMA); train_dit: false trains the LLM alone.
+    train_dit: bool = True
+    train_llm: bool = False
     # (trainer.compile: through DeepSpeed's engine.compile. Each new text length may recompile
     # until the padding buckets, data.pad_to_multiple_of, have all been seen.)
     weighting_scheme: str = "logit_normal"
@@ -127,6 +133,22 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10_000.0
     initializer_range: float = 0.02
+    # FuseDiT only (model.name: FuseDiT, fusedit/models/fuse_dit.py; docs/fusedit-family.md): the LLM
+    # (model.base) runs inside the model. Its first `initial_layers` layers run alone; the layers in
+    # `shared_attention_layers` ("all" = every later one, or a list of LLM layer indices) each share
+    # one joint attention with the next DiT layer. `text_modulation_embeds_dim`: width of a pooled
+    # text embedding (CLIP-L: 768) added to the timestep embedding, the "fuse-dit-clip" type.
+    initial_layers: int = 0
+    shared_attention_layers: Any = "all"
+    text_modulation_embeds_dim: Optional[int] = None
+    # Cached sampling of 2d/m-rope FuseDiTs: true reproduces the reference sampler, which drops the
+    # image positions' text offset on cached steps (to sample its checkpoints as it did).
+    reference_cached_positions: bool = False
+
+    @property
+    def is_fuse_dit(self) -> bool:
+        """Whether this is the deep-fusion family (the LLM inside the model) rather than the baseline DiT."""
+        return self.name in FUSE_DIT_NAMES
 
 
 @dataclass
@@ -277,6 +299,35 @@ class TrainConfig:
             initializer_range=m.initializer_range,
         )
 
+    def fuse_dit_kwargs(self, in_channels: int) -> dict[str, Any]:
+        """Arguments of ``FuseDiT.from_llm`` besides the LLM: the DiT side's sizes and the fusion options.
+
+        Heads, KV heads, head size, norm epsilon, RoPE theta and activation are the LLM's (the two
+        halves meet in one attention), so the matching model.* fields are not passed
+        (:func:`fusedit.train.trainer.build_fuse_dit` refuses values that contradict the LLM).
+        """
+        m = self.model
+        shared = m.shared_attention_layers
+        return {
+            "in_channels": m.in_channels or in_channels,
+            "out_channels": m.out_channels or m.in_channels or in_channels,
+            "patch_size": m.patch_size,
+            "hidden_size": m.hidden_size,
+            "num_layers": m.num_hidden_layers,
+            "intermediate_size": m.intermediate_size,
+            "attention": m.attention,
+            "qk_norm": m.qk_norm,
+            "sandwich_norm": m.sandwich_norm,
+            "timestep_conditioning": None if m.timestep_conditioning == "none" else m.timestep_conditioning,
+            "pos_embed": m.pos_embed,
+            "pos_embed_max_size": m.pos_embed_max_size,
+            "sample_size": m.sample_size,
+            "initial_layers": m.initial_layers,
+            "shared_attention_layers": shared if isinstance(shared, str) else [int(i) for i in shared],
+            "text_modulation_embeds_dim": m.text_modulation_embeds_dim,
+            "reference_cached_positions": m.reference_cached_positions,
+        }
+
 
 # Accepted spellings of the reference Fuse-DiT YAML (docs/reference-facts.md, T2I-1.2) and of older configs of this
 # repository: old dotted key -> schema key (see common.config.Alias). Each one used prints a notice.
@@ -309,16 +360,6 @@ ALIASES: dict[str, str | Alias] = {
         unsupported="only the DiT's own sizes map onto model.*: hidden_activation, head_dim, hidden_size, "
         "intermediate_size, num_attention_heads, num_key_value_heads, rms_norm_eps, rope_theta, initializer_range; "
         "the frozen text encoder is loaded unmodified",
-    ),
-    # DiTConfig options the six reference configs leave at their defaults.
-    "model.initial_layers": Alias(
-        None, note="reference default", allowed=(0,), unsupported="every DiT layer is a joint layer"
-    ),
-    "model.shared_attention_layers": Alias(
-        None, note="reference default", allowed=("all",), unsupported="every layer attends to the text"
-    ),
-    "model.text_modulation_embeds_dim": Alias(
-        None, note="reference default", allowed=(None,), unsupported="no pooled-text modulation"
     ),
     # Reference keys without effect in its GPU trainer (T2I-1.2 and T2I-4).
     "trainer.cache_dir": Alias(None, note="XLA compile cache only; no effect on GPUs"),
@@ -399,7 +440,8 @@ def _validate_init_from(i: InitFromConfig, errors: list[str]) -> None:
 
 
 def _validate_model(m: ModelConfig, errors: list[str]) -> None:
-    check_choice(errors, "model.name", m.name, ("baseline-dit", "DiT"))
+    check_choice(errors, "model.name", m.name, BASELINE_NAMES + FUSE_DIT_NAMES)
+    _validate_fusion(m, errors)
     check_choice(errors, "model.encoder_type", m.encoder_type, ("llm",))
     check_choice(errors, "model.attention", m.attention, ATTENTION_KINDS)
     check_choice(errors, "model.pos_embed", m.pos_embed, POS_EMBED_KINDS)
@@ -419,6 +461,54 @@ def _validate_model(m: ModelConfig, errors: list[str]) -> None:
         errors.append(f"model.head_dim: rotary and attention kernels need an even head size, got {m.head_dim}")
     if m.pos_embed == "ape" and m.hidden_size % 4:
         errors.append(f"model.hidden_size: the 2-D sin-cos APE needs a multiple of 4, got {m.hidden_size}")
+
+
+def _validate_fusion(m: ModelConfig, errors: list[str]) -> None:
+    """The FuseDiT-only fields: their values, and that a baseline DiT leaves them at their defaults."""
+    if not m.is_fuse_dit:
+        for name, default in (
+            ("initial_layers", 0),
+            ("shared_attention_layers", "all"),
+            ("text_modulation_embeds_dim", None),
+        ):
+            if getattr(m, name) != default:
+                errors.append(
+                    f"model.{name}: only model.name: FuseDiT has it (the baseline DiT reads the text "
+                    f"encoder's output in every layer); remove it or use FuseDiT"
+                )
+        return
+    if m.initial_layers < 0:
+        errors.append(f"model.initial_layers: must be >= 0, got {m.initial_layers}")
+    shared = m.shared_attention_layers
+    if isinstance(shared, str):
+        if shared != "all":
+            errors.append(f"model.shared_attention_layers: 'all' or a list of LLM layer indices, got {shared!r}")
+    elif not shared or not all(isinstance(i, int) and not isinstance(i, bool) for i in shared):
+        errors.append(f"model.shared_attention_layers: 'all' or a non-empty list of LLM layer indices, got {shared!r}")
+    elif sorted(set(shared)) != list(shared) or min(shared) < m.initial_layers:
+        errors.append(
+            f"model.shared_attention_layers: indices must be increasing, unique and >= model.initial_layers "
+            f"({m.initial_layers}), got {list(shared)}"
+        )
+    if m.text_modulation_embeds_dim is not None and m.text_modulation_embeds_dim <= 0:
+        errors.append(f"model.text_modulation_embeds_dim: a positive width or null, got {m.text_modulation_embeds_dim}")
+
+
+def _validate_trained_sides(cfg: TrainConfig, errors: list[str]) -> None:
+    """trainer.train_dit / train_llm: something must train, and only a FuseDiT holds an LLM to train."""
+    t = cfg.trainer
+    if not cfg.model.is_fuse_dit and (t.train_llm or not t.train_dit):
+        errors.append(
+            "trainer.train_llm / trainer.train_dit: the baseline DiT trains the DiT and keeps the text encoder "
+            "frozen; only model.name: FuseDiT can train its LLM"
+        )
+    elif not (t.train_dit or t.train_llm):
+        errors.append("trainer.train_dit / trainer.train_llm: both false leaves nothing to train")
+    if cfg.model.is_fuse_dit and cfg.data.text_cache:
+        errors.append(
+            "data.text_cache: a FuseDiT runs its LLM inside the model, layer by layer with the image, so "
+            "there are no text features to cache; remove data.text_cache (a latent cache still works)"
+        )
 
 
 def _validate_data(d: DataConfig, errors: list[str]) -> None:
@@ -481,6 +571,7 @@ def validate(cfg: TrainConfig) -> None:
     errors: list[str] = []
     _validate_trainer(cfg.trainer, errors)
     _validate_model(cfg.model, errors)
+    _validate_trained_sides(cfg, errors)
     _validate_data(cfg.data, errors)
     check_choice(errors, "vae.kind", cfg.vae.kind, VAE_KINDS)
     if not 0.0 < cfg.ema.decay < 1.0:

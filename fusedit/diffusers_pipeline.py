@@ -73,13 +73,13 @@ class FuseDiTPipeline(DiffusionPipeline):
         from transformers import AutoModel, AutoTokenizer
 
         from common.vae_config import QWEN_CLASS
-        from fusedit.models.dit import DiT
+        from fusedit.models import model_class
 
         path = Path(path)
         index = json.loads((path / "model_index.json").read_text())
         vae_cls = AutoencoderKLQwenImage if index.get("vae", [None, None])[1] == QWEN_CLASS else AutoencoderKL
         return cls(
-            transformer=DiT.from_pretrained(str(path / "transformer")),
+            transformer=model_class(path / "transformer").from_pretrained(str(path / "transformer")),
             text_encoder=AutoModel.from_pretrained(str(path / "text_encoder")),
             tokenizer=AutoTokenizer.from_pretrained(str(path / "tokenizer")),
             vae=vae_cls.from_pretrained(str(path / "vae")),

@@ -81,6 +81,59 @@ def decoder_arch(config: Any) -> dict[str, int] | None:
     }
 
 
+def fuse_dit_forward_flops(config: dict[str, Any], n_image: int, n_text: int) -> tuple[int, int]:
+    """(DiT side, LLM side) forward matmul FLOPs of one sample through a saved FuseDiT ``config``.
+
+    The LLM side is the decoder layers the model runs (initial and shared ones; the text rows
+    never attend to the image). The DiT side: in a shared "self" layer the N image queries
+    attend over the L text keys (the LLM layer's) and the N image keys; in a "cross" layer the
+    image self-attends (N x N) and then cross-attends (N x L) with its own query/output
+    projections; an unpaired DiT layer attends over the image only. Per-sample conditioning
+    matmuls are one row each.
+    """
+    from fusedit.models.dit import TIMESTEP_CHANNELS
+    from fusedit.models.fuse_dit import shared_llm_layers
+
+    llm = config["llm_config"]
+    heads, kv_heads = llm["num_attention_heads"], llm["num_key_value_heads"]
+    head_dim = llm.get("head_dim") or llm["hidden_size"] // heads
+    d = config.get("hidden_size") or llm["hidden_size"]
+    inter = config.get("intermediate_size") or llm["intermediate_size"]
+    q_dim, kv_dim, n, length = heads * head_dim, kv_heads * head_dim, n_image, n_text
+    shared = shared_llm_layers(config)
+    initial, tc, cross = (
+        config.get("initial_layers", 0),
+        config.get("timestep_conditioning"),
+        config["attention"] == "cross",
+    )
+    llm_layers = shared[-1] + 1
+    arch = {
+        "hidden_size": llm["hidden_size"],
+        "num_hidden_layers": llm_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "intermediate_size": llm["intermediate_size"],
+    }
+    llm_flops = text_encoder_forward_flops(arch, length)
+    projections = 2 * matmul_flops(n, d, q_dim) + 2 * matmul_flops(n, d, kv_dim)  # q, o, k, v
+    common = projections + 3 * matmul_flops(n, d, inter) + (matmul_flops(1, d, 6 * d) if tc == "adaln-zero" else 0)
+    dit = 0
+    for j in range(config["num_layers"]):
+        if j + initial not in shared:
+            dit += common + 4 * n * n * q_dim
+        elif cross:
+            dit += common + 4 * n * n * q_dim + 2 * matmul_flops(n, d, q_dim) + 4 * n * length * q_dim
+        else:
+            dit += common + 4 * n * (n + length) * q_dim
+    p, c_in, c_out = config["patch_size"], config["in_channels"], config["out_channels"]
+    dit += matmul_flops(n, c_in * p * p, d) + matmul_flops(n, d, p * p * c_out)
+    if tc is not None:
+        dit += matmul_flops(1, TIMESTEP_CHANNELS, d) + matmul_flops(1, d, d)
+    dit += {"adaln-zero": matmul_flops(1, d, 2 * d), "adaln-single": matmul_flops(1, d, 6 * d)}.get(tc, 0)
+    return dit, llm_flops
+
+
 class TrainingFlops:
     """Model FLOPs of one training sample as a function of its batch's padded text length.
 
@@ -96,7 +149,15 @@ class TrainingFlops:
         self._cache: dict[int, int] = {}
 
     def per_sample(self, text_tokens: int) -> int:
-        """DiT forward + backward (3x forward) + frozen encoders' forward, for one sample."""
+        """DiT forward + backward (3x forward) + frozen encoders' forward, for one sample.
+
+        A FuseDiT's LLM counts once (forward) when frozen and three times when trained
+        (``train_llm``, read from the config dict the trainer passes as ``dit_kwargs``).
+        """
+        if text_tokens not in self._cache and self.dit_kwargs.get("_class_name") == "FuseDiT":
+            dit, llm = fuse_dit_forward_flops(self.dit_kwargs, self.image_tokens, text_tokens)
+            llm_passes = 3 if self.dit_kwargs.get("train_llm") else 1
+            self._cache[text_tokens] = 3 * dit + llm_passes * llm + self.vae_encoder_flops
         if text_tokens not in self._cache:
             fwd, _ = dit_forward_flops(self.dit_kwargs, self.image_tokens, text_tokens)
             text = text_encoder_forward_flops(self.text_arch, text_tokens) if self.text_arch else 0

@@ -182,7 +182,9 @@ class FlowMatching:
         sigmas = self.sample_sigmas(x0.shape[0], generator=generators, device=x0.device)
         noise = self.sample_noise(x0, generators)
         x_t = self.add_noise(x0, noise, sigmas)
-        pred = model(x_t.to(dtype), (sigmas * 1000.0).to(dtype), text.to(dtype), mask)
+        if text.is_floating_point():  # encoder features; a FuseDiT takes token ids and runs its LLM itself
+            text = text.to(dtype)
+        pred = model(x_t.to(dtype), (sigmas * 1000.0).to(dtype), text, mask)
         return self.loss(pred.float(), x0, noise, x_t, sigmas)
 
 

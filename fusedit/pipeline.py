@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from common.randomness import noise_seed
 from common.vae_config import VaeSpec
 from fusedit.flow import euler_sample, sampling_sigmas
 from fusedit.latents import LatentCodec
-from fusedit.models.dit import DiT
+from fusedit.models import DiT, is_fuse_dit, model_class
 from fusedit.text import TextEncoder, tokenize
 
 
@@ -68,7 +69,7 @@ class DiTPipeline:
         verify_files(folder, [weights] if vae is not None else [weights, "vae.json"])
         cfg = load_config(run_dir / "config.yaml")
         spec = vae if vae is not None else VaeSpec(**json.loads((folder / "vae.json").read_text()))
-        transformer = DiT.from_pretrained(str(folder / weights)).to(device).eval()
+        transformer = model_class(folder / weights).from_pretrained(str(folder / weights)).to(device).eval()
         text_encoder = TextEncoder(
             cfg.model.base,
             subfolder=cfg.model.base_subfolder,
@@ -78,9 +79,16 @@ class DiTPipeline:
         codec = LatentCodec.from_spec(spec).to(device)
         return cls(transformer, text_encoder, codec, build_scheduler(cfg), cfg.data.max_prompt_length)
 
-    def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_prompts(self, prompts: list[str]) -> tuple[Any, torch.Tensor]:
+        """(text condition, mask): encoder features for the DiT; for a FuseDiT, its per-layer text KV cache.
+
+        A FuseDiT's text rows never attend to image rows, so its LLM runs once per prompt batch
+        here, not at every denoising step.
+        """
         ids, mask = tokenize(self.text_encoder.tokenizer, prompts, self.max_prompt_length)
         ids, mask = ids.to(self.device), mask.to(self.device)
+        if is_fuse_dit(self.transformer):
+            return self.transformer.encode_text(ids, mask), mask
         # the encoder may live elsewhere (host memory, when training reads a text-feature cache)
         return self.text_encoder.encode(ids, mask).to(self.device), mask
 
@@ -148,7 +156,10 @@ class DiTPipeline:
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                v = self.transformer(x.to(dtype), t.to(dtype), hidden.to(dtype), mask)
+                if is_fuse_dit(self.transformer):
+                    v = self.transformer(x.to(dtype), t.to(dtype), None, mask, text_cache=hidden)
+                else:
+                    v = self.transformer(x.to(dtype), t.to(dtype), hidden.to(dtype), mask)
             return v.float()
 
         sigmas = sampling_sigmas(self.scheduler, steps).to(self.device)

@@ -210,8 +210,11 @@ def test_resume_regenerates_only_missing_outputs(checkpoint: Path, prompts3: Pat
 def test_cli_refusals(checkpoint: Path, prompts3: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base = ["--checkpoint", str(checkpoint), "--prompts", str(prompts3), "--save-dir", str(tmp_path / "x")]
     with pytest.raises(SystemExit) as e:
-        sampling.main("coco", [*base, "--type", "fuse-dit"])
-    assert e.value.code == 2 and "fuse-dit" in capsys.readouterr().err
+        sampling.main("coco", [*base, "--type", "fuse-dit"])  # a baseline checkpoint: the family must match
+    assert e.value.code == 2 and "holds a baseline-dit model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        sampling.main("coco", [*base, "--type", "fuse-dit-clip"])
+    assert e.value.code == 2 and "not supported yet" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sampling.main("coco", [*base, "--tag", "999"])
     assert "999" in capsys.readouterr().err

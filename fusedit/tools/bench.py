@@ -911,6 +911,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     overrides = list(args.overrides) + ([f"data.batch_size_per_gpu={args.batch_size}"] if args.batch_size else [])
     cfg = load_config(args.config, overrides)
+    from fusedit.tools.plan import refuse_fuse_dit
+
+    refuse_fuse_dit(cfg, "fusedit.tools.bench")
     device, notes = pick_device(args.device), []
     dtype = train_dtype(cfg, device, notes)
     frozen = load_frozen(

@@ -102,6 +102,8 @@ def ensure_caches(toy: Path, config: str, vae_folder: str = "vae") -> list[str]:
     latents, text = toy / LATENT_CACHE, toy / TEXT_CACHE
     if _cache_info(latents) is None:
         build_cache(cfg, latents, batch_size=256, progress=False)
+    if cfg.model.is_fuse_dit:  # its LLM runs inside the model, with the image: no text features to cache
+        return [f"data.latent_cache={latents}"]
     if _cache_info(text) is None:
         build_text_cache(cfg, text, batch_size=256, dtype="float32", progress=False)
     return [f"data.latent_cache={latents}", f"data.text_cache={text}"]

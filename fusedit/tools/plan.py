@@ -563,6 +563,20 @@ def _tokens(cfg: TrainConfig, vae: VaeInfo, text_tokens: int | None) -> Tokens:
     return Tokens(side * side, n_text, vae.latent_channels, latent, vae.spatial_factor, cfg.model.patch_size, source)
 
 
+def refuse_fuse_dit(cfg: TrainConfig, tool: str) -> None:
+    """The planner and the bench model the baseline DiT only: say so rather than plan the wrong model.
+
+    A FuseDiT's FLOPs are in ``fusedit.flops.fuse_dit_forward_flops`` (the training log uses them)
+    and its parameter counts in ``fusedit.models.fuse_dit_parameter_counts``; its memory terms
+    (the LLM inside the module, trained or frozen) are not written yet.
+    """
+    if cfg.model.is_fuse_dit:
+        raise ConfigError(
+            f"model.name: {cfg.model.name}: {tool} does not model the FuseDiT family yet (its LLM runs inside "
+            "the model); fusedit.models.fuse_dit_parameter_counts gives its parameters, the training log its FLOPs"
+        )
+
+
 def build_meta_dit(kw: dict[str, Any]) -> torch.nn.Module:
     """The DiT with shapes only: the count is the real module's, at no memory cost."""
     from fusedit.models.dit import DiT
@@ -644,6 +658,7 @@ def build_plan(
 
     if world_size < 1:
         raise ConfigError(f"--world-size: must be >= 1, got {world_size}")
+    refuse_fuse_dit(cfg, "--dry-run")
     text, vae = describe_text_encoder(cfg), describe_vae(cfg)
     _check_channels(cfg, vae)
     tokens = _tokens(cfg, vae, text_tokens)

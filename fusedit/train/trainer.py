@@ -36,11 +36,11 @@ from common.precision import Precision
 from common.randomness import data_seed_after_restart, sample_generators
 from common.signals import StopSignal
 from common.vae_config import VaeSpec
-from fusedit.config import TrainConfig, check_geometry
+from fusedit.config import ModelConfig, TrainConfig, check_geometry
 from fusedit.flops import TrainingFlops, decoder_arch
 from fusedit.flow import FlowMatching, build_scheduler
 from fusedit.latents import LatentCodec
-from fusedit.models.dit import DiT
+from fusedit.models import DiT, model_class
 from fusedit.text import TextEncoder
 from fusedit.train import engine_checkpoint
 from fusedit.train.deepspeed_config import load_deepspeed_json, resolve_deepspeed_config
@@ -101,7 +101,10 @@ def build_components(cfg: TrainConfig, device: torch.device, dtype: torch.dtype)
             f"{cfg.model.base} has hidden size {text_encoder.hidden_size}; set it to null or match"
         )
     torch.manual_seed(cfg.trainer.seed)  # identical initialisation on every rank
-    dit = DiT(**cfg.dit_kwargs(codec.latent_channels, text_encoder.hidden_size))
+    if cfg.model.is_fuse_dit:
+        dit = build_fuse_dit(cfg, text_encoder, codec.latent_channels)
+    else:
+        dit = DiT(**cfg.dit_kwargs(codec.latent_channels, text_encoder.hidden_size))
     flow = FlowMatching(
         build_scheduler(cfg),
         weighting_scheme=cfg.trainer.weighting_scheme,
@@ -111,6 +114,35 @@ def build_components(cfg: TrainConfig, device: torch.device, dtype: torch.dtype)
         precondition_outputs=cfg.trainer.precondition_outputs,
     )
     return Components(text_encoder, codec, flow, dit)
+
+
+def build_fuse_dit(cfg: TrainConfig, text_encoder: TextEncoder, in_channels: int):
+    """A FuseDiT around the loaded LLM (the text encoder's model, now part of the trained module).
+
+    The LLM keeps the frozen dtype it was loaded in; ``trainer.train_llm`` makes it trainable (it
+    then joins the optimizer, ZeRO's partitions and the EMA), ``trainer.train_dit: false`` freezes
+    the DiT side. The text encoder object stays for its tokenizer: the loader and the sample
+    grids tokenise with it, and nothing calls its ``encode``.
+    """
+    from fusedit.models.fuse_dit import FuseDiT
+
+    llm_config = text_encoder.model.config
+    m, defaults = cfg.model, ModelConfig()
+    for name, llm_name in (
+        ("num_attention_heads", "num_attention_heads"),
+        ("num_key_value_heads", "num_key_value_heads"),
+        ("head_dim", "head_dim"),
+    ):
+        ours, theirs = getattr(m, name), getattr(llm_config, llm_name, None)
+        if ours != getattr(defaults, name) and theirs is not None and ours != theirs:
+            raise ConfigError(
+                f"model.{name}: {ours}, but a FuseDiT takes it from its LLM ({cfg.model.base}: {theirs}); "
+                f"the two halves meet in one attention. Remove it or set {theirs}"
+            )
+    model = FuseDiT.from_llm(text_encoder.model, **cfg.fuse_dit_kwargs(in_channels))
+    model.set_trainable(train_dit=cfg.trainer.train_dit, train_llm=cfg.trainer.train_llm)
+    text_encoder.model = model.llm  # one copy of the LLM in memory; the encoder object keeps its tokenizer
+    return model
 
 
 def loader_from_config(
@@ -281,6 +313,10 @@ class Trainer:
             with counter:
                 codec.moments(torch.zeros(1, 3, cfg.data.resolution, cfg.data.resolution, device=self.device))
             vae_flops = int(counter.get_total_flops())
+        if cfg.model.is_fuse_dit:  # the LLM runs inside the model: counted there, trained or not
+            return TrainingFlops(
+                {**self.model_config, "train_llm": cfg.trainer.train_llm}, side * side, None, vae_flops
+            )
         arch = None if cfg.data.text_cache else decoder_arch(self.parts.text_encoder.model.config)
         return TrainingFlops(self.model_config, side * side, arch, vae_flops)
 
@@ -450,7 +486,9 @@ class Trainer:
                 x0 = p.codec.from_moments(moments[:, 0], moments[:, 1], gens, self.cfg.vae.sample_posterior)
             else:
                 x0 = p.codec.encode(pixels, generator=gens, sample=self.cfg.vae.sample_posterior)
-            if cached_text is not None:
+            if self.cfg.model.is_fuse_dit:  # token ids: the LLM runs inside the model, with the image
+                text = batch["input_ids"].to(dev, non_blocking=True)
+            elif cached_text is not None:
                 text = cached_text.to(dev, non_blocking=True).float()
             else:
                 text = p.text_encoder.encode(batch["input_ids"].to(dev, non_blocking=True), mask)
@@ -648,9 +686,9 @@ class Trainer:
             from fusedit.pipeline import DiTPipeline
 
             g = self.cfg.sample
-            dit = DiT.from_config(self.model_config).to(self.device).eval()
+            dit = model_class(self.model_config).from_config(self.model_config).to(self.device).eval()
             if ema is not None:
-                copy_weights(ema, dit)
+                copy_weights(_with_buffers(ema, self.engine.module), dit)  # + frozen weights (a FuseDiT's LLM)
             else:
                 dit.load_state_dict(self.engine.module.state_dict())
             pipe = DiTPipeline(
@@ -679,10 +717,16 @@ class Trainer:
 
 
 def _with_buffers(params: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Add the persistent buffers (e.g. the APE table) so the folder loads with from_pretrained."""
+    """Complete ``params`` (trained weights) into a folder that loads on its own with from_pretrained.
+
+    Adds the persistent buffers (e.g. the APE table) and the frozen parameters, which neither the
+    optimizer nor the EMA holds: a FuseDiT's LLM when ``trainer.train_llm`` is false.
+    """
     persistent = module.state_dict()
     out = dict(params)
     for name, buf in module.named_buffers():
         if name in persistent:
             out.setdefault(name, buf)
+    for name, param in module.named_parameters():
+        out.setdefault(name, param.detach())
     return out

@@ -34,10 +34,9 @@ from torch import nn
 
 from .layers import (
     ACTIVATIONS,
+    AdaLNBlock,
     AdaLNOut,
-    AdaLNZero,
     CrossAttention,
-    GatedMLP,
     PatchEmbed,
     RMSNorm,
     RotaryTables,
@@ -54,50 +53,25 @@ POS_EMBEDS = ("ape", "1d-rope", "2d-rope", "m-rope")
 TIMESTEP_CHANNELS = 256
 
 
-class DiTBlock(nn.Module):
-    """One DiT layer (T2I-2.5 / T2I-2.8): adaLN attention, optional cross-attention, adaLN MLP.
-
-    ``cond`` is the per-sample conditioning this block needs: ``temb`` (B, d) for adaLN-zero,
-    the ``t_block`` output (B, 6d) for adaLN-single, and None for "addition"/None, where shift
-    and scale are zero and gates one - skipped instead of multiplied, which is bit-identical.
-    """
+class DiTBlock(AdaLNBlock):
+    """One baseline DiT layer: image queries over the text prefix ("self") or image self-attention
+    then cross-attention to the text ("cross"), in the shared adaLN skeleton (layers.AdaLNBlock)."""
 
     def __init__(self, cfg: Any) -> None:
-        super().__init__()
         d, eps = cfg.hidden_size, cfg.rms_norm_eps
-        self.conditioning = cfg.timestep_conditioning
-        self.sandwich = cfg.sandwich_norm
-        self.cross = cfg.attention == "cross"
-        if self.conditioning == "adaln-zero":
-            self.input_layernorm = AdaLNZero(d, eps)
-        else:
-            self.input_layernorm = RMSNorm(d, eps)
-            if self.conditioning == "adaln-single":
-                self.scale_shift_table = nn.Parameter(torch.randn(6 * d) / d**0.5)
+        cross = cfg.attention == "cross"
         heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-        self.self_attn = SelfAttention(
-            d, *heads, qk_norm=cfg.qk_norm, joint_text=not self.cross, bias=cfg.attention_bias, eps=eps
+        bias, qk = cfg.attention_bias, cfg.qk_norm
+        super().__init__(
+            d,
+            eps,
+            cfg.timestep_conditioning,
+            cfg.sandwich_norm,
+            lambda: SelfAttention(d, *heads, qk_norm=qk, joint_text=not cross, bias=bias, eps=eps),
+            (lambda: CrossAttention(d, d, *heads, qk_norm=qk, bias=bias, eps=eps)) if cross else None,
+            cfg.intermediate_size,
+            cfg.hidden_act,
         )
-        if self.cross:
-            self.cross_attn = CrossAttention(d, d, *heads, qk_norm=cfg.qk_norm, bias=cfg.attention_bias, eps=eps)
-        self.post_attention_layernorm = RMSNorm(d, eps)
-        if self.sandwich:
-            self.pre_feedforward_layernorm = RMSNorm(d, eps)
-            self.post_feedforward_layernorm = RMSNorm(d, eps)
-            if self.cross:
-                self.post_cross_attention_layernorm = RMSNorm(d, eps)
-        self.mlp = GatedMLP(d, cfg.intermediate_size, cfg.hidden_act)
-
-    def _modulations(self, x: torch.Tensor, cond: torch.Tensor | None) -> tuple:
-        """Normalised+modulated attention input and the (gate_msa, shift/scale/gate_mlp) tuple."""
-        if self.conditioning == "adaln-zero":
-            h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.input_layernorm(x, cond)
-            return h, (gate_msa, shift_mlp, scale_mlp, gate_mlp)
-        h = self.input_layernorm(x)
-        if self.conditioning == "adaln-single":
-            shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table + cond).chunk(6, dim=1)
-            return modulate(h, shift, scale), (gate_msa, shift_mlp, scale_mlp, gate_mlp)
-        return h, None
 
     def forward(
         self,
@@ -107,27 +81,11 @@ class DiTBlock(nn.Module):
         text: torch.Tensor,
         key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        h, mods = self._modulations(x, cond)
         if self.cross:
-            attn = self.self_attn(h, rope)
-        else:
-            attn = self.self_attn(h, rope, text, key_mask)
-        if self.sandwich:
-            attn = self.post_attention_layernorm(attn)
-        x = x + (attn if mods is None else mods[0][:, None] * attn)
-        if self.cross:
-            # un-normalised input, un-gated plain residual (reference behaviour)
-            cross = self.cross_attn(x, text, key_mask)
-            if self.sandwich:
-                cross = self.post_cross_attention_layernorm(cross)
-            x = x + cross
-        h = self.pre_feedforward_layernorm(x) if self.sandwich else self.post_attention_layernorm(x)
-        if mods is not None:
-            h = modulate(h, mods[1], mods[2])
-        out = self.mlp(h)
-        if self.sandwich:
-            out = self.post_feedforward_layernorm(out)
-        return x + (out if mods is None else mods[3][:, None] * out)
+            return self.residual(
+                x, cond, lambda h: self.self_attn(h, rope), lambda r: self.cross_attn(r, text, key_mask)
+            )
+        return self.residual(x, cond, lambda h: self.self_attn(h, rope, text, key_mask), None)
 
 
 class DiT(ModelMixin, ConfigMixin):

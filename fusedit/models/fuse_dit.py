@@ -50,9 +50,8 @@ from torch import nn
 
 from .layers import (
     ACTIVATIONS,
+    AdaLNBlock,
     AdaLNOut,
-    AdaLNZero,
-    GatedMLP,
     PatchEmbed,
     RMSNorm,
     RotaryTables,
@@ -202,15 +201,14 @@ class FusedCrossAttention(nn.Module):
         return self.o_proj(merge_heads(attend(q, text_k.to(q.dtype), text_v.to(q.dtype), key_mask)))
 
 
-class FuseDiTBlock(nn.Module):
-    """The DiT half of one layer: adaLN attention, optional cross-attention, adaLN MLP.
+class FuseDiTBlock(AdaLNBlock):
+    """The DiT half of one layer, in the DiT's adaLN skeleton (layers.AdaLNBlock).
 
     Head geometry is the LLM's (the two halves meet in one attention). A block is *paired* when
     an LLM layer shares its attention; only paired blocks of the "cross" variant own a
     ``cross_attn``. Unpaired blocks run image-only self-attention: the image tokens already
     carry what earlier shared layers read from the text, and attending to a stale text prefix
-    would tie the block to a layer it is not paired with. ``cond`` follows
-    :class:`fusedit.models.dit.DiTBlock` (``temb``, the ``t_block`` output, or None).
+    would tie the block to a layer it is not paired with.
     """
 
     def __init__(
@@ -228,37 +226,17 @@ class FuseDiTBlock(nn.Module):
         sandwich_norm: bool,
         cross: bool,
     ) -> None:
-        super().__init__()
-        self.conditioning = conditioning
-        self.sandwich = sandwich_norm
-        self.cross = cross
-        if conditioning == "adaln-zero":
-            self.input_layernorm = AdaLNZero(dim, eps)
-        else:
-            self.input_layernorm = RMSNorm(dim, eps)
-            if conditioning == "adaln-single":
-                self.scale_shift_table = nn.Parameter(torch.randn(6 * dim) / dim**0.5)
-        self.self_attn = FusedSelfAttention(dim, heads, kv_heads, head_dim, qk_norm, bias, eps)
-        if cross:
-            self.cross_attn = FusedCrossAttention(dim, heads, kv_heads, head_dim, qk_norm, bias, eps)
-        self.post_attention_layernorm = RMSNorm(dim, eps)
-        if sandwich_norm:
-            self.pre_feedforward_layernorm = RMSNorm(dim, eps)
-            self.post_feedforward_layernorm = RMSNorm(dim, eps)
-            if cross:
-                self.post_cross_attention_layernorm = RMSNorm(dim, eps)
-        self.mlp = GatedMLP(dim, intermediate_size, hidden_act)
-
-    def _modulations(self, x: torch.Tensor, cond: torch.Tensor | None) -> tuple:
-        """Normalised+modulated attention input and (gate_msa, shift_mlp, scale_mlp, gate_mlp) or None."""
-        if self.conditioning == "adaln-zero":
-            h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.input_layernorm(x, cond)
-            return h, (gate_msa, shift_mlp, scale_mlp, gate_mlp)
-        h = self.input_layernorm(x)
-        if self.conditioning == "adaln-single":
-            shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table + cond).chunk(6, dim=1)
-            return modulate(h, shift, scale), (gate_msa, shift_mlp, scale_mlp, gate_mlp)
-        return h, None
+        geometry = (dim, heads, kv_heads, head_dim, qk_norm, bias, eps)
+        super().__init__(
+            dim,
+            eps,
+            conditioning,
+            sandwich_norm,
+            lambda: FusedSelfAttention(*geometry),
+            (lambda: FusedCrossAttention(*geometry)) if cross else None,
+            intermediate_size,
+            hidden_act,
+        )
 
     def forward(
         self,
@@ -269,27 +247,11 @@ class FuseDiTBlock(nn.Module):
         text_v: torch.Tensor | None,
         key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        h, mods = self._modulations(x, cond)
         if self.cross:
-            attn = self.self_attn(h, rope)
-        else:
-            attn = self.self_attn(h, rope, text_k, text_v, key_mask)
-        if self.sandwich:
-            attn = self.post_attention_layernorm(attn)
-        x = x + (attn if mods is None else mods[0][:, None] * attn)
-        if self.cross:
-            # from the un-normalised residual stream, un-gated plain residual (original behaviour)
-            cross = self.cross_attn(x, text_k, text_v, key_mask)
-            if self.sandwich:
-                cross = self.post_cross_attention_layernorm(cross)
-            x = x + cross
-        h = self.pre_feedforward_layernorm(x) if self.sandwich else self.post_attention_layernorm(x)
-        if mods is not None:
-            h = modulate(h, mods[1], mods[2])
-        out = self.mlp(h)
-        if self.sandwich:
-            out = self.post_feedforward_layernorm(out)
-        return x + (out if mods is None else mods[3][:, None] * out)
+            return self.residual(
+                x, cond, lambda h: self.self_attn(h, rope), lambda r: self.cross_attn(r, text_k, text_v, key_mask)
+            )
+        return self.residual(x, cond, lambda h: self.self_attn(h, rope, text_k, text_v, key_mask), None)
 
 
 class DiTTower(nn.Module):

@@ -8,6 +8,7 @@ reference key layout (T2I-2.10) so checkpoints of the reference load without ren
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -372,3 +373,86 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+# --------------------------------------------------------------------------------------------
+# The adaLN block skeleton shared by the DiT and the FuseDiT
+# --------------------------------------------------------------------------------------------
+class AdaLNBlock(nn.Module):
+    """One DiT layer around its attention (T2I-2.5 / T2I-2.8): adaLN attention, optional
+    cross-attention, adaLN MLP, with the reference's norm and parameter names.
+
+    The two model families differ only in what their attentions read (encoder features, or a
+    fused LLM layer's keys/values), so they pass builders of their attention modules in and call
+    :meth:`residual` with closures over their text inputs. Modules are registered in the order
+    the DiT always used (it fixes the parameter order, and with it ZeRO's flat buffers).
+    ``cond``: ``temb`` (B, d) for adaLN-zero, the ``t_block`` output (B, 6d) for adaLN-single, None
+    for "addition"/None, where shift and scale are zero and gates one - skipped instead of
+    multiplied, which is bit-identical.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        conditioning: str | None,
+        sandwich_norm: bool,
+        make_self_attn: Callable[[], nn.Module],
+        make_cross_attn: Callable[[], nn.Module] | None,
+        intermediate_size: int,
+        hidden_act: str,
+    ) -> None:
+        super().__init__()
+        self.conditioning = conditioning
+        self.sandwich = sandwich_norm
+        self.cross = make_cross_attn is not None
+        if conditioning == "adaln-zero":
+            self.input_layernorm = AdaLNZero(dim, eps)
+        else:
+            self.input_layernorm = RMSNorm(dim, eps)
+            if conditioning == "adaln-single":
+                self.scale_shift_table = nn.Parameter(torch.randn(6 * dim) / dim**0.5)
+        self.self_attn = make_self_attn()  # built here, in this order: it fixes the random init stream too
+        if make_cross_attn is not None:
+            self.cross_attn = make_cross_attn()
+        self.post_attention_layernorm = RMSNorm(dim, eps)
+        if sandwich_norm:
+            self.pre_feedforward_layernorm = RMSNorm(dim, eps)
+            self.post_feedforward_layernorm = RMSNorm(dim, eps)
+            if self.cross:
+                self.post_cross_attention_layernorm = RMSNorm(dim, eps)
+        self.mlp = GatedMLP(dim, intermediate_size, hidden_act)
+
+    def _modulations(self, x: torch.Tensor, cond: torch.Tensor | None) -> tuple:
+        """Normalised+modulated attention input and the (gate_msa, shift/scale/gate_mlp) tuple."""
+        if self.conditioning == "adaln-zero":
+            h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.input_layernorm(x, cond)
+            return h, (gate_msa, shift_mlp, scale_mlp, gate_mlp)
+        h = self.input_layernorm(x)
+        if self.conditioning == "adaln-single":
+            shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table + cond).chunk(6, dim=1)
+            return modulate(h, shift, scale), (gate_msa, shift_mlp, scale_mlp, gate_mlp)
+        return h, None
+
+    def residual(self, x: torch.Tensor, cond: torch.Tensor | None, attend, cross_attend) -> torch.Tensor:
+        """The layer given ``attend(h)`` (self-attention of the modulated input) and
+        ``cross_attend(x)`` (cross-attention from the un-normalised residual stream; unused
+        without ``cross_attn``)."""
+        h, mods = self._modulations(x, cond)
+        attn = attend(h)
+        if self.sandwich:
+            attn = self.post_attention_layernorm(attn)
+        x = x + (attn if mods is None else mods[0][:, None] * attn)
+        if self.cross:
+            # un-normalised input, un-gated plain residual (reference behaviour)
+            cross = cross_attend(x)
+            if self.sandwich:
+                cross = self.post_cross_attention_layernorm(cross)
+            x = x + cross
+        h = self.pre_feedforward_layernorm(x) if self.sandwich else self.post_attention_layernorm(x)
+        if mods is not None:
+            h = modulate(h, mods[1], mods[2])
+        out = self.mlp(h)
+        if self.sandwich:
+            out = self.post_feedforward_layernorm(out)
+        return x + (out if mods is None else mods[3][:, None] * out)

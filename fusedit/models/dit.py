@@ -34,6 +34,7 @@ from torch import nn
 
 from .layers import (
     ACTIVATIONS,
+    TIMESTEP_CHANNELS,
     AdaLNBlock,
     AdaLNOut,
     CrossAttention,
@@ -41,16 +42,16 @@ from .layers import (
     RMSNorm,
     RotaryTables,
     SelfAttention,
-    modulate,
+    output_head,
     rope_tables,
+    timestep_conditioning,
     timestep_mlp,
-    timestep_sinusoid,
+    unpatchify,
 )
 
 ATTENTIONS = ("self", "cross")
 CONDITIONINGS = ("adaln-zero", "adaln-single", "addition", None)
 POS_EMBEDS = ("ape", "1d-rope", "2d-rope", "m-rope")
-TIMESTEP_CHANNELS = 256
 
 
 class DiTBlock(AdaLNBlock):
@@ -182,20 +183,10 @@ class DiT(ModelMixin, ConfigMixin):
         return self.patch_embed.proj.weight.dtype
 
     def _conditioning(self, timestep: torch.Tensor, batch: int, dtype: torch.dtype):
-        """(t_emb, per-block conditioning). The sinusoid is computed in fp32 and then cast to the
-        token dtype like the reference does (under autocast the MLP runs in bf16 either way)."""
+        """(t_emb, per-block conditioning): :func:`layers.timestep_conditioning`."""
         tc = self.config.timestep_conditioning
-        if tc is None:
-            return None, None
-        t = timestep.reshape(-1)
-        if t.numel() == 1 and batch > 1:
-            t = t.expand(batch)
-        temb = self.timestep_embedder(timestep_sinusoid(t, TIMESTEP_CHANNELS).to(dtype))
-        if tc == "adaln-zero":
-            return temb, temb
-        if tc == "adaln-single":
-            return temb, self.t_block(temb)
-        return temb, None
+        embedder, t_block = getattr(self, "timestep_embedder", None), getattr(self, "t_block", None)
+        return timestep_conditioning(tc, embedder, t_block, timestep, batch, dtype)
 
     def _key_mask(self, mask: torch.Tensor | None, n_image: int) -> torch.Tensor | None:
         """Boolean (B,1,1,S) "may attend" key mask, or None when no text key is padded.
@@ -214,24 +205,6 @@ class DiT(ModelMixin, ConfigMixin):
         if self.config.attention == "self":
             keep = F.pad(keep, (0, n_image), value=True)  # image keys follow the text keys
         return keep[:, None, None, :]
-
-    def _head(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
-        """Final norm (+ modulation). adaLN-single adds the raw timestep embedding, duplicated,
-        to its 2d table and splits shift-then-scale (the adaLN-zero head is scale-then-shift)."""
-        tc = self.config.timestep_conditioning
-        if tc == "adaln-zero":
-            return self.norm_out(x, temb)
-        x = self.norm_out(x)
-        if tc == "adaln-single":
-            shift, scale = (self.scale_shift_table + torch.cat([temb, temb], dim=1)).chunk(2, dim=1)
-            x = modulate(x, shift, scale)
-        return x
-
-    def _unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """(B, h*w, p*p*C) with channel-last patches -> (B, C, h*p, w*p)."""
-        p, c = self.config.patch_size, self.config.out_channels
-        x = x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(x.shape[0], c, h * p, w * p)
 
     def forward(
         self,
@@ -263,8 +236,9 @@ class DiT(ModelMixin, ConfigMixin):
                 x = self._gradient_checkpointing_func(layer, x, cond, rope, text, key_mask)
             else:
                 x = layer(x, cond, rope, text, key_mask)
-        x = self.proj_out(self._head(x, temb))
-        return self._unpatchify(x, h, w)
+        tc = cfg.timestep_conditioning
+        x = self.proj_out(output_head(tc, self.norm_out, getattr(self, "scale_shift_table", None), x, temb))
+        return unpatchify(x, h, w, p, cfg.out_channels)
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from torch import nn
 
 from .layers import (
     ACTIVATIONS,
+    TIMESTEP_CHANNELS,
     AdaLNBlock,
     AdaLNOut,
     PatchEmbed,
@@ -59,19 +60,19 @@ from .layers import (
     apply_rope,
     attend,
     merge_heads,
-    modulate,
+    output_head,
     rope_tables,
     rope_tables_at,
     split_heads,
+    timestep_conditioning,
     timestep_mlp,
-    timestep_sinusoid,
+    unpatchify,
 )
 
 ATTENTIONS = ("self", "cross")
 CONDITIONINGS = ("adaln-zero", "adaln-single", "addition", None)
 POS_EMBEDS = ("ape", "1d-rope", "2d-rope", "m-rope")
 LLM_TYPES = ("gemma", "gemma2")
-TIMESTEP_CHANNELS = 256
 _DROPPED_LLM_KEYS = ("transformers_version", "dtype", "torch_dtype")
 
 
@@ -622,20 +623,12 @@ class FuseDiT(ModelMixin, ConfigMixin):
         """(embedding for the head, per-block conditioning), as in the DiT; the pooled text is
         added to the timestep embedding before ``t_block``, and the adaLN-single head uses the
         embedding from before ``t_block``."""
-        tc = self.config.timestep_conditioning
-        if tc is None:
-            return None, None
-        t = timestep.reshape(-1)
-        if t.numel() == 1 and batch > 1:
-            t = t.expand(batch)
-        temb = self.dit.timestep_embedder(timestep_sinusoid(t, TIMESTEP_CHANNELS).to(dtype))
-        if self.config.text_modulation_embeds_dim is not None:
-            temb = temb + self.dit.condition_embedder(pooled.to(dtype))
-        if tc == "adaln-zero":
-            return temb, temb
-        if tc == "adaln-single":
-            return temb, self.dit.t_block(temb)
-        return temb, None
+        d = self.dit
+        extra = d.condition_embedder(pooled.to(dtype)) if self.config.text_modulation_embeds_dim is not None else None
+        embedder, t_block = getattr(d, "timestep_embedder", None), getattr(d, "t_block", None)
+        return timestep_conditioning(
+            self.config.timestep_conditioning, embedder, t_block, timestep, batch, dtype, extra
+        )
 
     def _image_rope(
         self, h: int, w: int, real_len: torch.Tensor, cached: bool, device: torch.device
@@ -669,21 +662,6 @@ class FuseDiT(ModelMixin, ConfigMixin):
         if self.config.attention == "self":
             keep = F.pad(keep, (0, n_image), value=True)
         return keep[:, None, None, :]
-
-    def _head(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
-        tc = self.config.timestep_conditioning
-        if tc == "adaln-zero":
-            return self.dit.norm_out(x, temb)
-        x = self.dit.norm_out(x)
-        if tc == "adaln-single":
-            shift, scale = (self.dit.scale_shift_table + torch.cat([temb, temb], dim=1)).chunk(2, dim=1)
-            x = modulate(x, shift, scale)
-        return x
-
-    def _unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        p, c = self.config.patch_size, self.config.out_channels
-        x = x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(x.shape[0], c, h * p, w * p)
 
     def forward(
         self,
@@ -744,8 +722,9 @@ class FuseDiT(ModelMixin, ConfigMixin):
                 x = self._gradient_checkpointing_func(layer, x, cond, rope, k, v, key_mask)
             else:
                 x = layer(x, cond, rope, k, v, key_mask)
-        x = self.dit.proj_out(self._head(x, temb))
-        return self._unpatchify(x, h, w)
+        tc, d = cfg.timestep_conditioning, self.dit
+        x = d.proj_out(output_head(tc, d.norm_out, getattr(d, "scale_shift_table", None), x, temb))
+        return unpatchify(x, h, w, p, cfg.out_channels)
 
 
 # --------------------------------------------------------------------------------------------

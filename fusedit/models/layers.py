@@ -16,6 +16,8 @@ from torch import nn
 
 RotaryTables = tuple[torch.Tensor, torch.Tensor]
 
+TIMESTEP_CHANNELS = 256  # width of the sinusoidal timestep features
+
 ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
@@ -373,6 +375,60 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Conditioning, output head and unpatchify: shared by the DiT and the FuseDiT
+# --------------------------------------------------------------------------------------------
+def timestep_conditioning(
+    kind: str | None,
+    timestep_embedder: nn.Module | None,
+    t_block: nn.Module | None,
+    timestep: torch.Tensor,
+    batch: int,
+    dtype: torch.dtype,
+    extra: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(t_emb, per-block conditioning) for ``kind`` (adaln-zero | adaln-single | addition | None).
+
+    The sinusoid is computed in fp32 and cast to the token dtype like the reference does (under
+    autocast the MLP runs in bf16 either way). ``extra`` (a FuseDiT's pooled-text embedding) is
+    added to the timestep embedding before ``t_block``.
+    """
+    if kind is None:
+        return None, None
+    t = timestep.reshape(-1)
+    if t.numel() == 1 and batch > 1:
+        t = t.expand(batch)
+    temb = timestep_embedder(timestep_sinusoid(t, TIMESTEP_CHANNELS).to(dtype))
+    if extra is not None:
+        temb = temb + extra
+    if kind == "adaln-zero":
+        return temb, temb
+    if kind == "adaln-single":
+        return temb, t_block(temb)
+    return temb, None
+
+
+def output_head(
+    kind: str | None, norm_out: nn.Module, scale_shift_table: torch.Tensor | None, x: torch.Tensor, temb
+) -> torch.Tensor:
+    """Final norm (+ modulation). adaLN-single adds the raw timestep embedding, duplicated,
+    to its 2d table and splits shift-then-scale (the adaLN-zero head is scale-then-shift)."""
+    if kind == "adaln-zero":
+        return norm_out(x, temb)
+    x = norm_out(x)
+    if kind == "adaln-single":
+        shift, scale = (scale_shift_table + torch.cat([temb, temb], dim=1)).chunk(2, dim=1)
+        x = modulate(x, shift, scale)
+    return x
+
+
+def unpatchify(x: torch.Tensor, h: int, w: int, patch_size: int, channels: int) -> torch.Tensor:
+    """(B, h*w, p*p*C) with channel-last patches -> (B, C, h*p, w*p)."""
+    p, c = patch_size, channels
+    x = x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(x.shape[0], c, h * p, w * p)
 
 
 # --------------------------------------------------------------------------------------------

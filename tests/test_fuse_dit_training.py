@@ -21,6 +21,7 @@ from tests.conftest import ROOT, in_parallel, launch, tiny_train_overrides
 
 CONFIG = ROOT / "configs" / "e2e-vae" / "toy-fusedit.yaml"
 TOY = ROOT / "configs" / "e2e-vae" / "toy.yaml"
+FROZEN = {"trainer.train_llm": "false"}  # a real run's setting (toy-fusedit.yaml trains its random toy LLM)
 WORLD_OVERRIDES = ["model.base=/x/text_encoder", "vae.pretrained_model_name_or_path=/x/vae"]
 
 
@@ -41,7 +42,7 @@ def test_fuse_dit_config_loads_and_refuses_what_does_not_apply() -> None:
         (TOY, ["model.initial_layers=1"], "model.initial_layers"),
         (TOY, ["model.shared_attention_layers=[0]"], "model.shared_attention_layers"),
         (TOY, ["trainer.train_llm=true"], "trainer.train_llm"),
-        (CONFIG, ["trainer.train_dit=false"], "both false"),
+        (CONFIG, ["trainer.train_dit=false", "trainer.train_llm=false"], "both false"),
         (CONFIG, ["data.text_cache=/x/text-features"], "data.text_cache"),
         (CONFIG, ["model.shared_attention_layers=[1, 0]"], "model.shared_attention_layers"),
         (CONFIG, ["model.shared_attention_layers=first"], "model.shared_attention_layers"),
@@ -76,11 +77,11 @@ def test_fuse_dit_trains_resumes_and_samples(quick_world: Path, tmp_path: Path) 
     run, llm_run = tmp_path / "run", tmp_path / "train_llm"
     common = {"trainer.checkpointing_steps": 2, "trainer.sampling_steps": 4, "sample.num_steps": 2}
     in_parallel(  # one thread each: side by side
-        lambda: _train(_fuse_overrides(quick_world, run, **common, **{"trainer.max_steps": 4})),
+        lambda: _train(_fuse_overrides(quick_world, run, **common, **{"trainer.max_steps": 4, **FROZEN})),
         lambda: _train(_fuse_overrides(quick_world, llm_run, **{"trainer.max_steps": 2, "trainer.train_llm": "true"})),
     )
     _check_llm_trained(quick_world, llm_run)
-    _train(_fuse_overrides(quick_world, run, **common, **{"trainer.max_steps": 6}))
+    _train(_fuse_overrides(quick_world, run, **common, **{"trainer.max_steps": 6, **FROZEN}))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7)) and all(r["train/loss"] > 0 for r in rows)
     assert (run / "samples" / "00000004.png").is_file()

@@ -48,6 +48,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .dit import ATTENTIONS, CONDITIONINGS, POS_EMBEDS
 from .layers import (
     ACTIVATIONS,
     TIMESTEP_CHANNELS,
@@ -69,9 +70,6 @@ from .layers import (
     unpatchify,
 )
 
-ATTENTIONS = ("self", "cross")
-CONDITIONINGS = ("adaln-zero", "adaln-single", "addition", None)
-POS_EMBEDS = ("ape", "1d-rope", "2d-rope", "m-rope")
 LLM_TYPES = ("gemma", "gemma2")
 _DROPPED_LLM_KEYS = ("transformers_version", "dtype", "torch_dtype")
 
@@ -159,13 +157,7 @@ class FusedSelfAttention(SelfAttention):
         text_v: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        q = split_heads(self.q_proj(x), self.heads)
-        k = split_heads(self.k_proj(x), self.kv_heads)
-        v = split_heads(self.v_proj(x), self.kv_heads)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = self.image_qkv(x, rope)
         if text_k is None:
             key_mask = None
         else:

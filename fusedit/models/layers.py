@@ -299,13 +299,8 @@ class SelfAttention(nn.Module):
             self.q_norm = RMSNorm(head_dim, eps)
             self.k_norm = RMSNorm(head_dim, eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: RotaryTables | None = None,
-        text: torch.Tensor | None = None,
-        key_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def image_qkv(self, x: torch.Tensor, rope: RotaryTables | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The image tokens' heads: q/k normalised (qk_norm) then rotated (RoPE), v as projected."""
         q = split_heads(self.q_proj(x), self.heads)
         k = split_heads(self.k_proj(x), self.kv_heads)
         v = split_heads(self.v_proj(x), self.kv_heads)
@@ -313,6 +308,16 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q, k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryTables | None = None,
+        text: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        q, k, v = self.image_qkv(x, rope)
         if self.joint_text:
             tk = split_heads(self.text_k_proj(text), self.kv_heads)
             tv = split_heads(self.text_v_proj(text), self.kv_heads)

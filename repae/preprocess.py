@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import logging
 import multiprocessing
@@ -251,16 +252,41 @@ class _ShardWriter:
         return meta
 
 
+CHUNK = 16  # sources per task sent to a worker: amortises the pickling round trip
+
+
+def _encode_chunk(job: _Job, sources: list[Source]) -> list[tuple[Source, bytes | None, str | None]]:
+    return [encode_sample(job, source) for source in sources]
+
+
 def _encoded(job: _Job, sources: list[Source], num_workers: int) -> Iterator[tuple[Source, bytes | None, str | None]]:
-    """Encoded samples in source order: a pool's ordered imap, or in-process for 0 workers."""
+    """Encoded samples in source order: worker processes, or in-process for 0 workers.
+
+    Workers are *spawned*, not forked: a fork copies every lock that another thread of the parent
+    holds at that instant (a progress bar's monitor, a tracker's writer, a library's pool), and a
+    forked worker that needs one waits forever; a pool whose worker hangs or dies then hangs its
+    caller too. A spawned worker starts clean, and ``concurrent.futures`` turns a dead worker into
+    ``BrokenProcessPool`` instead of a wait without end. At most ``4 * num_workers`` chunks are in
+    flight, so encoded images never pile up in memory ahead of the shard writer.
+    """
     if num_workers == 0:
         for source in sources:
             yield encode_sample(job, source)
         return
-    from functools import partial
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
 
-    with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-        yield from pool.imap(partial(encode_sample, job), sources, chunksize=16)
+    chunks = iter([sources[i : i + CHUNK] for i in range(0, len(sources), CHUNK)])
+    pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        window = deque(pool.submit(_encode_chunk, job, chunk) for chunk in itertools.islice(chunks, 4 * num_workers))
+        while window:
+            done = window.popleft().result()
+            if (chunk := next(chunks, None)) is not None:
+                window.append(pool.submit(_encode_chunk, job, chunk))
+            yield from done
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,44 @@ TOY_CONFIG = ROOT / "configs" / "e2e-vae" / "toy.yaml"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# A test (set-up and teardown included) that runs longer than this is stuck, not slow: the slowest
+# test takes a few minutes, the session's toy world ~4 under load. Without a watchdog one hang
+# (a worker waiting on a lock it inherited) ate the whole 90-minute CI budget and said nothing.
+TEST_TIMEOUT_S = int(os.environ.get("TEST_TIMEOUT_S", "900"))
+TIMEOUT_GRACE_S = 120  # after the TimeoutError, the time clean-up gets before the process exits
+
+
+def _on_timeout(signum: int, frame: object) -> None:
+    """First alarm: print every thread's stack and fail the test; second (clean-up stuck too): exit."""
+    sys.stderr.write(f"\n=== test exceeded TEST_TIMEOUT_S={TEST_TIMEOUT_S}: stacks of all threads ===\n")
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    signal.signal(signal.SIGALRM, _on_stuck_cleanup)
+    signal.alarm(TIMEOUT_GRACE_S)
+    raise TimeoutError(f"test ran longer than {TEST_TIMEOUT_S} s (TEST_TIMEOUT_S); stacks above")
+
+
+def _on_stuck_cleanup(signum: int, frame: object) -> None:
+    sys.stderr.write(f"\n=== clean-up after a timed-out test is stuck {TIMEOUT_GRACE_S} s more: exiting ===\n")
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    os._exit(3)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Fail a stuck test with its stacks instead of hanging the suite (SIGALRM: main thread only)."""
+    if TEST_TIMEOUT_S <= 0:
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, _on_timeout)
+    signal.alarm(TEST_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="session")

@@ -127,8 +127,9 @@ def extract_state_dict(obj: Mapping, use_ema: bool = True) -> dict[str, torch.Te
     return dict(obj)
 
 
-def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
-    """Strict comparison of keys and shapes, listing every problem at once."""
+def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], name: str = "DiT") -> None:
+    """Strict comparison of keys and shapes, listing every problem at once (``name``: the model
+    family, for the message)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -138,7 +139,7 @@ def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> 
         if tuple(sd[k].shape) != tuple(expected[k].shape)
     ]
     if missing or unexpected or shapes:
-        lines = ["reference state dict does not match the DiT built from its config:"]
+        lines = [f"reference state dict does not match the {name} built from its config:"]
         lines += [f"  missing: {k}" for k in missing]
         lines += [f"  unexpected: {k}" for k in unexpected]
         lines += [f"  shape mismatch: {s}" for s in shapes]

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from common.config import (
     Alias,
+    AliasTable,
     ConfigError,
     SharedSample,
     SharedTrainer,
@@ -26,10 +27,14 @@ from common.config import (
     check_rate,
     check_trainer,
     config_notice,
+    file_layers,
     merge_structured,
     normalise_trainer,
+    parse_override,
     raise_config_errors,
+    resolve_alias_key,
 )
+from fusedit.llm_architectures import KNOWN_LLMS, known_llm
 
 ATTENTION_KINDS = ("self", "cross")
 BASELINE_NAMES = ("baseline-dit", "DiT")
@@ -122,7 +127,8 @@ class ModelConfig:
     sample_size: int = 32
     qk_norm: bool = True
     sandwich_norm: bool = False
-    timestep_conditioning: str = "adaln-zero"
+    # adaln-zero | adaln-single | addition | none (a YAML null, the reference's spelling of none, is read as none)
+    timestep_conditioning: Optional[str] = "adaln-zero"
     hidden_size: int = 2048
     num_hidden_layers: int = 30
     num_attention_heads: int = 16
@@ -199,7 +205,8 @@ class CaptionColumns:
 
 @dataclass
 class DataConfig:
-    data_path: list[str] = MISSING
+    # Shard patterns (brace ranges expand). One string is read as a list: the reference's "::"-joined form.
+    data_path: Any = MISSING
     # Images per GPU per micro-step (DeepSpeed's train_micro_batch_size_per_gpu). The global batch is
     # batch_size_per_gpu x trainer.gradient_accumulation_steps x GPUs (the reference: 32 x 1 x 32 = 1024).
     batch_size_per_gpu: int = 32
@@ -332,6 +339,10 @@ class TrainConfig:
 # Accepted spellings of the reference Fuse-DiT YAML (docs/reference-facts.md, T2I-1.2) and of older configs of this
 # repository: old dotted key -> schema key (see common.config.Alias). Each one used prints a notice.
 _XLA_ONLY = "XLA/TPU trainer only; no effect on GPUs"
+_NO_CLIP = (
+    "the reference's clip-llm type (fuse-dit-clip: a CLIP-L pooled embedding modulating the timestep) "
+    "is not wired into our trainer and samplers yet"
+)
 ALIASES: dict[str, str | Alias] = {
     "data.batch_size": Alias("data.batch_size_per_gpu", note="per GPU, as the reference's data.batch_size"),
     # model: the reference builds the DiT from the text encoder's HF config plus base_config_override.
@@ -396,19 +407,114 @@ ALIASES: dict[str, str | Alias] = {
         allowed=("",),
         unsupported="training samples use no instruction prefix",
     ),
+    # The reference's FuseDiT ablations (its configs/fusedit/*.yaml, docs/fusedit-family.md). Its "clip-llm"
+    # encoder type (clip-mod.yaml) adds a CLIP-L pooled embedding to the timestep embedding: refused, since
+    # no trainer or sampler here loads CLIP yet. The LLM tokenizer of that layout maps as usual.
+    "clip_l.*": Alias(None, allowed=(), unsupported=_NO_CLIP),
+    "data.tokenizer.llm": Alias("data.tokenizer", note="the LLM's tokenizer of the reference's clip-llm layout"),
+    "data.tokenizer.clip.*": Alias(None, allowed=(), unsupported=_NO_CLIP),
+    "data.add_generation_prompt": Alias(None, note="read only with a chat template, which is not supported"),
+    "data.instruction_length": Alias(None, note="the reference computed it from data.instruction's tokens; so do we"),
 }
+
+# model.base_config_override changes the config the reference's *baseline* DiT is built from; its FuseDiT
+# builder never reads it (both halves take their sizes from the LLM checkpoint's own config). For
+# model.name: FuseDiT those keys therefore had no effect, and they are accepted and ignored here too.
+FUSE_DIT_ALIASES: dict[str, str | Alias] = {
+    **{k: v for k, v in ALIASES.items() if not k.startswith("model.base_config_override.")},
+    "model.base_config_override.*": Alias(
+        None,
+        note="no effect on a FuseDiT in the reference: its builder reads the LLM's own config; "
+        "model.hidden_size (the reference's model.dit_hidden_size) sets the DiT's width",
+    ),
+}
+
+# Where a reference YAML is silent, its builders size the DiT from the LLM's own (hub) config: width (unless
+# model.dit_hidden_size), MLP width, heads, KV heads and head size, and the baseline's text width. Our
+# defaults are the 3B study's numbers instead, so a file in the reference's layout (it spells
+# model.dit_num_hidden_layers, which the reference requires) gets the LLM's numbers from this table; the
+# hub is never read while loading a config (fusedit.llm_architectures).
+_REFERENCE_LAYOUT_KEY = "model.dit_num_hidden_layers"
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _spelled(path: str | Path | None, overrides: list[str]) -> dict[str, Any]:
+    """Every dotted key as written (the file, the files it extends, then the overrides), last value wins."""
+    layers = file_layers(Path(path)) if path is not None else []
+    layers += [parse_override(item) for item in overrides]
+    spelled: dict[str, Any] = {}
+    for layer in layers:
+        spelled.update(_leaves(OmegaConf.to_container(layer, resolve=False)))
+    return spelled
+
+
+def _reference_layout(cfg: TrainConfig, spelled: dict[str, Any], aliases: AliasTable) -> None:
+    """A reference-layout YAML: the DiT sizes it leaves unsaid are its LLM's (fusedit.llm_architectures)."""
+    if _REFERENCE_LAYOUT_KEY not in spelled:
+        return
+    m = cfg.model
+    stated = {resolve_alias_key(key, aliases) for key in spelled}
+    fields = ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim"]
+    fields += [] if m.is_fuse_dit else ["text_hidden_size"]
+    missing = [name for name in fields if f"model.{name}" not in stated]
+    if not missing:
+        return
+    sizes = known_llm(m.base)
+    if sizes is None:
+        raise ConfigError(
+            f"model.base: {m.base!r}: a reference YAML ({_REFERENCE_LAYOUT_KEY}) leaves "
+            f"{', '.join(f'model.{n}' for n in missing)} to the LLM's own config, known offline only for "
+            f"{', '.join(KNOWN_LLMS)}; state them"
+        )
+    for name in missing:
+        setattr(m, name, sizes["hidden_size" if name == "text_hidden_size" else name])
+    config_notice(
+        f"config: reference layout ({_REFERENCE_LAYOUT_KEY}): "
+        + ", ".join(f"model.{n}={getattr(m, n)}" for n in missing)
+        + f" from {m.base}'s config, where the reference's builder reads them"
+    )
+
+
+def _reference_values(cfg: TrainConfig) -> None:
+    """Values the reference spells differently: a null timestep conditioning, one '::'-joined shard string."""
+    if cfg.model.timestep_conditioning is None:
+        cfg.model.timestep_conditioning = "none"
+        config_notice("config: model.timestep_conditioning: null (the reference's spelling) is read as 'none'")
+    d = cfg.data
+    if isinstance(d.data_path, str):
+        d.data_path = [p for p in d.data_path.split("::") if p]
+        config_notice(
+            f"config: data.data_path given as one string is read as {len(d.data_path)} shard pattern(s) "
+            "(the reference's '::'-joined form)"
+        )
+    if not isinstance(d.data_path, list) or not all(isinstance(p, str) for p in d.data_path):
+        raise ConfigError(f"data.data_path: a list of shard patterns (or one '::'-joined string), got {d.data_path!r}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Schema <- YAML file <- ``key=value`` overrides, then :func:`validate`.
 
     Old spellings (the reference Fuse-DiT YAML, ``data.batch_size``) are accepted through
-    :data:`ALIASES`, each with a one-line notice.
+    :data:`ALIASES` (:data:`FUSE_DIT_ALIASES` for a FuseDiT), each with a one-line notice; a YAML in
+    the reference's layout gets the DiT sizes it leaves to its LLM from :mod:`fusedit.llm_architectures`.
 
     Raises :class:`ConfigError` naming the bad field for unknown keys, wrong types, missing
     required values and out-of-range settings.
     """
-    cfg = merge_structured(TrainConfig, path, overrides, aliases=ALIASES)
+    spelled = _spelled(path, list(overrides or []))
+    fuse = spelled.get("model.name", ModelConfig.name) in FUSE_DIT_NAMES
+    aliases = FUSE_DIT_ALIASES if fuse else ALIASES
+    cfg = merge_structured(TrainConfig, path, overrides, aliases=aliases)
+    _reference_layout(cfg, spelled, aliases)
+    _reference_values(cfg)
     normalise_trainer(cfg.trainer)
     if cfg.data.cached_latents:
         config_notice(
@@ -563,6 +669,25 @@ def check_geometry(cfg: TrainConfig, spatial_factor: int) -> None:
                 f"{name}: {value} px is a {value // unit}-token side, larger than model.pos_embed_max_size="
                 f"{cfg.model.pos_embed_max_size} (the APE table's side); at most "
                 f"{cfg.model.pos_embed_max_size * unit} px"
+            )
+
+
+def check_fuse_dit_heads(cfg: TrainConfig, llm_config: Any) -> None:
+    """A FuseDiT takes its heads, KV heads and head size from its LLM: refuse a contradiction.
+
+    The two halves meet in one attention, so ``model.num_attention_heads`` etc. may only be left at
+    their defaults or equal the LLM's. Called by the trainer (on the loaded LLM's config) and the
+    planner (on its config.json or known architecture), so both refuse the same configs.
+    ``llm_config`` is a transformers config object or its dict.
+    """
+    defaults = ModelConfig()
+    for name in ("num_attention_heads", "num_key_value_heads", "head_dim"):
+        ours = getattr(cfg.model, name)
+        theirs = llm_config.get(name) if isinstance(llm_config, dict) else getattr(llm_config, name, None)
+        if ours != getattr(defaults, name) and theirs is not None and ours != theirs:
+            raise ConfigError(
+                f"model.{name}: {ours}, but a FuseDiT takes it from its LLM ({cfg.model.base}: {theirs}); "
+                f"the two halves meet in one attention. Remove it or set {theirs}"
             )
 
 

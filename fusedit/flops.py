@@ -81,51 +81,87 @@ def decoder_arch(config: Any) -> dict[str, int] | None:
     }
 
 
+def _fuse_dit_geometry(config: dict[str, Any]) -> dict[str, Any]:
+    """Sizes a FuseDiT's FLOPs depend on: the attention's are the LLM's, the widths the DiT side's."""
+    llm = config["llm_config"]
+    heads = llm["num_attention_heads"]
+    head_dim = llm.get("head_dim") or llm["hidden_size"] // heads
+    return {
+        "heads": heads,
+        "kv_heads": llm["num_key_value_heads"],
+        "head_dim": head_dim,
+        "d": config.get("hidden_size") or llm["hidden_size"],
+        "inter": config.get("intermediate_size") or llm["intermediate_size"],
+    }
+
+
+def fuse_dit_layer_flops(config: dict[str, Any], n_image: int, n_text: int) -> int:
+    """Forward matmul FLOPs of one sample through a FuseDiT's DiT layers (what gradient
+    checkpointing recomputes): see :func:`fuse_dit_forward_flops` for the attention rule."""
+    from fusedit.models.fuse_dit import shared_llm_layers
+
+    g = _fuse_dit_geometry(config)
+    d, n, length = g["d"], n_image, n_text
+    q_dim, kv_dim = g["heads"] * g["head_dim"], g["kv_heads"] * g["head_dim"]
+    shared, initial = shared_llm_layers(config), config.get("initial_layers", 0)
+    tc, cross = config.get("timestep_conditioning"), config["attention"] == "cross"
+    projections = 2 * matmul_flops(n, d, q_dim) + 2 * matmul_flops(n, d, kv_dim)  # q, o, k, v
+    common = projections + 3 * matmul_flops(n, d, g["inter"]) + (matmul_flops(1, d, 6 * d) if tc == "adaln-zero" else 0)
+    total = 0
+    for j in range(config["num_layers"]):
+        if j + initial not in shared:
+            total += common + 4 * n * n * q_dim
+        elif cross:
+            total += common + 4 * n * n * q_dim + 2 * matmul_flops(n, d, q_dim) + 4 * n * length * q_dim
+        else:
+            total += common + 4 * n * (n + length) * q_dim
+    return total
+
+
+def fuse_dit_llm_arch(config: dict[str, Any]) -> dict[str, int]:
+    """The decoder geometry of the LLM layers a FuseDiT runs (initial and shared ones; it is cut
+    after the last shared layer), in :func:`text_encoder_forward_flops`'s naming."""
+    from fusedit.models.fuse_dit import shared_llm_layers
+
+    llm, g = config["llm_config"], _fuse_dit_geometry(config)
+    return {
+        "hidden_size": llm["hidden_size"],
+        "num_hidden_layers": shared_llm_layers(config)[-1] + 1,
+        "num_attention_heads": g["heads"],
+        "num_key_value_heads": g["kv_heads"],
+        "head_dim": g["head_dim"],
+        "intermediate_size": llm["intermediate_size"],
+    }
+
+
+def fuse_dit_llm_flops(config: dict[str, Any], n_text: int) -> int:
+    """Forward matmul FLOPs of a FuseDiT's LLM side for one prompt of ``n_text`` tokens.
+
+    Every layer but the last runs whole (attention over the full L x L square, as for a text
+    encoder); of the last shared layer only the key/value projections run, because nothing reads
+    its queries, attention output or MLP.
+    """
+    arch = fuse_dit_llm_arch(config)
+    kv_dim = arch["num_key_value_heads"] * arch["head_dim"]
+    whole = text_encoder_forward_flops({**arch, "num_hidden_layers": arch["num_hidden_layers"] - 1}, n_text)
+    return whole + 2 * matmul_flops(n_text, arch["hidden_size"], kv_dim)
+
+
 def fuse_dit_forward_flops(config: dict[str, Any], n_image: int, n_text: int) -> tuple[int, int]:
     """(DiT side, LLM side) forward matmul FLOPs of one sample through a saved FuseDiT ``config``.
 
     The LLM side is the decoder layers the model runs (initial and shared ones; the text rows
-    never attend to the image). The DiT side: in a shared "self" layer the N image queries
-    attend over the L text keys (the LLM layer's) and the N image keys; in a "cross" layer the
-    image self-attends (N x N) and then cross-attends (N x L) with its own query/output
-    projections; an unpaired DiT layer attends over the image only. Per-sample conditioning
+    never attend to the image; see :func:`fuse_dit_llm_flops`). The DiT side: in a shared "self"
+    layer the N image queries attend over the L text keys (the LLM layer's) and the N image keys;
+    in a "cross" layer the image self-attends (N x N) and then cross-attends (N x L) with its own
+    query/output projections; an unpaired DiT layer attends over the image only. Per-sample conditioning
     matmuls are one row each.
     """
     from fusedit.models.dit import TIMESTEP_CHANNELS
-    from fusedit.models.fuse_dit import shared_llm_layers
 
-    llm = config["llm_config"]
-    heads, kv_heads = llm["num_attention_heads"], llm["num_key_value_heads"]
-    head_dim = llm.get("head_dim") or llm["hidden_size"] // heads
-    d = config.get("hidden_size") or llm["hidden_size"]
-    inter = config.get("intermediate_size") or llm["intermediate_size"]
-    q_dim, kv_dim, n, length = heads * head_dim, kv_heads * head_dim, n_image, n_text
-    shared = shared_llm_layers(config)
-    initial, tc, cross = (
-        config.get("initial_layers", 0),
-        config.get("timestep_conditioning"),
-        config["attention"] == "cross",
-    )
-    llm_layers = shared[-1] + 1
-    arch = {
-        "hidden_size": llm["hidden_size"],
-        "num_hidden_layers": llm_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "intermediate_size": llm["intermediate_size"],
-    }
-    llm_flops = text_encoder_forward_flops(arch, length)
-    projections = 2 * matmul_flops(n, d, q_dim) + 2 * matmul_flops(n, d, kv_dim)  # q, o, k, v
-    common = projections + 3 * matmul_flops(n, d, inter) + (matmul_flops(1, d, 6 * d) if tc == "adaln-zero" else 0)
-    dit = 0
-    for j in range(config["num_layers"]):
-        if j + initial not in shared:
-            dit += common + 4 * n * n * q_dim
-        elif cross:
-            dit += common + 4 * n * n * q_dim + 2 * matmul_flops(n, d, q_dim) + 4 * n * length * q_dim
-        else:
-            dit += common + 4 * n * (n + length) * q_dim
+    d, n, tc = _fuse_dit_geometry(config)["d"], n_image, config.get("timestep_conditioning")
+    llm_flops = fuse_dit_llm_flops(config, n_text)
+    dit = fuse_dit_layer_flops(config, n_image, n_text)
     p, c_in, c_out = config["patch_size"], config["in_channels"], config["out_channels"]
     dit += matmul_flops(n, c_in * p * p, d) + matmul_flops(n, d, p * p * c_out)
     if tc is not None:

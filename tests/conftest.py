@@ -112,6 +112,13 @@ def tiny_train_overrides(world: Path, run: Path, **extra: object) -> list[str]:
     return toy_overrides(world) + [f"{k}={v}" for k, v in base.items()]
 
 
+def tiny_fuse_overrides(world: Path, run: Path, **extra: object) -> list[str]:
+    """tiny_train_overrides for configs/e2e-vae/toy-fusedit.yaml: a FuseDiT takes its head layout
+    from its LLM (the toy text encoder: 4 heads, 1 KV head of 16), and a third DiT layer runs alone."""
+    sizes = {"model.num_attention_heads": 4, "model.num_key_value_heads": 1, "model.head_dim": 16}
+    return tiny_train_overrides(world, run, **{**sizes, "model.num_hidden_layers": 3, **extra})
+
+
 def launch(target: list[str], nproc: int = 1, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
     """Run a script (``[path, args...]``) or module (``["-m", name, args...]``) as a user would:
     plain python for 1 process, torchrun for more; one thread per process."""
@@ -147,3 +154,24 @@ def in_parallel(*calls: Callable[[], Any]) -> list[Any]:
     with ThreadPoolExecutor(max_workers=len(calls)) as pool:
         futures = [pool.submit(call) for call in calls]
     return [f.result() for f in futures]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a CLI child process: one thread, unbuffered, no inherited torchrun rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+# Loads an exported pipeline folder with diffusers alone (a fresh process: nothing of ours imported
+# first) and samples: argv = folder, output .npz, prompts.
+LOAD_EXPORT = """
+import sys, numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+prompts = sys.argv[3:]
+out = pipe(prompts, num_inference_steps=2, guidance_scale=3.0, seed=5, num_images_per_prompt=2, output_type="np")
+one = pipe(prompts[0], num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(1))
+np.savez(sys.argv[2], images=out.images, cls=type(pipe).__name__, pil_size=one.images[0].size)
+"""

@@ -17,7 +17,7 @@ from PIL import Image
 
 from common import fid
 from evaluation import sampling, toy_eval
-from tests.conftest import ROOT, run_train, tiny_train_overrides
+from tests.conftest import LOAD_EXPORT, ROOT, cli_env, run_train, tiny_train_overrides
 
 STEPS = "2"  # denoising steps: enough to exercise CFG and the Euler loop, cheap on CPU
 FID_EXTRACTOR = "common.fid:random_conv_extractor"
@@ -75,13 +75,6 @@ def sample(bench: str, checkpoint: Path, prompts: Path, save_dir: Path, *extra: 
 
 def read_png(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
-
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,17 +409,6 @@ def test_toy_eval_on_geneval_folder(checkpoint: Path, quick_world: Path, tmp_pat
 # --------------------------------------------------------------------------------------------
 # diffusers export: the pipeline folder, read by diffusers itself in a fresh process
 # --------------------------------------------------------------------------------------------
-LOAD_EXPORT = """
-import sys, numpy as np, torch
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
-prompts = sys.argv[3:]
-out = pipe(prompts, num_inference_steps=2, guidance_scale=3.0, seed=5, num_images_per_prompt=2, output_type="np")
-one = pipe(prompts[0], num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(1))
-np.savez(sys.argv[2], images=out.images, cls=type(pipe).__name__, pil_size=one.images[0].size)
-"""
-
-
 @pytest.fixture(scope="module")
 def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fusedit.tools.export import main

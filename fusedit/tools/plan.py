@@ -35,6 +35,8 @@ from common.files import write_json_atomic
 from common.shards import check_brace_syntax, is_remote
 from fusedit.config import TrainConfig, check_geometry
 from fusedit.flops import decoder_arch, dit_forward_flops, text_encoder_forward_flops
+from fusedit.llm_architectures import GEMMA_2B as GEMMA_2B_ARCH
+from fusedit.llm_architectures import KNOWN_LLMS, known_llm
 from fusedit.train.ema import EMA_CHUNK_NUMEL
 
 GIB = 1024**3
@@ -42,18 +44,9 @@ GIB = 1024**3
 # --------------------------------------------------------------------------------------------
 # Known hub architectures (the planner must work offline, so hub configs are never read)
 # --------------------------------------------------------------------------------------------
-# Gemma-2B as the reference uses it: AutoModel -> GemmaModel (decoder stack, no LM head).
-# docs/reference-facts.md, T2I-2.11 and T2I-2.12.
-GEMMA_2B = {
-    "params": 2_506_172_416,
-    "hidden_size": 2048,
-    "num_hidden_layers": 18,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 1,
-    "head_dim": 256,
-    "intermediate_size": 16384,
-    "vocab_size": 256000,
-}
+# Gemma-2B as the reference uses it: AutoModel -> GemmaModel (decoder stack, no LM head), with its
+# parameter count. docs/reference-facts.md, T2I-2.11 and T2I-2.12.
+GEMMA_2B = {k: v for k, v in GEMMA_2B_ARCH.items() if k != "model_type"} | {"params": 2_506_172_416}
 KNOWN_TEXT_ENCODERS = {"google/gemma-2b": GEMMA_2B}
 
 # The public FLUX.1-dev vae/config.json (AutoencoderKL); SD3.5-large's VAE has the same layout.
@@ -130,14 +123,17 @@ class StepFlops:
     samples_per_gpu: int
     world_size: int
     gradient_checkpointing: bool
+    # a FuseDiT with trainer.train_llm: the LLM inside the model runs backward too (2x its forward)
+    llm_backward_per_sample: int = 0
 
     def per_sample(self) -> dict[str, int]:
-        """The four parts of one sample's step, plus the checkpoint recompute (0 when off)."""
+        """The parts of one sample's step, plus the checkpoint recompute (0 when off)."""
         fwd = self.dit_forward_per_sample
         return {
             "dit_forward": fwd,
             "dit_backward": 2 * fwd,
             "text_encoder_forward": self.text_encoder_forward_per_sample or 0,
+            "llm_backward": self.llm_backward_per_sample,
             "vae_encoder_forward": self.vae_encoder_forward_per_sample or 0,
             "dit_recompute": self.dit_blocks_forward_per_sample if self.gradient_checkpointing else 0,
         }
@@ -251,6 +247,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     # trainer.init_from as configured (the dry run does not read the parent; the trainer checks it)
     init_from: dict[str, Any] | None = None
+    family: str = "baseline-dit"  # or "fuse-dit": the LLM is part of the model
 
     def component(self, name: str) -> Component:
         return next(c for c in self.components if c.name == name)
@@ -418,11 +415,15 @@ def residual_is_contiguous(dit: torch.nn.Module) -> bool:
     When it is not (a transposed conv output), every linear reading it saves its own contiguous
     copy for backward, which changes the activation estimate. Works on meta and real modules.
     """
-    p, c = dit.config.patch_size, dit.config.in_channels
-    weight = dit.patch_embed.proj.weight
-    probe = torch.zeros(1, c, 2 * p, 2 * p, device=weight.device, dtype=weight.dtype)
+    return patch_embed_is_contiguous(dit.patch_embed, dit.config.patch_size, dit.config.in_channels)
+
+
+def patch_embed_is_contiguous(patch_embed: torch.nn.Module, patch_size: int, in_channels: int) -> bool:
+    """Whether ``patch_embed`` (a DiT's or a FuseDiT's DiT side's) returns a (B, N, d)-contiguous stream."""
+    weight = patch_embed.proj.weight
+    probe = torch.zeros(1, in_channels, 2 * patch_size, 2 * patch_size, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        return dit.patch_embed(probe).is_contiguous()
+        return patch_embed(probe).is_contiguous()
 
 
 def dit_activation_bytes(
@@ -483,6 +484,7 @@ def memory_plan(
     world_size: int,
     micro_batch: int,
     mixed_precision: str,
+    trained: str = "DiT",
 ) -> MemoryPlan:
     """Per-GPU bytes under DeepSpeed ZeRO ``zero_stage`` (0, 1 or 2) with ``world_size`` ranks.
 
@@ -494,6 +496,8 @@ def memory_plan(
     bytes/param / N); under ZeRO-0 it is an fp32 replica. The transient is the EMA's largest
     temporary, bounded by its chunking: ZeRO-0 upcasts low-precision weights a 2^26-element group at a
     time; ZeRO-1/2 gather the EMA for a checkpoint through a buffer of 2^26 elements in all.
+    ``trained`` names the trained weights in the table ("DiT", or "trained" for a FuseDiT whose
+    trained set may include its LLM).
     """
     low = mixed_precision in ("bf16", "fp16")
     w = 2 if low else 4
@@ -501,7 +505,7 @@ def memory_plan(
     master = 4 * n_params // shard if (low or zero_stage >= 1) else 0
     precision = "bf16" if mixed_precision == "bf16" else ("fp16" if low else "fp32")
     static = {
-        f"DiT weights ({precision})": w * n_params,
+        f"{trained} weights ({precision})": w * n_params,
         "fp32 master weights": master,
         "Adam moments (fp32)": 8 * n_params // shard,
         f"gradients ({precision})": w * n_params // (world_size if zero_stage >= 2 else 1),
@@ -564,16 +568,15 @@ def _tokens(cfg: TrainConfig, vae: VaeInfo, text_tokens: int | None) -> Tokens:
 
 
 def refuse_fuse_dit(cfg: TrainConfig, tool: str) -> None:
-    """The planner and the bench model the baseline DiT only: say so rather than plan the wrong model.
+    """The bench times the baseline DiT's phases only: say so rather than time the wrong model.
 
-    A FuseDiT's FLOPs are in ``fusedit.flops.fuse_dit_forward_flops`` (the training log uses them)
-    and its parameter counts in ``fusedit.models.fuse_dit_parameter_counts``; its memory terms
-    (the LLM inside the module, trained or frozen) are not written yet.
+    ``train.py --dry-run`` plans a FuseDiT (:func:`build_fuse_dit_plan`), and the training log
+    reports its step time and MFU.
     """
     if cfg.model.is_fuse_dit:
         raise ConfigError(
-            f"model.name: {cfg.model.name}: {tool} does not model the FuseDiT family yet (its LLM runs inside "
-            "the model); fusedit.models.fuse_dit_parameter_counts gives its parameters, the training log its FLOPs"
+            f"model.name: {cfg.model.name}: {tool} does not time the FuseDiT family yet (its LLM runs inside "
+            "the model); train.py --dry-run plans it, and the training log gives its step time and MFU"
         )
 
 
@@ -635,15 +638,199 @@ def _step_flops(
 
 
 def _memory_plans(
-    cfg: TrainConfig, n_dit: int, acts: Activations, frozen: dict[str, int], world_size: int
+    cfg: TrainConfig,
+    n_trained: int,
+    acts: Activations,
+    frozen: dict[str, int],
+    world_size: int,
+    trained: str = "DiT",
 ) -> dict[int, MemoryPlan]:
     mp, micro = cfg.trainer.mixed_precision, cfg.data.batch_size_per_gpu
     return {
         stage: memory_plan(
-            n_dit, frozen, acts, zero_stage=stage, world_size=world_size, micro_batch=micro, mixed_precision=mp
+            n_trained,
+            frozen,
+            acts,
+            zero_stage=stage,
+            world_size=world_size,
+            micro_batch=micro,
+            mixed_precision=mp,
+            trained=trained,
         )
         for stage in (0, 1, 2)
     }
+
+
+# --------------------------------------------------------------------------------------------
+# The FuseDiT family: the LLM is part of the model
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LlmInfo:
+    config: dict[str, Any]  # the transformers config dict a FuseDiT is built from
+    source: str
+
+
+def describe_llm(cfg: TrainConfig) -> LlmInfo:
+    """The FuseDiT's LLM architecture: a local config.json (PaliGemma's text config), a known one,
+    or an error naming model.base (a FuseDiT cannot be sized without its LLM)."""
+    m = cfg.model
+    folder = _local_folder(m.base, m.base_subfolder, "model.base")
+    if folder is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(folder))
+        config = getattr(config, "text_config", None) or config
+        return LlmInfo(config.to_dict(), f"{folder}/config.json")
+    known = known_llm(m.base)
+    if known is None:
+        raise ConfigError(
+            f"model.base: {m.base!r} is not a local folder nor a known LLM ({', '.join(KNOWN_LLMS)}); "
+            "a FuseDiT is planned from its LLM's architecture"
+        )
+    from transformers import Gemma2Config, GemmaConfig
+
+    kind = Gemma2Config if known["model_type"] == "gemma2" else GemmaConfig
+    fields = {k: v for k, v in known.items() if k != "model_type"}
+    return LlmInfo(kind(**fields).to_dict(), f"known architecture {m.base}")
+
+
+def fuse_dit_activation_bytes(
+    config: dict[str, Any], n_image: int, n_text: int, act_bytes: int, train_llm: bool, contiguous: bool
+) -> Activations:
+    """Per-sample activations of a FuseDiT: its DiT layers as :func:`dit_activation_bytes` counts
+    them (with the LLM's heads; no context embedder), plus, with ``train_llm``, the LLM layers it
+    runs (:func:`_llm_activation_bytes`). The LLM's share sits outside the DiT layers: gradient
+    checkpointing recomputes the DiT layers only. A frozen LLM keeps nothing for backward beyond
+    the text keys/values the DiT's attention reads (counted in the DiT layers).
+    """
+    from fusedit.flops import fuse_dit_llm_arch
+
+    llm, arch = config["llm_config"], fuse_dit_llm_arch(config)
+    heads = {k: arch[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim")}
+    dit_kw = {
+        **heads,
+        "hidden_size": config["hidden_size"],
+        "intermediate_size": config["intermediate_size"],
+        "qk_norm": config["qk_norm"],
+        "attention": config["attention"],
+        "sandwich_norm": config["sandwich_norm"],
+        "patch_size": config["patch_size"],
+        "in_channels": config["in_channels"],
+        "text_hidden_size": 0,
+        "num_layers": config["num_layers"],
+    }
+    acts = dit_activation_bytes(dit_kw, n_image, n_text, act_bytes, contiguous)
+    if not train_llm:
+        return acts
+    llm_total = _llm_activation_bytes(dit_kw, arch, llm["model_type"] == "gemma2", n_text, act_bytes)
+    return Activations(acts.per_layer, acts.outside_layers + llm_total, acts.checkpointed_per_layer, acts.num_layers)
+
+
+def _llm_activation_bytes(dit_kw: dict[str, Any], arch: dict[str, int], gemma2: bool, n_text: int, a: int) -> int:
+    """What a trained FuseDiT LLM keeps for backward, per sample: a decoder layer is a DiT layer
+    over the L text tokens without modulation (no modulated norm outputs, no gated branch outputs:
+    4*L*h*a less); of the last shared layer only the input norm feeds its keys/values (its fp32
+    state and output, L*h*(2f + a)); plus the scaled token embeddings (L*h*a)."""
+    h, f = arch["hidden_size"], 4
+    kw = {
+        **dit_kw,
+        "hidden_size": h,
+        "intermediate_size": arch["intermediate_size"],
+        "qk_norm": False,
+        "attention": "self",
+        "sandwich_norm": gemma2,
+    }
+    layer = dit_activation_bytes(kw, n_text, 0, a).per_layer - 4 * n_text * h * a
+    return (arch["num_hidden_layers"] - 1) * layer + n_text * h * (2 * f + a) + n_text * h * a
+
+
+def _numel_split(module: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts of a module after ``set_trainable``."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, _numel(module) - trainable
+
+
+def build_fuse_dit_plan(
+    cfg: TrainConfig, config_path: str | None, world_size: int, zero_stage: int, text_tokens: int | None
+) -> Plan:
+    """The dry run of a FuseDiT config: the same sections as the baseline's, with the LLM inside
+    the model (trained or frozen by ``trainer.train_llm``) instead of a separate text encoder."""
+    from fusedit.config import check_fuse_dit_heads
+    from fusedit.flops import fuse_dit_forward_flops, fuse_dit_layer_flops
+    from fusedit.models.fuse_dit import FuseDiT
+
+    llm, vae = describe_llm(cfg), describe_vae(cfg)
+    check_fuse_dit_heads(cfg, llm.config)
+    _check_channels(cfg, vae)
+    tokens = _tokens(cfg, vae, text_tokens)
+    config = {**cfg.fuse_dit_kwargs(vae.latent_channels), "llm_config": llm.config}
+    with torch.device("meta"):
+        model = FuseDiT(**config)
+    model.set_trainable(train_dit=cfg.trainer.train_dit, train_llm=cfg.trainer.train_llm)
+    (dit_train, dit_frozen), (llm_train, llm_frozen) = _numel_split(model.dit), _numel_split(model.llm)
+    components = [
+        Component("DiT side", dit_train, dit_frozen, "meta build of the FuseDiT (trainer.train_dit)"),
+        Component("LLM", llm_train, llm_frozen, f"{llm.source}; cut after its last shared layer (trainer.train_llm)"),
+        Component("VAE", 0, vae.params, vae.source),
+    ]
+    n, length = tokens.image_tokens, tokens.text_tokens
+    dit_fwd, llm_fwd = fuse_dit_forward_flops(config, n, length)
+    flops = StepFlops(
+        dit_forward_per_sample=dit_fwd,
+        dit_blocks_forward_per_sample=fuse_dit_layer_flops(config, n, length),
+        text_encoder_forward_per_sample=llm_fwd,
+        vae_encoder_forward_per_sample=0
+        if cfg.data.uses_latent_cache
+        else vae_encoder_forward_flops(vae, cfg.data.resolution),
+        samples_per_gpu=cfg.data.batch_size_per_gpu * cfg.trainer.gradient_accumulation_steps,
+        world_size=world_size,
+        gradient_checkpointing=cfg.trainer.enable_gradient_checkpointing,
+        llm_backward_per_sample=2 * llm_fwd if cfg.trainer.train_llm else 0,
+    )
+    act_bytes = 2 if cfg.trainer.mixed_precision in ("bf16", "fp16") else 4
+    contiguous = patch_embed_is_contiguous(model.dit.patch_embed, config["patch_size"], config["in_channels"])
+    acts = fuse_dit_activation_bytes(config, n, length, act_bytes, cfg.trainer.train_llm, contiguous)
+    size, name = (2, "bf16") if cfg.trainer.mixed_precision == "bf16" else (4, "fp32")
+    frozen = {f"LLM ({name}, frozen)": size * llm_frozen}
+    if dit_frozen:  # trainer.train_dit: false
+        frozen[f"DiT side ({name}, frozen)"] = size * dit_frozen
+    frozen[f"VAE ({name}, frozen)"] = size * (vae.params or 0)
+    plan = Plan(
+        config_path=config_path,
+        run=cfg.trainer.run,
+        checkpoint_dir=cfg.trainer.checkpoint_dir,
+        mixed_precision=cfg.trainer.mixed_precision,
+        world_size=world_size,
+        zero_stage=zero_stage,
+        micro_batch=cfg.data.batch_size_per_gpu,
+        gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
+        components=components,
+        tokens=tokens,
+        flops=flops,
+        memory=_memory_plans(cfg, dit_train + llm_train, acts, frozen, world_size, trained="trained"),
+        activations_per_sample=acts,
+        data=check_data_paths(list(cfg.data.data_path)),
+        family="fuse-dit",
+    )
+    plan.notes = _fuse_dit_notes(plan, cfg) + _notes(plan, None, vae, contiguous)[1:]
+    if cfg.trainer.init_from is not None:
+        plan.init_from = asdict(cfg.trainer.init_from)
+    return plan
+
+
+def _fuse_dit_notes(plan: Plan, cfg: TrainConfig) -> list[str]:
+    trained = (
+        "trained (trainer.train_llm): forward, backward and activations"
+        if cfg.trainer.train_llm
+        else ("frozen: forward only, every step (the text stream does not depend on the image, so no backward)")
+    )
+    return [
+        "FLOPs: matmul/conv FLOPs only (2*m*n*k), DiT side backward = 2x forward; text tokens = "
+        f"{plan.tokens.text_tokens} ({plan.tokens.text_tokens_source}).",
+        f"FuseDiT: the LLM runs inside the model and is {trained}. Gradient checkpointing recomputes the "
+        "DiT layers only. Its unused weights (final norm; the last shared layer's query, output and MLP) "
+        "stay frozen even when the LLM trains.",
+    ]
 
 
 def build_plan(
@@ -658,7 +845,8 @@ def build_plan(
 
     if world_size < 1:
         raise ConfigError(f"--world-size: must be >= 1, got {world_size}")
-    refuse_fuse_dit(cfg, "--dry-run")
+    if cfg.model.is_fuse_dit:
+        return build_fuse_dit_plan(cfg, config_path, world_size, zero_stage, text_tokens)
     text, vae = describe_text_encoder(cfg), describe_vae(cfg)
     _check_channels(cfg, vae)
     tokens = _tokens(cfg, vae, text_tokens)
@@ -697,7 +885,7 @@ def build_plan(
     return plan
 
 
-def _notes(plan: Plan, text: TextEncoderInfo, vae: VaeInfo, contiguous: bool) -> list[str]:
+def _notes(plan: Plan, text: TextEncoderInfo | None, vae: VaeInfo, contiguous: bool) -> list[str]:
     """Assumptions a reader of the numbers should know, in the order they matter."""
     notes = [
         "FLOPs: matmul/conv FLOPs only (2*m*n*k), DiT backward = 2x forward; text tokens = "
@@ -718,7 +906,7 @@ def _notes(plan: Plan, text: TextEncoderInfo, vae: VaeInfo, contiguous: bool) ->
             "The DiT token stream is channel-major after PatchEmbed (transpose without .contiguous()): "
             "q/k/v and gate/up each keep their own input copy; the estimate includes these copies."
         )
-    if text.params is None or vae.params is None:
+    if (text is not None and text.params is None) or vae.params is None:
         notes.append("A frozen component is unknown offline and counted as 0 bytes and 0 FLOPs.")
     return notes
 
@@ -775,6 +963,14 @@ def _render_flops(plan: Plan) -> list[str]:
         "text_encoder_forward": "text encoder forward",
         "vae_encoder_forward": "VAE encoder forward",
     }
+    if plan.family == "fuse-dit":
+        labels = {
+            "dit_forward": "DiT side forward",
+            "dit_backward": "DiT side backward (2x fwd)",
+            "text_encoder_forward": "LLM forward (in the model)",
+            "llm_backward": "LLM backward (train_llm)",
+            "vae_encoder_forward": "VAE encoder forward",
+        }
     per_sample = f.per_sample()
     for key, label in labels.items():
         gpu = per_sample[key] * f.samples_per_gpu

@@ -36,7 +36,7 @@ from common.precision import Precision
 from common.randomness import data_seed_after_restart, sample_generators
 from common.signals import StopSignal
 from common.vae_config import VaeSpec
-from fusedit.config import ModelConfig, TrainConfig, check_geometry
+from fusedit.config import TrainConfig, check_fuse_dit_heads, check_geometry
 from fusedit.flops import TrainingFlops, decoder_arch
 from fusedit.flow import FlowMatching, build_scheduler
 from fusedit.latents import LatentCodec
@@ -126,19 +126,7 @@ def build_fuse_dit(cfg: TrainConfig, text_encoder: TextEncoder, in_channels: int
     """
     from fusedit.models.fuse_dit import FuseDiT
 
-    llm_config = text_encoder.model.config
-    m, defaults = cfg.model, ModelConfig()
-    for name, llm_name in (
-        ("num_attention_heads", "num_attention_heads"),
-        ("num_key_value_heads", "num_key_value_heads"),
-        ("head_dim", "head_dim"),
-    ):
-        ours, theirs = getattr(m, name), getattr(llm_config, llm_name, None)
-        if ours != getattr(defaults, name) and theirs is not None and ours != theirs:
-            raise ConfigError(
-                f"model.{name}: {ours}, but a FuseDiT takes it from its LLM ({cfg.model.base}: {theirs}); "
-                f"the two halves meet in one attention. Remove it or set {theirs}"
-            )
+    check_fuse_dit_heads(cfg, text_encoder.model.config)
     model = FuseDiT.from_llm(text_encoder.model, **cfg.fuse_dit_kwargs(in_channels))
     model.set_trainable(train_dit=cfg.trainer.train_dit, train_llm=cfg.trainer.train_llm)
     text_encoder.model = model.llm  # one copy of the LLM in memory; the encoder object keeps its tokenizer

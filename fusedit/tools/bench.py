@@ -32,6 +32,14 @@ Weights are the trainer's initialisation plus N(0, 0.02^2) noise on every parame
 zero-initialised output and modulation layers would make every formulation return exactly 0 and
 the loss check below trivially pass. Speed does not depend on the values. The first step of every
 variant starts from identical weights, so its loss and gradient norm must agree (``loss_check``).
+
+A FuseDiT config (``model.name: FuseDiT``) is timed the same way, with what differs said in the
+report: the model is built around the loaded LLM as the trainer builds it (or around a random-weight
+LLM of the known architecture with ``--random-init-frozen``; token ids cannot be faked, so there is
+no random-feature stand-in), the step has no text-encoder phase because the LLM runs inside the
+model's forward (and backward with ``trainer.train_llm``), the model FLOPs are the training log's
+(:class:`fusedit.flops.TrainingFlops`), and the reference is
+:class:`~fusedit.reference.reference_fuse_dit.ReferenceFuseDiT` with our weights.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -61,7 +69,19 @@ from common.files import write_json_atomic
 from common.machine import PEAK_BF16_DENSE, device_peak, machine_info
 from common.randomness import STREAM_BENCH, derive_seed
 
-PHASES = ("data_wait", "text_encoder", "vae_encode", "dit_forward_backward", "optimizer", "ema")
+if TYPE_CHECKING:
+    from fusedit.flops import TrainingFlops
+
+# A FuseDiT has no text-encoder phase: its LLM runs inside "llm_and_dit_forward_backward".
+PHASES = (
+    "data_wait",
+    "text_encoder",
+    "vae_encode",
+    "dit_forward_backward",
+    "llm_and_dit_forward_backward",
+    "optimizer",
+    "ema",
+)
 PERTURB_STD = 0.02
 
 
@@ -103,14 +123,65 @@ class Frozen:
     sources: dict[str, str]
 
 
+def _first_line(err: Exception) -> str:
+    """The first line of an error, cut: a loader's message can be a page long."""
+    text = str(err).strip()
+    return text.splitlines()[0][:160] if text else type(err).__name__
+
+
 def _try_load(what: str, name: str, load: Callable[[], Any], notes: list[str]) -> Any:
     """Load a frozen model or return None with a note: an offline benchmark must still time the DiT."""
     try:
         return load()
     except Exception as err:  # any loader failure (no network, no cache, bad folder) means "stand in"
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        notes.append(f"{what} {name!r} could not be loaded ({reason}); random tensors of the right shape stand in")
+        notes.append(
+            f"{what} {name!r} could not be loaded ({_first_line(err)}); random tensors of the right shape stand in"
+        )
         return None
+
+
+def load_text_encoder(cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """The text encoder (a FuseDiT's LLM and its tokenizer) as the trainer loads it."""
+    from fusedit.text import TextEncoder
+
+    m = cfg.model
+    return TextEncoder(
+        m.base,
+        subfolder=m.base_subfolder,
+        tokenizer=cfg.data.tokenizer,
+        hidden_states_index=m.text_hidden_states_index,
+        torch_dtype=dtype,
+    ).to(device)
+
+
+def load_codec(cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """The frozen VAE as the trainer loads it."""
+    from fusedit.latents import LatentCodec
+    from fusedit.train.trainer import _vae_spec
+
+    return LatentCodec.from_spec(_vae_spec(cfg), torch_dtype=dtype).to(device)
+
+
+def random_init_codec(cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """A VAE of the config's architecture with random weights (``--random-init-frozen``)."""
+    from fusedit.latents import LatentCodec
+    from fusedit.tools.plan import build_vae, known_vae_architecture
+
+    known = known_vae_architecture(cfg)
+    if known is None:
+        raise SystemExit(
+            f"--random-init-frozen: the architecture of VAE {cfg.vae.pretrained_model_name_or_path!r} is not known"
+        )
+    with torch.device(device):
+        return LatentCodec(build_vae(*known).to(dtype))
+
+
+def _random_init_tokenizer(cfg: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    if not cfg.data.tokenizer:
+        raise SystemExit("--random-init-frozen: set data.tokenizer=PATH (any local tokenizer, e.g. toy/text_encoder)")
+    return AutoTokenizer.from_pretrained(cfg.data.tokenizer)
 
 
 def random_init_frozen(cfg: Any, device: torch.device, dtype: torch.dtype, text_layers: int | None, notes: list[str]):
@@ -120,35 +191,24 @@ def random_init_frozen(cfg: Any, device: torch.device, dtype: torch.dtype, text_
     random weights cost the same FLOPs. ``text_layers`` shortens the text encoder as
     ``model.num_hidden_layers`` shortens the DiT, so the encoder's share of the step is kept.
     """
-    from transformers import AutoModel, AutoTokenizer, GemmaConfig
+    from transformers import AutoModel, GemmaConfig
 
-    from fusedit.latents import LatentCodec
     from fusedit.text import TextEncoder
-    from fusedit.tools.plan import build_vae, describe_text_encoder, known_vae_architecture
+    from fusedit.tools.plan import describe_text_encoder
 
-    if not cfg.data.tokenizer:
-        raise SystemExit("--random-init-frozen: set data.tokenizer=PATH (any local tokenizer, e.g. toy/text_encoder)")
+    tokenizer = _random_init_tokenizer(cfg)
     arch = describe_text_encoder(cfg).arch
     if arch is None:
         raise ConfigError(f"--random-init-frozen: the architecture of {cfg.model.base!r} is not known offline")
     arch = {**arch, "num_hidden_layers": text_layers or arch["num_hidden_layers"]}
-    vocab = len(AutoTokenizer.from_pretrained(cfg.data.tokenizer))
     with torch.device(device):
-        model = AutoModel.from_config(GemmaConfig(**arch, vocab_size=max(vocab, 256)), **{"dtype": dtype})
-        known = known_vae_architecture(cfg)
-        if known is None:
-            raise SystemExit(
-                f"--random-init-frozen: the architecture of VAE {cfg.vae.pretrained_model_name_or_path!r} is not known"
-            )
-        vae = build_vae(*known).to(dtype)
-    te = TextEncoder.from_model(
-        model, AutoTokenizer.from_pretrained(cfg.data.tokenizer), cfg.model.text_hidden_states_index
-    )
+        model = AutoModel.from_config(GemmaConfig(**arch, vocab_size=max(len(tokenizer), 256)), **{"dtype": dtype})
+    te = TextEncoder.from_model(model, tokenizer, cfg.model.text_hidden_states_index)
     notes.append(
         f"--random-init-frozen: random-weight text encoder ({arch['num_hidden_layers']} layers of the "
         f"{cfg.model.base} architecture) and VAE of the {cfg.vae.pretrained_model_name_or_path} architecture"
     )
-    return te, LatentCodec(vae)
+    return te, random_init_codec(cfg, device, dtype)
 
 
 def load_frozen(
@@ -164,23 +224,10 @@ def load_frozen(
 
     ``stand_in`` skips loading on purpose (``--random-frozen``): the DiT's own MFU, without Gemma.
     """
-    from fusedit.latents import LatentCodec
-    from fusedit.text import TextEncoder
     from fusedit.tools.plan import describe_text_encoder, describe_vae, vae_encoder_forward_flops
-    from fusedit.train.trainer import _vae_spec
 
     text_info, vae_info = describe_text_encoder(cfg), describe_vae(cfg)
     m = cfg.model
-
-    def text() -> Any:
-        return TextEncoder(
-            m.base,
-            subfolder=m.base_subfolder,
-            tokenizer=cfg.data.tokenizer,
-            hidden_states_index=m.text_hidden_states_index,
-            torch_dtype=dtype,
-        ).to(device)
-
     vae_name = cfg.vae.pretrained_model_name_or_path
     if random_init:
         te, codec = random_init_frozen(cfg, device, dtype, text_layers, notes)
@@ -190,10 +237,8 @@ def load_frozen(
         te = codec = None
         notes.append("--random-frozen: text encoder and VAE replaced by random tensors on purpose")
     else:
-        te = _try_load("text encoder", m.base, text, notes)
-        codec = _try_load(
-            "VAE", vae_name, lambda: LatentCodec.from_spec(_vae_spec(cfg), torch_dtype=dtype).to(device), notes
-        )
+        te = _try_load("text encoder", m.base, lambda: load_text_encoder(cfg, device, dtype), notes)
+        codec = _try_load("VAE", vae_name, lambda: load_codec(cfg, device, dtype), notes)
     sources = {
         "text_encoder": f"loaded {m.base}" if te else f"random (B, L, {text_info.hidden_size}) features",
         "vae": f"loaded {vae_name}" if codec else f"random (B, {vae_info.latent_channels}, R/f, R/f) latents",
@@ -211,6 +256,83 @@ def load_frozen(
         latent_channels=codec.latent_channels if codec else vae_info.latent_channels,
         spatial_factor=codec.spatial_factor if codec else vae_info.spatial_factor,
         text_flops_arch=text_info.arch if te else None,
+        vae_flops_per_image=vae_encoder_forward_flops(vae_info, cfg.data.resolution) if codec else None,
+        sources=sources,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The FuseDiT family: the LLM is part of the timed model
+# --------------------------------------------------------------------------------------------
+def random_init_llm(cfg: Any, device: torch.device, dtype: torch.dtype, text_layers: int | None) -> Any:
+    """A text encoder object holding a random-weight LLM of a FuseDiT's architecture (``--random-init-frozen``).
+
+    The architecture is the planner's (:func:`fusedit.tools.plan.describe_llm`: a local config.json
+    or the known-LLM table), so a Gemma-2 comes out as a Gemma-2. The vocabulary keeps the LLM's
+    size (widened if the tokenizer has more ids): with ``train_llm`` the embedding is trained, and
+    the optimizer and EMA should pay for it as in a real run. ``text_layers`` cuts the depth.
+    """
+    from transformers import AutoModel, Gemma2Config, GemmaConfig
+
+    from fusedit.text import TextEncoder
+    from fusedit.tools.plan import describe_llm
+
+    tokenizer = _random_init_tokenizer(cfg)
+    d = {k: v for k, v in describe_llm(cfg).config.items() if not k.startswith("_")}
+    d["vocab_size"] = max(d.get("vocab_size") or 0, len(tokenizer))
+    if text_layers:
+        d["num_hidden_layers"] = text_layers
+        if d.get("layer_types"):
+            d["layer_types"] = list(d["layer_types"])[:text_layers]
+    config = (Gemma2Config if d.get("model_type") == "gemma2" else GemmaConfig).from_dict(d)
+    with torch.device(device):
+        model = AutoModel.from_config(config, **{"dtype": dtype})
+    return TextEncoder.from_model(model, tokenizer, cfg.model.text_hidden_states_index)
+
+
+def load_llm(cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """The FuseDiT's LLM, or one error naming what to pass: the model runs it on real token ids, so
+    the baseline's "random text features stand in" fallback cannot apply."""
+    try:
+        return load_text_encoder(cfg, device, dtype)
+    except Exception as err:  # no network, no cache, bad folder: all end the same way
+        raise ConfigError(
+            f"model.base: the FuseDiT's LLM {cfg.model.base!r} could not be loaded ({_first_line(err)}); it runs "
+            "inside the model on token ids, so random text features cannot stand in: pass --random-init-frozen "
+            "with data.tokenizer=PATH (random weights of its architecture) or set model.base to a local copy"
+        ) from err
+
+
+def load_fuse_dit_frozen(
+    cfg: Any, device: torch.device, dtype: torch.dtype, notes: list[str], random_init: bool, text_layers: int | None
+) -> Frozen:
+    """A FuseDiT's LLM (with its tokenizer; it becomes part of the model) and the frozen VAE.
+
+    The VAE falls back to random latents as for the baseline; the LLM cannot (:func:`load_llm`).
+    No text FLOPs are kept here: the LLM's are the model's (:func:`fuse_dit_flops`).
+    """
+    from fusedit.tools.plan import describe_vae, vae_encoder_forward_flops
+
+    vae_info, base, vae_name = describe_vae(cfg), cfg.model.base, cfg.vae.pretrained_model_name_or_path
+    if random_init:
+        codec = random_init_codec(cfg, device, dtype)  # first: an unknown VAE is refused before a big LLM is built
+        te = random_init_llm(cfg, device, dtype, text_layers)
+        layers = te.model.config.num_hidden_layers
+        sources = {"llm": f"random weights, {base} architecture, {layers} layers", "vae": f"random weights, {vae_name}"}
+        notes.append(f"--random-init-frozen: random-weight LLM ({layers} layers of {base}) and VAE ({vae_name})")
+    else:
+        te = load_llm(cfg, device, dtype)
+        codec = _try_load("VAE", vae_name, lambda: load_codec(cfg, device, dtype), notes)
+        vae = f"loaded {vae_name}" if codec else f"random (B, {vae_info.latent_channels}, R/f, R/f) latents"
+        sources = {"llm": f"loaded {base}", "vae": vae}
+    sources["llm"] += ", inside the model: " + ("trained" if cfg.trainer.train_llm else "frozen")
+    return Frozen(
+        text_encoder=te,
+        codec=codec,
+        text_hidden=te.hidden_size,
+        latent_channels=codec.latent_channels if codec else vae_info.latent_channels,
+        spatial_factor=codec.spatial_factor if codec else vae_info.spatial_factor,
+        text_flops_arch=None,
         vae_flops_per_image=vae_encoder_forward_flops(vae_info, cfg.data.resolution) if codec else None,
         sources=sources,
     )
@@ -529,11 +651,119 @@ def build_dit(cfg: Any, kw: dict[str, Any], device: torch.device, dtype: torch.d
     torch.manual_seed(cfg.trainer.seed)
     with torch.device(device):
         dit = DiT(**kw)
-    gen = torch.Generator(device=device).manual_seed(cfg.trainer.seed + 1)
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, device=device) * PERTURB_STD)
+    perturb(dit.parameters(), cfg.trainer.seed + 1, device)
     return dit.to(dtype).train()
+
+
+@torch.no_grad()
+def perturb(params: Iterator[nn.Parameter], seed: int, device: torch.device) -> None:
+    """Add N(0, PERTURB_STD^2) to each parameter: zero-initialised layers would make every
+    formulation return exactly 0 and the loss check pass trivially (see module docstring)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for p in params:
+        p.add_(torch.randn(p.shape, generator=gen, device=device) * PERTURB_STD)
+
+
+def build_fuse_dit(cfg: Any, frozen: Frozen, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The trainer's FuseDiT (its own builder: seeded, around the loaded LLM, the trained sides set by
+    ``trainer.train_dit`` / ``train_llm``), with its DiT side perturbed as :func:`build_dit` perturbs.
+
+    Only the DiT side is perturbed: its zero-initialised output and modulation layers are what would
+    make the loss check trivial, while the LLM already holds loaded (or random) weights. As in the
+    trainer, the text encoder object keeps only its tokenizer (one copy of the LLM in memory).
+    """
+    from fusedit.train.trainer import build_fuse_dit as trainer_build_fuse_dit
+
+    torch.manual_seed(cfg.trainer.seed)
+    with torch.device(device):
+        model = trainer_build_fuse_dit(cfg, frozen.text_encoder, frozen.latent_channels)
+    perturb(model.dit.parameters(), cfg.trainer.seed + 1, device)
+    return model.to(dtype).train()
+
+
+# FuseDiT fields the reference config spells as ours does
+REFERENCE_FUSE_FIELDS = (
+    "in_channels",
+    "out_channels",
+    "patch_size",
+    "attention",
+    "qk_norm",
+    "sandwich_norm",
+    "timestep_conditioning",
+    "pos_embed",
+    "pos_embed_max_size",
+    "sample_size",
+    "initial_layers",
+    "text_modulation_embeds_dim",
+)
+
+
+def reference_fuse_dit_config(model: nn.Module) -> dict:
+    """The reference FuseDiTConfig of our FuseDiT, or a ConfigError where the reference cannot run it.
+
+    Its LLM config is ours as the model holds it (cut after the last shared layer, which is listed),
+    with the MLP activation spelled the way the reference's transformers read it. The reference's DiT
+    MLP is the LLM's, so another width has no reference formulation. Its own refusals
+    (``check_runnable``: e.g. cross + 1d-rope, DiT layers without an LLM partner) are passed on with
+    their message. A round trip through the converter's mapping checks no field changed on the way.
+    """
+    from fusedit.models.fuse_dit import shared_llm_layers
+    from fusedit.reference.convert_fuse_dit import fuse_dit_kwargs_from_reference_config
+    from fusedit.reference.reference_fuse_dit import (
+        ReferenceNotRunnable,
+        check_runnable,
+        make_reference_fuse_dit_config,
+    )
+
+    ours, llm = dict(model.config), model.llm.config
+    if (ours["intermediate_size"] or llm.intermediate_size) != llm.intermediate_size:
+        raise ConfigError(
+            f"--compare-reference: model.intermediate_size={ours['intermediate_size']}, but the reference's DiT "
+            f"MLP is its LLM's ({llm.intermediate_size}): set model.intermediate_size={llm.intermediate_size}"
+        )
+    gemma2 = llm.model_type == "gemma2"  # our Gemma-2 side prefers hidden_activation, our Gemma side hidden_act
+    activation = (getattr(llm, "hidden_activation", None) if gemma2 else None) or llm.hidden_act
+    ref = make_reference_fuse_dit_config(
+        {**llm.to_dict(), "hidden_activation": activation},
+        dit_hidden_size=ours["hidden_size"] or llm.hidden_size,
+        dit_num_hidden_layers=ours["num_layers"],
+        shared_attention_layers=list(shared_llm_layers(ours)),
+        **{k: ours[k] for k in REFERENCE_FUSE_FIELDS},
+    )
+    try:
+        check_runnable(ref)
+    except ReferenceNotRunnable as err:
+        raise ConfigError(f"--compare-reference: {err}") from err
+    back = fuse_dit_kwargs_from_reference_config(ref)
+    want = {k: ours[k] for k in REFERENCE_FUSE_FIELDS} | {"num_layers": ours["num_layers"]}
+    diff = {k: (v, back[k]) for k, v in want.items() if back[k] != v}
+    if diff or back["hidden_size"] != (ours["hidden_size"] or llm.hidden_size):
+        raise RuntimeError(f"reference FuseDiT config round trip changed fields: {diff or 'hidden_size'}")
+    return ref
+
+
+def to_reference_fuse_dit(model: nn.Module, device: torch.device) -> nn.Module:
+    """A ReferenceFuseDiT holding a copy of ``model``'s weights (same key layout, strict load) and
+    training exactly the parameters ours trains.
+
+    Built with empty parameters (no second random initialisation of an LLM-sized model) but real
+    buffers (the LLM's rotary frequencies are in no state dict). Mirroring ours' trainable set by
+    name makes both optimizers and EMAs hold the same tensors, and the loss check compare gradient
+    norms over them; the weights ours leaves out with ``train_llm`` (final norm, the last layer's
+    query, output and MLP) get no or all-zero gradients in the reference formulation anyway.
+    """
+    from accelerate import init_empty_weights
+
+    from fusedit.reference.reference_fuse_dit import ReferenceFuseDiT
+
+    config = reference_fuse_dit_config(model)
+    with torch.device(device), init_empty_weights(include_buffers=False):
+        ref = ReferenceFuseDiT(config)
+    ref.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()}, strict=True, assign=True)
+    trains = {n: p.requires_grad for n, p in model.named_parameters()}
+    for name, p in ref.named_parameters():
+        p.requires_grad_(trains[name])
+    return ref.to(next(model.parameters()).dtype).train()
 
 
 @dataclass
@@ -558,6 +788,19 @@ class Variant:
     cached_text: bool = False  # reads text features from a text cache instead of running the encoder
 
 
+def reference_model(dit: nn.Module, kw: dict[str, Any], cfg: Any, device: torch.device) -> tuple[nn.Module, str]:
+    """The reference formulation holding ``dit``'s weights, and its label."""
+    max_len = cfg.data.max_prompt_length
+    if cfg.model.is_fuse_dit:
+        label = (
+            f"reference: one attention over [text; image] with a dense float mask, text padded to {max_len}, "
+            "repeat_kv, the last LLM layer whole, loop EMA"
+        )
+        return fused_gelu(to_reference_fuse_dit(dit, device)), label
+    label = f"reference: dense float mask, text padded to {max_len}, repeat_kv, loop EMA"
+    return fused_gelu(to_reference(dit, kw)), label
+
+
 def make_variants(dit: nn.Module, kw: dict[str, Any], cfg: Any, args: argparse.Namespace, device) -> list[Variant]:
     """ "ours" always; with --compare-reference also "ours_padded" and "reference" (same weights)."""
     from fusedit.train.ema import EMA
@@ -567,15 +810,17 @@ def make_variants(dit: nn.Module, kw: dict[str, Any], cfg: Any, args: argparse.N
     def ours(name: str, model: nn.Module, padded: bool, label: str) -> Variant:
         return Variant(name, label, model, False, padded, EMA(model, decay).to(device), AdamWStep(model, cfg, device))
 
-    variants = [ours("ours", dit, False, "ours: key mask, batch-max text padding, native GQA, fused EMA")]
+    label = "ours: key mask, batch-max text padding, native GQA, fused EMA"
+    if cfg.model.is_fuse_dit:
+        label = "ours: text rows apart from image rows, " + label.removeprefix("ours: ")
+    variants = [ours("ours", dit, False, label)]
     if args.compile:
         eager = copy.deepcopy(dit)
         variants.append(ours("ours_eager", eager, False, "ours without torch.compile"))
     if args.compare_reference:
+        ref, label = reference_model(dit, kw, cfg, device)  # first: a configuration it cannot run is refused
         padded = copy.deepcopy(dit)
         variants.append(ours("ours_padded", padded, True, f"ours with text padded to {max_len} (middle point)"))
-        ref = fused_gelu(to_reference(dit, kw))
-        label = f"reference: dense float mask, text padded to {max_len}, repeat_kv, loop EMA"
         variants.append(Variant("reference", label, ref, True, True, LoopEMA(ref, decay), AdamWStep(ref, cfg, device)))
     if args.compile or args.compile_reference:
         from fusedit.train.trainer import allow_a_graph_per_text_bucket
@@ -620,6 +865,7 @@ class StepContext:
     device: torch.device
     dtype: torch.dtype
     max_len: int
+    fuse_dit: bool = False  # the model takes token ids and runs its LLM inside its forward
 
 
 def text_inputs(ctx: StepContext, batch: Batch, pad: int, cached: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -656,9 +902,12 @@ def train_step(v: Variant, batch: Batch, ctx: StepContext) -> dict[str, float]:
     gens = sample_generators(ctx.cfg.trainer.seed, batch.index, 0, len(batch.lengths))
     with clock.phase("vae_encode"):
         x0 = latents(ctx, batch, gens, v.cached_latents)
-    with clock.phase("text_encoder"):
-        text, mask = text_inputs(ctx, batch, pad, v.cached_text)
-    with clock.phase("dit_forward_backward"):
+    if ctx.fuse_dit:  # token ids: the LLM's forward (and backward) is timed with the model's
+        text, mask = batch.ids[:, :pad], batch.mask(pad)
+    else:
+        with clock.phase("text_encoder"):
+            text, mask = text_inputs(ctx, batch, pad, v.cached_text)
+    with clock.phase("llm_and_dit_forward_backward" if ctx.fuse_dit else "dit_forward_backward"):
         loss = ctx.flow.training_loss(v.forward, x0, text, mask, gens, ctx.dtype)
         loss.backward()
     with clock.phase("optimizer"):
@@ -722,6 +971,42 @@ def step_model_flops(
     return flops.model_per_gpu
 
 
+def dit_step_flops(args: argparse.Namespace, cfg: Any, kw: dict[str, Any], frozen: Frozen) -> Callable[[int], int]:
+    """Model FLOPs of one baseline-DiT step as a function of its padded text length."""
+    b, n_image, ckpt = cfg.data.batch_size_per_gpu, image_tokens(cfg, frozen), cfg.trainer.enable_gradient_checkpointing
+    return lambda n: step_model_flops(kw, frozen, n_image, n, b, ckpt, args.cached_text, args.cached_latents)
+
+
+def fuse_dit_flops(
+    config: dict[str, Any], cfg: Any, frozen: Frozen, n_image: int, cached_latents: bool
+) -> TrainingFlops:
+    """The training log's FLOP count of this FuseDiT (:class:`fusedit.flops.TrainingFlops`, built as the
+    trainer builds it): DiT side 3x its forward, the LLM 1x when frozen and 3x with ``train_llm``, plus
+    the VAE encoder when it ran; what ``train.py --dry-run`` prints too (its StepFlops adds the LLM's
+    backward with ``train_llm``). Recompute under gradient checkpointing is not model work."""
+    from fusedit.flops import TrainingFlops
+
+    vae = 0 if cached_latents else frozen.vae_flops_per_image or 0
+    return TrainingFlops({**config, "train_llm": cfg.trainer.train_llm}, n_image, None, vae)
+
+
+def fuse_dit_flops_split(config: dict[str, Any], n_image: int, text_lengths: list[int]) -> dict[str, Any]:
+    """What share of the FuseDiT's model FLOPs (VAE excluded) is its LLM's, over ours' timed steps: the
+    phase timing cannot split the LLM from the DiT (they run layer by layer together), the FLOPs can."""
+    from fusedit.flops import fuse_dit_forward_flops
+
+    passes = 3 if config.get("train_llm") else 1
+    shares = []
+    for n in text_lengths:
+        dit, llm = fuse_dit_forward_flops(config, n_image, n)
+        shares.append(passes * llm / (3 * dit + passes * llm))
+    return {
+        "counted_by": "fusedit.flops.TrainingFlops (the training log's MFU; train.py --dry-run's StepFlops)",
+        "llm_passes": passes,
+        "llm_share_excluding_vae": statistics.fmean(shares),
+    }
+
+
 def summarize_variant(v: Variant, useful_flops: list[int], batch: int, n_image: int, peak: float | None) -> dict:
     """Throughput from the median step (robust to a busy machine), phases as median and mean."""
     steps = [sum(r.values()) for r in v.records]
@@ -741,6 +1026,7 @@ def summarize_variant(v: Variant, useful_flops: list[int], batch: int, n_image: 
         "text_tokens_per_s": batch * real_text / med,
         "tokens_per_s": batch * (n_image + real_text) / med,
         "text_padded_length_mean": statistics.fmean(v.text_lengths),
+        "text_padded_lengths": list(v.text_lengths),
         "text_real_tokens_mean": real_text,
         "phases": phases,
         "model_tflop_per_s": achieved / 1e12,
@@ -828,7 +1114,7 @@ def loss_check(variants: list[Variant], dtype: torch.dtype) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m fusedit.tools.bench",
-        description="Time warm DiT training steps (ours, optionally vs the reference formulation).",
+        description="Time warm DiT or FuseDiT training steps (ours, optionally vs the reference formulation).",
     )
     p.add_argument("-c", "--config", required=True, help="training YAML")
     p.add_argument("--steps", type=int, default=10, help="timed repetitions (each runs every variant once)")
@@ -859,16 +1145,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="ours (and ours_eager) read text features from a text cache (data.text_cache) instead of "
         "running the text encoder, whose FLOPs then leave the model count; the reference and ours_padded encode "
-        "every step",
+        "every step (baseline DiT only: a FuseDiT's LLM runs inside the model)",
     )
-    p.add_argument("--random-frozen", action="store_true", help="random text features/latents even if loadable")
+    p.add_argument(
+        "--random-frozen",
+        action="store_true",
+        help="random text features/latents even if loadable (baseline DiT only: a FuseDiT needs its LLM)",
+    )
     p.add_argument(
         "--random-init-frozen",
         action="store_true",
-        help="real text encoder and VAE architectures, random weights (no hub needed; needs data.tokenizer)",
+        help="real text encoder (a FuseDiT's LLM) and VAE architectures, random weights (no hub needed; needs "
+        "data.tokenizer)",
     )
     p.add_argument(
-        "--text-layers", type=int, default=None, help="with --random-init-frozen: text encoder depth (default: full)"
+        "--text-layers",
+        type=int,
+        default=None,
+        help="with --random-init-frozen: text encoder (or LLM) depth (default: full)",
     )
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU when not in the table")
@@ -883,8 +1177,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def settings(args: argparse.Namespace, cfg: Any, dtype: torch.dtype, n_image: int) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "config": args.config,
+        "model": cfg.model.name,
         "overrides": args.overrides,
         "batch_size": cfg.data.batch_size_per_gpu,
         "steps": args.steps,
@@ -902,20 +1197,56 @@ def settings(args: argparse.Namespace, cfg: Any, dtype: torch.dtype, n_image: in
         "gradient_checkpointing": cfg.trainer.enable_gradient_checkpointing,
         "optimizer": "torch.optim.AdamW + clip_grad_norm_, no DeepSpeed engine (single-device hot path)",
     }
+    if cfg.model.is_fuse_dit:  # which side trains decides the LLM's backward, optimizer and EMA work
+        out |= {"train_dit": cfg.trainer.train_dit, "train_llm": cfg.trainer.train_llm}
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build, run interleaved, and return the report as a dict."""
-    from fusedit.config import check_geometry, load_config
+    from fusedit.config import load_config
     from fusedit.flow import FlowMatching, build_scheduler
 
     overrides = list(args.overrides) + ([f"data.batch_size_per_gpu={args.batch_size}"] if args.batch_size else [])
     cfg = load_config(args.config, overrides)
-    from fusedit.tools.plan import refuse_fuse_dit
-
-    refuse_fuse_dit(cfg, "fusedit.tools.bench")
+    fuse = cfg.model.is_fuse_dit
     device, notes = pick_device(args.device), []
     dtype = train_dtype(cfg, device, notes)
+    frozen, model, kw = (setup_fuse_dit if fuse else setup_dit)(args, cfg, device, dtype, notes)
+    t = cfg.trainer
+    flow = FlowMatching(build_scheduler(cfg), t.weighting_scheme, t.logit_mean, t.logit_std, t.mode_scale)
+    if t.enable_gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+        if args.compare_reference:
+            notes.append("gradient checkpointing: on for our model, absent from the reference formulation")
+    variants = make_variants(model, kw, cfg, args, device)
+    source = BatchSource(
+        cfg, frozen, args.text_lengths, device, args.loader, cached=args.cached_latents, cached_text=args.cached_text
+    )
+    if args.loader and args.compare_reference:
+        notes.append("data_wait: each batch is read once and fed to every variant; each is charged the wait")
+    ctx = StepContext(cfg, frozen, flow, device, dtype, cfg.data.max_prompt_length, fuse_dit=fuse)
+    machine = machine_info(device)
+    run_interleaved(variants, source, ctx, args.warmup, args.steps)
+    machine["load_average_end"] = list(os.getloadavg())
+    if not fuse:
+        step_flops = dit_step_flops(args, cfg, kw, frozen)
+        return build_report(args, cfg, step_flops, frozen, variants, device, dtype, machine, notes)
+    n_image, b = image_tokens(cfg, frozen), cfg.data.batch_size_per_gpu
+    counter = fuse_dit_flops(kw, cfg, frozen, n_image, args.cached_latents)
+    report = build_report(
+        args, cfg, lambda n: counter.per_sample(n) * b, frozen, variants, device, dtype, machine, notes
+    )
+    report["model_flops"] = fuse_dit_flops_split(counter.dit_kwargs, n_image, variants[0].text_lengths)
+    return report
+
+
+def setup_dit(
+    args: argparse.Namespace, cfg: Any, device: torch.device, dtype: torch.dtype, notes: list[str]
+) -> tuple[Frozen, nn.Module, dict[str, Any]]:
+    """(frozen encoders, the baseline DiT, its constructor arguments)."""
+    from fusedit.config import check_geometry
+
     frozen = load_frozen(
         cfg,
         device,
@@ -927,30 +1258,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     check_geometry(cfg, frozen.spatial_factor)
     kw = cfg.dit_kwargs(frozen.latent_channels, frozen.text_hidden)
-    t = cfg.trainer
-    flow = FlowMatching(build_scheduler(cfg), t.weighting_scheme, t.logit_mean, t.logit_std, t.mode_scale)
-    dit = build_dit(cfg, kw, device, dtype)
-    if t.enable_gradient_checkpointing:
-        dit.enable_gradient_checkpointing()
-        if args.compare_reference:
-            notes.append("gradient checkpointing: on for our DiT, absent from the reference formulation")
-    variants = make_variants(dit, kw, cfg, args, device)
-    source = BatchSource(
-        cfg, frozen, args.text_lengths, device, args.loader, cached=args.cached_latents, cached_text=args.cached_text
+    return frozen, build_dit(cfg, kw, device, dtype), kw
+
+
+def refuse_fuse_dit_options(args: argparse.Namespace, cfg: Any) -> None:
+    """Options that have no meaning for a FuseDiT, refused by name before anything loads."""
+    if args.cached_text:
+        raise ConfigError(
+            "--cached-text: a FuseDiT has no text-encoder output to cache (its LLM runs layer by layer inside the "
+            "model, next to the image); drop --cached-text"
+        )
+    if args.random_frozen:
+        raise ConfigError(
+            "--random-frozen: a FuseDiT runs its LLM on token ids inside the model, so random text features cannot "
+            "stand in; pass --random-init-frozen (random weights of the LLM's and VAE's architectures) instead"
+        )
+    if cfg.model.text_modulation_embeds_dim is not None:
+        raise ConfigError(
+            "model.text_modulation_embeds_dim: the bench does not time the fuse-dit-clip type yet (it feeds no "
+            "pooled CLIP embedding); the training log gives its step time and MFU"
+        )
+
+
+def setup_fuse_dit(
+    args: argparse.Namespace, cfg: Any, device: torch.device, dtype: torch.dtype, notes: list[str]
+) -> tuple[Frozen, nn.Module, dict[str, Any]]:
+    """(the LLM's tokenizer and the VAE, the FuseDiT built around the LLM, its saved config)."""
+    from fusedit.config import check_geometry
+
+    refuse_fuse_dit_options(args, cfg)
+    frozen = load_fuse_dit_frozen(cfg, device, dtype, notes, args.random_init_frozen, args.text_layers)
+    check_geometry(cfg, frozen.spatial_factor)
+    model = build_fuse_dit(cfg, frozen, device, dtype)
+    train_llm = cfg.trainer.train_llm
+    notes.append(
+        f"FuseDiT: its LLM ({model.llm.config.num_hidden_layers} layers, {'trained' if train_llm else 'frozen'}) "
+        f"runs inside the model on token ids: its forward{' and backward' if train_llm else ''} is timed in "
+        "llm_and_dit_forward_backward, and there is no text_encoder phase. Model FLOPs: "
+        "fusedit.flops.TrainingFlops (the training log's MFU): DiT side 3x forward, the LLM "
+        + ("3x (trained)" if train_llm else "1x (frozen: forward only)")
     )
-    if args.loader and args.compare_reference:
-        notes.append("data_wait: each batch is read once and fed to every variant; each is charged the wait")
-    ctx = StepContext(cfg, frozen, flow, device, dtype, cfg.data.max_prompt_length)
-    machine = machine_info(device)
-    run_interleaved(variants, source, ctx, args.warmup, args.steps)
-    machine["load_average_end"] = list(os.getloadavg())
-    return build_report(args, cfg, kw, frozen, variants, device, dtype, machine, notes)
+    return frozen, model, json.loads(model.to_json_string())
+
+
+def image_tokens(cfg: Any, frozen: Frozen) -> int:
+    """Image tokens per sample, from the VAE actually used (or the one its stand-in mimics)."""
+    side = cfg.data.resolution // frozen.spatial_factor // cfg.model.patch_size
+    return side * side
 
 
 def build_report(
     args: argparse.Namespace,
     cfg: Any,
-    kw: dict[str, Any],
+    step_flops: Callable[[int], int],
     frozen: Frozen,
     variants: list[Variant],
     device: torch.device,
@@ -958,16 +1318,15 @@ def build_report(
     machine: dict[str, Any],
     notes: list[str],
 ) -> dict[str, Any]:
-    """The JSON report: machine, settings, per-variant throughput/phases/MFU, comparison, loss check."""
-    b, side = cfg.data.batch_size_per_gpu, cfg.data.resolution // frozen.spatial_factor // cfg.model.patch_size
-    n_image, ckpt = side * side, cfg.trainer.enable_gradient_checkpointing
+    """The JSON report: machine, settings, per-variant throughput/phases/MFU, comparison, loss check.
+
+    ``step_flops(L)``: model FLOPs of one step whose text is padded to L tokens.
+    """
+    b, n_image = cfg.data.batch_size_per_gpu, image_tokens(cfg, frozen)
     ours = variants[0]
     # Model FLOPs count the text at OUR padded length for every variant: padding beyond it is waste,
     # so the reference's MFU is lower exactly by its extra time.
-    useful = [
-        step_model_flops(kw, frozen, n_image, n, b, ckpt, args.cached_text, args.cached_latents)
-        for n in ours.text_lengths
-    ]
+    useful = [step_flops(n) for n in ours.text_lengths]
     peak, peak_note = device_peak(device, dtype, args.peak_tflops)
     report: dict[str, Any] = {
         "machine": machine,
@@ -1014,10 +1373,11 @@ def print_summary(report: dict[str, Any], out: Any = sys.stdout) -> None:
     )
     for k, v in report["frozen"].items():
         print(f"{k}: {v}", file=out)
-    header = f"{'variant':<12} {'step s':>8} {'img/s':>8} {'text L':>7} " + " ".join(f"{p[:10]:>10}" for p in PHASES)
+    phases = [p for p in PHASES if any(p in v["phases"] for v in report["variants"].values())]
+    header = f"{'variant':<12} {'step s':>8} {'img/s':>8} {'text L':>7} " + " ".join(f"{p[:10]:>10}" for p in phases)
     print(header, file=out)
     for name, v in report["variants"].items():
-        cells = " ".join(f"{v['phases'].get(p, {}).get('median_s', 0.0):>10.4f}" for p in PHASES)
+        cells = " ".join(f"{v['phases'].get(p, {}).get('median_s', 0.0):>10.4f}" for p in phases)
         row = f"{name:<12} {v['step_s_median']:>8.4f} {v['images_per_s']:>8.2f} {v['text_padded_length_mean']:>7.1f}"
         print(f"{row} {cells}", file=out)
         if v["mfu"] is not None:

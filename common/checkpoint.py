@@ -554,6 +554,16 @@ class CheckpointWriter:
     def trainer_state(self, step: int) -> dict[str, Any]:
         return json.loads((self.folder(step) / TRAINER_STATE).read_text())
 
+    def data_states(self, step: int) -> list[dict[str, Any]]:
+        """Every rank's saved data position of ``step`` (the world size that wrote it), in rank order.
+
+        A stream whose order does not depend on the world size (fusedit.data.webdata) merges them
+        to continue at another world size; missing files give a shorter list.
+        """
+        saved = int(self.trainer_state(step).get("world_size") or 0)
+        paths = [self.folder(step) / data_state_name(r) for r in range(saved)]
+        return [json.loads(p.read_text()) for p in paths if p.is_file()]
+
     def data_state(self, step: int, world_size: int) -> dict[str, Any] | None:
         """This rank's saved data position, or None when it cannot continue (another world size)."""
         saved = self.trainer_state(step).get("world_size")

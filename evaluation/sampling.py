@@ -40,10 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS_DIR = ROOT / "prompts"
 SETTINGS_NAME = "sampling_settings.json"
 INDEX_NAME = "index_to_prompt.json"
-SUPPORTED_TYPES = ("baseline-dit", "fuse-dit")
-# The reference's third type: a FuseDiT modulated by a pooled CLIP-L text embedding. The model takes
-# one (model.text_modulation_embeds_dim); training and sampling do not load a CLIP encoder yet.
-NOT_YET_TYPES = {"fuse-dit-clip": "needs a pooled CLIP text embedding, which no sampler or trainer here loads yet"}
+# fuse-dit-clip: a FuseDiT whose timestep embedding is modulated by a pooled CLIP text embedding
+# (model.text_modulation_embeds_dim); its CLIP text encoder is the run's (model.clip_text_encoder),
+# the export's, or --clip-l's.
+SUPPORTED_TYPES = ("baseline-dit", "fuse-dit", "fuse-dit-clip")
 DPG_GRID = 4  # DPG-Bench's scorer crops four tiles out of a 2x2 grid
 # Settings that change the pixels; a folder must not mix images made with different values.
 IMAGE_SETTINGS = (
@@ -56,6 +56,7 @@ IMAGE_SETTINGS = (
     "guidance_scale",
     "seed",
     "images_per_prompt",
+    "clip_l",
 )
 
 
@@ -335,7 +336,15 @@ def build_parser(bench: Benchmark) -> argparse.ArgumentParser:
     p.add_argument(
         "--type",
         default="baseline-dit",
-        help="model family of the checkpoint: baseline-dit or fuse-dit (fuse-dit-clip: not yet)",
+        help="model family of the checkpoint: baseline-dit, fuse-dit or fuse-dit-clip",
+    )
+    p.add_argument(
+        "--clip-l",
+        default=None,
+        metavar="PATH",
+        help="fuse-dit-clip: CLIP text encoder replacing the checkpoint's: a diffusers pipeline with "
+        "text_encoder/ and tokenizer/ (e.g. SD3's, the reference's meaning) or a folder holding a CLIP "
+        "text model and its tokenizer (default: the run's model.clip_text_encoder, or the export's)",
     )
     p.add_argument("--vae", default=None, help="VAE path overriding the one stored in <tag>/vae.json")
     p.add_argument("--vae-subfolder", default=None, help="subfolder of --vae (default: the folder itself)")
@@ -366,10 +375,13 @@ def _format_help(bench: Benchmark) -> str:
 
 def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse what the reference silently accepted or that would fail late, on every process."""
-    if args.type in NOT_YET_TYPES:
-        parser.error(f"--type {args.type}: not supported yet: {NOT_YET_TYPES[args.type]}")
     if args.type not in SUPPORTED_TYPES:
         parser.error(f"--type {args.type!r} is not a model family here; choose from {SUPPORTED_TYPES}")
+    if args.clip_l is not None and args.type != "fuse-dit-clip":
+        parser.error(f"--clip-l: only --type fuse-dit-clip reads a CLIP text encoder, not {args.type}")
+    clip_l = args.clip_l or ""
+    if clip_l.startswith((".", "/", "~")) and not Path(clip_l).expanduser().exists():
+        parser.error(f"--clip-l {clip_l}: no such folder")
     # counts and steps are refused at the flag (common.argtypes.positive_int)
     if args.vae_subfolder and not args.vae:
         parser.error("--vae-subfolder needs --vae")
@@ -452,6 +464,7 @@ def settings(args: argparse.Namespace, bench: Benchmark, run_dir: Path, step: in
         "images_per_prompt": images_per_prompt(bench, args),
         "prompts": str(Path(args.prompts).resolve()),
         "type": args.type,
+        "clip_l": args.clip_l,  # null: the checkpoint's own CLIP text encoder (or none)
     }
 
 
@@ -489,32 +502,48 @@ def chunks(items: Sequence[PromptItem], per_chunk: int) -> list[list[PromptItem]
 
 
 def load_pipeline(args: argparse.Namespace, run_dir: Path, step: int, device: torch.device):
+    """Our sampler over a run's checkpoint or an exported folder, with ``--vae`` / ``--clip-l`` applied;
+    a component that does not load is one error line, and so is a ``--type`` the model is not."""
     from common.checkpoint import CheckpointDamaged
     from common.vae_config import VaeSpec
+    from fusedit.diffusers_pipeline import sampler_from_folder
     from fusedit.pipeline import DiTPipeline
+    from fusedit.text import ClipSource
 
     spec = VaeSpec(**vae_spec(args, run_dir, step)) if args.vae else None
-    if export_info(run_dir) is not None:
-        from fusedit.diffusers_pipeline import sampler_from_folder
-
-        pipe = sampler_from_folder(run_dir, device=device, vae=spec)
-        check_type(args.type, pipe)
-        return pipe
-    try:  # the weights are checked against the tag's manifest before they load
-        pipe = DiTPipeline.from_checkpoint(run_dir, step, use_ema=args.ema_weights, device=device, vae=spec)
+    clip = ClipSource.from_path(args.clip_l) if args.clip_l else None
+    try:
+        if export_info(run_dir) is not None:
+            pipe = sampler_from_folder(run_dir, device=device, vae=spec, clip=clip)
+        else:  # the weights are checked against the tag's manifest before they load
+            pipe = DiTPipeline.from_checkpoint(run_dir, step, args.ema_weights, device=device, vae=spec, clip=clip)
     except CheckpointDamaged as err:
         raise SamplingError(str(err)) from err
+    except OSError as err:  # a component that does not load (e.g. a CLIP path from another machine)
+        raise SamplingError((str(err).strip().splitlines() or [type(err).__name__])[0]) from err
     check_type(args.type, pipe)
     return pipe
 
 
+def model_type(transformer: torch.nn.Module) -> str:
+    """The ``--type`` a model is: baseline-dit, fuse-dit, or fuse-dit-clip (a FuseDiT taking pooled text)."""
+    from fusedit.models import is_fuse_dit, takes_pooled_text
+
+    if not is_fuse_dit(transformer):
+        return "baseline-dit"
+    return "fuse-dit-clip" if takes_pooled_text(transformer) else "fuse-dit"
+
+
 def check_type(expected: str, pipe) -> None:
     """``--type`` must name the family the checkpoint holds (the reference loaded whatever it was told)."""
-    from fusedit.models import is_fuse_dit
-
-    held = "fuse-dit" if is_fuse_dit(pipe.transformer) else "baseline-dit"
+    held = model_type(pipe.transformer)
     if held != expected:
         raise SamplingError(f"--type {expected}, but the checkpoint holds a {held} model; pass --type {held}")
+    if held == "fuse-dit-clip" and pipe.clip.embed_dim != pipe.transformer.config.text_modulation_embeds_dim:
+        raise SamplingError(
+            f"--clip-l: its pooled embeddings have width {pipe.clip.embed_dim}, the model takes "
+            f"{pipe.transformer.config.text_modulation_embeds_dim} (text_modulation_embeds_dim)"
+        )
 
 
 def check_resolution(pipe, resolution: int) -> None:

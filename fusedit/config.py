@@ -45,6 +45,8 @@ WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 VAE_KINDS = ("auto", "kl", "qwen")
 INIT_FROM_WEIGHTS = ("ema", "raw")
+# "clip-llm": the LLM plus a CLIP text encoder's pooled embedding (model.clip_text_encoder), the reference's name
+ENCODER_TYPES = ("llm", "clip-llm")
 
 
 @dataclass
@@ -150,6 +152,12 @@ class ModelConfig:
     # Cached sampling of 2d/m-rope FuseDiTs: true reproduces the reference sampler, which drops the
     # image positions' text offset on cached steps (to sample its checkpoints as it did).
     reference_cached_positions: bool = False
+    # The "fuse-dit-clip" type (encoder_type: clip-llm, the reference's clip_l section): a frozen CLIP
+    # text model with projection (hub id or folder, e.g. SD3's repository with subfolder text_encoder)
+    # whose pooled embedding of each caption is the text_modulation_embeds_dim input. Required
+    # exactly when text_modulation_embeds_dim is set; its tokenizer: data.clip_tokenizer.
+    clip_text_encoder: Optional[str] = None
+    clip_text_encoder_subfolder: Optional[str] = None
 
     @property
     def is_fuse_dit(self) -> bool:
@@ -209,7 +217,18 @@ class DataConfig:
     data_path: Any = MISSING
     # Images per GPU per micro-step (DeepSpeed's train_micro_batch_size_per_gpu). The global batch is
     # batch_size_per_gpu x trainer.gradient_accumulation_steps x GPUs (the reference: 32 x 1 x 32 = 1024).
+    # With data.global_batch_size set, this is the largest micro-batch a GPU takes (see below).
     batch_size_per_gpu: int = 32
+    # Samples per optimizer step over all GPUs, kept whatever the number of GPUs: the per-GPU
+    # micro-batch (at most batch_size_per_gpu) and trainer.gradient_accumulation_steps are derived
+    # for the world size at hand (fusedit.config.derive_batch). Null: the per-GPU spelling above.
+    global_batch_size: Optional[int] = None
+    # Independent sample streams that make up the global order (fusedit/data/webdata.py): global
+    # batch s takes global_batch / num_streams samples from each in turn, whatever the GPUs and
+    # workers. Must divide the global batch and be divisible by the number of GPUs. Null: one
+    # stream per sample of the global batch. The demo's toy.yaml pins 1 (the order its verdict was
+    # measured on).
+    num_streams: Optional[int] = None
     resolution: int = 256
     center_crop: bool = True
     image_column: str = "jpg"
@@ -224,6 +243,10 @@ class DataConfig:
     num_open_shards: int = 4
     # Null: the text encoder's folder (model.base).
     tokenizer: Optional[str] = None
+    # The CLIP tokenizer of model.clip_text_encoder (the reference's data.tokenizer.clip). Both null: the
+    # CLIP model's own folder and subfolder; SD3's layout: the repository with subfolder "tokenizer".
+    clip_tokenizer: Optional[str] = None
+    clip_tokenizer_subfolder: Optional[str] = None
     # A folder written by `python -m fusedit.data.latent_cache` for the shards of data_path (their VAE
     # posterior moments instead of the images): training reads the cache's shards and skips the VAE
     # encoder. Its cache.json must name data_path's shards as its sources and match `vae`.
@@ -339,9 +362,9 @@ class TrainConfig:
 # Accepted spellings of the reference Fuse-DiT YAML (docs/reference-facts.md, T2I-1.2) and of older configs of this
 # repository: old dotted key -> schema key (see common.config.Alias). Each one used prints a notice.
 _XLA_ONLY = "XLA/TPU trainer only; no effect on GPUs"
-_NO_CLIP = (
-    "the reference's clip-llm type (fuse-dit-clip: a CLIP-L pooled embedding modulating the timestep) "
-    "is not wired into our trainer and samplers yet"
+_CLIP_KEYS = (
+    "the reference's clip-llm type passes only pretrained_model_name_or_path and subfolder to from_pretrained, "
+    "here model.clip_text_encoder[_subfolder] and data.clip_tokenizer[_subfolder]"
 )
 ALIASES: dict[str, str | Alias] = {
     "data.batch_size": Alias("data.batch_size_per_gpu", note="per GPU, as the reference's data.batch_size"),
@@ -408,11 +431,15 @@ ALIASES: dict[str, str | Alias] = {
         unsupported="training samples use no instruction prefix",
     ),
     # The reference's FuseDiT ablations (its configs/fusedit/*.yaml, docs/fusedit-family.md). Its "clip-llm"
-    # encoder type (clip-mod.yaml) adds a CLIP-L pooled embedding to the timestep embedding: refused, since
-    # no trainer or sampler here loads CLIP yet. The LLM tokenizer of that layout maps as usual.
-    "clip_l.*": Alias(None, allowed=(), unsupported=_NO_CLIP),
+    # encoder type (clip-mod.yaml) adds a CLIP-L pooled embedding to the timestep embedding; its clip_l
+    # section and data.tokenizer.{clip, llm} are from_pretrained arguments, which map onto our fields.
+    "clip_l.pretrained_model_name_or_path": Alias("model.clip_text_encoder", note="the CLIP text encoder"),
+    "clip_l.subfolder": "model.clip_text_encoder_subfolder",
+    "clip_l.*": Alias(None, allowed=(), unsupported=_CLIP_KEYS),
     "data.tokenizer.llm": Alias("data.tokenizer", note="the LLM's tokenizer of the reference's clip-llm layout"),
-    "data.tokenizer.clip.*": Alias(None, allowed=(), unsupported=_NO_CLIP),
+    "data.tokenizer.clip.pretrained_model_name_or_path": Alias("data.clip_tokenizer", note="the CLIP tokenizer"),
+    "data.tokenizer.clip.subfolder": "data.clip_tokenizer_subfolder",
+    "data.tokenizer.clip.*": Alias(None, allowed=(), unsupported=_CLIP_KEYS),
     "data.add_generation_prompt": Alias(None, note="read only with a chat template, which is not supported"),
     "data.instruction_length": Alias(None, note="the reference computed it from data.instruction's tokens; so do we"),
 }
@@ -548,7 +575,7 @@ def _validate_init_from(i: InitFromConfig, errors: list[str]) -> None:
 def _validate_model(m: ModelConfig, errors: list[str]) -> None:
     check_choice(errors, "model.name", m.name, BASELINE_NAMES + FUSE_DIT_NAMES)
     _validate_fusion(m, errors)
-    check_choice(errors, "model.encoder_type", m.encoder_type, ("llm",))
+    check_choice(errors, "model.encoder_type", m.encoder_type, ENCODER_TYPES)
     check_choice(errors, "model.attention", m.attention, ATTENTION_KINDS)
     check_choice(errors, "model.pos_embed", m.pos_embed, POS_EMBED_KINDS)
     check_choice(errors, "model.timestep_conditioning", m.timestep_conditioning, TIMESTEP_CONDITIONING)
@@ -600,6 +627,56 @@ def _validate_fusion(m: ModelConfig, errors: list[str]) -> None:
         errors.append(f"model.text_modulation_embeds_dim: a positive width or null, got {m.text_modulation_embeds_dim}")
 
 
+def _clip_fields(cfg: TrainConfig) -> list[str]:
+    """The fields that ask for a CLIP text encoder, as spelled in the schema, in a fixed order."""
+    m, d = cfg.model, cfg.data
+    values = (
+        ("model.clip_text_encoder", m.clip_text_encoder),
+        ("model.clip_text_encoder_subfolder", m.clip_text_encoder_subfolder),
+        ("data.clip_tokenizer", d.clip_tokenizer),
+        ("data.clip_tokenizer_subfolder", d.clip_tokenizer_subfolder),
+    )
+    fields = [name for name, value in values if value is not None]
+    return fields + ["model.encoder_type"] * (m.encoder_type == "clip-llm")
+
+
+def _validate_clip(cfg: TrainConfig, errors: list[str]) -> None:
+    """The "fuse-dit-clip" type, in one place: a CLIP text encoder, ``encoder_type: clip-llm`` and
+    ``model.text_modulation_embeds_dim`` go together, and only in a FuseDiT (the pooled embedding
+    modulates its timestep embedding; the baseline DiT has no such input)."""
+    m, clip_fields = cfg.model, _clip_fields(cfg)
+    if not m.is_fuse_dit:
+        if clip_fields:
+            errors.append(
+                f"{clip_fields[0]}: only model.name: FuseDiT takes a CLIP text encoder (the reference's "
+                "fuse-dit-clip type), the baseline DiT reads the text encoder alone: remove it or use FuseDiT"
+            )
+        return
+    for name in ("clip_text_encoder", "clip_text_encoder_subfolder"):
+        value = getattr(m, name)
+        if value is not None and not value.strip():
+            errors.append(f"model.{name}: a hub id or folder, or null (no CLIP text encoder)")
+    has_clip, has_width = bool(m.clip_text_encoder), m.text_modulation_embeds_dim is not None
+    if has_width and not has_clip:
+        errors.append(
+            f"model.clip_text_encoder: required with model.text_modulation_embeds_dim "
+            f"({m.text_modulation_embeds_dim}): it computes the pooled text embedding of that width, e.g. "
+            "stabilityai/stable-diffusion-3-medium-diffusers with model.clip_text_encoder_subfolder: text_encoder"
+        )
+    elif has_clip and not has_width:
+        errors.append(
+            "model.text_modulation_embeds_dim: required with model.clip_text_encoder (the width of its pooled "
+            "embedding, 768 for CLIP-L), or remove the CLIP text encoder"
+        )
+    elif not has_clip and clip_fields:
+        errors.append(f"model.clip_text_encoder: required with {clip_fields[0]}, or remove that")
+    elif has_clip and m.encoder_type != "clip-llm":
+        errors.append(
+            f"model.encoder_type: 'clip-llm' with model.clip_text_encoder (the LLM plus CLIP's pooled "
+            f"embedding), got {m.encoder_type!r}"
+        )
+
+
 def _validate_trained_sides(cfg: TrainConfig, errors: list[str]) -> None:
     """trainer.train_dit / train_llm: something must train, and only a FuseDiT holds an LLM to train."""
     t = cfg.trainer
@@ -626,6 +703,9 @@ def _validate_data(d: DataConfig, errors: list[str]) -> None:
     for name in ("batch_size_per_gpu", "resolution", "max_prompt_length", "pad_to_multiple_of", "num_open_shards"):
         check_positive(errors, f"data.{name}", getattr(d, name))
     check_positive(errors, "data.dataloader_num_workers", d.dataloader_num_workers, allow_zero=True)
+    for name in ("global_batch_size", "num_streams"):
+        if getattr(d, name) is not None:
+            check_positive(errors, f"data.{name}", getattr(d, name))
     check_rate(errors, "data.original_caption_rate", d.original_caption_rate)
     check_rate(errors, "data.random_dropping_rate", d.random_dropping_rate)
     if d.original_caption_rate > 0 and not d.caption_column.original:
@@ -672,6 +752,35 @@ def check_geometry(cfg: TrainConfig, spatial_factor: int) -> None:
             )
 
 
+def derive_batch(cfg: TrainConfig, world_size: int) -> dict[str, int] | None:
+    """With ``data.global_batch_size``, set the micro-batch and accumulation for ``world_size``.
+
+    Each of the N processes takes G / N samples per step in A micro-batches of G / (N A): the
+    smallest A whose micro-batch fits ``data.batch_size_per_gpu`` and splits the share evenly. So a
+    run that loses or gains GPUs keeps its global batch (and, through the global sample order, its
+    samples). Returns what was derived (None without a global batch); refuses, naming the numbers,
+    a global batch that N processes cannot share.
+    """
+    g, cap = cfg.data.global_batch_size, cfg.data.batch_size_per_gpu
+    if g is None:
+        return None
+    if g % world_size:
+        raise ConfigError(
+            f"data.global_batch_size: {g} samples cannot be shared by {world_size} processes; "
+            f"use a multiple of {world_size}"
+        )
+    share = g // world_size
+    accumulation = next(a for a in range(-(-share // cap), share + 1) if share % a == 0)
+    cfg.data.batch_size_per_gpu = share // accumulation
+    cfg.trainer.gradient_accumulation_steps = accumulation
+    return {
+        "global_batch_size": g,
+        "world_size": world_size,
+        "batch_size_per_gpu": share // accumulation,
+        "gradient_accumulation_steps": accumulation,
+    }
+
+
 def check_fuse_dit_heads(cfg: TrainConfig, llm_config: Any) -> None:
     """A FuseDiT takes its heads, KV heads and head size from its LLM: refuse a contradiction.
 
@@ -697,6 +806,7 @@ def validate(cfg: TrainConfig) -> None:
     _validate_trainer(cfg.trainer, errors)
     _validate_model(cfg.model, errors)
     _validate_trained_sides(cfg, errors)
+    _validate_clip(cfg, errors)
     _validate_data(cfg.data, errors)
     check_choice(errors, "vae.kind", cfg.vae.kind, VAE_KINDS)
     if not 0.0 < cfg.ema.decay < 1.0:

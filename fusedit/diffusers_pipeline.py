@@ -4,7 +4,8 @@
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` (or
 ``FuseDiTPipeline.from_pretrained(folder)``) loads: the standard folder with ``model_index.json``
 and one sub-folder per component (``transformer/``, ``text_encoder/``, ``tokenizer/``, ``vae/``,
-``scheduler/``), publishable with ``push_to_hub``.
+``scheduler/``; for a "fuse-dit-clip" model also ``clip_text_encoder/`` and ``clip_tokenizer/``),
+publishable with ``push_to_hub``.
 
 It adds no sampling logic of its own: ``__call__`` translates diffusers' conventions (prompt or
 prompts, ``generator``, ``output_type``, ``return_dict``) and runs the same sampler as training's
@@ -26,7 +27,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from fusedit.latents import LatentCodec
 from fusedit.pipeline import DiTPipeline
-from fusedit.text import TextEncoder
+from fusedit.text import ClipTextEncoder, TextEncoder
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -38,10 +39,13 @@ class FuseDiTPipeline(DiffusionPipeline):
     ``max_prompt_length`` are part of the pipeline's config (``model_index.json``): they were
     fixed by training and sampling must use the same ones. ``resolution`` is the training image
     side, the default ``height``/``width`` (the DiT's ``sample_size`` is not: under the APE it
-    fixes the position table's spacing and stays 32 at 512 px).
+    fixes the position table's spacing and stays 32 at 512 px). ``clip_text_encoder`` (a
+    ``CLIPTextModelWithProjection``) and ``clip_tokenizer``: the pooled-text encoder of a FuseDiT
+    that takes one (the "fuse-dit-clip" type); None for every other model.
     """
 
-    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    model_cpu_offload_seq = "clip_text_encoder->text_encoder->transformer->vae"
+    _optional_components = ["clip_text_encoder", "clip_tokenizer"]
 
     def __init__(
         self,
@@ -53,10 +57,18 @@ class FuseDiTPipeline(DiffusionPipeline):
         hidden_states_index: int = -1,
         max_prompt_length: int = 256,
         resolution: int | None = None,
+        clip_text_encoder: torch.nn.Module | None = None,
+        clip_tokenizer: Any = None,
     ) -> None:
         super().__init__()
         self.register_modules(
-            transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, scheduler=scheduler
+            transformer=transformer,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            vae=vae,
+            scheduler=scheduler,
+            clip_text_encoder=clip_text_encoder,
+            clip_tokenizer=clip_tokenizer,
         )
         self.register_to_config(
             hidden_states_index=hidden_states_index, max_prompt_length=max_prompt_length, resolution=resolution
@@ -70,7 +82,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         our own samplers need not: they know the classes and read only configs and safetensors.
         """
         from diffusers import AutoencoderKL, AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer, CLIPTextModelWithProjection
 
         from common.vae_config import QWEN_CLASS
         from fusedit.models import model_class
@@ -87,13 +99,17 @@ class FuseDiTPipeline(DiffusionPipeline):
             hidden_states_index=int(index.get("hidden_states_index", -1)),
             max_prompt_length=int(index.get("max_prompt_length", 256)),
             resolution=index.get("resolution"),
+            **_clip_components(path, index, CLIPTextModelWithProjection, AutoTokenizer),
         )
 
     def sampler(self) -> DiTPipeline:
         """Our sampler over this pipeline's components (built per call: components may have moved)."""
         encoder = TextEncoder.from_model(self.text_encoder, self.tokenizer, int(self.config.hidden_states_index))
+        clip = None
+        if self.clip_text_encoder is not None:
+            clip = ClipTextEncoder(self.clip_text_encoder, self.clip_tokenizer)
         return DiTPipeline(
-            self.transformer, encoder, LatentCodec(self.vae), self.scheduler, int(self.config.max_prompt_length)
+            self.transformer, encoder, LatentCodec(self.vae), self.scheduler, int(self.config.max_prompt_length), clip
         )
 
     @torch.no_grad()
@@ -163,18 +179,33 @@ class FuseDiTPipeline(DiffusionPipeline):
         return array if output_type == "np" else self.numpy_to_pil(array)
 
 
+def _clip_components(path: Path, index: dict[str, Any], model_cls: type, tokenizer_cls: type) -> dict[str, Any]:
+    """The CLIP text encoder and tokenizer of a folder whose index lists them (a "fuse-dit-clip" export)."""
+    if not (index.get("clip_text_encoder") or [None])[0]:
+        return {}
+    return {
+        "clip_text_encoder": model_cls.from_pretrained(str(path / "clip_text_encoder")),
+        "clip_tokenizer": tokenizer_cls.from_pretrained(str(path / "clip_tokenizer")),
+    }
+
+
 def is_pipeline_folder(path: str | Path) -> bool:
     """True for a diffusers pipeline folder (``model_index.json``), e.g. one ``fusedit.export`` wrote."""
     return (Path(path) / "model_index.json").is_file()
 
 
-def sampler_from_folder(path: str | Path, device: str | torch.device = "cpu", vae=None) -> DiTPipeline:
-    """Our sampler over an exported pipeline folder; ``vae`` (a ``VaeSpec``) replaces its VAE."""
+def sampler_from_folder(path: str | Path, device: str | torch.device = "cpu", vae=None, clip=None) -> DiTPipeline:
+    """Our sampler over an exported pipeline folder; ``vae`` (a ``VaeSpec``) replaces its VAE, ``clip``
+    (a ``ClipSource``) the CLIP text encoder of a model that takes pooled text (others ignore it)."""
     pipe = FuseDiTPipeline.from_folder(path)
     sampler = pipe.sampler()
     if vae is not None:
         sampler.codec = LatentCodec.from_spec(vae)
+    if clip is not None and sampler.clip is not None:
+        sampler.clip = ClipTextEncoder.load(clip)
     sampler.transformer.to(device).eval()
     sampler.text_encoder.to(device)
     sampler.codec.to(device)
+    if sampler.clip is not None:
+        sampler.clip.to(device)
     return sampler

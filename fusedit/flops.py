@@ -81,6 +81,26 @@ def decoder_arch(config: Any) -> dict[str, int] | None:
     }
 
 
+def clip_text_arch(config: Any) -> dict[str, int]:
+    """The fields :func:`clip_text_forward_flops` needs from a ``CLIPTextConfig`` (or its dict)."""
+    get = config.get if isinstance(config, dict) else lambda name: getattr(config, name)
+    names = ("hidden_size", "intermediate_size", "num_hidden_layers", "projection_dim")
+    return {name: int(get(name)) for name in names}
+
+
+def clip_text_forward_flops(arch: dict[str, int], n_text: int) -> int:
+    """Matmul FLOPs of one prompt through a CLIP text model with projection (the "fuse-dit-clip" type).
+
+    Prompts are padded to CLIP's context (77 tokens, as the reference does), so every layer
+    computes all ``n_text`` rows: q/k/v/o projections, the full L x L attention square, a two-matmul
+    MLP; then the projection of the one pooled (EOS) row.
+    """
+    h, length = arch["hidden_size"], n_text
+    layer = 4 * matmul_flops(length, h, h) + 2 * 2 * length * length * h
+    layer += 2 * matmul_flops(length, h, arch["intermediate_size"])
+    return arch["num_hidden_layers"] * layer + matmul_flops(1, h, arch["projection_dim"])
+
+
 def _fuse_dit_geometry(config: dict[str, Any]) -> dict[str, Any]:
     """Sizes a FuseDiT's FLOPs depend on: the attention's are the LLM's, the widths the DiT side's."""
     llm = config["llm_config"]
@@ -174,14 +194,21 @@ class TrainingFlops:
     """Model FLOPs of one training sample as a function of its batch's padded text length.
 
     ``text_arch`` is None when the text encoder does not run per step (text-feature cache) or its
-    architecture is unknown; ``vae_encoder_flops`` is 0 with a latent cache.
+    architecture is unknown; ``vae_encoder_flops`` is 0 with a latent cache. ``clip_flops``: the
+    per-sample forward of a "fuse-dit-clip" model's CLIP text encoder (fixed length), else 0.
     """
 
     def __init__(
-        self, dit_kwargs: dict[str, Any], image_tokens: int, text_arch: dict[str, int] | None, vae_encoder_flops: int
+        self,
+        dit_kwargs: dict[str, Any],
+        image_tokens: int,
+        text_arch: dict[str, int] | None,
+        vae_encoder_flops: int,
+        clip_flops: int = 0,
     ) -> None:
         self.dit_kwargs, self.image_tokens = dit_kwargs, image_tokens
         self.text_arch, self.vae_encoder_flops = text_arch, vae_encoder_flops
+        self.clip_flops = clip_flops
         self._cache: dict[int, int] = {}
 
     def per_sample(self, text_tokens: int) -> int:
@@ -193,7 +220,7 @@ class TrainingFlops:
         if text_tokens not in self._cache and self.dit_kwargs.get("_class_name") == "FuseDiT":
             dit, llm = fuse_dit_forward_flops(self.dit_kwargs, self.image_tokens, text_tokens)
             llm_passes = 3 if self.dit_kwargs.get("train_llm") else 1
-            self._cache[text_tokens] = 3 * dit + llm_passes * llm + self.vae_encoder_flops
+            self._cache[text_tokens] = 3 * dit + llm_passes * llm + self.vae_encoder_flops + self.clip_flops
         if text_tokens not in self._cache:
             fwd, _ = dit_forward_flops(self.dit_kwargs, self.image_tokens, text_tokens)
             text = text_encoder_forward_flops(self.text_arch, text_tokens) if self.text_arch else 0

@@ -172,19 +172,22 @@ class FlowMatching:
         mask: torch.Tensor,
         generators: Generators,
         dtype: torch.dtype,
+        pooled_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The text-to-image step's loss on one micro-batch: the trainer's and the benchmark's one definition.
 
         Sigmas and noise come from the per-sample ``generators`` (common.randomness), so the draws
         do not depend on how the global batch is split; the model sees ``dtype`` inputs and the
-        timestep ``1000 sigma``; the loss is computed in float32.
+        timestep ``1000 sigma``; the loss is computed in float32. ``pooled_text``: a "fuse-dit-clip"
+        FuseDiT's pooled CLIP embeddings, passed on by keyword (other models take none).
         """
         sigmas = self.sample_sigmas(x0.shape[0], generator=generators, device=x0.device)
         noise = self.sample_noise(x0, generators)
         x_t = self.add_noise(x0, noise, sigmas)
         if text.is_floating_point():  # encoder features; a FuseDiT takes token ids and runs its LLM itself
             text = text.to(dtype)
-        pred = model(x_t.to(dtype), (sigmas * 1000.0).to(dtype), text, mask)
+        extra = {} if pooled_text is None else {"pooled_text": pooled_text.to(dtype)}
+        pred = model(x_t.to(dtype), (sigmas * 1000.0).to(dtype), text, mask, **extra)
         return self.loss(pred.float(), x0, noise, x_t, sigmas)
 
 

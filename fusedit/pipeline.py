@@ -20,11 +20,17 @@ from common.randomness import noise_seed
 from common.vae_config import VaeSpec
 from fusedit.flow import euler_sample, sampling_sigmas
 from fusedit.latents import LatentCodec
-from fusedit.models import DiT, is_fuse_dit, model_class
-from fusedit.text import TextEncoder, tokenize
+from fusedit.models import DiT, is_fuse_dit, model_class, takes_pooled_text
+from fusedit.text import ClipSource, ClipTextEncoder, TextEncoder, tokenize
 
 
 class DiTPipeline:
+    """Our one sampler: training's preview grids, the benchmark samplers and the diffusers export run it.
+
+    ``clip``: the CLIP text encoder of a "fuse-dit-clip" FuseDiT (one that takes a pooled text
+    embedding); required for such a model, unused by the others.
+    """
+
     def __init__(
         self,
         transformer: DiT,
@@ -32,12 +38,16 @@ class DiTPipeline:
         codec: LatentCodec,
         scheduler,
         max_prompt_length: int = 256,
+        clip: ClipTextEncoder | None = None,
     ) -> None:
+        if takes_pooled_text(transformer) and clip is None:
+            raise ValueError("this FuseDiT takes a pooled CLIP text embedding (text_modulation_embeds_dim): pass clip")
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.codec = codec
         self.scheduler = copy.deepcopy(scheduler)
         self.max_prompt_length = max_prompt_length
+        self.clip = clip
 
     @property
     def device(self) -> torch.device:
@@ -51,11 +61,14 @@ class DiTPipeline:
         use_ema: bool = True,
         device: str | torch.device = "cpu",
         vae: VaeSpec | None = None,
+        clip: ClipSource | None = None,
     ) -> DiTPipeline:
         """Load a training run's step ``tag`` (EMA weights by default) from safetensors only.
 
         The VAE is the one recorded in ``<tag>/vae.json`` (the one the DiT was trained with);
-        ``vae`` overrides it, e.g. when the checkpoint moved to a machine with another copy.
+        ``vae`` overrides it, e.g. when the checkpoint moved to a machine with another copy. A
+        model that takes pooled text loads its CLIP text encoder from the run's config, or from
+        ``clip`` (the samplers' ``--clip-l``); other models have none and ignore it.
         The files read (the weights folder, ``vae.json``) are checked against the tag's manifest
         first: ``common.checkpoint.CheckpointDamaged`` names a damaged file.
         """
@@ -77,18 +90,24 @@ class DiTPipeline:
             hidden_states_index=cfg.model.text_hidden_states_index,
         ).to(device)
         codec = LatentCodec.from_spec(spec).to(device)
-        return cls(transformer, text_encoder, codec, build_scheduler(cfg), cfg.data.max_prompt_length)
+        clip_encoder = None
+        if takes_pooled_text(transformer):
+            clip_encoder = ClipTextEncoder.load(clip or ClipSource.from_config(cfg)).to(device)
+        return cls(transformer, text_encoder, codec, build_scheduler(cfg), cfg.data.max_prompt_length, clip_encoder)
 
     def _encode_prompts(self, prompts: list[str]) -> tuple[Any, torch.Tensor]:
         """(text condition, mask): encoder features for the DiT; for a FuseDiT, its per-layer text KV cache.
 
         A FuseDiT's text rows never attend to image rows, so its LLM runs once per prompt batch
-        here, not at every denoising step.
+        here, not at every denoising step; so does CLIP for a model that takes pooled text (the
+        cache carries the pooled embeddings; the CFG rows' "" gets CLIP's embedding of "", as a
+        dropped caption did in training).
         """
         ids, mask = tokenize(self.text_encoder.tokenizer, prompts, self.max_prompt_length)
         ids, mask = ids.to(self.device), mask.to(self.device)
         if is_fuse_dit(self.transformer):
-            return self.transformer.encode_text(ids, mask), mask
+            pooled = self.clip.embed(prompts).to(self.device) if takes_pooled_text(self.transformer) else None
+            return self.transformer.encode_text(ids, mask, pooled), mask
         # the encoder may live elsewhere (host memory, when training reads a text-feature cache)
         return self.text_encoder.encode(ids, mask).to(self.device), mask
 

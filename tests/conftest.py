@@ -97,6 +97,7 @@ def tiny_train_overrides(world: Path, run: Path, **extra: object) -> list[str]:
         "trainer.report_to": "[]",
         "data.batch_size_per_gpu": 4,
         "data.dataloader_num_workers": 0,
+        "data.num_streams": "null",  # one stream per sample of the global batch: any world size
         "model.hidden_size": 32,
         "model.num_hidden_layers": 2,
         "model.num_attention_heads": 2,

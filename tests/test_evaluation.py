@@ -207,7 +207,10 @@ def test_cli_refusals(checkpoint: Path, prompts3: Path, tmp_path: Path, capsys: 
     assert e.value.code == 2 and "holds a baseline-dit model" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         sampling.main("coco", [*base, "--type", "fuse-dit-clip"])
-    assert e.value.code == 2 and "not supported yet" in capsys.readouterr().err
+    assert e.value.code == 2 and "holds a baseline-dit model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # --clip-l feeds the fuse-dit-clip type only
+        sampling.main("coco", [*base, "--clip-l", str(tmp_path)])
+    assert e.value.code == 2 and "--clip-l: only --type fuse-dit-clip" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sampling.main("coco", [*base, "--tag", "999"])
     assert "999" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def test_heads_that_contradict_the_llm_are_refused_by_name(quick_world: Path, tm
 
 
 @pytest.mark.e2e
-def test_fuse_dit_trains_resumes_and_samples(quick_world: Path, tmp_path: Path) -> None:
+def test_fuse_dit_trains_resumes_and_samples(quick_world: Path, tmp_path: Path, capsys) -> None:
     """4 steps (checkpoint at 2, preview at 4), resume to 6; the folders load on their own and sample.
 
     Beside the first run, a 2-step run with ``trainer.train_llm: true`` checks that the LLM trains.
@@ -122,10 +122,16 @@ def test_fuse_dit_trains_resumes_and_samples(quick_world: Path, tmp_path: Path) 
     sampling.validate_args(parser, args)
     sampling.run(sampling.BENCHMARKS["coco"], args)
     assert len(list((tmp_path / "coco").rglob("*.png"))) == 2
-    _check_export(run, tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:  # no pooled CLIP text in this model: one error line
+        sampling.main("coco", [*argv[:2], "--type", "fuse-dit-clip", *argv[4:6], "--save-dir", str(tmp_path / "c")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (and loading bars)
+    assert err.value.code == 2 and len(lines) == 1, lines
+    assert "error: --type fuse-dit-clip, but the checkpoint holds a fuse-dit model" in lines[0]
+    check_export(run, tmp_path)
 
 
-def _check_export(run: Path, tmp_path: Path) -> None:
+def check_export(run: Path, tmp_path: Path) -> None:
     """The diffusers export of a FuseDiT run: plain diffusers loads it and samples our images."""
     import subprocess
     import sys

@@ -102,6 +102,17 @@ IGNORED = (
 _GEMMA_2 = {"model.base": "google/gemma-2-2b", "model.dit_num_hidden_layers": 26, "model.sandwich_norm": True}
 _GEMMA_IT = {"model.base": "google/gemma-2b-it", "data.tokenizer": "google/gemma-2b-it"}
 _NO_FUSION = {"model.shared_attention_layers": None, "trainer.train_dit": None, "trainer.train_llm": None}
+# The clip-llm type (the reference's clip-mod.yaml): its clip_l section and data.tokenizer.{clip, llm}.
+CLIP_MOD = {
+    "model.encoder_type": "clip-llm",
+    "model.text_modulation_embeds_dim": 768,
+    "clip_l.pretrained_model_name_or_path": SD3,
+    "clip_l.subfolder": "text_encoder",
+    "data.tokenizer": None,
+    "data.tokenizer.clip.pretrained_model_name_or_path": SD3,
+    "data.tokenizer.clip.subfolder": "tokenizer",
+    "data.tokenizer.llm": "google/gemma-2b",
+}
 # Each reference file: what it changes in REFERENCE_BASE (None deletes a key) -> our file.
 REFERENCE: dict[str, dict[str, Any]] = {
     "fusedit/baseline": {},
@@ -146,16 +157,7 @@ REFERENCE: dict[str, dict[str, Any]] = {
         "model.attention": "cross",
         "trainer.validation_steps": "null",
     },
-}
-CLIP_MOD = {
-    "model.encoder_type": "clip-llm",
-    "model.text_modulation_embeds_dim": 768,
-    "clip_l.pretrained_model_name_or_path": SD3,
-    "clip_l.subfolder": "text_encoder",
-    "data.tokenizer": None,
-    "data.tokenizer.clip.pretrained_model_name_or_path": SD3,
-    "data.tokenizer.clip.subfolder": "tokenizer",
-    "data.tokenizer.llm": "google/gemma-2b",
+    "fusedit/clip-mod": CLIP_MOD,
 }
 
 
@@ -217,6 +219,7 @@ def science(cfg: TrainConfig) -> dict[str, Any]:
             },
             "caption_column": dataclasses.asdict(d.caption_column),
             "tokenizer": d.tokenizer or cfg.model.base,
+            "clip_tokenizer": (d.clip_tokenizer, d.clip_tokenizer_subfolder),
             "shards": [Path(p).name for p in d.data_path],
         },
     }
@@ -235,7 +238,7 @@ def test_our_config_loads_and_validates(path: Path) -> None:
 def test_every_reference_config_has_a_file_or_a_reason_in_the_docs() -> None:
     assert {f"{p.parent.name}/{p.stem}" for p in OURS} == set(REFERENCE)
     table = (ROOT / "docs" / "fusedit-family.md").read_text()
-    for name in [*REFERENCE, "fusedit/clip-mod"]:
+    for name in REFERENCE:
         assert f"`configs/{name}.yaml`" in table, name
 
 
@@ -284,16 +287,38 @@ def test_our_spelling_of_a_size_wins_over_the_llm_default(tmp_path: Path) -> Non
 
 
 # -------------------------------------------------------------------------------- (c) refusals
-@pytest.mark.parametrize("first", ["clip_l.", "data.tokenizer.clip."])
-def test_the_clip_mod_ablation_is_refused_naming_the_key(tmp_path: Path, first: str) -> None:
-    """Its CLIP-L text encoder section and its CLIP tokenizer: one error, naming the first one met."""
-    other = "data.tokenizer" if first == "clip_l." else "clip_l."
-    changes = {k: v for k, v in CLIP_MOD.items() if not k.startswith(other)}
+def test_the_clip_mod_ablation_maps_its_clip_sections(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The reference's clip_l section and data.tokenizer.{clip, llm}: one notice per key, mapped onto our fields."""
+    cfg, notices = load_with_notices(reference_yaml(tmp_path, CLIP_MOD), caplog)
+    assert (cfg.model.clip_text_encoder, cfg.model.clip_text_encoder_subfolder) == (SD3, "text_encoder")
+    assert (cfg.data.clip_tokenizer, cfg.data.clip_tokenizer_subfolder) == (SD3, "tokenizer")
+    assert cfg.data.tokenizer == "google/gemma-2b" and cfg.model.encoder_type == "clip-llm"
+    for old, new in (
+        ("clip_l.pretrained_model_name_or_path", "model.clip_text_encoder"),
+        ("clip_l.subfolder", "model.clip_text_encoder_subfolder"),
+        ("data.tokenizer.clip.pretrained_model_name_or_path", "data.clip_tokenizer"),
+        ("data.tokenizer.clip.subfolder", "data.clip_tokenizer_subfolder"),
+    ):
+        assert sum(n.startswith(f"config: '{old}' is accepted as '{new}'") for n in notices) == 1, old
+
+
+@pytest.mark.parametrize(
+    ("overrides", "culprit"),
+    [
+        (["clip_l.torch_dtype=float16"], "clip_l.torch_dtype"),  # from_pretrained arguments we do not read
+        (["data.tokenizer.clip.use_fast=false"], "data.tokenizer.clip.use_fast"),
+        (["clip_l.pretrained_model_name_or_path=null"], "model.clip_text_encoder"),  # width, no CLIP
+        (["model.text_modulation_embeds_dim=null"], "model.text_modulation_embeds_dim"),  # CLIP, no width
+        (["model.encoder_type=llm"], "model.encoder_type"),
+        (["model.name=DiT", "model.text_modulation_embeds_dim=null"], "model.clip_text_encoder"),  # baseline
+    ],
+)
+def test_clip_settings_that_do_not_go_together_are_one_error(tmp_path: Path, overrides, culprit: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load_config(reference_yaml(tmp_path, changes))
+        load_config(reference_yaml(tmp_path, CLIP_MOD), overrides)
     message = str(err.value)
-    assert message.startswith(f"{first}pretrained_model_name_or_path: ") and message.count("not supported") == 1
-    assert "clip-llm" in message and "\n" not in message
+    assert message.startswith(f"{culprit}: ") and "\n" not in message, message
+    assert "; model." not in message and "; data." not in message, message  # one culprit, not a list
 
 
 def test_an_llm_we_cannot_size_offline_is_refused_by_name(tmp_path: Path) -> None:
@@ -332,6 +357,7 @@ COUNTS = {
     "paligemma": (2_448_479_296, 2_508_662_784),
     "gemma-2": (2_869_825_088, 2_614_341_888),
     "large-scale": (2_024_828_480, 2_614_341_888),
+    "clip-mod": (2_454_251_328, 2_506_172_416),  # the baseline + condition_embedder (768 -> 2048 -> 2048)
 }
 
 

@@ -147,8 +147,9 @@ def test_an_undecodable_image_keeps_its_place_and_is_skipped(quick_world: Path, 
 
     tokenizer = TextEncoder(str(quick_world / "text_encoder")).tokenizer
     loader = build_dataloader(
-        [info["data_path"]], tokenizer, batch_size=4, resolution=32, num_open_shards=1, cached_latents=True
-    )
+        [info["data_path"]], tokenizer, batch_size=4, resolution=32, num_open_shards=1, cached_latents=True,
+        num_streams=1,  # one stream reads the one shard through, meeting the bad sample
+    )  # fmt: skip
     batch = next(iter(loader))
     assert batch["latent_moments"].shape[0] == 4 and batch["skipped"] == 1
 

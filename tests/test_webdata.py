@@ -131,8 +131,9 @@ def test_corrupt_data_is_skipped_counted_and_logged(shards, caplog):
     assert not ImageFile.LOAD_TRUNCATED_IMAGES
     caplog.set_level(logging.WARNING, logger="fusedit.data.webdata")
     loader = build_dataloader(
-        shards["bad"], make_tokenizer(), batch_size=5, resolution=16, random_dropping_rate=0.0, num_open_shards=1
-    )
+        shards["bad"], make_tokenizer(), batch_size=5, resolution=16, random_dropping_rate=0.0, num_open_shards=1,
+        num_streams=1,
+    )  # fmt: skip
     got = batches(loader, 12)
     seen = {n for b in got for n in names(b)}
     assert not seen & {"s10_002", "s10_005", "s10_007"}
@@ -193,13 +194,13 @@ def test_resume_continues_exactly(shards, num_workers):
     tok = make_tokenizer()
     kw = dict(batch_size=4, resolution=16, center_crop=False, num_workers=num_workers, num_open_shards=3)
     data = shards["good"] + shards["bad"]
-    n = 3  # odd: with 2 workers the resumed loader's worker 0 must play role 1
+    n = 3
     straight = batches(build_dataloader(data, tok, **kw), 2 * n)
     stream = StreamState()
     for batch in straight[:n]:
         stream.update(batch)
     saved = json.loads(json.dumps(stream.state_dict()))
-    assert saved["batches"] == n and len(saved["roles"]) == max(1, num_workers)
+    assert saved["batches"] == n and saved["step"] == n and len(saved["streams"]) == 4  # one per sample
     resumed = batches(build_dataloader(data, tok, resume_state=saved, **kw), n)
     assert_same_batches(straight[n:], resumed)
     # The trainer's StreamState keeps counting from the resumed position.
@@ -225,7 +226,7 @@ def test_resume_reads_a_bounded_prefix_and_decodes_nothing_consumed(shards, monk
     monkeypatch.setattr(webdata, "decode_image", counting("decode", decode))
     monkeypatch.setattr(webdata, "_open_url", counting("open", open_url))
     tok = make_tokenizer()
-    kw = dict(batch_size=5, resolution=16, num_open_shards=2)
+    kw = dict(batch_size=5, resolution=16, num_open_shards=2, num_streams=1)
     it = iter(build_dataloader(shards["good"], tok, **kw))
     stream = StreamState()
     for _ in range(8):  # 40 samples: the open shards are deep into their 20 samples
@@ -251,11 +252,110 @@ def test_missing_shards_fail_early_naming_the_pattern(shards):
         build_dataloader([str(root / "nope.tar")], make_tokenizer(), batch_size=2, resolution=8)
 
 
-def test_resume_state_of_another_rank_is_refused(shards):
+# ------------------------------------------------------------------ the global order (issue 29)
+def _global_steps(data: list[str], steps: int, world: int, workers: int, accumulation: int = 1, **kw) -> list:
+    """Sample names of global batches 0..steps-1 read by ``world`` ranks, each rank's share in rank order."""
     tok = make_tokenizer()
-    stream = StreamState()
-    stream.update(batches(build_dataloader(shards["good"], tok, batch_size=2, resolution=8), 1)[0])
-    with pytest.raises(ValueError, match="rank 0"):
-        build_dataloader(
-            shards["good"], tok, batch_size=2, resolution=8, rank=1, world_size=2, resume_state=stream.state_dict()
-        )
+    micro = 8 // (world * accumulation)
+    ranks = [
+        iter(build_dataloader(data, tok, batch_size=micro, resolution=8, rank=r, world_size=world,
+                              accumulation=accumulation, num_workers=workers, center_crop=False, **kw))
+        for r in range(world)
+    ]  # fmt: skip
+    out = []
+    for _ in range(steps):
+        names_, skipped, pixels = [], 0, []
+        for it in ranks:
+            for _ in range(accumulation):
+                batch = next(it)
+                names_ += names(batch)
+                skipped += batch["skipped"]
+                pixels.append(batch["pixel_values"])
+        out.append((names_, skipped, torch.cat(pixels)))
+    return out
+
+
+@pytest.mark.parametrize(("world", "workers", "accumulation"), [(2, 0, 1), (4, 1, 1), (2, 2, 1), (1, 2, 2)])
+def test_global_batches_do_not_depend_on_world_size_workers_or_accumulation(shards, world, workers, accumulation):
+    """Global batch s holds the same samples in the same order, with the same crops and the same
+    corrupt samples skipped, for 1, 2 or 4 ranks, 0-2 workers and any accumulation."""
+    data = shards["bad"] + [str(shards["root"] / "good-000000.tar")]
+    kw = dict(random_dropping_rate=0.0, num_open_shards=1)  # each stream reads its shards through: meets the bad ones
+    reference = _global_steps(data, 8, 1, 0, **kw)
+    got = _global_steps(data, 8, world, workers, accumulation, **kw)
+    assert sum(s for _, s, _ in reference) > 0  # the bad shards were met: skipping is part of the order
+    for (names_a, skipped_a, pixels_a), (names_b, skipped_b, pixels_b) in zip(reference, got):
+        assert names_a == names_b and skipped_a == skipped_b
+        assert torch.equal(pixels_a, pixels_b)  # random crops are keyed by the sample, not the rank
+
+
+def _state_after(data: list[str], steps: int, world: int, tok) -> dict:
+    """Every rank's StreamState after ``steps`` global batches, merged as a resume merges them."""
+    states = []
+    for r in range(world):
+        it = iter(build_dataloader(data, tok, batch_size=8 // world, resolution=8, rank=r, world_size=world))
+        stream = StreamState()
+        for _ in range(steps):
+            stream.update(next(it))
+        states.append(json.loads(json.dumps(stream.state_dict())))
+    return webdata.merge_stream_states(states)
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 4)])
+def test_resume_at_another_world_size_continues_the_global_order(shards, before, after):
+    tok, data = make_tokenizer(), shards["good"]
+    merged = _state_after(data, 2, before, tok)
+    assert merged["step"] == 2 and len(merged["streams"]) == 8
+    resumed = []
+    for r in range(after):
+        it = iter(build_dataloader(data, tok, batch_size=8 // after, resolution=8, rank=r, world_size=after,
+                                   resume_state=merged))  # fmt: skip
+        resumed.append([names(next(it)) for _ in range(2)])
+    straight = [n for n, _, _ in _global_steps(data, 4, 1, 0)]
+    assert [sum((resumed[r][s] for r in range(after)), []) for s in range(2)] == straight[2:]
+
+
+def test_a_split_that_does_not_tile_the_global_batch_is_refused(shards):
+    tok = make_tokenizer()
+    with pytest.raises(ValueError, match="data.num_streams: 3 streams cannot be split over 2 processes"):
+        build_dataloader(shards["good"], tok, batch_size=3, resolution=8, world_size=2, num_streams=3)
+    with pytest.raises(ValueError, match="data.num_streams: 5 does not divide the global batch 8"):
+        build_dataloader(shards["good"], tok, batch_size=8, resolution=8, num_streams=5)
+    merged = _state_after(shards["good"], 1, 1, tok)
+    with pytest.raises(ValueError, match="this run"):  # another global batch is another order
+        build_dataloader(shards["good"], tok, batch_size=2, resolution=8, resume_state=merged)
+
+
+def test_states_written_before_the_global_order_are_not_continued():
+    old = {"version": 1, "batches": 3, "roles": {"0": {"role": 0, "slots": [[0, 3]], "next_k": 4, "draws": 3}}}
+    assert webdata.merge_stream_states([old]) is None
+    assert StreamState(old).state_dict()["streams"] == {}
+
+
+@pytest.mark.parametrize(
+    ("global_batch", "cap", "world", "micro", "accumulation"),
+    [(1024, 32, 32, 32, 1), (1024, 32, 16, 32, 2), (1024, 24, 32, 16, 2), (96, 32, 4, 24, 1), (96, 5, 4, 4, 6)],
+)
+def test_the_global_batch_is_kept_by_deriving_micro_batch_and_accumulation(
+    global_batch, cap, world, micro, accumulation
+):
+    from fusedit.config import derive_batch, load_config
+
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "e2e-vae" / "toy.yaml",
+        [f"data.global_batch_size={global_batch}", f"data.batch_size_per_gpu={cap}"],
+    )
+    derived = derive_batch(cfg, world)
+    assert derived["batch_size_per_gpu"] == cfg.data.batch_size_per_gpu == micro
+    assert derived["gradient_accumulation_steps"] == cfg.trainer.gradient_accumulation_steps == accumulation
+    assert micro * accumulation * world == global_batch
+
+
+def test_a_global_batch_the_processes_cannot_share_is_refused_with_the_numbers():
+    from common.config import ConfigError
+    from fusedit.config import derive_batch, load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "e2e-vae" / "toy.yaml",
+                      ["data.global_batch_size=100"])  # fmt: skip
+    with pytest.raises(ConfigError, match="data.global_batch_size: 100 samples cannot be shared by 3 processes"):
+        derive_batch(cfg, 3)

@@ -1,44 +1,58 @@
 """The training data stream: image/caption samples from webdataset tar shards, as batches.
 
-Design goal: a stream whose position is a handful of integers, so that a checkpoint can store it
-and a resumed run continues with *exactly* the batches an uninterrupted run would have seen,
-without decoding anything it already consumed. (The reference keeps no position and replays
-``step x batch`` samples on resume, which takes hours at scale.)
+Design goals: (1) a position that is a handful of integers, so that a checkpoint can store it and
+a resumed run continues with *exactly* the batches an uninterrupted run would have seen, without
+decoding anything it already consumed (the reference keeps no position and replays ``step x
+batch`` samples on resume, which takes hours at scale); (2) one global sample order that does not
+depend on the number of GPUs or data-loader workers, so that a run resumed on another allocation,
+and the two arms of a paired study, see the same samples in the same order.
 
-How the stream is defined, per (rank, role); a role is the stream one DataLoader worker plays:
+How the order is defined:
 
-* **Shards**: the k-th shard a role opens is ``urls[draw(seed, rank, role, k)]``, a uniform
-  draw *with replacement* (infinite resampling, no epochs). Being a pure function of the
-  position, shard k can be found without drawing shards 0..k-1, and different ranks and roles
-  read different shard sequences, which is how the data is split without node/worker splitting.
-* **Shuffle**: a role keeps ``num_open_shards`` shards open and takes each next sample from the
-  slot ``draw(seed, rank, role, draw_index)``; an exhausted (or broken) shard is replaced in its
-  slot by the role's next shard. This interleaving shuffle is weaker than webdataset's shuffle
-  buffer but its state is a few positions; a buffer of decoded samples cannot be checkpointed
-  cheaply (storing it means storing thousands of samples, rebuilding it means replaying).
-* **Position** of a role = the open slots' ``(k, offset)`` + the next k + the draw count.
-  Resuming a slot at offset ``o`` re-reads that shard's first ``o`` samples (tar members, no
-  image decoding): at most one shard per open slot.
+* **Streams**: the data is ``V = data.num_streams`` independent sample streams (default: one per
+  sample of the global batch ``G``). Global batch ``s`` is, for v = 0..V-1 in turn, the next
+  ``q = G / V`` samples of stream v. Nothing in it depends on the world size ``N`` or the workers.
+* **Ranks**: rank r of N owns the consecutive streams ``[r V/N, (r+1) V/N)``, so its share of global
+  batch s is the contiguous slice ``[r G/N, (r+1) G/N)``: the place in the global batch that the
+  trainer's per-sample randomness (noise, timestep) is keyed by. Each rank opens only its own
+  streams' shards. Its share is split into ``gradient_accumulation_steps`` micro-batches in order.
+* **Workers**: a rank's W data-loader workers split its streams (worker w reads every W-th) and
+  each yields one *part* per step; the main process puts the W parts of a step back in stream
+  order. W only changes who decodes what, never the batches.
+* **One stream**: the k-th shard stream v opens is ``urls[draw(seed, v, k)]``, a uniform draw
+  *with replacement* (infinite resampling, no epochs); being a pure function of the position,
+  shard k can be found without drawing shards 0..k-1. The stream keeps ``num_open_shards`` shards
+  open and takes each next sample from the slot ``draw(seed, v, draw_index)``; an exhausted (or
+  broken) shard is replaced in its slot by the stream's next shard. This interleaving shuffle is
+  weaker than webdataset's shuffle buffer (V streams x ``num_open_shards`` shards are mixed, one
+  sample at a time each), but its state is a few positions; a buffer of decoded samples cannot be
+  checkpointed cheaply.
+  Streams draw their shards independently (as ranks and workers did before the global order), so
+  when ``V x num_open_shards`` nears the number of shards two streams may read one shard at the
+  same time and repeat its samples a few steps apart; keep it well below the shard count (the 3B
+  configs: 1,024 x 4 slots over 4,530 shards is not; dealing each epoch's shard permutation out
+  to the streams would be the fix, and would change every order).
+* **Position** of a stream = its open slots' ``(k, offset)`` + the next k + the draw count; of
+  the run = the step and every stream's position (each rank saves its own streams; a resume at
+  another world size merges all ranks' files). Resuming a slot at offset ``o`` re-reads that
+  shard's first ``o`` samples (tar members, no image decoding): at most one shard per open slot.
 * **Per-sample randomness** (caption column, caption dropout for CFG, random crop) comes from a
-  generator seeded by ``(seed, rank, role, k, offset)``: the same sample at the same position
-  always gets the same draws, and ranks differ (the reference seeded all ranks identically).
-* **Batches**: each DataLoader worker builds whole batches of its own role. The DataLoader
-  returns them round-robin, so batch b comes from role ``b % W``; a loader resumed after B
-  batches gives physical worker j the role ``(B + j) % W``.
+  generator seeded by ``(seed, v, k, offset)``: the same sample always gets the same draws.
 
 Corrupt data is never fatal: an unreadable or truncated shard ends that shard (the rest of it is
-skipped), and a sample without its image or caption, or whose JPEG does not decode, is
-skipped. Both are counted in the batch's ``skipped`` and logged (rate limited) with URL and key.
-Truncated JPEGs are rejected: this module never sets ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``
-(the reference set it, silently training on grey-filled images).
+skipped), and a sample without its image or caption, or whose JPEG does not decode, is skipped
+and its stream's next sample takes its place; the same one at every world size. Both are counted
+in the batch's ``skipped`` and logged (rate limited) with URL and key. Truncated JPEGs are
+rejected: this module never sets ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` (the reference set it,
+silently training on grey-filled images).
 
 Typical use by the trainer::
 
-    loader = build_dataloader(paths, tokenizer, batch_size=32, resolution=256,
-                              resume_state=checkpoint.get("data"))
-    stream = StreamState(checkpoint.get("data"))
-    for batch in loader:          # one iterator per loader: a new iterator restarts
-        stream.update(batch)      # from resume_state
+    loader = build_dataloader(paths, tokenizer, batch_size=32, resolution=256, global_batch=1024,
+                              world_size=32, rank=r, resume_state=merged_state)
+    stream = StreamState(merged_state)
+    for batch in loader:          # micro-batches; one iterator per loader: a new iterator
+        stream.update(batch)      # restarts from resume_state
         ...
         checkpoint["data"] = stream.state_dict()
 """
@@ -49,6 +63,7 @@ import hashlib
 import io
 import logging
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,11 +75,12 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from common.shards import BadSample, DataError, RateLimitedWarnings, decode_image, validate_data_paths
 from fusedit.data.text_features import TextFeatureReader, pad_features
-from fusedit.text import tokenize
+from fusedit.text import pad_token_rows, token_rows
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+# 2: the global order (1: per-rank streams, before it; still read, never continued)
+STATE_VERSION = 2
 # The member a latent cache (fusedit/data/latent_cache.py) stores each sample's posterior in.
 LATENT_MEMBER = "latent.npy"
 # Domains separate the independent random streams derived from the same (seed, rank, role).
@@ -147,13 +163,13 @@ class ShardReader:
         self._stream = self._samples = None
 
 
-class _RoleStream:
-    """The infinite raw-sample stream of one (rank, role), addressable by its state."""
+class _Stream:
+    """The infinite raw-sample stream ``v`` of the global order, addressable by its state."""
 
-    def __init__(
-        self, urls: list[str], seed: int, rank: int, role: int, num_open_shards: int, state: dict | None
-    ) -> None:
-        self.urls, self.seed, self.rank, self.role = urls, seed, rank, role
+    def __init__(self, urls: list[str], seed: int, v: int, num_open_shards: int, state: dict | None) -> None:
+        # Keyed (seed, 0, v): the "0" is where the per-rank streams before the global order put
+        # the rank, so one stream on one GPU reads exactly what those runs read.
+        self.urls, self.seed, self.rank, self.role = urls, seed, 0, v
         if state is None:
             slots, self.next_k, self.draws = [[k, 0] for k in range(num_open_shards)], num_open_shards, 0
         else:
@@ -171,7 +187,7 @@ class _RoleStream:
         self.next_k += 1
 
     def next_sample(self) -> tuple[dict[str, Any], int, int]:
-        """The next raw sample and its position (k, offset) in the role's shard sequence."""
+        """The next raw sample and its position (k, offset) in the stream's shard sequence."""
         slot = _draw(len(self.readers), self.seed, self.rank, self.role, _SLOT, self.draws)
         self.draws += 1
         for _ in range(MAX_EMPTY_SHARDS):
@@ -315,139 +331,258 @@ class SampleTransform:
 # ----------------------------------------------------------------------------- batches
 
 
-class _WebBatches(IterableDataset):
-    """Infinite whole batches; in worker j the role is ``(batches_done + j) % num_roles``."""
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank's samples sit in the global order (see the module docstring)."""
+
+    global_batch: int  # G: samples per optimizer step, all ranks
+    num_streams: int  # V
+    world_size: int  # N
+    rank: int
+    micro_batch: int  # samples per micro-batch on this rank
+    accumulation: int  # micro-batches per step
+
+    @property
+    def per_stream(self) -> int:
+        return self.global_batch // self.num_streams
+
+    @property
+    def streams(self) -> list[int]:
+        """This rank's streams: consecutive, so its samples are one slice of the global batch."""
+        per_rank = self.num_streams // self.world_size
+        return list(range(self.rank * per_rank, (self.rank + 1) * per_rank))
+
+    def check(self) -> None:
+        """Refuse a split that does not tile the global batch, naming the numbers."""
+        g, v, n = self.global_batch, self.num_streams, self.world_size
+        if g % v:
+            raise ValueError(f"data.num_streams: {v} does not divide the global batch {g}")
+        if v % n:
+            raise ValueError(
+                f"data.num_streams: {v} streams cannot be split over {n} processes; "
+                f"use a multiple of {n} that divides the global batch {g}"
+            )
+        if self.micro_batch * self.accumulation * n != g:
+            raise ValueError(
+                f"micro-batch {self.micro_batch} x accumulation {self.accumulation} x {n} processes != global batch {g}"
+            )
+
+
+class _StreamParts(IterableDataset):
+    """Worker w of W reads every W-th of the rank's streams and yields one part per step."""
 
     def __init__(
         self,
         urls: list[str],
-        tokenizer: Any,
         transform: SampleTransform,
+        layout: Layout,
         *,
-        batch_size: int,
-        max_length: int,
-        pad_to_multiple_of: int | None,
         seed: int,
-        rank: int,
-        num_roles: int,
         num_open_shards: int,
-        role_states: dict[int, dict],
-        batches_done: int,
+        stream_states: dict[int, dict],
+        start_step: int,
+        tokenizer: Any = None,
+        max_length: int = 0,
         text_features: TextFeatureReader | None = None,
     ) -> None:
         super().__init__()
-        self.urls, self.tokenizer, self.transform = urls, tokenizer, transform
-        self.text_features = text_features
-        self.batch_size, self.max_length, self.pad_to_multiple_of = batch_size, max_length, pad_to_multiple_of
-        self.seed, self.rank, self.num_roles, self.num_open_shards = seed, rank, num_roles, num_open_shards
-        self.role_states, self.batches_done = role_states, batches_done
-        self.fingerprint = _fingerprint(urls)
+        self.urls, self.transform, self.layout = urls, transform, layout
+        self.tokenizer = None if text_features is not None else tokenizer  # a text cache needs no ids
+        self.max_length = max_length
+        self.seed, self.num_open_shards = seed, num_open_shards
+        self.stream_states, self.start_step, self.text_features = stream_states, start_step, text_features
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        role = (self.batches_done + (info.id if info is not None else 0)) % self.num_roles
-        stream = _RoleStream(self.urls, self.seed, self.rank, role, self.num_open_shards, self.role_states.get(role))
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = self.layout.streams[worker::workers]
+        streams = {v: _Stream(self.urls, self.seed, v, self.num_open_shards, self.stream_states.get(v)) for v in mine}
+        step = self.start_step
         try:
             while True:
-                yield self._batch(stream, role)
+                yield self._part(streams, step)
+                step += 1
         finally:  # an abandoned iterator releases its open shards (files, pipes)
-            stream.close()
+            for stream in streams.values():
+                stream.close()
 
-    def _batch(self, stream: _RoleStream, role: int) -> dict[str, Any]:
-        pixels, captions, features, skipped, in_a_row = [], [], [], 0, 0
-        while len(pixels) < self.batch_size:
-            sample, k, offset = stream.next_sample()
-            rng = _rng(self.seed, self.rank, role, _SAMPLE, k, offset)
-            try:
-                image, caption, column = self.transform(sample, rng)
-            except BadSample as exn:
-                skipped += 1
-                in_a_row += 1
-                stream.warnings.warn("%s key %s: %s", sample.get("__url__"), sample.get("__key__"), exn)
-                if in_a_row >= MAX_BAD_SAMPLES_IN_A_ROW:
-                    raise DataError(
-                        f"data.data_path: {in_a_row} samples in a row were unusable (last: {sample.get('__url__')} "
-                        f"key {sample.get('__key__')}: {exn}); check the shards' image and caption members"
-                    ) from exn
-                continue
-            in_a_row = 0
-            pixels.append(image)
-            captions.append(caption)
-            if self.text_features is not None:
-                features.append(self.text_features.features(sample["__url__"], offset, sample["__key__"], column))
-        state = {
-            "role": role,
-            "num_roles": self.num_roles,
-            "rank": self.rank,
-            "seed": self.seed,
-            "urls": self.fingerprint,
-            **stream.state(),
-        }
+    def _part(self, streams: dict[int, _Stream], step: int) -> dict[str, Any]:
+        """This worker's samples of ``step``: ``per_stream`` from each of its streams, in stream order."""
+        visuals, captions, features, order, skipped = [], [], [], [], 0
+        for v, stream in streams.items():
+            for j in range(self.layout.per_stream):
+                visual, caption, feature, bad = self._next_usable(stream, v)
+                skipped += bad
+                visuals.append(visual)
+                captions.append(caption)
+                features.append(feature)
+                order.append((v, j))
+            skipped += stream.pop_skipped()
         return {
-            "latent_moments" if self.transform.latent_key else "pixel_values": torch.stack(pixels),
-            **self._text(captions, features),
+            "step": step,
+            "order": order,
+            # one tensor per part: a list of tensors would cross to the main process one by one
+            "visuals": torch.stack(visuals) if visuals else torch.empty(0),
             "captions": captions,
-            "skipped": skipped + stream.pop_skipped(),
-            "state": state,
+            "tokens": token_rows(self.tokenizer, captions, self.max_length) if self.tokenizer and captions else [],
+            "features": features,
+            "skipped": skipped,
+            "streams": {v: stream.state() for v, stream in streams.items()},
         }
 
-    def _text(self, captions: list[str], features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _next_usable(self, stream: _Stream, v: int) -> tuple[torch.Tensor, str, Any, int]:
+        """The stream's next sample that decodes, and how many unusable ones came before it."""
+        for bad in range(MAX_BAD_SAMPLES_IN_A_ROW):
+            sample, k, offset = stream.next_sample()
+            rng = _rng(self.seed, 0, v, _SAMPLE, k, offset)
+            try:
+                visual, caption, column = self.transform(sample, rng)
+            except BadSample as exn:
+                stream.warnings.warn("%s key %s: %s", sample.get("__url__"), sample.get("__key__"), exn)
+                continue
+            feature = None
+            if self.text_features is not None:
+                feature = self.text_features.features(sample["__url__"], offset, sample["__key__"], column)
+            return visual, caption, feature, bad
+        raise DataError(
+            f"data.data_path: {MAX_BAD_SAMPLES_IN_A_ROW} samples in a row were unusable (last: "
+            f"{sample.get('__url__')} key {sample.get('__key__')}); check the shards' image and caption members"
+        )
+
+
+class GlobalOrderLoader:
+    """This rank's micro-batches of the global order: the workers' parts of each step, put back in
+    stream order, tokenised and cut into ``accumulation`` micro-batches.
+
+    Every micro-batch carries ``state``: the position after its step (the step, and this rank's
+    streams), which :class:`StreamState` keeps for the checkpoint.
+    """
+
+    def __init__(
+        self,
+        parts: DataLoader,
+        layout: Layout,
+        tokenizer: Any,
+        *,
+        max_length: int,
+        pad_to_multiple_of: int | None,
+        latent_key: str | None,
+        text_features: bool,
+        meta: dict[str, Any],
+    ) -> None:
+        self.parts, self.layout, self.tokenizer = parts, layout, tokenizer
+        self.max_length, self.pad_to_multiple_of = max_length, pad_to_multiple_of
+        self.visual_key = "latent_moments" if latent_key else "pixel_values"
+        self.text_features, self.meta = text_features, meta
+        self.num_parts = max(1, min(parts.num_workers, len(layout.streams)))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        parts = iter(self.parts)
+        while True:
+            step = [next(parts) for _ in range(self.num_parts)]
+            if len({p["step"] for p in step}) != 1:  # the DataLoader returns workers round-robin, in order
+                raise RuntimeError(f"data loader parts out of step: {[p['step'] for p in step]}")
+            yield from self._micro_batches(step)
+
+    def _micro_batches(self, step_parts: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rows = sorted(
+            (
+                (pos, part["visuals"][i], part["captions"][i], part["tokens"][i] if part["tokens"] else None,
+                 part["features"][i])
+                for part in step_parts
+                for i, pos in enumerate(part["order"])
+            ),
+            key=lambda row: row[0],  # (stream, index in the stream's share): the global order
+        )  # fmt: skip
+        streams: dict[int, dict] = {}
+        for part in step_parts:
+            streams.update(part["streams"])
+        state = {**self.meta, "step": step_parts[0]["step"] + 1, "streams": streams}
+        skipped = sum(p["skipped"] for p in step_parts)
+        b = self.layout.micro_batch
+        for micro in range(self.layout.accumulation):
+            chunk = rows[micro * b : (micro + 1) * b]
+            yield {
+                self.visual_key: torch.stack([row[1] for row in chunk]),
+                **self._text(chunk),
+                "captions": [row[2] for row in chunk],
+                "skipped": skipped if micro == 0 else 0,
+                "state": state,
+            }
+
+    def _text(self, chunk: list[tuple]) -> dict[str, torch.Tensor]:
         """Token ids for the encoder, or (with a text cache) the features it would have produced."""
-        if self.text_features is None:
-            ids, mask = tokenize(self.tokenizer, captions, self.max_length, self.pad_to_multiple_of)
+        if not self.text_features:
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            ids, mask = pad_token_rows([row[3] for row in chunk], self.max_length, self.pad_to_multiple_of, pad)
             return {"input_ids": ids, "attention_mask": mask}
-        hidden, mask = pad_features(features, self.max_length, self.pad_to_multiple_of)
+        hidden, mask = pad_features([row[4] for row in chunk], self.max_length, self.pad_to_multiple_of)
         return {"text_features": hidden, "attention_mask": mask}
 
 
 class StreamState:
-    """What the trainer checkpoints: batches consumed and each role's position after its last one.
+    """What the trainer checkpoints: the step the stream is at and this rank's streams' positions.
 
-    Call :meth:`update` with every batch *consumed* (not merely prefetched); pass
-    :meth:`state_dict` (plain JSON) back to :func:`build_dataloader` as ``resume_state``.
+    Call :meth:`update` with every micro-batch *consumed* (not merely prefetched); pass
+    :meth:`state_dict` (plain JSON; each rank's, or several ranks' merged by
+    :func:`merge_stream_states`) back to :func:`build_dataloader` as ``resume_state``.
     """
 
     def __init__(self, state: dict | None = None) -> None:
-        self.batches = int(state["batches"]) if state else 0
-        self.roles: dict[str, dict] = {str(r): dict(s) for r, s in (state or {}).get("roles", {}).items()}
+        self.batches = int(state.get("batches", 0)) if state else 0
+        self.state: dict[str, Any] = dict(state) if state and state.get("version") == STATE_VERSION else {}
 
     def update(self, batch: Mapping[str, Any]) -> None:
-        role_state = dict(batch["state"])
-        self.roles[str(role_state["role"])] = role_state
+        self.state = batch["state"]
         self.batches += 1
 
     def state_dict(self) -> dict[str, Any]:
+        streams = self.state.get("streams", {})
         return {
+            **{k: v for k, v in self.state.items() if k != "streams"},
             "version": STATE_VERSION,
             "batches": self.batches,
-            "roles": {r: {**s, "slots": [list(x) for x in s["slots"]]} for r, s in self.roles.items()},
+            "streams": {str(v): {**s, "slots": [list(x) for x in s["slots"]]} for v, s in streams.items()},
         }
 
 
+def merge_stream_states(states: list[dict]) -> dict | None:
+    """The run's position from every rank's saved state (any world size), or None when they are not
+    states of the global order (written before it: they cannot be continued exactly)."""
+    if not states or any(s.get("version") != STATE_VERSION for s in states):
+        return None
+    first = states[0]
+    for s in states[1:]:
+        for key in ("step", "seed", "urls", "num_streams", "global_batch"):
+            if s.get(key) != first.get(key):
+                raise ValueError(f"data states of one checkpoint disagree on {key}: {s.get(key)} != {first.get(key)}")
+    streams: dict[str, dict] = {}
+    for s in states:
+        streams.update(s.get("streams", {}))
+    return {**first, "streams": streams}
+
+
 def _resume_positions(
-    resume_state: dict | None, *, seed: int, rank: int, num_roles: int, urls: list[str]
+    resume_state: dict | None, *, seed: int, layout: Layout, urls: list[str]
 ) -> tuple[dict[int, dict], int]:
-    """Role states and batch count from a :class:`StreamState` dict, checked against this run."""
+    """This rank's stream states and the step to start at, checked against this run."""
     if not resume_state:
         return {}, 0
     if resume_state.get("version") != STATE_VERSION:
-        raise ValueError(f"data resume state: version {resume_state.get('version')!r} != {STATE_VERSION}")
-    roles = {int(r): s for r, s in resume_state.get("roles", {}).items()}
-    for s in roles.values():
-        if s["seed"] != seed or s["rank"] != rank:
-            raise ValueError(
-                f"data resume state belongs to seed {s['seed']} rank {s['rank']}, not seed {seed} rank {rank}"
-            )
-        if s["num_roles"] != num_roles:
-            log.warning(
-                "data resume state was written with %d stream roles (num_workers), this loader has %d: "
-                "the stream continues but not batch-for-batch as the original run would have",
-                s["num_roles"],
-                num_roles,
-            )
-        if s["urls"] != _fingerprint(urls):
-            log.warning("data resume state was written for another shard list; positions refer to other shards")
-    return roles, int(resume_state["batches"])
+        raise ValueError(
+            f"data resume state: version {resume_state.get('version')!r} != {STATE_VERSION} "
+            "(written before the global sample order; the trainer restarts such a stream re-seeded)"
+        )
+    for key, ours in (("seed", seed), ("num_streams", layout.num_streams), ("global_batch", layout.global_batch)):
+        if resume_state.get(key) != ours:
+            raise ValueError(f"data resume state has {key} {resume_state.get(key)}, this run {ours}")
+    if resume_state.get("urls") != _fingerprint(urls):
+        log.warning("data resume state was written for another shard list; positions refer to other shards")
+    saved = {int(v): s for v, s in resume_state.get("streams", {}).items()}
+    missing = [v for v in layout.streams if v not in saved]
+    if missing and saved:
+        raise ValueError(f"data resume state lacks streams {missing[:8]} of rank {layout.rank}")
+    return saved, int(resume_state.get("step", 0))
 
 
 def caption_columns(caption_column: Any) -> tuple[str, str]:
@@ -480,23 +615,27 @@ def build_dataloader(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    accumulation: int = 1,
+    num_streams: int | None = None,
     num_open_shards: int = 4,
     resume_state: dict | None = None,
     pin_memory: bool = False,
     cached_latents: bool = False,
     text_cache: str | None = None,
-) -> DataLoader:
-    """An infinite DataLoader of batches (see the module docstring for the stream's definition).
+) -> GlobalOrderLoader:
+    """An infinite iterable of this rank's micro-batches (see the module docstring for the order).
 
-    Batch: ``pixel_values`` (B,3,R,R) float32 in [-1,1]; ``input_ids``/``attention_mask`` (B,L)
-    int64, L = longest prompt rounded up to ``pad_to_multiple_of`` (at most ``max_prompt_length``
-    + the instruction's tokens, as in the reference); ``captions`` after dropout; ``skipped``
-    (corrupt samples/shards this worker skipped since its previous batch); ``state`` (the
-    producing role's position after the batch, for :class:`StreamState`).
+    The global batch is ``batch_size x accumulation x world_size``; ``num_streams`` defaults to it
+    (one stream per sample of the global batch) and must divide it and be divisible by
+    ``world_size``. Micro-batch: ``pixel_values`` (B,3,R,R) float32 in [-1,1];
+    ``input_ids``/``attention_mask`` (B,L) int64, L = longest prompt rounded up to
+    ``pad_to_multiple_of`` (at most ``max_prompt_length`` + the instruction's tokens, as in the
+    reference); ``captions`` after dropout; ``skipped`` (corrupt samples/shards skipped for this
+    step, on its first micro-batch); ``state`` (the position after the step, for :class:`StreamState`).
 
     ``caption_column``: ``{"original": member or "", "synthetic": member}``, default
     ``{"original": "", "synthetic": "txt"}``. ``resume_state``: a :meth:`StreamState.state_dict`
-    of the same rank and seed; with the same ``num_workers`` the batches continue exactly.
+    of this run (any world size: :func:`merge_stream_states` joins the ranks' files).
 
     ``cached_latents``: the shards come from :mod:`fusedit.data.latent_cache`; batches hold
     ``latent_moments`` (B, 2, C, h, w) float32 (posterior mean, std) instead of ``pixel_values``.
@@ -505,16 +644,20 @@ def build_dataloader(
     batches hold ``text_features`` (B, L, D) (the cache's dtype) instead of ``input_ids``, with the
     same ``attention_mask`` and L the tokenised captions would have had.
     """
-    if batch_size < 1 or resolution < 1 or num_open_shards < 1 or num_workers < 0:
-        raise ValueError("batch_size, resolution and num_open_shards must be >= 1, num_workers >= 0")
+    if batch_size < 1 or resolution < 1 or num_open_shards < 1 or num_workers < 0 or accumulation < 1:
+        raise ValueError("batch_size, resolution, accumulation, num_open_shards must be >= 1, num_workers >= 0")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
+    global_batch = batch_size * accumulation * world_size
+    layout = Layout(global_batch, num_streams or global_batch, world_size, rank, batch_size, accumulation)
+    layout.check()
     urls = validate_data_paths(data_path)
     original, synthetic = caption_columns(caption_column or {"original": "", "synthetic": "txt"})
     if not synthetic:
         raise ValueError("caption_column.synthetic must name the caption member (e.g. 'txt')")
-    num_roles = max(1, num_workers)
-    role_states, batches_done = _resume_positions(resume_state, seed=seed, rank=rank, num_roles=num_roles, urls=urls)
+    stream_states, start_step = _resume_positions(resume_state, seed=seed, layout=layout, urls=urls)
+    latent_key = LATENT_MEMBER if cached_latents else None
+    max_length = prompt_token_budget(tokenizer, max_prompt_length, instruction)
     transform = SampleTransform(
         resolution=resolution,
         center_crop=center_crop,
@@ -523,40 +666,59 @@ def build_dataloader(
         original_caption_rate=original_caption_rate,
         random_dropping_rate=random_dropping_rate,
         instruction=instruction,
-        latent_key=LATENT_MEMBER if cached_latents else None,
+        latent_key=latent_key,
     )
-    dataset = _WebBatches(
+    parts = _StreamParts(
         urls,
-        tokenizer,
         transform,
-        batch_size=batch_size,
-        max_length=prompt_token_budget(tokenizer, max_prompt_length, instruction),
-        pad_to_multiple_of=pad_to_multiple_of,
+        layout,
         seed=seed,
-        rank=rank,
-        num_roles=num_roles,
         num_open_shards=num_open_shards,
-        role_states=role_states,
-        batches_done=batches_done,
+        stream_states=stream_states,
+        start_step=start_step,
+        tokenizer=tokenizer,
+        max_length=max_length,
         text_features=TextFeatureReader(text_cache, urls) if text_cache else None,
     )
-    return DataLoader(
-        dataset,
-        batch_size=None,  # the dataset yields whole batches
-        num_workers=num_workers,
+    workers = min(num_workers, len(layout.streams))  # a worker without streams would have nothing to read
+    loader = DataLoader(
+        parts,
+        batch_size=None,  # the dataset yields whole parts
+        num_workers=workers,
         pin_memory=pin_memory,
-        prefetch_factor=2 if num_workers > 0 else None,
-        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+        persistent_workers=workers > 0,
+    )
+    meta = {
+        "seed": seed,
+        "urls": _fingerprint(urls),
+        "num_streams": layout.num_streams,
+        "global_batch": global_batch,
+        "world_size": world_size,
+        "rank": rank,
+    }
+    return GlobalOrderLoader(
+        loader,
+        layout,
+        tokenizer,
+        max_length=max_length,
+        pad_to_multiple_of=pad_to_multiple_of,
+        latent_key=latent_key,
+        text_features=text_cache is not None,
+        meta=meta,
     )
 
 
 __all__ = [
     "BadSample",
+    "GlobalOrderLoader",
+    "Layout",
     "SampleTransform",
     "ShardReader",
     "StreamState",
     "build_dataloader",
     "caption_columns",
+    "merge_stream_states",
     "decode_image",
     "prompt_token_budget",
     "validate_data_paths",

@@ -22,6 +22,7 @@ __all__ = [
     "fuse_dit_parameter_counts",
     "is_fuse_dit",
     "model_class",
+    "takes_pooled_text",
 ]
 
 
@@ -40,3 +41,9 @@ def model_class(config: Mapping[str, Any] | str | Path) -> type:
 def is_fuse_dit(model: Any) -> bool:
     """Whether ``model`` is a FuseDiT (its LLM inside: it takes token ids, not encoder features)."""
     return isinstance(model, FuseDiT)
+
+
+def takes_pooled_text(model: Any) -> bool:
+    """Whether ``model`` is a FuseDiT that takes a pooled text embedding (``text_modulation_embeds_dim``,
+    the reference's "fuse-dit-clip" type): its callers must supply one per prompt."""
+    return is_fuse_dit(model) and model.config.text_modulation_embeds_dim is not None

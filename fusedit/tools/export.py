@@ -5,7 +5,8 @@
     python -m fusedit.export --checkpoint RUN --out DIR --push-to-hub ORG/NAME          # then publish
 
 The folder is the standard layout (``model_index.json``; ``transformer/``, ``text_encoder/``,
-``tokenizer/``, ``vae/``, ``scheduler/``) plus ``pipeline.py``, the custom-pipeline entry
+``tokenizer/``, ``vae/``, ``scheduler/``; a "fuse-dit-clip" model adds its CLIP text encoder as
+``clip_text_encoder/`` and ``clip_tokenizer/``) plus ``pipeline.py``, the custom-pipeline entry
 diffusers reads, and ``fusedit_export.json`` (source run, step, weights). Load it with::
 
     from diffusers import DiffusionPipeline
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype",
         choices=("float32", "bfloat16"),
         default="float32",
-        help="dtype of the saved transformer and text encoder (the VAE stays float32; default: %(default)s)",
+        help="dtype of the saved transformer and text encoders (the VAE stays float32; default: %(default)s)",
     )
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="after writing, upload to this hub repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
@@ -88,6 +89,7 @@ def build_pipeline(run_dir: Path, step: int, use_ema: bool):
     from fusedit.pipeline import DiTPipeline
 
     sampler = DiTPipeline.from_checkpoint(run_dir, step, use_ema=use_ema)
+    clip = sampler.clip
     return FuseDiTPipeline(
         transformer=sampler.transformer,
         text_encoder=sampler.text_encoder.model,
@@ -97,6 +99,8 @@ def build_pipeline(run_dir: Path, step: int, use_ema: bool):
         hidden_states_index=sampler.text_encoder.hidden_states_index,
         max_prompt_length=sampler.max_prompt_length,
         resolution=load_config(run_dir / "config.yaml").data.resolution,
+        clip_text_encoder=None if clip is None else clip.model,
+        clip_tokenizer=None if clip is None else clip.tokenizer,
     ), sampler
 
 
@@ -115,8 +119,9 @@ def export(run_dir: Path, out: Path, tag: str = "latest", raw: bool = False, dty
     step = resolve_tag(run_dir, tag)
     pipe, sampler = build_pipeline(run_dir, step, use_ema=not raw)
     if dtype != "float32":
-        pipe.transformer.to(getattr(torch, dtype))
-        pipe.text_encoder.to(getattr(torch, dtype))
+        for module in (pipe.transformer, pipe.text_encoder, pipe.clip_text_encoder):
+            if module is not None:
+                module.to(getattr(torch, dtype))
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     pipe.save_pretrained(str(partial), safe_serialization=True)

@@ -22,6 +22,7 @@ It never creates a process group and never imports DeepSpeed.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -33,8 +34,14 @@ import torch
 from common.config import ConfigError, save_config
 from common.files import write_json_atomic
 from common.shards import check_brace_syntax, is_remote
-from fusedit.config import TrainConfig, check_geometry
-from fusedit.flops import decoder_arch, dit_forward_flops, text_encoder_forward_flops
+from fusedit.config import TrainConfig, check_geometry, derive_batch
+from fusedit.flops import (
+    clip_text_arch,
+    clip_text_forward_flops,
+    decoder_arch,
+    dit_forward_flops,
+    text_encoder_forward_flops,
+)
 from fusedit.llm_architectures import GEMMA_2B as GEMMA_2B_ARCH
 from fusedit.llm_architectures import KNOWN_LLMS, known_llm
 from fusedit.train.ema import EMA_CHUNK_NUMEL
@@ -76,6 +83,23 @@ KNOWN_VAES: dict[str, tuple[str, dict[str, Any], str]] = {
     "repa-e/e2e-sd3.5-vae": ("AutoencoderKL", SD35_VAE, f"SD3.5-large VAE config, {_E2E_NOTE}"),
     "qwen/qwen-image": ("AutoencoderKLQwenImage", {}, "diffusers AutoencoderKLQwenImage class defaults"),
     "repa-e/e2e-qwenimage-vae": ("AutoencoderKLQwenImage", {}, f"AutoencoderKLQwenImage defaults, {_E2E_NOTE}"),
+}
+# CLIP-L's text tower with its projection (CLIPTextModelWithProjection), the "fuse-dit-clip" type's
+# pooled-text encoder: SD3-medium's text_encoder/ (the reference's clip_l) and OpenAI's CLIP-L.
+CLIP_L_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+# key: (lower-case hub name, subfolder) -> CLIPTextConfig fields
+KNOWN_CLIP_TEXT_ENCODERS: dict[tuple[str, str | None], dict[str, Any]] = {
+    ("stabilityai/stable-diffusion-3-medium-diffusers", "text_encoder"): CLIP_L_TEXT,
+    ("openai/clip-vit-large-patch14", None): CLIP_L_TEXT,
 }
 
 
@@ -125,6 +149,8 @@ class StepFlops:
     gradient_checkpointing: bool
     # a FuseDiT with trainer.train_llm: the LLM inside the model runs backward too (2x its forward)
     llm_backward_per_sample: int = 0
+    # the "fuse-dit-clip" type: its frozen CLIP text encoder's forward (None: architecture unknown offline)
+    clip_text_forward_per_sample: int | None = 0
 
     def per_sample(self) -> dict[str, int]:
         """The parts of one sample's step, plus the checkpoint recompute (0 when off)."""
@@ -134,6 +160,7 @@ class StepFlops:
             "dit_backward": 2 * fwd,
             "text_encoder_forward": self.text_encoder_forward_per_sample or 0,
             "llm_backward": self.llm_backward_per_sample,
+            "clip_text_forward": self.clip_text_forward_per_sample or 0,
             "vae_encoder_forward": self.vae_encoder_forward_per_sample or 0,
             "dit_recompute": self.dit_blocks_forward_per_sample if self.gradient_checkpointing else 0,
         }
@@ -567,19 +594,6 @@ def _tokens(cfg: TrainConfig, vae: VaeInfo, text_tokens: int | None) -> Tokens:
     return Tokens(side * side, n_text, vae.latent_channels, latent, vae.spatial_factor, cfg.model.patch_size, source)
 
 
-def refuse_fuse_dit(cfg: TrainConfig, tool: str) -> None:
-    """The bench times the baseline DiT's phases only: say so rather than time the wrong model.
-
-    ``train.py --dry-run`` plans a FuseDiT (:func:`build_fuse_dit_plan`), and the training log
-    reports its step time and MFU.
-    """
-    if cfg.model.is_fuse_dit:
-        raise ConfigError(
-            f"model.name: {cfg.model.name}: {tool} does not time the FuseDiT family yet (its LLM runs inside "
-            "the model); train.py --dry-run plans it, and the training log gives its step time and MFU"
-        )
-
-
 def build_meta_dit(kw: dict[str, Any]) -> torch.nn.Module:
     """The DiT with shapes only: the count is the real module's, at no memory cost."""
     from fusedit.models.dit import DiT
@@ -694,6 +708,39 @@ def describe_llm(cfg: TrainConfig) -> LlmInfo:
     return LlmInfo(kind(**fields).to_dict(), f"known architecture {m.base}")
 
 
+@dataclass
+class ClipInfo:
+    params: int | None
+    arch: dict[str, int] | None  # fusedit.flops.clip_text_arch; None when unknown offline
+    source: str
+
+
+def describe_clip(cfg: TrainConfig) -> ClipInfo | None:
+    """The "fuse-dit-clip" type's frozen CLIP text encoder, built on meta from a local config.json or a
+    known architecture (CLIP-L); another hub name is planned as unknown (0 bytes, 0 FLOPs, a note)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    m = cfg.model
+    if not m.clip_text_encoder:
+        return None
+    folder = _local_folder(m.clip_text_encoder, m.clip_text_encoder_subfolder, "model.clip_text_encoder")
+    known = KNOWN_CLIP_TEXT_ENCODERS.get((m.clip_text_encoder.lower(), m.clip_text_encoder_subfolder))
+    if folder is not None:
+        config, source = CLIPTextConfig.from_pretrained(str(folder)), f"{folder}/config.json"
+    elif known is not None:
+        config, source = CLIPTextConfig(**known), f"known architecture CLIP-L ({m.clip_text_encoder})"
+    else:
+        return ClipInfo(None, None, f"unknown hub model {m.clip_text_encoder}: not counted")
+    if config.projection_dim != m.text_modulation_embeds_dim:
+        raise ConfigError(
+            f"model.text_modulation_embeds_dim: {m.text_modulation_embeds_dim}, but the CLIP text encoder "
+            f"{m.clip_text_encoder} gives pooled embeddings of width {config.projection_dim}; set it to that"
+        )
+    with torch.device("meta"):
+        model = CLIPTextModelWithProjection(config)
+    return ClipInfo(_numel(model), clip_text_arch(config), source)
+
+
 def fuse_dit_activation_bytes(
     config: dict[str, Any], n_image: int, n_text: int, act_bytes: int, train_llm: bool, contiguous: bool
 ) -> Activations:
@@ -759,7 +806,7 @@ def build_fuse_dit_plan(
     from fusedit.flops import fuse_dit_forward_flops, fuse_dit_layer_flops
     from fusedit.models.fuse_dit import FuseDiT
 
-    llm, vae = describe_llm(cfg), describe_vae(cfg)
+    llm, vae, clip = describe_llm(cfg), describe_vae(cfg), describe_clip(cfg)
     check_fuse_dit_heads(cfg, llm.config)
     _check_channels(cfg, vae)
     tokens = _tokens(cfg, vae, text_tokens)
@@ -773,6 +820,8 @@ def build_fuse_dit_plan(
         Component("LLM", llm_train, llm_frozen, f"{llm.source}; cut after its last shared layer (trainer.train_llm)"),
         Component("VAE", 0, vae.params, vae.source),
     ]
+    if clip is not None:
+        components.append(Component("CLIP text", 0, clip.params, clip.source))
     n, length = tokens.image_tokens, tokens.text_tokens
     dit_fwd, llm_fwd = fuse_dit_forward_flops(config, n, length)
     flops = StepFlops(
@@ -786,6 +835,7 @@ def build_fuse_dit_plan(
         world_size=world_size,
         gradient_checkpointing=cfg.trainer.enable_gradient_checkpointing,
         llm_backward_per_sample=2 * llm_fwd if cfg.trainer.train_llm else 0,
+        clip_text_forward_per_sample=_clip_flops(clip),
     )
     act_bytes = 2 if cfg.trainer.mixed_precision in ("bf16", "fp16") else 4
     contiguous = patch_embed_is_contiguous(model.dit.patch_embed, config["patch_size"], config["in_channels"])
@@ -795,6 +845,8 @@ def build_fuse_dit_plan(
     if dit_frozen:  # trainer.train_dit: false
         frozen[f"DiT side ({name}, frozen)"] = size * dit_frozen
     frozen[f"VAE ({name}, frozen)"] = size * (vae.params or 0)
+    if clip is not None:
+        frozen[f"CLIP text encoder ({name}, frozen)"] = size * (clip.params or 0)
     plan = Plan(
         config_path=config_path,
         run=cfg.trainer.run,
@@ -812,13 +864,33 @@ def build_fuse_dit_plan(
         data=check_data_paths(list(cfg.data.data_path)),
         family="fuse-dit",
     )
-    plan.notes = _fuse_dit_notes(plan, cfg) + _notes(plan, None, vae, contiguous)[1:]
+    plan.notes = _fuse_dit_notes(plan, cfg, clip) + _notes(plan, None, vae, contiguous)[1:]
     if cfg.trainer.init_from is not None:
         plan.init_from = asdict(cfg.trainer.init_from)
     return plan
 
 
-def _fuse_dit_notes(plan: Plan, cfg: TrainConfig) -> list[str]:
+def _clip_flops(clip: ClipInfo | None) -> int | None:
+    """Per-sample CLIP text forward: 0 without CLIP, None when its architecture is unknown offline."""
+    from fusedit.text import CLIP_MAX_LENGTH
+
+    if clip is None:
+        return 0
+    return None if clip.arch is None else clip_text_forward_flops(clip.arch, CLIP_MAX_LENGTH)
+
+
+def _clip_note(clip: ClipInfo | None) -> list[str]:
+    if clip is None:
+        return []
+    if clip.arch is None:
+        return [f"CLIP text encoder: {clip.source}; a frozen component unknown offline counts as 0 bytes and 0 FLOPs."]
+    return [
+        "CLIP text encoder (fuse-dit-clip): frozen, forward only, every caption padded to CLIP's 77 tokens "
+        "(as the reference); its pooled embedding enters the timestep embedding, so nothing flows back into it."
+    ]
+
+
+def _fuse_dit_notes(plan: Plan, cfg: TrainConfig, clip: ClipInfo | None = None) -> list[str]:
     trained = (
         "trained (trainer.train_llm): forward, backward and activations"
         if cfg.trainer.train_llm
@@ -830,7 +902,7 @@ def _fuse_dit_notes(plan: Plan, cfg: TrainConfig) -> list[str]:
         f"FuseDiT: the LLM runs inside the model and is {trained}. Gradient checkpointing recomputes the "
         "DiT layers only. Its unused weights (final norm; the last shared layer's query, output and MLP) "
         "stay frozen even when the LLM trains.",
-    ]
+    ] + _clip_note(clip)
 
 
 def build_plan(
@@ -845,6 +917,9 @@ def build_plan(
 
     if world_size < 1:
         raise ConfigError(f"--world-size: must be >= 1, got {world_size}")
+    if cfg.data.global_batch_size is not None:  # the split the trainer derives for this world size
+        cfg = copy.deepcopy(cfg)
+        derive_batch(cfg, world_size)
     if cfg.model.is_fuse_dit:
         return build_fuse_dit_plan(cfg, config_path, world_size, zero_stage, text_tokens)
     text, vae = describe_text_encoder(cfg), describe_vae(cfg)
@@ -971,6 +1046,8 @@ def _render_flops(plan: Plan) -> list[str]:
             "llm_backward": "LLM backward (train_llm)",
             "vae_encoder_forward": "VAE encoder forward",
         }
+        if any(c.name == "CLIP text" for c in plan.components):
+            labels["clip_text_forward"] = "CLIP text forward"
     per_sample = f.per_sample()
     for key, label in labels.items():
         gpu = per_sample[key] * f.samples_per_gpu

@@ -36,12 +36,12 @@ from common.precision import Precision
 from common.randomness import data_seed_after_restart, sample_generators
 from common.signals import StopSignal
 from common.vae_config import VaeSpec
-from fusedit.config import TrainConfig, check_fuse_dit_heads, check_geometry
-from fusedit.flops import TrainingFlops, decoder_arch
+from fusedit.config import TrainConfig, check_fuse_dit_heads, check_geometry, derive_batch
+from fusedit.flops import TrainingFlops, clip_text_arch, clip_text_forward_flops, decoder_arch
 from fusedit.flow import FlowMatching, build_scheduler
 from fusedit.latents import LatentCodec
 from fusedit.models import DiT, model_class
-from fusedit.text import TextEncoder
+from fusedit.text import CLIP_MAX_LENGTH, ClipSource, ClipTextEncoder, TextEncoder
 from fusedit.train import engine_checkpoint
 from fusedit.train.deepspeed_config import load_deepspeed_json, resolve_deepspeed_config
 from fusedit.train.ema import ModuleEMA, ShardedEMA, copy_weights
@@ -72,12 +72,14 @@ def allow_a_graph_per_text_bucket(cfg: TrainConfig) -> None:
 
 @dataclass
 class Components:
-    """The frozen encoders, the flow-matching objective and the (trainable) DiT."""
+    """The frozen encoders, the flow-matching objective and the (trainable) DiT; ``clip``: the
+    frozen CLIP text encoder of a "fuse-dit-clip" FuseDiT (``model.clip_text_encoder``), else None."""
 
     text_encoder: TextEncoder
     codec: LatentCodec
     flow: FlowMatching
     dit: DiT
+    clip: ClipTextEncoder | None = None
 
 
 def build_components(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Components:
@@ -100,6 +102,7 @@ def build_components(cfg: TrainConfig, device: torch.device, dtype: torch.dtype)
             f"model.text_hidden_size: {cfg.model.text_hidden_size} but the text encoder "
             f"{cfg.model.base} has hidden size {text_encoder.hidden_size}; set it to null or match"
         )
+    clip = load_clip(cfg, dtype, device)
     torch.manual_seed(cfg.trainer.seed)  # identical initialisation on every rank
     if cfg.model.is_fuse_dit:
         dit = build_fuse_dit(cfg, text_encoder, codec.latent_channels)
@@ -113,7 +116,26 @@ def build_components(cfg: TrainConfig, device: torch.device, dtype: torch.dtype)
         mode_scale=cfg.trainer.mode_scale,
         precondition_outputs=cfg.trainer.precondition_outputs,
     )
-    return Components(text_encoder, codec, flow, dit)
+    return Components(text_encoder, codec, flow, dit, clip)
+
+
+def load_clip(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> ClipTextEncoder | None:
+    """The frozen CLIP text encoder of the "fuse-dit-clip" type, in the frozen encoders' dtype; None without.
+
+    It stays outside the trained module (no optimizer, ZeRO partition, EMA or checkpoint: the
+    config names it, as it names the baseline's text encoder), and its pooled width must be the
+    one the model's ``condition_embedder`` takes.
+    """
+    source = ClipSource.from_config(cfg)
+    if source is None:
+        return None
+    clip = ClipTextEncoder.load(source, torch_dtype=dtype).to(device)
+    if clip.embed_dim != cfg.model.text_modulation_embeds_dim:
+        raise ConfigError(
+            f"model.text_modulation_embeds_dim: {cfg.model.text_modulation_embeds_dim}, but the CLIP text "
+            f"encoder {cfg.model.clip_text_encoder} gives pooled embeddings of width {clip.embed_dim}; set it to that"
+        )
+    return clip
 
 
 def build_fuse_dit(cfg: TrainConfig, text_encoder: TextEncoder, in_channels: int):
@@ -168,6 +190,8 @@ def loader_from_config(
         seed=cfg.trainer.seed if seed is None else seed,
         rank=rank,
         world_size=world_size,
+        accumulation=cfg.trainer.gradient_accumulation_steps,
+        num_streams=d.num_streams,
         num_open_shards=d.num_open_shards,
         resume_state=resume_state,
         cached_latents=d.uses_latent_cache,
@@ -203,6 +227,13 @@ class Trainer:
         self._validate_inputs()
         self.parent = resolve_parent(cfg)  # trainer.init_from: folder, tag, architecture (None if resuming)
         self.env: DistEnv = init_distributed()
+        self.batch_derived = derive_batch(cfg, self.env.world_size)  # data.global_batch_size: kept at any N
+        if self.batch_derived and self.env.is_main:
+            log.info(
+                "global batch %(global_batch_size)d on %(world_size)d processes: %(batch_size_per_gpu)d "
+                "per micro-batch x %(gradient_accumulation_steps)d accumulation steps",
+                self.batch_derived,
+            )
         self.ds_config = resolve_deepspeed_config(ds_raw, cfg, self.env.world_size)
         # ZeRO-0 (fp32, bf16) cannot skip a step: there the guard inspects gradients before it.
         zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -280,7 +311,11 @@ class Trainer:
         for name, value in (
             ("model.base", self.cfg.model.base),
             ("vae.pretrained_model_name_or_path", self.cfg.vae.pretrained_model_name_or_path),
+            ("model.clip_text_encoder", self.cfg.model.clip_text_encoder or ""),
+            ("data.clip_tokenizer", self.cfg.data.clip_tokenizer or ""),
         ):
+            if not value:
+                continue
             looks_local = value.startswith((".", "/", "~")) or Path(value).exists()
             if looks_local and not Path(value).expanduser().exists():
                 raise ConfigError(f"{name}: local path {value!r} does not exist")
@@ -302,8 +337,11 @@ class Trainer:
                 codec.moments(torch.zeros(1, 3, cfg.data.resolution, cfg.data.resolution, device=self.device))
             vae_flops = int(counter.get_total_flops())
         if cfg.model.is_fuse_dit:  # the LLM runs inside the model: counted there, trained or not
+            clip, clip_flops = self.parts.clip, 0
+            if clip is not None:  # its captions are padded to CLIP's context
+                clip_flops = clip_text_forward_flops(clip_text_arch(clip.model.config), CLIP_MAX_LENGTH)
             return TrainingFlops(
-                {**self.model_config, "train_llm": cfg.trainer.train_llm}, side * side, None, vae_flops
+                {**self.model_config, "train_llm": cfg.trainer.train_llm}, side * side, None, vae_flops, clip_flops
             )
         arch = None if cfg.data.text_cache else decoder_arch(self.parts.text_encoder.model.config)
         return TrainingFlops(self.model_config, side * side, arch, vae_flops)
@@ -422,7 +460,8 @@ class Trainer:
         return True
 
     def _resume(self, step: int) -> dict | None:
-        """Restore engine, EMA and counters of ``step``; return this rank's data position."""
+        """Restore engine, EMA and counters of ``step``; return the data position (every rank's
+        streams, merged: a run continues its sample order at any world size)."""
         folder = self.checkpoints.folder(step)
         tag = engine_checkpoint.UNIVERSAL_TAG if self.resume_universal else "deepspeed"
         load_path, _ = self.engine.load_checkpoint(
@@ -437,21 +476,33 @@ class Trainer:
         self.data_seed = int(state.get("data_seed", self.cfg.trainer.seed))
         if self.env.is_main:
             log.info("resumed from %s at step %d", folder, self.step)
-        data_state = self.checkpoints.data_state(step, self.env.world_size)
+        from fusedit.data.webdata import merge_stream_states
+
+        data_state = self._continuable(merge_stream_states(self.checkpoints.data_states(step)))
         if data_state is not None:
             return data_state
-        # Stream positions are per rank and cannot be re-dealt to another world size. A fresh
-        # stream under the old seed would replay the run's first samples, so it gets a new seed.
+        # A fresh stream under the old seed would replay the run's first samples: a new seed.
         self.data_seed = data_seed_after_restart(self.cfg.trainer.seed, self.step)
         if self.env.is_main:
             log.warning(
-                "the data stream cannot continue (world size %s -> %d, or no data state for this rank): "
-                "it restarts, re-seeded with %d",
-                state.get("world_size"),
-                self.env.world_size,
+                "the data stream of %s cannot continue exactly (written before the global sample order, "
+                "or with another global batch or data.num_streams): it restarts, re-seeded with %d",
+                folder,
                 self.data_seed,
             )
         return None
+
+    def _continuable(self, merged: dict | None) -> dict | None:
+        """The saved global position when this run's order is the saved one (same global batch and
+        streams), else None: the stream then restarts (see :meth:`_resume`)."""
+        if merged is None:
+            return None
+        d = self.cfg.data
+        global_batch = d.batch_size_per_gpu * self.cfg.trainer.gradient_accumulation_steps * self.env.world_size
+        streams = d.num_streams or global_batch
+        if merged.get("global_batch") != global_batch or merged.get("num_streams") != streams:
+            return None
+        return merged if len(merged.get("streams", {})) == streams else None  # a rank's file is missing
 
     # --------------------------------------------------------------- training
     def sample_generators(self, micro: int, count: int) -> list[torch.Generator]:
@@ -474,6 +525,7 @@ class Trainer:
                 x0 = p.codec.from_moments(moments[:, 0], moments[:, 1], gens, self.cfg.vae.sample_posterior)
             else:
                 x0 = p.codec.encode(pixels, generator=gens, sample=self.cfg.vae.sample_posterior)
+            pooled = None if p.clip is None else p.clip.embed(batch["captions"])  # dropped captions: ""
             if self.cfg.model.is_fuse_dit:  # token ids: the LLM runs inside the model, with the image
                 text = batch["input_ids"].to(dev, non_blocking=True)
             elif cached_text is not None:
@@ -481,7 +533,7 @@ class Trainer:
             else:
                 text = p.text_encoder.encode(batch["input_ids"].to(dev, non_blocking=True), mask)
         dtype = next(self.engine.module.parameters()).dtype
-        return p.flow.training_loss(self.engine, x0, text, mask, gens, dtype)
+        return p.flow.training_loss(self.engine, x0, text, mask, gens, dtype, pooled_text=pooled)
 
     def train(self) -> dict[str, Any]:
         """Train to ``trainer.max_steps`` or an agreed stop (common.lifecycle); the last logged metrics."""
@@ -685,6 +737,7 @@ class Trainer:
                 self.parts.codec,
                 self.parts.flow.scheduler,
                 max_prompt_length=self.cfg.data.max_prompt_length,
+                clip=self.parts.clip,
             )
             images = pipe(
                 prompts,

@@ -847,6 +847,25 @@ def build_fuse_dit_plan(
     frozen[f"VAE ({name}, frozen)"] = size * (vae.params or 0)
     if clip is not None:
         frozen[f"CLIP text encoder ({name}, frozen)"] = size * (clip.params or 0)
+    memory = _memory_plans(cfg, dit_train + llm_train, acts, frozen, world_size, trained="trained")
+    plan = _plan(cfg, config_path, world_size, zero_stage, components, tokens, flops, memory, acts, "fuse-dit")
+    plan.notes = _fuse_dit_notes(plan, cfg, clip) + _notes(plan, None, vae, contiguous)[1:]
+    return plan
+
+
+def _plan(
+    cfg: TrainConfig,
+    config_path: str | None,
+    world_size: int,
+    zero_stage: int,
+    components: list[Component],
+    tokens: Tokens,
+    flops: StepFlops,
+    memory: dict[int, MemoryPlan],
+    acts: Activations,
+    family: str,
+) -> Plan:
+    """The plan of either family from its computed parts, with the run's identity and data checks."""
     plan = Plan(
         config_path=config_path,
         run=cfg.trainer.run,
@@ -859,12 +878,11 @@ def build_fuse_dit_plan(
         components=components,
         tokens=tokens,
         flops=flops,
-        memory=_memory_plans(cfg, dit_train + llm_train, acts, frozen, world_size, trained="trained"),
+        memory=memory,
         activations_per_sample=acts,
         data=check_data_paths(list(cfg.data.data_path)),
-        family="fuse-dit",
+        family=family,
     )
-    plan.notes = _fuse_dit_notes(plan, cfg, clip) + _notes(plan, None, vae, contiguous)[1:]
     if cfg.trainer.init_from is not None:
         plan.init_from = asdict(cfg.trainer.init_from)
     return plan
@@ -938,25 +956,10 @@ def build_plan(
     act_bytes = 2 if cfg.trainer.mixed_precision in ("bf16", "fp16") else 4
     contiguous = residual_is_contiguous(dit)
     acts = dit_activation_bytes(kw, tokens.image_tokens, tokens.text_tokens, act_bytes, contiguous)
-    plan = Plan(
-        config_path=config_path,
-        run=cfg.trainer.run,
-        checkpoint_dir=cfg.trainer.checkpoint_dir,
-        mixed_precision=cfg.trainer.mixed_precision,
-        world_size=world_size,
-        zero_stage=zero_stage,
-        micro_batch=cfg.data.batch_size_per_gpu,
-        gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
-        components=components,
-        tokens=tokens,
-        flops=_step_flops(cfg, kw, tokens, text, vae, world_size),
-        memory=_memory_plans(cfg, n_dit, acts, _frozen_memory(cfg, text, vae), world_size),
-        activations_per_sample=acts,
-        data=check_data_paths(list(cfg.data.data_path)),
-    )
+    flops = _step_flops(cfg, kw, tokens, text, vae, world_size)
+    memory = _memory_plans(cfg, n_dit, acts, _frozen_memory(cfg, text, vae), world_size)
+    plan = _plan(cfg, config_path, world_size, zero_stage, components, tokens, flops, memory, acts, "baseline-dit")
     plan.notes = _notes(plan, text, vae, contiguous)
-    if cfg.trainer.init_from is not None:
-        plan.init_from = asdict(cfg.trainer.init_from)
     return plan
 
 

@@ -168,8 +168,9 @@ class _Stream:
 
     def __init__(self, urls: list[str], seed: int, v: int, num_open_shards: int, state: dict | None) -> None:
         # Keyed (seed, 0, v): the "0" is where the per-rank streams before the global order put
-        # the rank, so one stream on one GPU reads exactly what those runs read.
-        self.urls, self.seed, self.rank, self.role = urls, seed, 0, v
+        # the rank, so one stream on one GPU reads exactly what those runs read. Every draw of the
+        # stream (shards, slots, per-sample randomness) starts with this key.
+        self.urls, self.key = urls, (seed, 0, v)
         if state is None:
             slots, self.next_k, self.draws = [[k, 0] for k in range(num_open_shards)], num_open_shards, 0
         else:
@@ -179,7 +180,7 @@ class _Stream:
         self.skipped = 0  # broken shards since the last pop_skipped()
 
     def _url(self, k: int) -> str:
-        return self.urls[_draw(len(self.urls), self.seed, self.rank, self.role, _SHARD, k)]
+        return self.urls[_draw(len(self.urls), *self.key, _SHARD, k)]
 
     def _replace(self, slot: int) -> None:
         self.readers[slot].close()
@@ -188,7 +189,7 @@ class _Stream:
 
     def next_sample(self) -> tuple[dict[str, Any], int, int]:
         """The next raw sample and its position (k, offset) in the stream's shard sequence."""
-        slot = _draw(len(self.readers), self.seed, self.rank, self.role, _SLOT, self.draws)
+        slot = _draw(len(self.readers), *self.key, _SLOT, self.draws)
         self.draws += 1
         for _ in range(MAX_EMPTY_SHARDS):
             reader = self.readers[slot]
@@ -362,10 +363,6 @@ class Layout:
                 f"data.num_streams: {v} streams cannot be split over {n} processes; "
                 f"use a multiple of {n} that divides the global batch {g}"
             )
-        if self.micro_batch * self.accumulation * n != g:
-            raise ValueError(
-                f"micro-batch {self.micro_batch} x accumulation {self.accumulation} x {n} processes != global batch {g}"
-            )
 
 
 class _StreamParts(IterableDataset):
@@ -411,7 +408,7 @@ class _StreamParts(IterableDataset):
         visuals, captions, features, order, skipped = [], [], [], [], 0
         for v, stream in streams.items():
             for j in range(self.layout.per_stream):
-                visual, caption, feature, bad = self._next_usable(stream, v)
+                visual, caption, feature, bad = self._next_usable(stream)
                 skipped += bad
                 visuals.append(visual)
                 captions.append(caption)
@@ -430,11 +427,11 @@ class _StreamParts(IterableDataset):
             "streams": {v: stream.state() for v, stream in streams.items()},
         }
 
-    def _next_usable(self, stream: _Stream, v: int) -> tuple[torch.Tensor, str, Any, int]:
+    def _next_usable(self, stream: _Stream) -> tuple[torch.Tensor, str, Any, int]:
         """The stream's next sample that decodes, and how many unusable ones came before it."""
         for bad in range(MAX_BAD_SAMPLES_IN_A_ROW):
             sample, k, offset = stream.next_sample()
-            rng = _rng(self.seed, 0, v, _SAMPLE, k, offset)
+            rng = _rng(*stream.key, _SAMPLE, k, offset)
             try:
                 visual, caption, column = self.transform(sample, rng)
             except BadSample as exn:

@@ -361,6 +361,16 @@ class RefPatchEmbed(nn.Module):
         return (tokens + grid).to(tokens.dtype)
 
 
+def add_timestep_modules(module: nn.Module, d: int, tc: str | None) -> None:
+    """The reference's timestep conditioning modules on ``module`` (its DiT and FuseDiT towers alike):
+    the timestep MLP unless conditioning is none, adaLN-single's ``t_block`` and output table."""
+    if tc is not None:
+        module.timestep_embedder = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+    if tc == "adaln-single":
+        module.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        module.scale_shift_table = nn.Parameter(torch.randn(2 * d) / d**0.5)
+
+
 class ReferenceDiT(nn.Module):
     """Reference DiT: ``forward(hidden_states, timestep, text_hidden_states, attention_mask)``."""
 
@@ -376,11 +386,7 @@ class ReferenceDiT(nn.Module):
         d, eps, tc = cfg["dit_hidden_size"], base["rms_norm_eps"], cfg["timestep_conditioning"]
         self.layers = nn.ModuleList([RefLayer(cfg) for _ in range(cfg["dit_num_hidden_layers"])])
         self.patch_embed = RefPatchEmbed(cfg)
-        if tc is not None:
-            self.timestep_embedder = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
-        if tc == "adaln-single":
-            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
-            self.scale_shift_table = nn.Parameter(torch.randn(2 * d) / d**0.5)
+        add_timestep_modules(self, d, tc)
         t = cfg["text_hidden_size"]
         self.context_embedder = nn.Sequential(GemmaRMSNorm(t, eps), nn.Linear(t, d))
         self.norm_out = RefAdaLNOut(d, eps) if tc == "adaln-zero" else GemmaRMSNorm(d, eps)

@@ -43,6 +43,7 @@ from .reference_dit import (
     RefAdaLNZero,
     RefMLP,
     RefPatchEmbed,
+    add_timestep_modules,
     gemma_cos_sin,
     repeat_kv,
     rotate_half,
@@ -244,11 +245,7 @@ class RefImageTower(nn.Module):
         d, eps, tc = cfg["dit_hidden_size"], cfg["base_config"]["rms_norm_eps"], cfg["timestep_conditioning"]
         self.layers = nn.ModuleList([RefImageLayer(cfg) for _ in range(cfg["dit_num_hidden_layers"])])
         self.patch_embed = RefPatchEmbed(cfg)
-        if tc is not None:
-            self.timestep_embedder = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
-        if tc == "adaln-single":
-            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
-            self.scale_shift_table = nn.Parameter(torch.randn(2 * d) / d**0.5)
+        add_timestep_modules(self, d, tc)
         if cfg["text_modulation_embeds_dim"] is not None:
             p = cfg["text_modulation_embeds_dim"]
             self.condition_embedder = nn.Sequential(GemmaRMSNorm(p, eps), nn.Linear(p, d), nn.SiLU(), nn.Linear(d, d))

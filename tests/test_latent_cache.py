@@ -165,3 +165,21 @@ def test_cli_help_and_parts(quick_world: Path, tmp_path: Path, capsys: pytest.Ca
     info = json.loads((tmp_path / "c" / "cache.json").read_text())
     assert info["counts"]["samples"] == info["counts"]["encoded"] and info["shards"] == len(info["sources"])
     assert latent_cache.main([*args, "--part", "2/2"]) == 2
+
+
+def _cached_latents(quick_world: Path, cache: Path, world: int, workers: int, steps: int) -> list[torch.Tensor]:
+    """The latent moments of global batches 0..steps-1 (4 samples each), every rank's share in rank order."""
+    from fusedit.text import TextEncoder
+
+    tokenizer = TextEncoder(str(quick_world / "text_encoder")).tokenizer
+    data = [json.loads((cache / "cache.json").read_text())["data_path"]]
+    kw = dict(batch_size=4 // world, resolution=32, seed=5, num_streams=4, world_size=world, num_workers=workers)
+    ranks = [iter(build_dataloader(data, tokenizer, **kw, rank=r, cached_latents=True)) for r in range(world)]
+    return [torch.cat([next(it)["latent_moments"] for it in ranks]) for _ in range(steps)]
+
+
+def test_cached_latents_follow_the_global_order_at_any_world_size(quick_world: Path, cache: Path) -> None:
+    want = _cached_latents(quick_world, cache, 1, 0, 3)
+    for world, workers in ((2, 1), (4, 2)):
+        got = _cached_latents(quick_world, cache, world, workers, 3)
+        assert all(torch.equal(a, b) for a, b in zip(want, got)), (world, workers)

@@ -254,3 +254,33 @@ def test_cli_parts_split_the_shards_in_bf16(quick_world: Path, cache: Path, tmp_
         _assert_same_shard(out / shard_name(i), cache / shard_name(i), tol=2**-8)
     assert 0 < info["bytes_per_sample"] < 2 * 32 * 64 * 2 + 64  # real tokens only, below two full-length captions
     assert text_cache.main([*args, "--part", "2/2"]) == 2
+
+
+def _cached_rows(quick_world: Path, cache: Path, world: int, workers: int, steps: int) -> list:
+    """(caption, unpadded features) of each sample of global batches 0..steps-1 (4 samples each)."""
+    cfg = _config(
+        quick_world, f"data.text_cache={cache}", f"data.batch_size_per_gpu={4 // world}", "data.num_streams=4",
+        f"data.dataloader_num_workers={workers}",
+    )  # fmt: skip
+    tokenizer = TextEncoder(cfg.model.base).tokenizer
+    ranks = [iter(loader_from_config(cfg, tokenizer, rank=r, world_size=world)) for r in range(world)]
+    rows = []
+    for _ in range(steps):
+        for it in ranks:
+            batch = next(it)
+            mask = batch["attention_mask"].bool()
+            rows += [(c, f[m]) for c, f, m in zip(batch["captions"], batch["text_features"], mask)]
+    return rows
+
+
+@pytest.mark.parametrize(("world", "workers"), [(2, 1), (4, 2)])
+def test_cached_features_follow_the_global_order_at_any_world_size(
+    quick_world: Path, cache: Path, world: int, workers: int
+) -> None:
+    """The text cache's rows of global batch s do not depend on the ranks or the workers reading it
+    (the features cross from a worker packed in one tensor per part: the same values)."""
+    want = _cached_rows(quick_world, cache, 1, 0, 3)
+    got = _cached_rows(quick_world, cache, world, workers, 3)
+    assert [c for c, _ in got] == [c for c, _ in want] and len(want) == 12
+    for (_, a), (_, b) in zip(want, got):
+        assert torch.equal(a, b)

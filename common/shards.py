@@ -93,6 +93,11 @@ def decode_image(data: bytes) -> Image.Image:
 # --------------------------------------------------------------------------------------------
 # Data paths
 # --------------------------------------------------------------------------------------------
+# Member mtime of every tar shard we write (toy world, preprocessed ImageNet, latent cache): the
+# same input gives byte-identical shards, and an integer keeps members in plain ustar headers. A
+# float mtime (webdataset's default, time.time()) adds a PAX extended header to every member, which
+# tripled the cost of reading a latent cache shard (Python's tarfile parses PAX in Python).
+TAR_MTIME = 1_700_000_000
 _RANGE = re.compile(r"^(-?\d+\.\.-?\d+|[A-Za-z]\.\.[A-Za-z])(\.\.-?\d+)?$")
 
 

@@ -39,11 +39,11 @@ from typing import Any
 from PIL import Image
 
 from common.files import write_json_atomic
+from common.shards import TAR_MTIME
 
 log = logging.getLogger(__name__)
 
 SHARD_PREFIX = "imagenet"
-TAR_MTIME = 1_700_000_000  # fixed member metadata: the same input gives byte-identical shards
 PNG_COMPRESS_LEVEL = 1  # lossless; level 1 writes fast and halves the reference's level-0 files
 META_VERSION = 1
 

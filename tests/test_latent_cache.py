@@ -14,6 +14,7 @@ import torch
 from webdataset import TarWriter
 
 from common.config import ConfigError
+from common.shards import TAR_MTIME
 from common.vae_config import VaeSpec
 from fusedit.config import load_config
 from fusedit.data import latent_cache
@@ -54,6 +55,8 @@ def test_cache_keeps_every_sample_in_order_with_its_posterior(quick_world: Path,
     assert [n.split(".", 1)[0] for n, _ in out if n.endswith(LATENT_MEMBER)] == keys  # same samples, same order
     assert not any(n.endswith(".jpg") for n, _ in out)  # images replaced
     assert {n: b for n, b in src if n.endswith(".txt")} == {n: b for n, b in out if n.endswith(".txt")}
+    with tarfile.open(cache / latent_cache.shard_name(0)) as tf:  # plain ustar members: cheap to read back
+        assert all(m.mtime == TAR_MTIME and not m.pax_headers for m in tf.getmembers())
     # the first sample's moments are what the VAE gives for its centre crop
     jpg = next(b for n, b in src if n.endswith(".jpg"))
     image = transform.image({"jpg": jpg}, np.random.default_rng(0))

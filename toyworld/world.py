@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from common.files import write_json_atomic
+from common.shards import TAR_MTIME
 
 # --------------------------------------------------------------------------------------------
 # Vocabulary of the world. Colours are saturated and far apart in RGB so that a blurry sample
@@ -91,7 +92,6 @@ SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<bos>", "<unk>")  # Gemma 
 FORMAT_VERSION = 4  # 4: the toy VAE carries per-channel latents_mean/latents_std
 SUPERSAMPLE = 4  # draw at 4x and box-downsample: cheap, exact antialiasing
 JPEG_QUALITY = 95
-TAR_MTIME = 1_700_000_000  # fixed member mtime so tar files are byte-identical across builds
 HOLDOUT_FRACTION = 0.1
 
 # Independent RNG streams: changing one count (e.g. num_train) must not change other outputs.

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from common.config import ConfigError
 from common.files import write_json_atomic
-from common.shards import BadSample, validate_data_paths
+from common.shards import TAR_MTIME, BadSample, validate_data_paths
 from common.vae_config import VaeSpec
 from common.weights import weights_fingerprint
 from fusedit.config import TrainConfig, load_config
@@ -126,7 +126,7 @@ class _ShardEncoder:
         pending: list[tuple[dict, torch.Tensor | None]] = []
         images = 0  # decoded images in `pending`
         rng = np.random.default_rng(0)  # the centre crop draws nothing; the API wants a generator
-        with wds.TarWriter(str(partial)) as writer:
+        with wds.TarWriter(str(partial), mtime=TAR_MTIME) as writer:
             while True:
                 try:
                     sample = reader.next()

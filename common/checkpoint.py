@@ -564,10 +564,11 @@ class CheckpointWriter:
         paths = [self.folder(step) / data_state_name(r) for r in range(saved)]
         return [json.loads(p.read_text()) for p in paths if p.is_file()]
 
-    def data_state(self, step: int, world_size: int) -> dict[str, Any] | None:
-        """This rank's saved data position, or None when it cannot continue (another world size)."""
-        saved = self.trainer_state(step).get("world_size")
-        path = self.folder(step) / data_state_name(self.rank)
-        if saved != world_size or not path.is_file():
-            return None
-        return json.loads(path.read_text())
+    def data_state(self, step: int, rank: int = 0) -> dict[str, Any] | None:
+        """Rank ``rank``'s saved data position (None when that file is missing).
+
+        A stream whose position is global, the same on every rank (repae.data), reads rank 0's
+        at any world size; per-rank positions are merged from :meth:`data_states` instead.
+        """
+        path = self.folder(step) / data_state_name(rank)
+        return json.loads(path.read_text()) if path.is_file() else None

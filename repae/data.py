@@ -1,4 +1,4 @@
-"""Labelled images from webdataset tar shards, shuffled per epoch, disjoint per rank, resumable exactly.
+"""Labelled images from webdataset tar shards: one global order per epoch, sliced by rank, resumable at any world size.
 
 The reference trains from one HDF5 file with a shuffled, ``drop_last`` sampler (REPAE-5.1 and
 REPAE-6.5 in docs/reference-facts.md): every epoch sees every image once, in a fresh order. We keep that
@@ -12,21 +12,24 @@ How the stream is defined
   each complete sample becomes one row: shard, byte range of its image member, label, key. The
   index of the whole dataset is identical on every rank. Samples without an image or a valid
   label, members cut off by a truncated tar, and unreadable shards are left out and counted.
-* **Epoch order**: epoch ``e`` permutes the ``N`` rows with a generator seeded by ``(seed, e)``;
-  rank ``r`` of ``W`` takes every W-th row from position ``r`` and keeps ``L = N // W`` of them.
-  The ranks' parts are disjoint and cover the epoch (up to ``N mod W`` rows); the assignment is a
-  pure function of ``(seed, epoch, rank, world_size)``.
-* **Batches**: an epoch has ``S = L // batch_size`` steps (``drop_last`` as in the reference);
-  global batch ``b`` is step ``b mod S`` of epoch ``b // S``, i.e. rows ``[s*B, (s+1)*B)`` of the
-  rank's order. The stream is infinite over epochs.
+* **Global order**: the global batch is ``G = batch_size x world_size`` samples. Epoch ``e``
+  permutes the ``N`` rows with a generator seeded by ``(seed, e)`` and has ``S = N // G`` steps
+  (``drop_last`` as in the reference); global batch ``b`` is step ``s = b mod S`` of epoch
+  ``b // S``: rows ``[s*G, (s+1)*G)`` of the permutation, of which rank ``r`` takes the slice
+  ``[s*G + r*B, s*G + (r+1)*B)``. So the samples of global batch ``b``, and their order, depend on
+  the seed, the data and ``G`` only: 1, 2 or 4 processes (any ``num_workers``) read the same
+  global batches, and a run resumed at another world size with the same global batch continues
+  exactly. One process reads what the per-rank order before this one read on one process.
 * **Corrupt images** (undecodable bytes) do not shift later batches: the bad slot is refilled by a
-  row of the same rank's epoch drawn from a generator seeded by the slot's position, so every
-  batch is a pure function of its index and always has ``batch_size`` samples.
+  row of the epoch drawn from a generator seeded by the slot's *global* position (epoch, step,
+  ``r*B + slot``), so every world size skips the same images and takes the same replacements, and
+  every batch always has ``batch_size`` samples.
 * **Skipped** counts the rows left out at indexing plus every corrupt image met while filling
   consumed batches (a bad image is met again, and counted again, in later epochs).
-* **Position** = the index of the next batch. Resuming reads nothing it already consumed, and
-  because all ranks step together the position is the same on every rank (saving rank 0's
-  :meth:`LabeledImageLoader.state_dict` is enough).
+* **Position** = the index of the next global batch, the same on every rank (saving rank 0's
+  :meth:`LabeledImageLoader.state_dict` is enough). A position saved with another ``G`` or
+  another dataset continues at the same epoch and fraction of it, with a warning; one saved by
+  the per-rank order (state version 1) continues exactly only if it ran on one process.
 
 Workers: with ``num_workers = n > 0`` a torch DataLoader runs an IterableDataset in which worker
 ``j`` builds (reads, decodes, crops) the whole batches ``start + j, start + j + n, ...``. The
@@ -67,7 +70,7 @@ from toyworld.labels import parse_rule, toy_label, toy_num_classes
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the global order (1: rank r took every W-th row of the epoch)
 IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
 # Domains of the independent generators derived from the seed.
 _EPOCH, _REFILL = 0, 1
@@ -468,17 +471,20 @@ class _Plan:
     latent_files: list[str] | None = None
 
     @property
-    def per_rank(self) -> int:
-        return len(self.index) // self.world_size
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.per_rank // self.batch_size
+        return len(self.index) // self.global_batch
 
-    def rank_order(self, epoch: int) -> np.ndarray:
-        """Index rows of this rank's part of epoch ``epoch``, in order."""
-        perm = np.random.default_rng([self.seed, _EPOCH, epoch]).permutation(len(self.index))
-        return perm[self.rank :: self.world_size][: self.per_rank]
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Index rows of epoch ``epoch`` in the global order (every rank computes the same)."""
+        return np.random.default_rng([self.seed, _EPOCH, epoch]).permutation(len(self.index))
+
+    def first_slot(self, step: int) -> int:
+        """Position in the epoch order of this rank's first sample of ``step``."""
+        return step * self.global_batch + self.rank * self.batch_size
 
 
 class _BatchBuilder:
@@ -493,7 +499,7 @@ class _BatchBuilder:
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, self.plan.rank_order(epoch))
+            self._order = (epoch, self.plan.epoch_order(epoch))
         return self._order[1]
 
     def _image(self, row: int) -> torch.Tensor:
@@ -503,15 +509,21 @@ class _BatchBuilder:
         return to_uint8_chw(data, self.plan.resolution)
 
     def _fill(self, order: np.ndarray, epoch: int, step: int, slot: int) -> tuple[int, torch.Tensor, int]:
-        """(row, image, corrupt images met) for one slot: its own row, else deterministic refills."""
-        row = int(order[step * self.plan.batch_size + slot])
+        """(row, image, corrupt images met) for one slot: its own row, else deterministic refills.
+
+        The refill key is the slot's global position (``0`` where the per-rank order put the rank),
+        so one process draws what it drew before and every world size draws the same.
+        """
+        where = self.plan.first_slot(step) + slot
+        row = int(order[where])
         for attempt in range(MAX_REFILLS):
             try:
                 return row, self._image(row), attempt
             except BadSample as exn:
                 index = self.plan.index
                 self.warnings.warn("%s key %s: %s", index.urls[index.shard[row]], index.keys[row].decode(), exn)
-            rng = np.random.default_rng([self.plan.seed, _REFILL, epoch, self.plan.rank, step, slot, attempt])
+            global_slot = where - step * self.plan.global_batch
+            rng = np.random.default_rng([self.plan.seed, _REFILL, epoch, 0, step, global_slot, attempt])
             row = int(order[rng.integers(len(order))])
         raise DataError(
             f"data.data_path: {MAX_REFILLS} corrupt images in a row while filling one batch slot; are shards intact?"
@@ -600,11 +612,11 @@ class LabeledImageLoader:
             self._pair_latents(LatentIndex.build(latents_dir))
         if self._plan.steps_per_epoch < 1:
             raise ValueError(
-                f"{len(index)} usable samples give rank {rank} of {world_size} fewer than one batch of {batch_size}"
+                f"{len(index)} usable samples give fewer than one global batch of {batch_size} x {world_size}"
             )
         self._next_batch = 0
         log.info(
-            "labelled loader: %d samples in %d shards (%d skipped), %d steps per epoch on each of %d ranks",
+            "labelled loader: %d samples in %d shards (%d skipped), %d global batches per epoch, %d ranks",
             len(index),
             len(index.urls),
             self.skipped,
@@ -663,6 +675,7 @@ class LabeledImageLoader:
             "epoch": epoch,
             "step": step,
             "steps_per_epoch": plan.steps_per_epoch,
+            "global_batch": plan.global_batch,
             "batch_size": plan.batch_size,
             "world_size": plan.world_size,
             "seed": plan.seed,
@@ -670,15 +683,14 @@ class LabeledImageLoader:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue at ``state``'s position: exactly when data, seed, world size and batch size match;
-        otherwise (with a warning) at the same epoch and the same fraction of it."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} != {STATE_VERSION}")
+        """Continue at ``state``'s position: exactly when the data, the seed and the global batch
+        match (at any world size); otherwise (with a warning) at the same epoch and fraction of it."""
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"loader state version {version!r}: this loader reads 1 and {STATE_VERSION}")
         if int(state["seed"]) != self._plan.seed:
             raise ValueError(f"loader state has seed {state['seed']}, this loader {self._plan.seed}")
-        same = {k: v for k, v in self.state_dict().items() if k in ("steps_per_epoch", "batch_size", "world_size")}
-        same["fingerprint"] = self._plan.index.fingerprint()
-        changed = [k for k, v in same.items() if state.get(k) != v]
+        changed = self._changed(state)
         if not changed:
             self._next_batch = int(state["next_batch"])
             return
@@ -690,6 +702,20 @@ class LabeledImageLoader:
             changed,
             *divmod(self._next_batch, steps),
         )
+
+    def _changed(self, state: Mapping[str, Any]) -> list[str]:
+        """What keeps ``state`` from continuing exactly (empty: it continues exactly)."""
+        plan = self._plan
+        changed = [] if state.get("fingerprint") == plan.index.fingerprint() else ["fingerprint"]
+        if state["version"] == 1:  # the per-rank order: the global one only where it ran on one process
+            saved = int(state["batch_size"]) * int(state["world_size"])
+            if int(state["world_size"]) != 1:
+                changed.append("order (saved by the per-rank order of a multi-process run)")
+        else:
+            saved = int(state["global_batch"])
+        if saved != plan.global_batch:
+            changed.append(f"global batch ({saved} -> {plan.global_batch})")
+        return changed
 
     # -- iteration
 

@@ -439,15 +439,11 @@ class Trainer:
                 f"{folder} was written by the {state.get('kind')} trainer, not {self.kind}: train into another folder"
             )
         self.load_models(folder)
-        data_state = self.checkpoints.data_state(step, self.env.world_size)
+        data_state = self.checkpoints.data_state(step, rank=0)  # a global position: any world size
         if data_state is not None:
             self.loader.load_state_dict(data_state)
         else:
-            log.warning(
-                "resuming with %d processes from a %d-process checkpoint: data order restarts",
-                self.env.world_size,
-                state["world_size"],
-            )
+            log.warning("%s has no data position: the data order restarts", folder)
         self.step = int(state["step"])
         self.guard.total = int(state.get("nonfinite_total", 0))
         if self.env.is_main:

@@ -278,8 +278,69 @@ def test_loader_ranks_are_disjoint_and_cover_the_epoch(toy_shards) -> None:
     union = set().union(*seen)
     assert len(union) == sum(len(s) for s in seen) == 3 * 13 * 8  # disjoint
     assert union <= set(k for k in attrs if k.startswith("train"))
-    # per rank L = 106 rows of which 13*8 = 104 are used: at most N mod W + W * (L mod B) left out
-    assert 320 - len(union) == 320 % 3 + 3 * (106 % 8)
+    # the global batch is 3 x 8 = 24: 13 steps use 312 rows, N mod 24 = 8 are left out of the epoch
+    assert 320 - len(union) == 320 % 24
+
+
+def _global(pattern: str, world: int, workers: int, n: int, global_batch: int = 8, **kw) -> list[dict]:
+    """Global batches 0..n-1 read by ``world`` ranks: every rank's part in rank order, joined."""
+    ranks = [
+        iter(LabeledImageLoader(pattern, batch_size=global_batch // world, resolution=32, label="toy:color",
+                                rank=r, world_size=world, num_workers=workers, seed=3, **kw))
+        for r in range(world)
+    ]  # fmt: skip
+    out = []
+    for _ in range(n):
+        parts = [next(it) for it in ranks]
+        joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if isinstance(parts[0][k], torch.Tensor)}
+        out.append({**joined, "keys": [k for p in parts for k in p["keys"]]})
+    return out
+
+
+@pytest.mark.parametrize(("world", "workers"), [(2, 1), (4, 2)])
+def test_global_batches_do_not_depend_on_world_size_or_workers(toy_shards, world: int, workers: int) -> None:
+    """Global batch b holds the same samples in the same order for 1, 2 or 4 ranks and 0-2 workers,
+    across an epoch boundary (320 rows, global batch 8: 40 steps per epoch)."""
+    pattern, _ = toy_shards
+    _same(_global(pattern, world, workers, 42), _global(pattern, 1, 0, 42))
+
+
+def test_resume_at_another_world_size_continues_exactly(toy_shards) -> None:
+    """A position saved by 2 ranks continues on 1 (and one saved by 1 on 4) with exactly the batches
+    an uninterrupted run reads: the position is the global batch index, saved identically by every rank."""
+    pattern, _ = toy_shards
+    straight = _global(pattern, 1, 0, 12)
+    kw = dict(resolution=32, label="toy:color", seed=3, num_workers=0)
+    two = [LabeledImageLoader(pattern, batch_size=4, rank=r, world_size=2, **kw) for r in range(2)]
+    for loader in two:
+        _take(loader, 5)
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in two]
+    assert states[0] == states[1] and states[0]["next_batch"] == 5 and states[0]["global_batch"] == 8
+    one = LabeledImageLoader(pattern, batch_size=8, **kw)
+    one.load_state_dict(states[0])
+    _same(_take(one, 3), straight[5:8])
+    four = [LabeledImageLoader(pattern, batch_size=2, rank=r, world_size=4, **kw) for r in range(4)]
+    for loader in four:
+        loader.load_state_dict(one.state_dict())
+    parts = [_take(loader, 4) for loader in four]
+    assert [k for b in range(4) for p in parts for k in p[b]["keys"]] == [k for b in straight[8:12] for k in b["keys"]]
+
+
+def test_a_position_saved_by_the_per_rank_order(toy_shards, caplog) -> None:
+    """Version 1 states (the order before the global one): one process's continue exactly (the two
+    orders agree there); a multi-process one continues at the same epoch fraction, with a warning."""
+    pattern, _ = toy_shards
+    kw = dict(resolution=32, label="toy:color", seed=3, num_workers=0)
+    straight = _global(pattern, 1, 0, 9)
+    old = {**LabeledImageLoader(pattern, batch_size=8, **kw).state_dict(), "version": 1, "next_batch": 7, "step": 7}
+    del old["global_batch"]
+    loader = LabeledImageLoader(pattern, batch_size=8, **kw)
+    loader.load_state_dict(old)
+    _same(_take(loader, 2), straight[7:9])
+    two = LabeledImageLoader(pattern, batch_size=4, rank=1, world_size=2, **kw)
+    with caplog.at_level("WARNING"):
+        two.load_state_dict({**old, "batch_size": 4, "world_size": 2})
+    assert "per-rank order" in caplog.text and two.state_dict()["next_batch"] == 7
 
 
 def test_loader_resumes_exactly(toy_shards) -> None:
@@ -309,8 +370,8 @@ def test_loader_resume_checks(toy_shards) -> None:
     state = {**loader.state_dict(), "seed": 1}
     with pytest.raises(ValueError, match="seed"):
         loader.load_state_dict(state)
-    other = {**loader.state_dict(), "next_batch": 50, "epoch": 1, "step": 10, "batch_size": 16, "steps_per_epoch": 20}
-    loader.load_state_dict(other)  # another batch size: same epoch, same fraction of it
+    other = {**loader.state_dict(), "next_batch": 50, "epoch": 1, "step": 10, "global_batch": 16, "steps_per_epoch": 20}
+    loader.load_state_dict(other)  # another global batch: same epoch, same fraction of it
     assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["step"] == 20
 
 
@@ -338,13 +399,23 @@ def test_loader_skips_corrupt_samples(tmp_path: Path) -> None:
     assert loader.skipped > before  # the undecodable image was met and refilled
     batch = _take(loader, 1)[0]
     assert batch["images"].shape == (4, 3, RES, RES)
+    # every world size meets the same corrupt images (counted once, by the rank that met them)
+    # and takes the same replacements
+    shards, n = str(tmp_path / "s-{000000..000002}.tar"), 3 * loader.steps_per_epoch
+    one = LabeledImageLoader(shards, batch_size=4, resolution=RES, num_workers=0, seed=1)
+    two = [LabeledImageLoader(shards, batch_size=2, resolution=RES, num_workers=0, seed=1, rank=r, world_size=2)
+           for r in range(2)]  # fmt: skip
+    indexed = one.skipped
+    batches, parts = _take(one, n), [_take(ld, n) for ld in two]
+    assert [k for b in batches for k in b["keys"]] == [k for b in range(n) for p in parts for k in p[b]["keys"]]
+    assert sum(ld.skipped - indexed for ld in two) == one.skipped - indexed > 0
 
 
 def test_loader_rejects_streams_and_tiny_data(toy_shards) -> None:
     pattern, _ = toy_shards
     with pytest.raises(ValueError, match="local"):
         LabeledImageLoader("pipe:cat x.tar", batch_size=2, resolution=32)
-    with pytest.raises(ValueError, match="fewer than one batch"):
+    with pytest.raises(ValueError, match="fewer than one global batch"):
         LabeledImageLoader(pattern, batch_size=200, resolution=32, label="toy:color", world_size=2, num_workers=0)
 
 

@@ -266,6 +266,15 @@ def test_two_process_ddp_joint_step_with_global_batchnorm(repae_world: Path, tmp
     state = load_file(run / "2" / "sit.safetensors")
     assert int(state["bn.num_batches_tracked"]) == 2
     assert json.loads((run / "2" / "trainer_state.json").read_text())["world_size"] == 2
+    # Continued on 1 process: the data position is global, so the loader continues exactly (issue 29)
+    saved = json.loads((run / "2" / "data_state_rank0.json").read_text())
+    assert saved == json.loads((run / "2" / "data_state_rank1.json").read_text())  # the same on every rank
+    more = tiny_overrides(repae_world, run, **{"trainer.max_steps": 3})
+    proc = run_module("repae.train", ["-c", str(CONFIG), *more], nproc=1)
+    assert "not batch-exact" not in proc.stderr and "order restarts" not in proc.stderr, proc.stderr[-3000:]
+    after = json.loads((run / "3" / "data_state_rank0.json").read_text())
+    assert after["next_batch"] == saved["next_batch"] + 1 and after["global_batch"] == saved["global_batch"]
+    assert after["world_size"] == 1
 
 
 def _sync_bn_worker(rank: int, world: int, port: int, z: torch.Tensor, out: str) -> None:

@@ -254,6 +254,9 @@ def test_cli_parts_split_the_shards_in_bf16(quick_world: Path, cache: Path, tmp_
         _assert_same_shard(out / shard_name(i), cache / shard_name(i), tol=2**-8)
     assert 0 < info["bytes_per_sample"] < 2 * 32 * 64 * 2 + 64  # real tokens only, below two full-length captions
     assert text_cache.main([*args, "--part", "2/2"]) == 2
+    # bf16 features cross from a loader worker (as int16 bits: numpy has no bf16) unchanged
+    by_worker, in_process = (_cached_rows(quick_world, out, 2, w, 2) for w in (1, 0))
+    assert all(a.dtype == torch.bfloat16 and torch.equal(a, b) for (_, a), (_, b) in zip(by_worker, in_process))
 
 
 def _cached_rows(quick_world: Path, cache: Path, world: int, workers: int, steps: int) -> list:

@@ -419,7 +419,7 @@ class _StreamParts(IterableDataset):
             "step": step,
             "order": order,
             # one tensor per part: a list of tensors would cross to the main process one by one
-            "visuals": torch.stack(visuals) if visuals else torch.empty(0),
+            "visuals": _to_wire(torch.stack(visuals) if visuals else torch.empty(0)),
             "captions": captions,
             "tokens": token_rows(self.tokenizer, captions, self.max_length) if self.tokenizer and captions else [],
             "features": _pack(features) if self.text_features is not None and features else None,
@@ -447,22 +447,45 @@ class _StreamParts(IterableDataset):
         )
 
 
-def _pack(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """A part's text-feature rows as one tensor and the row lengths.
+def _to_wire(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A part's tensor as a numpy array and its dtype's name, for the trip from a worker.
 
-    Why: every tensor a worker hands to the main process gets its own shared-memory segment; one
-    per sample made the 1-worker loader 7x slower than reading in the main process (260 vs 1,900
-    samples/s on the demo's caches), and its worker starved the training threads.
+    Why: a tensor leaves a DataLoader worker through shared memory, one file descriptor and one
+    authenticated socket handshake per tensor (~2 ms each on 2 cores); a part is a few hundred kB,
+    which the pipe carries by value faster. bfloat16, which numpy lacks, travels as int16 bits.
     """
-    return torch.cat(rows), [row.shape[0] for row in rows]
+    name = str(tensor.dtype).removeprefix("torch.")
+    bits = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+    return bits.numpy(), name
 
 
-def _unpack(packed: tuple[torch.Tensor, list[int]] | None, n: int) -> list[torch.Tensor | None]:
+def _as_is(part: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's collate function: a part crosses from its worker as it is."""
+    return part
+
+
+def _from_wire(wire: tuple[np.ndarray, str]) -> torch.Tensor:
+    array, name = wire
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if name == "bfloat16" else tensor
+
+
+def _pack(rows: list[torch.Tensor]) -> tuple[tuple[np.ndarray, str], list[int]]:
+    """A part's text-feature rows as one array and the row lengths.
+
+    Why: one object per part, not one per sample (one shared-memory tensor per sample made the
+    1-worker loader 7x slower than reading in the main process: 260 vs 1,900 samples/s on the
+    demo's caches, and its worker starved the training threads).
+    """
+    return _to_wire(torch.cat(rows)), [row.shape[0] for row in rows]
+
+
+def _unpack(packed: tuple[tuple[np.ndarray, str], list[int]] | None, n: int) -> list[torch.Tensor | None]:
     """The rows :func:`_pack` joined (views), or ``n`` Nones for a part without text features."""
     if packed is None:
         return [None] * n
-    flat, lengths = packed
-    return list(torch.split(flat, lengths))
+    wire, lengths = packed
+    return list(torch.split(_from_wire(wire), lengths))
 
 
 class GlobalOrderLoader:
@@ -502,10 +525,9 @@ class GlobalOrderLoader:
     def _micro_batches(self, step_parts: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         rows = sorted(
             (
-                (pos, part["visuals"][i], part["captions"][i], part["tokens"][i] if part["tokens"] else None,
-                 features[i])
+                (pos, visuals[i], part["captions"][i], part["tokens"][i] if part["tokens"] else None, features[i])
                 for part in step_parts
-                for features in [_unpack(part["features"], len(part["order"]))]
+                for visuals, features in [(_from_wire(part["visuals"]), _unpack(part["features"], len(part["order"])))]
                 for i, pos in enumerate(part["order"])
             ),
             key=lambda row: row[0],  # (stream, index in the stream's share): the global order
@@ -700,6 +722,7 @@ def build_dataloader(
     loader = DataLoader(
         parts,
         batch_size=None,  # the dataset yields whole parts
+        collate_fn=_as_is,  # the default would turn the parts' arrays back into shared-memory tensors
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=2 if workers > 0 else None,

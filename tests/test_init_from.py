@@ -262,6 +262,7 @@ def test_512_configs_continue_their_256_px_run(vae: str):
         200_000,
     )
     assert child.data.batch_size_per_gpu * child.trainer.gradient_accumulation_steps * 32 == 448
+    assert child.data.global_batch_size == 448 and parent.data.global_batch_size == 1024  # kept on any allocation
     assert child.model == parent.model and child.vae == parent.vae  # same DiT (and APE table), same VAE
     a, b = parent.to_dict(), child.to_dict()
     changed = {f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k]}
@@ -273,6 +274,7 @@ def test_512_configs_continue_their_256_px_run(vae: str):
         "lr_scheduler.name",
         "lr_scheduler.num_warmup_steps",
         "data.batch_size_per_gpu",
+        "data.global_batch_size",
         "data.resolution",
         "sample.height",
         "sample.width",

@@ -137,8 +137,9 @@ def test_sbatch_script_is_valid_bash() -> None:
     proc = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     head = SBATCH.read_text()
-    for flag in ("--ntasks-per-node=1", "--gpus-per-node=8", "--signal=B:USR1@", "--requeue", "--output="):
+    for flag in ("--gpus-per-node=8", "--signal=B:USR1@", "--requeue", "--output="):
         assert f"#SBATCH {flag}" in head
+    assert "#SBATCH --ntasks-per-node" not in head  # it would make `--nodes=MIN-MAX` always give MIN
 
 
 def _stub(folder: Path, name: str, body: str) -> None:

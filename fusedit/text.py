@@ -38,7 +38,7 @@ def _with_bos(ids: list[int], bos: int, max_length: int) -> list[int]:
     return ids[:max_length]
 
 
-def _padded_length(longest: int, max_length: int, pad_to_multiple_of: int | None) -> int:
+def padded_length(longest: int, max_length: int, pad_to_multiple_of: int | None) -> int:
     """Batch length: the longest row rounded up to the multiple (kernel-friendly), capped."""
     if pad_to_multiple_of:
         longest = math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
@@ -78,7 +78,7 @@ def pad_token_rows(
     rows: list[list[int]], max_length: int, pad_to_multiple_of: int | None, pad: int
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
     """(ids, mask) of :func:`token_rows` right-padded to the batch's longest row (see :func:`tokenize`)."""
-    length = _padded_length(max((len(r) for r in rows), default=1), max_length, pad_to_multiple_of)
+    length = padded_length(max((len(r) for r in rows), default=1), max_length, pad_to_multiple_of)
     input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -129,6 +129,20 @@ class TextEncoder:
         self.model.eval()
         self.model.requires_grad_(False)
         self.hidden_states_index = hidden_states_index
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, torch_dtype: torch.dtype) -> TextEncoder:
+        """The frozen text encoder a training config names (``model.base``, its subfolder and
+        hidden-state index, ``data.tokenizer``): the one place the trainer, the text cache and the
+        bench load it, so all three compute the same features."""
+        m = cfg.model
+        return cls(
+            m.base,
+            subfolder=m.base_subfolder,
+            tokenizer=cfg.data.tokenizer,
+            hidden_states_index=m.text_hidden_states_index,
+            torch_dtype=torch_dtype,
+        )
 
     @classmethod
     def from_model(

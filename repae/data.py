@@ -482,9 +482,9 @@ class _Plan:
         """Index rows of epoch ``epoch`` in the global order (every rank computes the same)."""
         return np.random.default_rng([self.seed, _EPOCH, epoch]).permutation(len(self.index))
 
-    def first_slot(self, step: int) -> int:
-        """Position in the epoch order of this rank's first sample of ``step``."""
-        return step * self.global_batch + self.rank * self.batch_size
+    def global_slot(self, slot: int) -> int:
+        """Place of this rank's ``slot`` in the global batch."""
+        return self.rank * self.batch_size + slot
 
 
 class _BatchBuilder:
@@ -514,15 +514,14 @@ class _BatchBuilder:
         The refill key is the slot's global position (``0`` where the per-rank order put the rank),
         so one process draws what it drew before and every world size draws the same.
         """
-        where = self.plan.first_slot(step) + slot
-        row = int(order[where])
+        global_slot = self.plan.global_slot(slot)
+        row = int(order[step * self.plan.global_batch + global_slot])
         for attempt in range(MAX_REFILLS):
             try:
                 return row, self._image(row), attempt
             except BadSample as exn:
                 index = self.plan.index
                 self.warnings.warn("%s key %s: %s", index.urls[index.shard[row]], index.keys[row].decode(), exn)
-            global_slot = where - step * self.plan.global_batch
             rng = np.random.default_rng([self.plan.seed, _REFILL, epoch, 0, step, global_slot, attempt])
             row = int(order[rng.integers(len(order))])
         raise DataError(

@@ -110,14 +110,7 @@ def _encoder_dtype(cfg: TrainConfig) -> torch.dtype:
 
 def load_encoder(cfg: TrainConfig, device: torch.device | str) -> TextEncoder:
     """The frozen text encoder exactly as :func:`fusedit.train.trainer.build_components` loads it."""
-    m = cfg.model
-    return TextEncoder(
-        m.base,
-        subfolder=m.base_subfolder,
-        tokenizer=cfg.data.tokenizer,
-        hidden_states_index=m.text_hidden_states_index,
-        torch_dtype=_encoder_dtype(cfg),
-    ).to(device)
+    return TextEncoder.from_config(cfg, _encoder_dtype(cfg)).to(device)
 
 
 def _record(cfg: TrainConfig, encoder: TextEncoder, urls: list[str], dtype: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from fusedit.text import _padded_length
+from fusedit.text import padded_length
 
 CACHE_INFO = "cache.json"
 FORMAT = 1
@@ -118,7 +118,7 @@ def pad_features(
     from the cache has the shape and mask the encoder's output for the same captions would have.
     Pad positions hold zeros: the DiT masks them as keys, so their values cannot reach the loss.
     """
-    length = _padded_length(max(r.shape[0] for r in rows), max_length, pad_to_multiple_of)
+    length = padded_length(max(r.shape[0] for r in rows), max_length, pad_to_multiple_of)
     hidden = torch.zeros((len(rows), length, rows[0].shape[1]), dtype=rows[0].dtype)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, row in enumerate(rows):

@@ -140,28 +140,6 @@ def _try_load(what: str, name: str, load: Callable[[], Any], notes: list[str]) -
         return None
 
 
-def load_text_encoder(cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """The text encoder (a FuseDiT's LLM and its tokenizer) as the trainer loads it."""
-    from fusedit.text import TextEncoder
-
-    m = cfg.model
-    return TextEncoder(
-        m.base,
-        subfolder=m.base_subfolder,
-        tokenizer=cfg.data.tokenizer,
-        hidden_states_index=m.text_hidden_states_index,
-        torch_dtype=dtype,
-    ).to(device)
-
-
-def load_codec(cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """The frozen VAE as the trainer loads it."""
-    from fusedit.latents import LatentCodec
-    from fusedit.train.trainer import _vae_spec
-
-    return LatentCodec.from_spec(_vae_spec(cfg), torch_dtype=dtype).to(device)
-
-
 def random_init_codec(cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """A VAE of the config's architecture with random weights (``--random-init-frozen``)."""
     from fusedit.latents import LatentCodec
@@ -224,7 +202,9 @@ def load_frozen(
 
     ``stand_in`` skips loading on purpose (``--random-frozen``): the DiT's own MFU, without Gemma.
     """
+    from fusedit.text import TextEncoder
     from fusedit.tools.plan import describe_text_encoder, describe_vae, vae_encoder_forward_flops
+    from fusedit.train.trainer import load_codec
 
     text_info, vae_info = describe_text_encoder(cfg), describe_vae(cfg)
     m = cfg.model
@@ -237,7 +217,7 @@ def load_frozen(
         te = codec = None
         notes.append("--random-frozen: text encoder and VAE replaced by random tensors on purpose")
     else:
-        te = _try_load("text encoder", m.base, lambda: load_text_encoder(cfg, device, dtype), notes)
+        te = _try_load("text encoder", m.base, lambda: TextEncoder.from_config(cfg, dtype).to(device), notes)
         codec = _try_load("VAE", vae_name, lambda: load_codec(cfg, device, dtype), notes)
     sources = {
         "text_encoder": f"loaded {m.base}" if te else f"random (B, L, {text_info.hidden_size}) features",
@@ -293,8 +273,10 @@ def random_init_llm(cfg: Any, device: torch.device, dtype: torch.dtype, text_lay
 def load_llm(cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """The FuseDiT's LLM, or one error naming what to pass: the model runs it on real token ids, so
     the baseline's "random text features stand in" fallback cannot apply."""
+    from fusedit.text import TextEncoder
+
     try:
-        return load_text_encoder(cfg, device, dtype)
+        return TextEncoder.from_config(cfg, dtype).to(device)
     except Exception as err:  # no network, no cache, bad folder: all end the same way
         raise ConfigError(
             f"model.base: the FuseDiT's LLM {cfg.model.base!r} could not be loaded ({_first_line(err)}); it runs "
@@ -312,6 +294,7 @@ def load_fuse_dit_frozen(
     No text FLOPs are kept here: the LLM's are the model's (:func:`fuse_dit_flops`).
     """
     from fusedit.tools.plan import describe_vae, vae_encoder_forward_flops
+    from fusedit.train.trainer import load_codec
 
     vae_info, base, vae_name = describe_vae(cfg), cfg.model.base, cfg.vae.pretrained_model_name_or_path
     if random_init:
@@ -420,14 +403,14 @@ class BatchSource:
         cached: bool = False,
         cached_text: bool = False,
     ) -> None:
-        from fusedit.text import _padded_length
+        from fusedit.text import padded_length
 
         self.cfg, self.frozen, self.device, self.cached = cfg, frozen, device, cached
         self.cached_text = cached_text
         self.kind, self.nums = parse_lengths(spec)
         self.max_len = cfg.data.max_prompt_length
         self.batch_size = cfg.data.batch_size_per_gpu
-        self.padded_length = lambda longest: _padded_length(longest, self.max_len, cfg.data.pad_to_multiple_of)
+        self.padded_length = lambda longest: padded_length(longest, self.max_len, cfg.data.pad_to_multiple_of)
         self.latent_side = cfg.data.resolution // frozen.spatial_factor
         self.loader = self._loader() if use_loader else None
 

@@ -82,20 +82,19 @@ class Components:
     clip: ClipTextEncoder | None = None
 
 
+def load_codec(cfg: TrainConfig, device: torch.device | str, dtype: torch.dtype) -> LatentCodec:
+    """The frozen VAE as training loads it (the bench loads it here too)."""
+    return LatentCodec.from_spec(_vae_spec(cfg), torch_dtype=dtype).to(device)
+
+
 def build_components(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Components:
     """Load the frozen text encoder and VAE, then build the DiT sized to fit them."""
-    text_encoder = TextEncoder(
-        cfg.model.base,
-        subfolder=cfg.model.base_subfolder,
-        tokenizer=cfg.data.tokenizer,
-        hidden_states_index=cfg.model.text_hidden_states_index,
-        torch_dtype=dtype,
-    ).to(device)
+    text_encoder = TextEncoder.from_config(cfg, dtype).to(device)
     if cfg.data.text_cache:  # the cache's features must be this encoder's, checked before the VAE loads
         from fusedit.data.text_cache import check_text_cache_fingerprint
 
         check_text_cache_fingerprint(cfg, text_encoder)
-    codec = LatentCodec.from_spec(_vae_spec(cfg), torch_dtype=dtype).to(device)
+    codec = load_codec(cfg, device, dtype)
     check_geometry(cfg, codec.spatial_factor)
     if cfg.model.text_hidden_size and cfg.model.text_hidden_size != text_encoder.hidden_size:
         raise ConfigError(

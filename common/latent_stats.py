@@ -23,13 +23,9 @@ from collections.abc import Callable, Iterator
 import torch
 
 from common.randomness import STREAM_LATENT_STATS, derive_seed, randn
-from common.vae_config import QWEN_CLASS, latent_channels, normalisation_constants, normalisation_source
+from common.vae_config import family_of_module
 
 DEFAULT_TOLERANCE = 0.05
-
-
-def _is_qwen(vae: torch.nn.Module) -> bool:
-    return type(vae).__name__ == QWEN_CLASS
 
 
 def _as_unit(images: torch.Tensor) -> torch.Tensor:
@@ -49,16 +45,12 @@ def _posterior_samples(
     if len(images) == 0:
         raise ValueError("no images to measure latents on")
     param = next(vae.parameters())
-    qwen = _is_qwen(vae)
+    family = family_of_module(vae)
     for start in range(0, len(images), batch_size):
         x = _as_unit(images[start : start + batch_size]).to(device=param.device, dtype=param.dtype)
-        if qwen:
-            x = x.unsqueeze(2)
-        posterior = vae.encode(x).latent_dist
-        mean = posterior.mean.float()
-        std = torch.exp(0.5 * posterior.logvar.float())
-        if qwen:
-            mean, std = mean.squeeze(2), std.squeeze(2)
+        posterior = vae.encode(family.to_vae(x)).latent_dist
+        mean = family.from_vae(posterior.mean.float())
+        std = family.from_vae(torch.exp(0.5 * posterior.logvar.float()))
         if not sample:
             yield mean
             continue
@@ -143,15 +135,16 @@ def check_normalisation(
 ) -> dict:
     """Per-channel mean / std of the latents the text-to-image trainer would see, and whether they pass.
 
-    Posterior samples are normalised with ``normalisation_constants(vae.config, channels)`` as
-    ``(z - shift) * scale`` in float32, exactly as ``fusedit.latents.LatentCodec.encode`` does.
-    ``ok`` holds when every channel's ``|mean| <= tol_mean`` and ``|std - 1| <= tol_std``.
+    Posterior samples go through the family's own patchify (FLUX.2: 2x2) and are normalised with
+    the family's constants (``Family.normalisation_constants``: the config's, or FLUX.2's BatchNorm
+    statistics) as ``(z - shift) * scale`` in float32, exactly as ``fusedit.latents.LatentCodec``
+    does. ``ok`` holds when every channel's ``|mean| <= tol_mean`` and ``|std - 1| <= tol_std``.
     """
-    channels = latent_channels(vae.config)
-    shift, scale = normalisation_constants(vae.config, channels)
+    family = family_of_module(vae)
+    shift, scale = family.normalisation_constants(vae)
 
     def normalise(z: torch.Tensor) -> torch.Tensor:
-        return (z - shift.to(z.device)) * scale.to(z.device)
+        return (family.patchify(z) - shift.to(z.device)) * scale.to(z.device)
 
     mean, std = _moments(vae, images, batch_size=batch_size, seed=seed, sample=True, transform=normalise)
     max_abs_mean = float(mean.abs().max())
@@ -164,7 +157,7 @@ def check_normalisation(
         "ok": max_abs_mean <= tol_mean and max_abs_std_error <= tol_std,
         "tolerance": {"mean": tol_mean, "std": tol_std},
         "images": len(images),
-        "source": normalisation_source(vae.config),
+        "source": family.normalisation_source(vae.config),
     }
 
 

@@ -1,7 +1,18 @@
-"""Reading a VAE's config: its class, latent channels, spatial factor and normalisation constants.
+"""Reading a VAE: its family (diffusers class), latent channels, spatial factor and normalisation.
 
-Both stages (and the evaluation samplers) need the same four facts about a diffusers VAE folder
-before they build anything; they are read here, once, from the config alone.
+Every stage that touches a frozen VAE (T2I training and its latent cache, the planner, evaluation's
+latent checks, REPA-E) needs the same few facts before it builds anything; they are read here, once.
+
+| kind    | diffusers class          | the family's own latent handling                                       |
+|---------|--------------------------|------------------------------------------------------------------------|
+| `kl`    | `AutoencoderKL`          | none (FLUX.1, SD-3.5, SD-VAE, our E2E exports)                         |
+| `qwen`  | `AutoencoderKLQwenImage` | a video VAE: images get a frame axis (B, 3, 1, H, W) and lose it again |
+| `flux2` | `AutoencoderKLFlux2`     | 2x2 patchify of the latents, then its own BatchNorm running statistics |
+
+FLUX.2 (docs/tokenizers.md): the VAE's latent has 32 channels at x8; its pipeline folds each 2x2
+latent patch into channels (128 channels at x16) and normalises each of those with the VAE's
+``bn`` running mean and variance (plus ``batch_norm_eps``). So the latent a DiT sees is 128
+channels at x16, and its normalisation constants are buffers of the VAE, not fields of its config.
 """
 
 from __future__ import annotations
@@ -11,9 +22,6 @@ from pathlib import Path
 
 import torch
 
-VAE_KINDS = ("auto", "kl", "qwen")
-
-
 QWEN_CLASS = "AutoencoderKLQwenImage"
 
 
@@ -21,9 +29,9 @@ QWEN_CLASS = "AutoencoderKLQwenImage"
 class VaeSpec:
     """Where a VAE lives and which family it is; stored with checkpoints so eval loads the same one.
 
-    `kind="auto"` picks Qwen when "qwen" appears in the path (case-insensitive, the reference's
-    rule) or when the saved config's `_class_name` is `AutoencoderKLQwenImage`, so a local copy of
-    a Qwen VAE is recognised whatever its folder is called.
+    `kind="auto"` picks the family a hint in the path names ("qwen", the reference's rule;
+    "flux.2" / "flux2"), else the one the saved config's `_class_name` names, so a local copy of
+    a Qwen-Image or FLUX.2 VAE is recognised whatever its folder is called (:func:`detect`).
     """
 
     pretrained_model_name_or_path: str
@@ -51,16 +59,19 @@ class VaeSpec:
             raise FileNotFoundError(f"{name}: no such VAE folder (a hub id has the form org/name)")
 
     def resolve_kind(self) -> str:
-        """Return "kl" or "qwen"; reads the saved config only when the path does not decide it."""
+        """The family's kind ("kl", "qwen", "flux2"); reads the saved config only when the path does not decide it."""
+        return self.family().kind
+
+    def family(self) -> Family:
+        """The :class:`Family` this spec names (:func:`detect`'s rule, reading the config only if needed)."""
         self.require_local_folder()
-        if self.kind != "auto":
-            return self.kind
-        if "qwen" in str(self.pretrained_model_name_or_path).lower():
-            return "qwen"
+        found = family_named(self.pretrained_model_name_or_path, self.kind)
+        if found is not None:
+            return found
         from diffusers import AutoencoderKL
 
         config = AutoencoderKL.load_config(self.pretrained_model_name_or_path, subfolder=self.subfolder)
-        return "qwen" if config.get("_class_name") == QWEN_CLASS else "kl"
+        return detect(self.pretrained_model_name_or_path, self.kind, config)
 
 
 def per_channel_stats(config) -> tuple[list[float], list[float]] | None:
@@ -114,3 +125,115 @@ def spatial_factor(config) -> int:
     """
     levels = config["block_out_channels"] if "block_out_channels" in config else config["dim_mult"]
     return 2 ** (len(levels) - 1)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One tokenizer family; see the module docstring for what each field means."""
+
+    kind: str
+    class_name: str
+    path_hints: tuple[str, ...] = ()  # lower-case substrings of a hub id / path that name the family
+    frame_axis: bool = False  # the VAE takes (B, 3, 1, H, W) (Qwen-Image's video VAE)
+    latent_patch: int = 1  # the family folds p x p latent patches into channels before normalising
+    batchnorm_stats: bool = False  # normalised by the VAE's own BatchNorm running statistics
+
+    def vae_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.class_name)
+
+    # ---- geometry: what the DiT sees (after the family's own patchify)
+    def latent_channels(self, config) -> int:
+        return latent_channels(config) * self.latent_patch**2
+
+    def spatial_factor(self, config) -> int:
+        return spatial_factor(config) * self.latent_patch
+
+    # ---- pixels in and out of the VAE
+    def to_vae(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.unsqueeze(2) if self.frame_axis else pixels
+
+    def from_vae(self, x: torch.Tensor) -> torch.Tensor:
+        return x.squeeze(2) if self.frame_axis else x
+
+    # ---- the family's latent patchify (identity for p = 1)
+    def patchify(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C*p*p, H/p, W/p), channel c*p*p + dy*p + dx (the FLUX.2 pipeline's order)."""
+        p = self.latent_patch
+        if p == 1:
+            return z
+        b, c, h, w = z.shape
+        return z.view(b, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4).reshape(b, c * p * p, h // p, w // p)
+
+    def unpatchify(self, z: torch.Tensor) -> torch.Tensor:
+        p = self.latent_patch
+        if p == 1:
+            return z
+        b, c, h, w = z.shape
+        return z.reshape(b, c // (p * p), p, p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // (p * p), h * p, w * p)
+
+    # ---- normalisation: (z - shift) * scale on the patchified latent, float32 (1, C, 1, 1)
+    def normalisation_constants(self, vae: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.batchnorm_stats:
+            return normalisation_constants(vae.config, latent_channels(vae.config))
+        bn = vae.bn
+        mean = bn.running_mean.detach().to("cpu", torch.float64)
+        std = torch.sqrt(bn.running_var.detach().to("cpu", torch.float64) + float(vae.config.batch_norm_eps))
+        return mean.float().view(1, -1, 1, 1), (1.0 / std).float().view(1, -1, 1, 1)
+
+    def normalisation_source(self, config) -> str | None:
+        """Where the constants come from (for reports and ``evaluation.check_latents``)."""
+        if self.batchnorm_stats:
+            return "bn running statistics"
+        return normalisation_source(config)
+
+
+FAMILIES: dict[str, Family] = {
+    "kl": Family("kl", "AutoencoderKL"),
+    "qwen": Family("qwen", "AutoencoderKLQwenImage", path_hints=("qwen",), frame_axis=True),
+    "flux2": Family(
+        "flux2", "AutoencoderKLFlux2", path_hints=("flux.2", "flux2"), latent_patch=2, batchnorm_stats=True
+    ),
+}
+VAE_KINDS = ("auto", *FAMILIES)
+
+
+def family(kind: str) -> Family:
+    """The family of an explicit kind (``auto`` is resolved by :func:`detect` instead)."""
+    if kind not in FAMILIES:
+        raise ValueError(f"unknown VAE kind {kind!r}; one of {', '.join(VAE_KINDS)}")
+    return FAMILIES[kind]
+
+
+def family_of_class(class_name: str | None) -> Family | None:
+    return next((f for f in FAMILIES.values() if f.class_name == class_name), None)
+
+
+def family_of_module(vae: torch.nn.Module) -> Family:
+    """The family of a loaded VAE, by its class (subclasses included)."""
+    for f in FAMILIES.values():
+        if isinstance(vae, f.vae_class()):
+            return f
+    names = ", ".join(f.class_name for f in FAMILIES.values())
+    raise TypeError(f"not a supported VAE: {type(vae).__name__} (supported: {names})")
+
+
+def family_named(path: str, kind: str = "auto") -> Family | None:
+    """The family an explicit kind or a hint in the path names; None when neither decides."""
+    if kind != "auto":
+        return family(kind)
+    lowered = str(path).lower()
+    return next((f for f in FAMILIES.values() if any(hint in lowered for hint in f.path_hints)), None)
+
+
+def detect(path: str, kind: str = "auto", config: dict | None = None) -> Family:
+    """The family of a VAE: an explicit kind, else a hint in the path, else the config's class, else ``kl``.
+
+    The path rule is the reference's (a "qwen" anywhere in the name means Qwen-Image); the saved
+    config's ``_class_name`` decides for a local copy whatever its folder is called.
+    """
+    found = family_named(path, kind)
+    if found is not None:
+        return found
+    return family_of_class((config or {}).get("_class_name")) or FAMILIES["kl"]

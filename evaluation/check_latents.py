@@ -47,10 +47,8 @@ def toy_training_images(toy: Path, count: int) -> torch.Tensor:
 
 
 def load_vae(path: str, device: torch.device) -> torch.nn.Module:
-    """A diffusers AutoencoderKL or AutoencoderKLQwenImage folder / hub id, float32, eval."""
-    from diffusers import AutoencoderKL, AutoencoderKLQwenImage
-
-    cls = AutoencoderKLQwenImage if VaeSpec(path).resolve_kind() == "qwen" else AutoencoderKL
+    """A diffusers VAE folder / hub id of any family (common.vae_config.FAMILIES), float32, eval."""
+    cls = VaeSpec(path).family().vae_class()
     return cls.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
 
 

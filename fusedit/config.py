@@ -34,6 +34,7 @@ from common.config import (
     raise_config_errors,
     resolve_alias_key,
 )
+from common.vae_config import VAE_KINDS
 from fusedit.llm_architectures import KNOWN_LLMS, known_llm
 
 ATTENTION_KINDS = ("self", "cross")
@@ -43,7 +44,6 @@ TIMESTEP_CONDITIONING = ("adaln-zero", "adaln-single", "addition", "none")
 POS_EMBED_KINDS = ("ape", "1d-rope", "2d-rope", "m-rope")
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
-VAE_KINDS = ("auto", "kl", "qwen")
 INIT_FROM_WEIGHTS = ("ema", "raw")
 # "clip-llm": the LLM plus a CLIP text encoder's pooled embedding (model.clip_text_encoder), the reference's name
 ENCODER_TYPES = ("llm", "clip-llm")
@@ -725,12 +725,20 @@ def _validate_data(d: DataConfig, errors: list[str]) -> None:
             errors.append(f"data.{name}: a cache folder, or null to run the encoder every step")
 
 
-def check_geometry(cfg: TrainConfig, spatial_factor: int) -> None:
-    """Resolution and sample sizes must map to whole patches once the VAE's factor is known.
+def check_geometry(cfg: TrainConfig, spatial_factor: int, latent_channels: int | None = None) -> None:
+    """Resolution and sample sizes must map to whole patches once the VAE's factor is known, and a
+    stated ``model.in_channels`` must be the latent's channel count.
 
     Called by the trainer (after loading the VAE), the planner and the benchmark (from the VAE
-    config alone), so the three agree on what a valid geometry is.
+    config alone), so the three agree on what a valid geometry is. The channels are those the DiT
+    sees, after the family's own patchify (FLUX.2: 4 x 32 = 128).
     """
+    stated = cfg.model.in_channels
+    if latent_channels is not None and stated is not None and stated != latent_channels:
+        raise ConfigError(
+            f"model.in_channels: {stated}, but the VAE {cfg.vae.pretrained_model_name_or_path!r} gives "
+            f"{latent_channels}-channel latents; set it to {latent_channels} (or null to take the VAE's)"
+        )
     unit = spatial_factor * cfg.model.patch_size
     sizes = (
         ("data.resolution", cfg.data.resolution),

@@ -81,15 +81,15 @@ class FuseDiTPipeline(DiffusionPipeline):
         ``from_pretrained`` executes the folder's ``pipeline.py`` (hence ``trust_remote_code``);
         our own samplers need not: they know the classes and read only configs and safetensors.
         """
-        from diffusers import AutoencoderKL, AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+        from diffusers import FlowMatchEulerDiscreteScheduler
         from transformers import AutoModel, AutoTokenizer, CLIPTextModelWithProjection
 
-        from common.vae_config import QWEN_CLASS
+        from common.vae_config import FAMILIES, family_of_class
         from fusedit.models import model_class
 
         path = Path(path)
         index = json.loads((path / "model_index.json").read_text())
-        vae_cls = AutoencoderKLQwenImage if index.get("vae", [None, None])[1] == QWEN_CLASS else AutoencoderKL
+        vae_cls = (family_of_class(index.get("vae", [None, None])[1]) or FAMILIES["kl"]).vae_class()
         return cls(
             transformer=model_class(path / "transformer").from_pretrained(str(path / "transformer")),
             text_encoder=AutoModel.from_pretrained(str(path / "text_encoder")),

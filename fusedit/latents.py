@@ -6,13 +6,15 @@ directions in one object is the point of this module: the reference fork normali
 but forgot to un-normalise at inference (reference defect T2I-D2, docs/reference-facts.md), and normalised in
 bf16 or fp32 depending on the VAE family (T2I-D5). Here both directions always run in float32.
 
-Two VAE families are supported, both with 16 latent channels and x8 down-sampling in the
-shipped configs:
+The families (``common.vae_config.FAMILIES``, docs/tokenizers.md):
 
-* ``kl``   -- `diffusers.AutoencoderKL` (FLUX, SD3.5 and their REPA-E tuned versions), images
+* ``kl``    -- `diffusers.AutoencoderKL` (FLUX.1, SD3.5 and their REPA-E tuned versions), images
   (B, 3, H, W);
-* ``qwen`` -- `diffusers.AutoencoderKLQwenImage`, a video VAE: images get a frame axis
-  (B, 3, 1, H, W) on the way in and lose it on the way out.
+* ``qwen``  -- `diffusers.AutoencoderKLQwenImage`, a video VAE: images get a frame axis
+  (B, 3, 1, H, W) on the way in and lose it on the way out;
+* ``flux2`` -- `diffusers.AutoencoderKLFlux2`: the posterior sample (32 channels at x8) is folded
+  2x2 into 128 channels at x16 and normalised with the VAE's BatchNorm running statistics, as
+  FLUX.2's pipeline does. The latent cache stores the un-patchified posterior moments.
 
 `LatentCodec` is a plain class rather than an `nn.Module` on purpose: it must not register the
 frozen VAE as a sub-module of anything it is attached to (its weights would leak into optimiser
@@ -22,38 +24,37 @@ parameter lists and checkpoints). Its own `.to()` moves the VAE and the constant
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 
 from common.randomness import Generators, randn
-from common.vae_config import VaeSpec, latent_channels, normalisation_constants, spatial_factor
+from common.vae_config import VaeSpec, family_of_module, latent_channels, spatial_factor
 
 
 class LatentCodec:
     """Pixels in [-1, 1] <-> normalised fp32 latents, through a frozen diffusers VAE.
 
-    Attributes: `vae` (eval, no grad), `is_qwen`, `latent_channels`, `spatial_factor`, and the
-    float32 (1, C, 1, 1) tensors `shift` and `scale`. The VAE may run in any dtype (`dtype`);
-    the normalisation, the posterior sample and the returned latents/pixels are float32.
+    Attributes: `vae` (eval, no grad), `family` (common.vae_config.Family), `latent_channels` and
+    `spatial_factor` of the latent the DiT sees (after the family's own patchify), and the float32
+    (1, C, 1, 1) tensors `shift` and `scale`. The VAE may run in any dtype (`dtype`); the
+    normalisation, the posterior sample and the returned latents/pixels are float32.
     """
 
     def __init__(self, vae: torch.nn.Module) -> None:
-        if not isinstance(vae, (AutoencoderKL, AutoencoderKLQwenImage)):
-            raise TypeError(f"LatentCodec supports AutoencoderKL and AutoencoderKLQwenImage, got {type(vae)}")
+        self.family = family_of_module(vae)
         vae.eval().requires_grad_(False)
         self.vae = vae
-        self.is_qwen = isinstance(vae, AutoencoderKLQwenImage)
-        self.latent_channels = latent_channels(vae.config)
-        self.spatial_factor = spatial_factor(vae.config)
-        shift, scale = normalisation_constants(vae.config)
+        self.latent_channels = self.family.latent_channels(vae.config)
+        self.spatial_factor = self.family.spatial_factor(vae.config)
+        shift, scale = self.family.normalisation_constants(vae)
         self.shift = shift.to(self.device)
         self.scale = scale.to(self.device)
 
     @classmethod
     def from_spec(cls, spec: VaeSpec, torch_dtype: torch.dtype = torch.float32) -> LatentCodec:
         """Load the VAE a spec names (local folder or hub cache) in `torch_dtype`."""
-        vae_cls = AutoencoderKLQwenImage if spec.resolve_kind() == "qwen" else AutoencoderKL
-        vae = vae_cls.from_pretrained(
-            spec.pretrained_model_name_or_path, subfolder=spec.subfolder, torch_dtype=torch_dtype
+        vae = (
+            spec.family()
+            .vae_class()
+            .from_pretrained(spec.pretrained_model_name_or_path, subfolder=spec.subfolder, torch_dtype=torch_dtype)
         )
         return cls(vae)
 
@@ -72,6 +73,12 @@ class LatentCodec:
         self.shift = self.shift.to(self.device)
         self.scale = self.scale.to(self.device)
         return self
+
+    def moment_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Shape of :meth:`moments`' mean (and std): the VAE's own latent, before any family patchify."""
+        f = spatial_factor(self.vae.config)
+        self.latent_shape(batch_size, height, width)  # the size check
+        return (batch_size, latent_channels(self.vae.config), height // f, width // f)
 
     def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Shape of the normalised latents for images of `height` x `width` pixels."""
@@ -99,23 +106,19 @@ class LatentCodec:
         What a latent cache stores (fusedit/data/latent_cache.py): with them, training draws the
         same posterior samples as from pixels, without running the encoder.
         """
-        x = pixels.to(device=self.device, dtype=self.dtype)
-        if self.is_qwen:
-            x = x.unsqueeze(2)
+        x = self.family.to_vae(pixels.to(device=self.device, dtype=self.dtype))
         posterior = self.vae.encode(x).latent_dist
         mean, std = posterior.mean.float(), torch.exp(0.5 * posterior.logvar.float())
-        if self.is_qwen:
-            mean, std = mean.squeeze(2), std.squeeze(2)
-        return mean, std
+        return self.family.from_vae(mean), self.family.from_vae(std)
 
     def from_moments(
         self, mean: torch.Tensor, std: torch.Tensor, generator: Generators = None, sample: bool = True
     ) -> torch.Tensor:
-        """Normalised latents from posterior moments: ``(mean + std * eps - shift) * scale``."""
+        """Normalised latents from posterior moments: ``(patchify(mean + std * eps) - shift) * scale``."""
         z = mean.to(self.device, torch.float32)
         if sample:
             z = z + std.to(self.device, torch.float32) * randn(z.shape, generator, z.device)
-        return (z - self.shift) * self.scale
+        return (self.family.patchify(z) - self.shift) * self.scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -123,16 +126,11 @@ class LatentCodec:
 
         Un-normalises with the same constants `encode` used before the VAE sees anything.
         """
-        z = latents.to(device=self.device, dtype=torch.float32) / self.scale + self.shift
-        z = z.to(self.dtype)
-        if self.is_qwen:
-            z = z.unsqueeze(2)
-        pixels = self.vae.decode(z).sample
-        if self.is_qwen:
-            pixels = pixels.squeeze(2)
+        z = self.family.unpatchify(latents.to(device=self.device, dtype=torch.float32) / self.scale + self.shift)
+        pixels = self.family.from_vae(self.vae.decode(self.family.to_vae(z.to(self.dtype))).sample)
         return pixels.float().clamp(-1.0, 1.0)
 
     def __repr__(self) -> str:
-        family = "qwen" if self.is_qwen else "kl"
+        family = self.family.kind
         geometry = f"channels={self.latent_channels}, x{self.spatial_factor}"
         return f"LatentCodec({family}, {geometry}, dtype={self.dtype})"

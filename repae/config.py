@@ -37,8 +37,10 @@ from common.config import (
     raise_config_errors,
     save_config,
 )
+from common.vae_config import VAE_KINDS as ALL_VAE_KINDS
 
-VAE_KINDS = ("auto", "kl", "qwen")
+# The families REPA-E tunes: FLUX.2 (common.vae_config) is a T2I tokenizer here, not yet a joint-tuning one.
+VAE_KINDS = tuple(k for k in ALL_VAE_KINDS if k != "flux2")
 PATH_TYPES = ("linear", "cosine")
 WEIGHTINGS = ("uniform", "lognormal")
 SAMPLER_MODES = ("ode", "sde")

@@ -56,7 +56,7 @@ def pixels(batch: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
 
 def test_kl_constants_and_geometry(saved):
     codec = LatentCodec.from_spec(VaeSpec(str(saved / "flux"), subfolder="vae"))
-    assert not codec.is_qwen and codec.latent_channels == 4 and codec.spatial_factor == 2
+    assert codec.family.kind == "kl" and codec.latent_channels == 4 and codec.spatial_factor == 2
     assert codec.shift.shape == codec.scale.shape == (1, 4, 1, 1)
     assert codec.shift.dtype == codec.scale.dtype == torch.float32
     torch.testing.assert_close(codec.shift, torch.full((1, 4, 1, 1), 0.1159))
@@ -73,7 +73,7 @@ def test_kl_without_shift_factor_uses_zero():
 
 def test_qwen_constants_and_geometry(saved):
     codec = LatentCodec.from_spec(VaeSpec(str(saved / "plain_folder")))
-    assert codec.is_qwen and codec.latent_channels == 4 and codec.spatial_factor == 2
+    assert codec.family.kind == "qwen" and codec.latent_channels == 4 and codec.spatial_factor == 2
     assert codec.spatial_factor == codec.vae.spatial_compression_ratio
     torch.testing.assert_close(codec.shift.flatten(), torch.tensor(QWEN_MEAN))
     torch.testing.assert_close(codec.scale.flatten(), 1 / torch.tensor(QWEN_STD))

@@ -206,7 +206,8 @@ def build_cache(
 
 
 def _latent_shape(codec: LatentCodec, resolution: int) -> list[int]:
-    _, c, h, w = codec.latent_shape(1, resolution, resolution)
+    """The stored (mean, std) pair's shape: the VAE's own latent, before any family patchify."""
+    _, c, h, w = codec.moment_shape(1, resolution, resolution)
     return [2, c, h, w]
 
 

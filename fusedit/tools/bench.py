@@ -1239,7 +1239,7 @@ def setup_dit(
         random_init=args.random_init_frozen,
         text_layers=args.text_layers,
     )
-    check_geometry(cfg, frozen.spatial_factor)
+    check_geometry(cfg, frozen.spatial_factor, frozen.latent_channels)
     kw = cfg.dit_kwargs(frozen.latent_channels, frozen.text_hidden)
     return frozen, build_dit(cfg, kw, device, dtype), kw
 
@@ -1271,7 +1271,7 @@ def setup_fuse_dit(
 
     refuse_fuse_dit_options(args, cfg)
     frozen = load_fuse_dit_frozen(cfg, device, dtype, notes, args.random_init_frozen, args.text_layers)
-    check_geometry(cfg, frozen.spatial_factor)
+    check_geometry(cfg, frozen.spatial_factor, frozen.latent_channels)
     model = build_fuse_dit(cfg, frozen, device, dtype)
     train_llm = cfg.trainer.train_llm
     notes.append(

@@ -34,6 +34,7 @@ import torch
 from common.config import ConfigError, save_config
 from common.files import write_json_atomic
 from common.shards import check_brace_syntax, is_remote
+from common.vae_config import FAMILIES, Family, detect, family_of_class
 from fusedit.config import TrainConfig, check_geometry, derive_batch
 from fusedit.flops import (
     clip_text_arch,
@@ -83,6 +84,12 @@ KNOWN_VAES: dict[str, tuple[str, dict[str, Any], str]] = {
     "repa-e/e2e-sd3.5-vae": ("AutoencoderKL", SD35_VAE, f"SD3.5-large VAE config, {_E2E_NOTE}"),
     "qwen/qwen-image": ("AutoencoderKLQwenImage", {}, "diffusers AutoencoderKLQwenImage class defaults"),
     "repa-e/e2e-qwenimage-vae": ("AutoencoderKLQwenImage", {}, f"AutoencoderKLQwenImage defaults, {_E2E_NOTE}"),
+    # FLUX.2's VAE: FLUX.1's encoder/decoder widths with 32 latent channels, which are the class defaults.
+    "black-forest-labs/flux.2-dev": (
+        "AutoencoderKLFlux2",
+        {},
+        "diffusers AutoencoderKLFlux2 class defaults (FLUX.2-dev)",
+    ),
 }
 # CLIP-L's text tower with its projection (CLIPTextModelWithProjection), the "fuse-dit-clip" type's
 # pooled-text encoder: SD3-medium's text_encoder/ (the reference's clip_l) and OpenAI's CLIP-L.
@@ -303,7 +310,7 @@ class VaeInfo:
     latent_channels: int
     spatial_factor: int
     module: torch.nn.Module | None
-    is_qwen: bool
+    family: Family
     source: str
 
 
@@ -364,15 +371,11 @@ def _build_vae_on_meta(class_name: str, kwargs: dict[str, Any]) -> torch.nn.Modu
 
 
 def _local_vae(cfg: TrainConfig, folder: Path) -> tuple[str, dict[str, Any]]:
-    """Class and config of a local VAE folder, with the same family rule as fusedit.latents."""
+    """Class and config of a local VAE folder, with the trainer's family rule (common.vae_config.detect)."""
     from diffusers import AutoencoderKL
 
     config = dict(AutoencoderKL.load_config(str(folder)))
-    kind = cfg.vae.kind
-    if kind == "auto":
-        qwen = "qwen" in cfg.vae.pretrained_model_name_or_path.lower()
-        kind = "qwen" if qwen or config.get("_class_name") == "AutoencoderKLQwenImage" else "kl"
-    class_name = "AutoencoderKLQwenImage" if kind == "qwen" else "AutoencoderKL"
+    class_name = detect(cfg.vae.pretrained_model_name_or_path, cfg.vae.kind, config).class_name
     return class_name, {k: v for k, v in config.items() if not k.startswith("_")}
 
 
@@ -394,8 +397,6 @@ def build_vae(class_name: str, kwargs: dict[str, Any], source: str = "") -> torc
 
 def describe_vae(cfg: TrainConfig) -> VaeInfo:
     """Size the frozen VAE on meta: local config.json, a known public config, or unknown."""
-    from common.vae_config import latent_channels, spatial_factor
-
     v = cfg.vae
     known = known_vae_architecture(cfg)
     if known is None:
@@ -405,12 +406,14 @@ def describe_vae(cfg: TrainConfig) -> VaeInfo:
                 f"({', '.join(KNOWN_VAES)}); set model.in_channels (x8 down-sampling is then assumed)"
             )
         source = f"unknown hub VAE {v.pretrained_model_name_or_path}: not counted, x8 down-sampling assumed"
-        return VaeInfo(None, cfg.model.in_channels, 8, None, False, source)
+        return VaeInfo(None, cfg.model.in_channels, 8, None, FAMILIES["kl"], source)
     class_name, kwargs, source = known
     module = _build_vae_on_meta(class_name, kwargs)
     config = dict(module.config)
-    is_qwen = class_name == "AutoencoderKLQwenImage"
-    return VaeInfo(_numel(module), latent_channels(config), spatial_factor(config), module, is_qwen, source)
+    family = family_of_class(class_name)
+    return VaeInfo(
+        _numel(module), family.latent_channels(config), family.spatial_factor(config), module, family, source
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,10 +429,10 @@ def vae_encoder_forward_flops(vae: VaeInfo, resolution: int) -> int | None:
         return None
     from torch.utils.flop_counter import FlopCounterMode
 
-    shape = (1, 3, 1, resolution, resolution) if vae.is_qwen else (1, 3, resolution, resolution)
+    pixels = vae.family.to_vae(torch.empty(1, 3, resolution, resolution, device="meta"))
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        vae.module.encode(torch.empty(shape, device="meta"))
+        vae.module.encode(pixels)
     return int(counter.get_total_flops())
 
 
@@ -581,7 +584,7 @@ def check_data_paths(patterns: list[str]) -> list[PatternReport]:
 # --------------------------------------------------------------------------------------------
 def _tokens(cfg: TrainConfig, vae: VaeInfo, text_tokens: int | None) -> Tokens:
     """Token counts; the resolution must map to whole patches (as the trainer checks)."""
-    check_geometry(cfg, vae.spatial_factor)
+    check_geometry(cfg, vae.spatial_factor, vae.latent_channels)
     latent = cfg.data.resolution // vae.spatial_factor
     side = latent // cfg.model.patch_size
     if text_tokens is None:
@@ -615,15 +618,6 @@ def _frozen_memory(cfg: TrainConfig, text: TextEncoderInfo, vae: VaeInfo) -> dic
         f"text encoder ({name}, frozen)": size * (text.params or 0) * on_device,
         f"VAE ({name}, frozen)": size * (vae.params or 0),
     }
-
-
-def _check_channels(cfg: TrainConfig, vae: VaeInfo) -> None:
-    """An explicit model.in_channels must match the VAE, or the first forward fails mid-launch."""
-    if vae.params is not None and cfg.model.in_channels and cfg.model.in_channels != vae.latent_channels:
-        raise ConfigError(
-            f"model.in_channels: {cfg.model.in_channels} but the VAE has {vae.latent_channels} latent "
-            "channels; set it to null or match"
-        )
 
 
 def _text_encoder_flops(cfg: TrainConfig, text: TextEncoderInfo, n_text: int) -> int | None:
@@ -808,7 +802,6 @@ def build_fuse_dit_plan(
 
     llm, vae, clip = describe_llm(cfg), describe_vae(cfg), describe_clip(cfg)
     check_fuse_dit_heads(cfg, llm.config)
-    _check_channels(cfg, vae)
     tokens = _tokens(cfg, vae, text_tokens)
     config = {**cfg.fuse_dit_kwargs(vae.latent_channels), "llm_config": llm.config}
     with torch.device("meta"):
@@ -941,7 +934,6 @@ def build_plan(
     if cfg.model.is_fuse_dit:
         return build_fuse_dit_plan(cfg, config_path, world_size, zero_stage, text_tokens)
     text, vae = describe_text_encoder(cfg), describe_vae(cfg)
-    _check_channels(cfg, vae)
     tokens = _tokens(cfg, vae, text_tokens)
     kw = cfg.dit_kwargs(vae.latent_channels, text.hidden_size)
     dit = build_meta_dit(kw)

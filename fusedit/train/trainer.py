@@ -95,7 +95,7 @@ def build_components(cfg: TrainConfig, device: torch.device, dtype: torch.dtype)
 
         check_text_cache_fingerprint(cfg, text_encoder)
     codec = load_codec(cfg, device, dtype)
-    check_geometry(cfg, codec.spatial_factor)
+    check_geometry(cfg, codec.spatial_factor, codec.latent_channels)
     if cfg.model.text_hidden_size and cfg.model.text_hidden_size != text_encoder.hidden_size:
         raise ConfigError(
             f"model.text_hidden_size: {cfg.model.text_hidden_size} but the text encoder "

@@ -1,0 +1,167 @@
+"""The FLUX.2 VAE family: 2x2 latent patchify + the VAE's own BatchNorm statistics, checked against
+diffusers' FLUX.2 pipeline (its own patchify and normalisation code is the reader we must match)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKLFlux2, Flux2Pipeline
+
+from common.latent_stats import check_normalisation
+from common.vae_config import FAMILIES, VaeSpec, detect
+from fusedit.latents import LatentCodec
+from tests.conftest import ROOT, run_train, tiny_train_overrides
+
+
+def tiny_flux2(seed: int = 0) -> AutoencoderKLFlux2:
+    """FLUX.2's architecture at toy width, with BatchNorm statistics that differ per channel."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        mid_block_add_attention=False,
+        sample_size=16,
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    vae.bn.running_mean.copy_(torch.randn(16, generator=g) * 0.3)
+    vae.bn.running_var.copy_(torch.rand(16, generator=g) * 2 + 0.5)
+    return vae.eval()
+
+
+def pixels(batch: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def pipeline_encode(vae: AutoencoderKLFlux2, x: torch.Tensor) -> torch.Tensor:
+    """What FLUX.2's pipeline does to an image (its `_encode_vae_image`, posterior mean)."""
+    z = Flux2Pipeline._patchify_latents(vae.encode(x).latent_dist.mode())
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    return (z - mean) / std
+
+
+def pipeline_decode(vae: AutoencoderKLFlux2, latents: torch.Tensor) -> torch.Tensor:
+    """What FLUX.2's pipeline does before `vae.decode` (un-normalise, un-patchify)."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    return vae.decode(Flux2Pipeline._unpatchify_latents(latents * std + mean)).sample
+
+
+def test_geometry_is_what_the_dit_sees():
+    codec = LatentCodec(tiny_flux2())
+    assert codec.family.kind == "flux2"
+    # 4 VAE channels at x2 -> 16 channels at x4 after the 2x2 patchify
+    assert (codec.latent_channels, codec.spatial_factor) == (16, 4)
+    assert codec.latent_shape(3, 16, 16) == (3, 16, 4, 4)
+    assert codec.moment_shape(3, 16, 16) == (3, 4, 8, 8)  # what a latent cache stores
+    with pytest.raises(ValueError, match="multiple of 4"):
+        codec.latent_shape(1, 18, 16)
+
+
+def test_encode_matches_the_flux2_pipeline():
+    vae = tiny_flux2()
+    codec = LatentCodec(vae)
+    x = pixels()
+    with torch.no_grad():
+        expected = pipeline_encode(vae, x)
+    got = codec.encode(x, sample=False)
+    assert got.shape == (2, 16, 4, 4) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_matches_the_flux2_pipeline():
+    vae = tiny_flux2()
+    codec = LatentCodec(vae)
+    latents = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = pipeline_decode(vae, latents).clamp(-1, 1)
+    torch.testing.assert_close(codec.decode(latents), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_patchify_is_the_pipelines_and_inverts():
+    family = FAMILIES["flux2"]
+    z = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(family.patchify(z), Flux2Pipeline._patchify_latents(z))
+    assert torch.equal(family.unpatchify(family.patchify(z)), z)
+    assert torch.equal(FAMILIES["kl"].patchify(z), z)
+
+
+def test_cached_moments_train_like_pixels():
+    """A latent cache stores the un-patchified moments; from_moments must give what encode gives."""
+    codec = LatentCodec(tiny_flux2())
+    x = pixels()
+    mean, std = codec.moments(x)
+    assert mean.shape == (2, 4, 8, 8)
+    for sample in (False, True):
+        a = codec.encode(x, generator=torch.Generator().manual_seed(4), sample=sample)
+        b = codec.from_moments(mean, std, torch.Generator().manual_seed(4), sample=sample)
+        assert torch.equal(a, b)
+
+
+def test_bf16_vae_keeps_fp32_constants():
+    codec = LatentCodec(tiny_flux2()).to(dtype=torch.bfloat16)
+    assert codec.shift.dtype == torch.float32 and codec.scale.dtype == torch.float32
+    latents = codec.encode(pixels(), generator=torch.Generator().manual_seed(0))
+    assert latents.dtype == torch.float32 and codec.decode(latents).dtype == torch.float32
+
+
+def test_check_normalisation_reads_the_batchnorm_statistics():
+    """evaluation.check_latents' measure: fails with statistics that do not fit, passes once they do."""
+    vae = tiny_flux2()
+    images = pixels(batch=64, size=16, seed=1)
+    before = check_normalisation(vae, images, tol_mean=0.05, tol_std=0.05)
+    assert before["source"] == "bn running statistics" and not before["ok"]
+    assert len(before["per_channel_mean"]) == 16
+    # Fit the statistics to these images' latents, as FLUX.2's BatchNorm tracked them on its training
+    # images: the check's draws are seeded per image, so the refit normalises the same draws to 0 / 1.
+    old_shift, old_scale = FAMILIES["flux2"].normalisation_constants(vae)
+    mean, std = torch.tensor(before["per_channel_mean"]), torch.tensor(before["per_channel_std"])
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(mean / old_scale.flatten() + old_shift.flatten())
+        vae.bn.running_var.copy_((std / old_scale.flatten()).pow(2) - vae.config.batch_norm_eps)
+    after = check_normalisation(vae, images, tol_mean=0.05, tol_std=0.05)
+    assert after["ok"], after
+
+
+def test_family_detection(tmp_path):
+    assert detect("black-forest-labs/FLUX.2-dev").kind == "flux2"
+    assert detect("REPA-E/e2e-flux-vae").kind == "kl"  # FLUX.1's VAE: no "flux.2" / "flux2" in the name
+    assert detect("Qwen/Qwen-Image").kind == "qwen"
+    tiny_flux2().save_pretrained(tmp_path / "neutral")
+    assert VaeSpec(str(tmp_path / "neutral")).resolve_kind() == "flux2"  # by the saved class name
+    codec = LatentCodec.from_spec(VaeSpec(str(tmp_path / "neutral")))
+    assert codec.family.kind == "flux2"
+    # The BatchNorm statistics are saved weights: they survive the round trip.
+    torch.testing.assert_close(codec.vae.bn.running_var, tiny_flux2().bn.running_var)
+    assert json.loads((tmp_path / "neutral" / "config.json").read_text())["_class_name"] == "AutoencoderKLFlux2"
+
+
+def test_two_training_steps_and_a_preview_through_a_flux2_vae(quick_world: Path, tmp_path: Path) -> None:
+    """train.py on the quick world with a tiny FLUX.2 VAE as the frozen VAE: the DiT's input side
+    follows the patchified latent (16 channels here), and the preview decodes through the family."""
+    folder = tmp_path / "flux2-vae"
+    tiny_flux2().save_pretrained(folder)
+    run = tmp_path / "run"
+    extra = {"vae.pretrained_model_name_or_path": str(folder), "trainer.max_steps": 2, "trainer.sampling_steps": 2}
+    run_train(tiny_train_overrides(quick_world, run, **extra))
+    config = json.loads((run / "2" / "model" / "config.json").read_text())
+    assert config["in_channels"] == 16 and config["out_channels"] == 16
+    assert list((run / "samples").glob("*2*.png")), sorted(p.name for p in run.rglob("*.png"))
+
+
+def test_a_stated_in_channels_that_is_not_the_latents_is_one_error(tmp_path: Path) -> None:
+    """The planner (and the trainer, after loading the VAE) refuse a DiT input that does not fit the VAE."""
+    config = ROOT / "configs" / "e2e-vae" / "sa-w2048-3b-res256-flux2vae-fulldataset-500k.yaml"
+    cmd = [sys.executable, str(ROOT / "train.py"), "-c", str(config), "--dry-run", "model.in_channels=16"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and lines[-1].startswith("error:")
+    assert "model.in_channels: 16" in lines[-1] and "128-channel latents" in lines[-1]

@@ -37,10 +37,12 @@ from common.config import (
     raise_config_errors,
     save_config,
 )
-from common.vae_config import VAE_KINDS as ALL_VAE_KINDS
+from common.vae_config import FAMILIES
 
-# The families REPA-E tunes: FLUX.2 (common.vae_config) is a T2I tokenizer here, not yet a joint-tuning one.
-VAE_KINDS = tuple(k for k in ALL_VAE_KINDS if k != "flux2")
+# The families REPA-E tunes; common.vae_config.FAMILIES also has FLUX.2, a text-to-image tokenizer
+# here and not yet a joint-tuning one (docs/tokenizers.md).
+REPAE_FAMILIES = tuple(k for k in FAMILIES if k != "flux2")
+VAE_KINDS = ("auto", *REPAE_FAMILIES)
 PATH_TYPES = ("linear", "cosine")
 WEIGHTINGS = ("uniform", "lognormal")
 SAMPLER_MODES = ("ode", "sde")

@@ -38,6 +38,7 @@ from torch import nn
 from common.files import write_json_atomic
 from common.vae_config import VaeSpec, latent_channels, spatial_factor
 from common.weights import load_weights_file
+from repae.config import REPAE_FAMILIES
 from repae.reference.convert import ldm_to_diffusers_vae, load_reference_vae, load_strict
 
 STATS_FILE = "latents_stats.safetensors"
@@ -100,7 +101,8 @@ def load_vae(
     * `name_or_path` in `VAE_PRESETS`: an `AutoencoderKL` built from the preset (random weights
       unless `checkpoint` is given);
     * otherwise `AutoencoderKL` or `AutoencoderKLQwenImage.from_pretrained`, the family chosen by
-      `kind` exactly as `fusedit.latents.VaeSpec.resolve_kind` does.
+      `kind` exactly as `common.vae_config.VaeSpec.family` does (REPA-E tunes the `kl` and `qwen`
+      families; another family is a ValueError naming it).
 
     `checkpoint` replaces all weights, strictly (a missing, extra or mis-shaped key raises
     `repae.reference.convert.VAEKeyError` naming it): a `.safetensors` file is a diffusers-layout state dict,
@@ -112,9 +114,13 @@ def load_vae(
             raise ValueError(f"preset {name_or_path!r} is an AutoencoderKL, not a Qwen VAE")
         vae: DiffusersVAE = AutoencoderKL(**copy.deepcopy(VAE_PRESETS[name_or_path]))
     else:
-        spec = VaeSpec(str(name_or_path), subfolder=subfolder, kind=kind)
-        vae_cls = AutoencoderKLQwenImage if spec.resolve_kind() == "qwen" else AutoencoderKL
-        vae = vae_cls.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=torch.float32)
+        family = VaeSpec(str(name_or_path), subfolder=subfolder, kind=kind).family()
+        if family.kind not in REPAE_FAMILIES:
+            raise ValueError(
+                f"{name_or_path}: {family.class_name} (kind {family.kind}); the joint stage tunes "
+                f"{' and '.join(REPAE_FAMILIES)} VAEs (docs/tokenizers.md)"
+            )
+        vae = family.vae_class().from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=torch.float32)
     if checkpoint is not None:
         load_strict(vae, _checkpoint_state_dict(vae, checkpoint), source=str(checkpoint))
     return vae if torch_dtype == torch.float32 else vae.to(dtype=torch_dtype)

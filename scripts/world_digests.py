@@ -2,9 +2,13 @@
 
     python scripts/world_digests.py            # build the quick world in a temporary folder, print the digests
     python scripts/world_digests.py --write    # ... and commit them as what every machine must reproduce
+    python scripts/world_digests.py --ship WORLD   # ship WORLD's VAE and scorer (toyworld/shipped)
 
 Run it when a lock update (torch, diffusers, transformers, safetensors) changes the weights on
 purpose; tests/test_numerics.py skips while the installed versions differ from the recorded ones.
+``--ship`` takes a full default world trained here on the pinned path
+(``python dataset_download.py --toy WORLD --train-here``) and makes its VAE and scorer the ones
+every default build copies in instead of training (docs/toy-world.md).
 """
 
 from __future__ import annotations
@@ -26,7 +30,19 @@ PINNED_VERSIONS = ("torch", "numpy", "diffusers", "transformers", "safetensors",
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--write", action="store_true", help=f"write {OUT.relative_to(ROOT)}")
+    parser.add_argument("--ship", metavar="WORLD", help="ship this full pinned world's VAE and scorer instead")
     args = parser.parse_args(argv)
+    if args.ship:
+        from toyworld.build import SHIPPED, ship_world
+
+        try:
+            shipped = ship_world(Path(args.ship))
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(json.dumps(shipped["weights_sha256"], indent=2))
+        print(f"wrote {SHIPPED}")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         world_dir = Path(tmp) / "world"
         cmd = [sys.executable, str(ROOT / "dataset_download.py"), "--toy", str(world_dir), "--quick", "--quiet"]

@@ -165,3 +165,11 @@ def test_a_stated_in_channels_that_is_not_the_latents_is_one_error(tmp_path: Pat
     lines = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr and lines[-1].startswith("error:")
     assert "model.in_channels: 16" in lines[-1] and "128-channel latents" in lines[-1]
+
+
+def test_the_joint_stage_names_a_family_it_does_not_tune(tmp_path: Path) -> None:
+    from repae.vae import load_vae
+
+    tiny_flux2().save_pretrained(tmp_path / "neutral")
+    with pytest.raises(ValueError, match=r"AutoencoderKLFlux2 \(kind flux2\); the joint stage tunes kl and qwen"):
+        load_vae(str(tmp_path / "neutral"))

@@ -129,3 +129,31 @@ def test_guidance_prompts_use_training_triples_only(quick_world: Path) -> None:
     assert len(prompts) == 48 and len({p["prompt"] for p in prompts}) == 48
     assert not {(p["color"], p["shape"], p["position"]) for p in prompts} & heldout
     assert {p["color"] for p in prompts} == set(toy.ATTRIBUTES["color"])
+
+
+def test_the_default_full_world_copies_the_shipped_vae_and_scorer(tmp_path: Path, monkeypatch) -> None:
+    """The default request takes the shipped VAE and scorer (digests checked, gates from their reports)
+    instead of training them; a damaged shipped file is one named error, and no world.json is written."""
+    world = build.build_toy_world(tmp_path / "w", progress=False)
+    record = build.shipped_record()
+    assert world["request"]["weights"] == "shipped" and world["gates_passed"]
+    assert {k: world["weights_sha256"][k] for k in build.SHIPPED_PARTS} == record["weights_sha256"]
+    assert "vae" not in world["timings_s"] and world["shipped_weights"]["built"]["numerics"]["pinned"]
+    assert world["vae"]["psnr_db"] > 29.0  # the full build's VAE, not a quick one
+    assert build.build_toy_world(tmp_path / "w", progress=False)["reused"]
+    # Another request (a quick world, other steps) is trained here as before.
+    quick = {k: v for k, v in world["request"].items() if k not in ("numerics", "weights")} | {"quick": True}
+    assert not build.matches_shipped(quick)
+    # A damaged copy of the shipped folder: the digest check names the part.
+    damaged = tmp_path / "shipped"
+    import shutil
+
+    shutil.copytree(build.SHIPPED, damaged)
+    weights = damaged / "scorer" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    monkeypatch.setattr(build, "SHIPPED", damaged)
+    with pytest.raises(build.ShippedWeightsError, match=r"shipped/scorer: weights digest"):
+        build.build_toy_world(tmp_path / "w2", progress=False)
+    assert not (tmp_path / "w2" / "world.json").exists()

@@ -102,7 +102,8 @@ def build_request(
 
     ``numerics`` says whether the build runs on the pinned numeric path (:mod:`common.numerics`):
     a world built with the machine's own kernels (``E2E_UNPINNED=1``, or a library call from an
-    unpinned process) is never reused as the pinned one, nor the other way round.
+    unpinned process) is never reused as the pinned one, nor the other way round. ``weights`` is
+    added by :func:`build_toy_world`: ``shipped`` or ``trained`` (here).
     """
     return {
         "numerics": "pinned" if numerics.process_pinned() else "unpinned",
@@ -157,8 +158,14 @@ def build_toy_world(
     quick: bool = False,
     force: bool = False,
     progress: bool = True,
+    use_shipped: bool = True,
 ) -> dict[str, Any]:
     """Build (or reuse) the whole toy world in ``out_dir`` and return its summary (= world.json).
+
+    The VAE and scorer of the default full world are shipped with the project
+    (``toyworld/shipped``, built on the pinned path by :func:`ship_world`): a request that matches
+    theirs copies them in and checks their digests instead of training them for ~4 minutes, as a
+    real run downloads a released VAE. ``use_shipped=False`` (``--train-here``) trains them here.
 
     Every trained part trains for a fixed number of steps (``STEPS`` unless given), so the same
     request, library versions and thread count give bit-identical weights on any machine, however
@@ -182,6 +189,8 @@ def build_toy_world(
     }
     out = Path(out_dir)
     request = build_request(seed, resolution, num_train, num_val, samples_per_shard, steps, quick)
+    shipped = shipped_record() if use_shipped and matches_shipped(request) else None
+    request["weights"] = "trained" if shipped is None else "shipped"
     existing = None if force else existing_world(out, request)
     if existing is not None:
         _say(progress, f"reusing the toy world in {out} (same request; pass force/--force to rebuild)")
@@ -207,13 +216,19 @@ def build_toy_world(
         clock.lap("data")
         text = _build_text_encoder(out, data, seed, text_encoder_steps, progress)
         clock.lap("text_encoder")
-        vae, vae_report = _build_vae(out, train, val, seed, steps["vae"], progress)
-        clock.lap("vae")
-        scorer_report = _build_scorer(out, train, val, vae, vae_report, seed, steps["scorer"], quick, progress)
-        clock.lap("scorer")
+        if shipped is None:
+            vae, vae_report = _build_vae(out, train, val, seed, steps["vae"], progress)
+            clock.lap("vae")
+            scorer_report = _build_scorer(out, train, val, vae, vae_report, seed, steps["scorer"], quick, progress)
+            clock.lap("scorer")
+        else:
+            vae, vae_report, scorer_report = _ship_in(out, shipped, progress)
+            clock.lap("shipped_weights")
         path = numerics.numeric_path()
     world = _summary(request, data, text, vae, vae_report, scorer_report, clock)
     world["numerics"] = path
+    if shipped is not None:  # how the shipped VAE and scorer were built (this process built the rest)
+        world["shipped_weights"] = {"parts": list(SHIPPED_PARTS), "built": shipped["built"]}
     world["weights_sha256"] = {part: safetensors_digest(out / part) for part in TRAINED_PARTS}
     gates = quality_gates(quick)
     world["gates"] = evaluate_gates([g for g in gates if g.part == "vae"], world["vae"]) + evaluate_gates(
@@ -226,6 +241,88 @@ def build_toy_world(
     write_json_atomic(out / "world.json", world, sort_keys=False)
     _say(progress, f"toy world ready in {world['build_seconds']:.0f}s, all {len(gates)} quality gates passed: {out}")
     return {**world, "reused": False}
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped VAE and scorer of the default full world
+# --------------------------------------------------------------------------------------------
+SHIPPED = Path(__file__).parent / "shipped"
+SHIPPED_PARTS = ("vae", "scorer")
+
+
+class ShippedWeightsError(RuntimeError):
+    """A shipped part's weights are not the ones recorded (a damaged or edited install)."""
+
+
+def shipped_record() -> dict[str, Any] | None:
+    path = SHIPPED / "shipped.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def matches_shipped(request: dict[str, Any]) -> bool:
+    """Whether the shipped parts answer ``request`` (whatever numeric path this process is on)."""
+    record = shipped_record()
+    if record is None:
+        return False
+    mine = {k: v for k, v in request.items() if k not in ("numerics", "weights")}
+    return mine == record["request"]
+
+
+def _ship_in(out: Path, record: dict[str, Any], progress: bool) -> tuple[Any, dict, dict]:
+    """Copy the shipped VAE and scorer into the world, check their digests, return (vae, reports)."""
+    from diffusers import AutoencoderKL
+
+    for part in SHIPPED_PARTS:
+        shutil.copytree(SHIPPED / part, out / part)
+        digest, want = safetensors_digest(out / part), record["weights_sha256"][part]
+        if digest != want:
+            raise ShippedWeightsError(
+                f"{SHIPPED / part}: weights digest {digest[:12]}... is not the recorded {want[:12]}... "
+                "(a damaged install: restore the folder from git, or train here with --train-here)"
+            )
+    vae_report = json.loads((out / "vae" / "report.json").read_text())
+    scorer_report = json.loads((out / "scorer" / "report.json").read_text())
+    _say(
+        progress,
+        f"VAE and scorer: the shipped ones (pinned build, VAE {vae_report['psnr_db']:.2f} dB; digests checked; "
+        "--train-here trains them here in ~4 min)",
+    )
+    return AutoencoderKL.from_pretrained(out / "vae"), vae_report, scorer_report
+
+
+def ship_world(world: Path) -> dict[str, Any]:
+    """Record ``world``'s VAE and scorer as the shipped ones (maintainers, after a change that
+    changes them on purpose: ``python scripts/world_digests.py --ship WORLD``).
+
+    The world must be a full default build, trained here on the pinned path, with every gate passed.
+    """
+    record = json.loads((world / "world.json").read_text())
+    request = record["request"]
+    steps = {"vae": STEPS["vae"][0], "scorer": STEPS["scorer"][0], "text_encoder": 0}
+    default = {k: v for k, v in build_request(0, 32, 8192, 1024, 1024, steps, False).items() if k != "numerics"}
+    problems = []
+    if request.get("numerics") != "pinned" or request.get("weights", "trained") != "trained":
+        problems.append(f"request numerics={request.get('numerics')} weights={request.get('weights')}")
+    if {k: v for k, v in request.items() if k not in ("numerics", "weights")} != default:
+        problems.append("not the default full request")
+    if not record.get("gates_passed"):
+        problems.append("gates not passed")
+    if problems:
+        raise ValueError(f"{world}: cannot ship this world: " + "; ".join(problems))
+    if SHIPPED.exists():
+        shutil.rmtree(SHIPPED)
+    SHIPPED.mkdir(parents=True)
+    for part in SHIPPED_PARTS:
+        shutil.copytree(world / part, SHIPPED / part)
+        if safetensors_digest(SHIPPED / part) != record["weights_sha256"][part]:
+            raise ValueError(f"{world / part}: its weights are not the ones its world.json records")
+    shipped = {
+        "request": {k: v for k, v in request.items() if k not in ("numerics", "weights")},
+        "weights_sha256": {part: record["weights_sha256"][part] for part in SHIPPED_PARTS},
+        "built": {"numerics": record["numerics"], "versions": record["versions"], "threads": record["threads"]},
+    }
+    write_json_atomic(SHIPPED / "shipped.json", shipped, sort_keys=False)
+    return shipped
 
 
 def _say_numerics(progress: bool) -> None:

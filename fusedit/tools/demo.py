@@ -55,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="encode images and captions at every step instead of training on the world's latent and text caches",
     )
+    p.add_argument(
+        "--train-here",
+        action="store_true",
+        help="train the world's VAE and scorer on this machine (~4 min) instead of using the shipped ones",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra training overrides")
     return p.parse_args(argv)
 
@@ -75,10 +80,10 @@ def toy_overrides(toy: Path, vae_folder: str = "vae") -> list[str]:
     ]
 
 
-def ensure_world(toy: Path, quick: bool) -> None:
+def ensure_world(toy: Path, quick: bool, train_here: bool = False) -> None:
     from toyworld.build import build_toy_world
 
-    build_toy_world(toy, quick=quick)
+    build_toy_world(toy, quick=quick, use_shipped=not train_here)
 
 
 # The frozen VAE's posteriors and the frozen text encoder's features, computed once per world
@@ -278,7 +283,8 @@ CALIBRATION_STEPS = 8
 # world build 224 s, caches and imports 17 s, train.py start-up 9 s, 2,500 DiT steps of 32 images
 # in 289 s (0.045 s per step + 0.0022 s per image), guidance selection 24 s + scoring 20 s.
 COST_UNITS = {
-    "world": 2950.0,
+    "world": 2950.0,  # training the VAE and scorer here (--train-here)
+    "world_shipped": 90.0,  # the shipped VAE and scorer: data, text encoder, copy and digests
     "caches": 220.0,
     "train_start": 120.0,
     "dit_step": 0.59,
@@ -313,11 +319,18 @@ def calibration_seconds() -> float:
 
 
 def expected_seconds(
-    unit: float, world_built: bool, caches_built: bool, dit_steps: int, batch: int, select: bool = False
+    unit: float,
+    world_built: bool,
+    caches_built: bool,
+    dit_steps: int,
+    batch: int,
+    select: bool = False,
+    shipped: bool = True,
 ) -> float:
     """The demo's expected duration on this machine, from one calibration and COST_UNITS."""
     c = COST_UNITS
-    units = (0.0 if world_built else c["world"]) + (0.0 if caches_built else c["caches"])
+    world = c["world_shipped"] if shipped else c["world"]
+    units = (0.0 if world_built else world) + (0.0 if caches_built else c["caches"])
     units += c["train_start"] + dit_steps * (c["dit_step"] + batch * c["dit_image"]) + c["evaluation"]
     return unit * (units + (c["selection"] if select else 0.0))
 
@@ -340,6 +353,7 @@ def planned_run(config: str, overrides: list[str]) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from toyworld.build import ShippedWeightsError
     from toyworld.training import QualityGateError
 
     args = parse_args(argv)
@@ -352,15 +366,17 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps if args.steps is not None else steps
         world_built = _reusable_world(toy)
         caches_built = args.no_cache or (toy / TEXT_CACHE / "cache.json").is_file()
-        expect = expected_seconds(unit, world_built, caches_built, steps, batch, args.select_guidance)
+        expect = expected_seconds(
+            unit, world_built, caches_built, steps, batch, args.select_guidance, shipped=not args.train_here
+        )
         print(
             f"[demo] this machine: {unit:.3f} s per calibration step; expected duration ~{expect / 60:.1f} min "
             f"(world {'reused' if world_built else 'to build'}, {steps} DiT steps of {batch} images)",
             flush=True,
         )
     try:
-        ensure_world(toy, args.quick)
-    except QualityGateError as error:
+        ensure_world(toy, args.quick, args.train_here)
+    except (QualityGateError, ShippedWeightsError) as error:
         print(f"[demo] error: {error}", file=sys.stderr, flush=True)
         return 2
     overrides = toy_overrides(toy) + ([] if args.no_cache else ensure_caches(toy, args.config))

@@ -279,17 +279,18 @@ def summary_line(result: dict, seconds: float) -> str:
 # of CALIBRATION_STEPS), measured on an idle 2-core machine (see docs/demo.md): calibration
 # takes a few seconds, and ratios carry over between machines far better than absolute seconds.
 CALIBRATION_STEPS = 8
-# Measured on the pinned path with the encoder caches (2026-12-06, AMD EPYC, idle, unit 0.076 s):
-# world build 224 s, caches and imports 17 s, train.py start-up 9 s, 2,500 DiT steps of 32 images
-# in 289 s (0.045 s per step + 0.0022 s per image), guidance selection 24 s + scoring 20 s.
+# Measured on the pinned path with the encoder caches (fresh clone, 2026-12-07, AMD EPYC, idle, unit
+# 0.101 s): world with the shipped VAE and scorer 5 s, caches and imports 16 s, train.py start-up
+# ~12 s, 2,900 DiT steps of 32 images ~293 s (~1.0 unit per step; batch 16 costs ~0.73 of batch 32),
+# scoring 18 s; training the VAE and scorer here (--train-here) 224 s at unit 0.076 (2026-12-06).
 COST_UNITS = {
     "world": 2950.0,  # training the VAE and scorer here (--train-here)
-    "world_shipped": 90.0,  # the shipped VAE and scorer: data, text encoder, copy and digests
-    "caches": 220.0,
+    "world_shipped": 50.0,  # the shipped VAE and scorer: images, text encoder, copy and digests
+    "caches": 160.0,
     "train_start": 120.0,
-    "dit_step": 0.59,
-    "dit_image": 0.029,
-    "evaluation": 265.0,  # scoring the held-out prompts
+    "dit_step": 0.456,
+    "dit_image": 0.017,
+    "evaluation": 180.0,  # scoring the held-out prompts
     "selection": 313.0,  # --select-guidance: 4 scales x 48 prompts x 4 samples
 }
 

@@ -22,8 +22,6 @@ from pathlib import Path
 
 import torch
 
-QWEN_CLASS = "AutoencoderKLQwenImage"
-
 
 @dataclass
 class VaeSpec:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,8 +147,6 @@ def test_the_default_full_world_copies_the_shipped_vae_and_scorer(tmp_path: Path
     assert not build.matches_shipped(quick)
     # A damaged copy of the shipped folder: the digest check names the part.
     damaged = tmp_path / "shipped"
-    import shutil
-
     shutil.copytree(build.SHIPPED, damaged)
     weights = damaged / "scorer" / "model.safetensors"
     data = bytearray(weights.read_bytes())

@@ -19,6 +19,7 @@ from typing import Any
 
 from common import numerics
 from common.files import write_json_atomic
+from common.vae_config import latent_channels, spatial_factor
 from common.weights import safetensors_digest
 from toyworld.text_encoder import build_tokenizer, train_text_encoder
 from toyworld.training import Gate, check_gates, evaluate_gates, library_versions, torch_threads
@@ -189,7 +190,7 @@ def build_toy_world(
     }
     out = Path(out_dir)
     request = build_request(seed, resolution, num_train, num_val, samples_per_shard, steps, quick)
-    shipped = shipped_record() if use_shipped and matches_shipped(request) else None
+    shipped = shipped_for(request) if use_shipped else None
     request["weights"] = "trained" if shipped is None else "shipped"
     existing = None if force else existing_world(out, request)
     if existing is not None:
@@ -221,11 +222,12 @@ def build_toy_world(
             clock.lap("vae")
             scorer_report = _build_scorer(out, train, val, vae, vae_report, seed, steps["scorer"], quick, progress)
             clock.lap("scorer")
+            vae_config = vae.config
         else:
-            vae, vae_report, scorer_report = _ship_in(out, shipped, progress)
+            vae_config, vae_report, scorer_report = _ship_in(out, shipped, progress)
             clock.lap("shipped_weights")
         path = numerics.numeric_path()
-    world = _summary(request, data, text, vae, vae_report, scorer_report, clock)
+    world = _summary(request, data, text, vae_config, vae_report, scorer_report, clock)
     world["numerics"] = path
     if shipped is not None:  # how the shipped VAE and scorer were built (this process built the rest)
         world["shipped_weights"] = {"parts": list(SHIPPED_PARTS), "built": shipped["built"]}
@@ -259,17 +261,23 @@ def shipped_record() -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def matches_shipped(request: dict[str, Any]) -> bool:
-    """Whether the shipped parts answer ``request`` (whatever numeric path this process is on)."""
+def _what_was_asked(request: dict[str, Any]) -> dict[str, Any]:
+    """A request without how it is computed (numeric path, shipped or trained): what shipped parts answer."""
+    return {k: v for k, v in request.items() if k not in ("numerics", "weights")}
+
+
+def shipped_for(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The shipped record when its parts answer ``request`` (whatever numeric path this process is on)."""
     record = shipped_record()
-    if record is None:
-        return False
-    mine = {k: v for k, v in request.items() if k not in ("numerics", "weights")}
-    return mine == record["request"]
+    return record if record is not None and _what_was_asked(request) == record["request"] else None
+
+
+def matches_shipped(request: dict[str, Any]) -> bool:
+    return shipped_for(request) is not None
 
 
 def _ship_in(out: Path, record: dict[str, Any], progress: bool) -> tuple[Any, dict, dict]:
-    """Copy the shipped VAE and scorer into the world, check their digests, return (vae, reports)."""
+    """Copy the shipped VAE and scorer into the world, check their digests, return (VAE config, reports)."""
     from diffusers import AutoencoderKL
 
     for part in SHIPPED_PARTS:
@@ -287,7 +295,7 @@ def _ship_in(out: Path, record: dict[str, Any], progress: bool) -> tuple[Any, di
         f"VAE and scorer: the shipped ones (pinned build, VAE {vae_report['psnr_db']:.2f} dB; digests checked; "
         "--train-here trains them here in ~4 min)",
     )
-    return AutoencoderKL.from_pretrained(out / "vae"), vae_report, scorer_report
+    return AutoencoderKL.load_config(out / "vae"), vae_report, scorer_report
 
 
 def ship_world(world: Path) -> dict[str, Any]:
@@ -299,11 +307,11 @@ def ship_world(world: Path) -> dict[str, Any]:
     record = json.loads((world / "world.json").read_text())
     request = record["request"]
     steps = {"vae": STEPS["vae"][0], "scorer": STEPS["scorer"][0], "text_encoder": 0}
-    default = {k: v for k, v in build_request(0, 32, 8192, 1024, 1024, steps, False).items() if k != "numerics"}
+    default = _what_was_asked(build_request(0, 32, 8192, 1024, 1024, steps, False))
     problems = []
     if request.get("numerics") != "pinned" or request.get("weights", "trained") != "trained":
         problems.append(f"request numerics={request.get('numerics')} weights={request.get('weights')}")
-    if {k: v for k, v in request.items() if k not in ("numerics", "weights")} != default:
+    if _what_was_asked(request) != default:
         problems.append("not the default full request")
     if not record.get("gates_passed"):
         problems.append("gates not passed")
@@ -317,7 +325,7 @@ def ship_world(world: Path) -> dict[str, Any]:
         if safetensors_digest(SHIPPED / part) != record["weights_sha256"][part]:
             raise ValueError(f"{world / part}: its weights are not the ones its world.json records")
     shipped = {
-        "request": {k: v for k, v in request.items() if k not in ("numerics", "weights")},
+        "request": _what_was_asked(request),
         "weights_sha256": {part: record["weights_sha256"][part] for part in SHIPPED_PARTS},
         "built": {"numerics": record["numerics"], "versions": record["versions"], "threads": record["threads"]},
     }
@@ -440,7 +448,7 @@ def _build_scorer(
 
 
 def _summary(
-    request: dict, data: dict, text: dict, vae, vae_report: dict, scorer_report: dict, clock: _Laps
+    request: dict, data: dict, text: dict, vae_config, vae_report: dict, scorer_report: dict, clock: _Laps
 ) -> dict[str, Any]:
     """The world.json record: what was built, how well, with which library versions."""
     return {
@@ -473,8 +481,8 @@ def _summary(
         },
         "text_encoder": text,
         "vae": {
-            "latent_channels": vae.config.latent_channels,
-            "spatial_factor": 2 ** (len(vae.config.block_out_channels) - 1),
+            "latent_channels": latent_channels(vae_config),
+            "spatial_factor": spatial_factor(vae_config),
             **vae_report,
         },
         "scorer": scorer_report,

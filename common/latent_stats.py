@@ -48,10 +48,8 @@ def _posterior_samples(
     family = family_of_module(vae)
     for start in range(0, len(images), batch_size):
         x = _as_unit(images[start : start + batch_size]).to(device=param.device, dtype=param.dtype)
-        posterior = vae.encode(family.to_vae(x)).latent_dist
-        mean = family.from_vae(posterior.mean.float())
-        std = family.from_vae(torch.exp(0.5 * posterior.logvar.float()))
-        if not sample:
+        mean, std = family.encode_moments(vae, x)
+        if not sample or std is None:  # an RAE's latent is deterministic
             yield mean
             continue
         generators = [

@@ -8,11 +8,21 @@ latent checks, REPA-E) needs the same few facts before it builds anything; they 
 | `kl`    | `AutoencoderKL`          | none (FLUX.1, SD-3.5, SD-VAE, our E2E exports)                         |
 | `qwen`  | `AutoencoderKLQwenImage` | a video VAE: images get a frame axis (B, 3, 1, H, W) and lose it again |
 | `flux2` | `AutoencoderKLFlux2`     | 2x2 patchify of the latents, then its own BatchNorm running statistics |
+| `rae`   | `AutoencoderRAE`         | no posterior; pixels in [0, 1]; normalises inside encode/decode        |
 
 FLUX.2 (docs/tokenizers.md): the VAE's latent has 32 channels at x8; its pipeline folds each 2x2
 latent patch into channels (128 channels at x16) and normalises each of those with the VAE's
 ``bn`` running mean and variance (plus ``batch_norm_eps``). So the latent a DiT sees is 128
 channels at x16, and its normalisation constants are buffers of the VAE, not fields of its config.
+
+RAE (representation autoencoder): a frozen vision encoder (DINOv2 / SigLIP-2 / MAE) whose last
+tokens *are* the latent (768 channels for a base encoder), with a trained ViT decoder. ``encode``
+resizes any input to the encoder's ``encoder_input_size`` (bicubic), normalises it with ImageNet
+statistics, and returns one deterministic latent already normalised by the model's own
+``latents_mean/std`` buffers; ``decode`` undoes them. So the latent grid is fixed
+(``encoder_input_size / encoder_patch_size``) and the decoder draws ``image_size`` =
+``patch_size x grid`` pixels: an RAE serves one resolution, its *native* one, and the DiT sees its
+latents as they come (shift 0, scale 1 here).
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ class VaeSpec:
             raise FileNotFoundError(f"{name}: no such VAE folder (a hub id has the form org/name)")
 
     def resolve_kind(self) -> str:
-        """The family's kind ("kl", "qwen", "flux2"); reads the saved config only when the path does not decide it."""
+        """The family's kind (a key of FAMILIES); reads the saved config only when the path does not decide it."""
         return self.family().kind
 
     def family(self) -> Family:
@@ -110,8 +120,11 @@ def normalisation_constants(config, channels: int | None = None) -> tuple[torch.
 
 
 def latent_channels(config) -> int:
-    """KL configs call it `latent_channels`, the Qwen video VAE `z_dim`."""
-    return int(config["latent_channels"] if "latent_channels" in config else config["z_dim"])
+    """KL configs call it `latent_channels`, the Qwen video VAE `z_dim`, an RAE `encoder_hidden_size`."""
+    for key in ("latent_channels", "z_dim", "encoder_hidden_size"):
+        if key in config:
+            return int(config[key])
+    raise KeyError("a VAE config names its latent channels latent_channels, z_dim or encoder_hidden_size")
 
 
 def spatial_factor(config) -> int:
@@ -119,10 +132,26 @@ def spatial_factor(config) -> int:
 
     KL: one x2 down-sample between consecutive `block_out_channels` levels. Qwen: one spatial x2
     per `dim_mult` level but the last (its `temperal_downsample` list has that length too and only
-    says whether the *time* axis is also halved, irrelevant for single frames).
+    says whether the *time* axis is also halved, irrelevant for single frames). RAE: the decoder's
+    ``patch_size`` (pixels per latent token side, at its native resolution).
     """
+    if "encoder_hidden_size" in config:
+        return int(config["patch_size"])
     levels = config["block_out_channels"] if "block_out_channels" in config else config["dim_mult"]
     return 2 ** (len(levels) - 1)
+
+
+def native_resolution(config) -> int | None:
+    """The one image side an RAE encodes and decodes (``image_size``, else patch x grid); None for VAEs.
+
+    A convolutional VAE takes any multiple of its factor; an RAE resizes every input to its
+    encoder's size, so its latent grid, and the image its decoder draws, never change.
+    """
+    if "encoder_hidden_size" not in config:
+        return None
+    if config.get("image_size"):
+        return int(config["image_size"])
+    return int(config["patch_size"]) * (int(config["encoder_input_size"]) // int(config["encoder_patch_size"]))
 
 
 @dataclass(frozen=True)
@@ -135,6 +164,9 @@ class Family:
     frame_axis: bool = False  # the VAE takes (B, 3, 1, H, W) (Qwen-Image's video VAE)
     latent_patch: int = 1  # the family folds p x p latent patches into channels before normalising
     batchnorm_stats: bool = False  # normalised by the VAE's own BatchNorm running statistics
+    posterior: bool = True  # encode gives a Gaussian posterior (``latent_dist``); an RAE one latent
+    unit_pixels: bool = False  # takes and draws pixels in [0, 1] (RAE), not [-1, 1]
+    normalises_itself: bool = False  # applies its own latents_mean/std inside encode/decode (RAE)
 
     def vae_class(self) -> type:
         import diffusers
@@ -148,12 +180,37 @@ class Family:
     def spatial_factor(self, config) -> int:
         return spatial_factor(config) * self.latent_patch
 
-    # ---- pixels in and out of the VAE
+    # ---- pixels in and out of the VAE: (B, 3, H, W) in [-1, 1] on our side
     def to_vae(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels.unsqueeze(2) if self.frame_axis else pixels
+        x = (pixels + 1.0) * 0.5 if self.unit_pixels else pixels
+        return self._frames(x)
 
     def from_vae(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._unframe(x)
+        return x * 2.0 - 1.0 if self.unit_pixels else x
+
+    def _frames(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(2) if self.frame_axis else x
+
+    def _unframe(self, x: torch.Tensor) -> torch.Tensor:
         return x.squeeze(2) if self.frame_axis else x
+
+    def encode_moments(self, vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The VAE's own latent for (B, 3, H, W) pixels in [-1, 1]: float32 (mean, std), std None without a posterior.
+
+        Before the family's patchify and before our normalisation (an RAE's own normalisation is
+        part of its ``encode``). The one place that knows how each diffusers class encodes.
+        """
+        x = self.to_vae(pixels)
+        if not self.posterior:
+            return vae.encode(x).latent.float(), None
+        posterior = vae.encode(x).latent_dist
+        mean, std = posterior.mean.float(), torch.exp(0.5 * posterior.logvar.float())
+        return self._unframe(mean), self._unframe(std)
+
+    def decode_pixels(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """The VAE's own latent (in the VAE's dtype) -> (B, 3, H, W) pixels in [-1, 1], not clamped."""
+        return self.from_vae(vae.decode(self._frames(z)).sample)
 
     # ---- the family's latent patchify (identity for p = 1)
     def patchify(self, z: torch.Tensor) -> torch.Tensor:
@@ -173,6 +230,9 @@ class Family:
 
     # ---- normalisation: (z - shift) * scale on the patchified latent, float32 (1, C, 1, 1)
     def normalisation_constants(self, vae: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.normalises_itself:
+            channels = self.latent_channels(vae.config)
+            return torch.zeros(1, channels, 1, 1), torch.ones(1, channels, 1, 1)
         if not self.batchnorm_stats:
             return normalisation_constants(vae.config, latent_channels(vae.config))
         bn = vae.bn
@@ -184,7 +244,12 @@ class Family:
         """Where the constants come from (for reports and ``evaluation.check_latents``)."""
         if self.batchnorm_stats:
             return "bn running statistics"
+        if self.normalises_itself:
+            return "inside the VAE (latents_mean/std)" if config.get("latents_mean") is not None else None
         return normalisation_source(config)
+
+    def native_resolution(self, config) -> int | None:
+        return native_resolution(config)
 
 
 FAMILIES: dict[str, Family] = {
@@ -193,6 +258,8 @@ FAMILIES: dict[str, Family] = {
     "flux2": Family(
         "flux2", "AutoencoderKLFlux2", path_hints=("flux.2", "flux2"), latent_patch=2, batchnorm_stats=True
     ),
+    # No path hint: "rae" is a substring of too many names; a saved config's class decides.
+    "rae": Family("rae", "AutoencoderRAE", posterior=False, unit_pixels=True, normalises_itself=True),
 }
 VAE_KINDS = ("auto", *FAMILIES)
 

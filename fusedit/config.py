@@ -189,6 +189,11 @@ class NoiseSchedulerConfig:
     subfolder: Optional[str] = "scheduler"
     num_train_timesteps: int = 1000
     shift: float = 3.0
+    # Shift by latent dimension (docs/tokenizers.md, "Noise schedule for wide latents"): when set, the
+    # shift is sqrt(C * h * w / shift_base_dim) for the DiT's latent at data.resolution and `shift`
+    # is not used. The RAE recipe's base is 4096 (sqrt(768*16*16 / 4096) = 6.93 for a DINOv2-B RAE
+    # at 256 px); null keeps the fixed shift every other config uses.
+    shift_base_dim: Optional[int] = None
 
 
 @dataclass
@@ -725,9 +730,12 @@ def _validate_data(d: DataConfig, errors: list[str]) -> None:
             errors.append(f"data.{name}: a cache folder, or null to run the encoder every step")
 
 
-def check_geometry(cfg: TrainConfig, spatial_factor: int, latent_channels: int | None = None) -> None:
-    """Resolution and sample sizes must map to whole patches once the VAE's factor is known, and a
-    stated ``model.in_channels`` must be the latent's channel count.
+def check_geometry(
+    cfg: TrainConfig, spatial_factor: int, latent_channels: int | None = None, native_resolution: int | None = None
+) -> None:
+    """Resolution and sample sizes must map to whole patches once the VAE's factor is known, a
+    stated ``model.in_channels`` must be the latent's channel count, and an RAE (which encodes and
+    decodes one image side only, ``native_resolution``) must be asked for that side.
 
     Called by the trainer (after loading the VAE), the planner and the benchmark (from the VAE
     config alone), so the three agree on what a valid geometry is. The channels are those the DiT
@@ -746,6 +754,12 @@ def check_geometry(cfg: TrainConfig, spatial_factor: int, latent_channels: int |
         ("sample.width", cfg.sample.width),
     )
     for name, value in sizes:
+        if native_resolution is not None and value != native_resolution:
+            raise ConfigError(
+                f"{name}: {value}, but the VAE {cfg.vae.pretrained_model_name_or_path!r} is an RAE that "
+                f"encodes and decodes {native_resolution} px only; set it to {native_resolution} (or use "
+                "the RAE built for this resolution)"
+            )
         if value % unit:
             raise ConfigError(
                 f"{name}: {value} is not a multiple of VAE factor {spatial_factor} "
@@ -823,6 +837,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.trainer.peak_tflops is not None:
         check_positive(errors, "trainer.peak_tflops", cfg.trainer.peak_tflops)
     check_positive(errors, "noise_scheduler.shift", cfg.noise_scheduler.shift)
+    if cfg.noise_scheduler.shift_base_dim is not None:
+        check_positive(errors, "noise_scheduler.shift_base_dim", cfg.noise_scheduler.shift_base_dim)
+        if cfg.noise_scheduler.pretrained_model_name_or_path:
+            errors.append(
+                "noise_scheduler.shift_base_dim: set, but noise_scheduler.pretrained_model_name_or_path loads a "
+                "scheduler with its own shift; use one or the other"
+            )
     check_positive(errors, "optimizer.lr", cfg.optimizer.lr)
     check_positive(errors, "optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)
     if len(cfg.optimizer.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optimizer.betas):

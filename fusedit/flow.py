@@ -18,6 +18,7 @@ Three choices differ from the reference on purpose (each names the reference def
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -236,8 +237,27 @@ def euler_sample(
     return x
 
 
-def build_scheduler(cfg: TrainConfig):
+def schedule_shift(cfg: TrainConfig, latent_numel: int | None = None) -> float:
+    """The sigma shift: ``noise_scheduler.shift``, or sqrt(latent_numel / shift_base_dim) when that is set.
+
+    The second is the dimension rule wide latents need (an RAE's 768 x 16 x 16 at 256 px gives
+    6.93 with base 4096): the more numbers a latent has, the more of its signal survives a given
+    sigma, so the schedule must spend more time at high noise (docs/tokenizers.md). It transforms
+    sigma exactly as the fixed shift does (``s' = a s / (1 + (a - 1) s)``), only with ``a`` derived.
+    ``latent_numel`` is C * h * w of the DiT's latent at ``data.resolution``.
+    """
+    ns = cfg.noise_scheduler
+    if ns.shift_base_dim is None:
+        return float(ns.shift)
+    if not latent_numel:
+        raise ValueError("noise_scheduler.shift_base_dim needs the latent's size (C * h * w) to derive the shift")
+    return math.sqrt(latent_numel / ns.shift_base_dim)
+
+
+def build_scheduler(cfg: TrainConfig, latent_numel: int | None = None):
+    """The flow-matching scheduler; ``latent_numel`` (C * h * w) is needed only for a shift by dimension."""
     ns = cfg.noise_scheduler
     if ns.pretrained_model_name_or_path:
         return FlowMatchEulerDiscreteScheduler.from_pretrained(ns.pretrained_model_name_or_path, subfolder=ns.subfolder)
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=ns.num_train_timesteps, shift=ns.shift)
+    shift = schedule_shift(cfg, latent_numel)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=ns.num_train_timesteps, shift=shift)

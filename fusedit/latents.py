@@ -15,6 +15,9 @@ The families (``common.vae_config.FAMILIES``, docs/tokenizers.md):
 * ``flux2`` -- `diffusers.AutoencoderKLFlux2`: the posterior sample (32 channels at x8) is folded
   2x2 into 128 channels at x16 and normalised with the VAE's BatchNorm running statistics, as
   FLUX.2's pipeline does. The latent cache stores the un-patchified posterior moments.
+* ``rae``   -- `diffusers.AutoencoderRAE`: a frozen vision encoder's tokens as the latent (768
+  channels at x16 for a base encoder), one deterministic latent already normalised by the model's
+  own ``latents_mean/std``, at one native resolution; the cache stores that latent alone.
 
 `LatentCodec` is a plain class rather than an `nn.Module` on purpose: it must not register the
 frozen VAE as a sub-module of anything it is attached to (its weights would leak into optimiser
@@ -80,8 +83,27 @@ class LatentCodec:
         self.latent_shape(batch_size, height, width)  # the size check
         return (batch_size, latent_channels(self.vae.config), height // f, width // f)
 
+    @property
+    def native_resolution(self) -> int | None:
+        """The one image side an RAE works at; None for a convolutional VAE (any multiple of the factor)."""
+        return self.family.native_resolution(self.vae.config)
+
+    @property
+    def has_posterior(self) -> bool:
+        """Whether :meth:`moments` gives a std (a latent cache then stores 2 arrays per image, else 1)."""
+        return self.family.posterior
+
+    def latent_numel(self, resolution: int) -> int:
+        """C * h * w of one normalised latent of a ``resolution``-px square image (a schedule's dimension)."""
+        _, c, h, w = self.latent_shape(1, resolution, resolution)
+        return c * h * w
+
     def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Shape of the normalised latents for images of `height` x `width` pixels."""
+        native = self.native_resolution
+        if native is not None and (height, width) != (native, native):
+            name = self.family.class_name
+            raise ValueError(f"image size {height}x{width}: this {name} works at {native}x{native} only")
         if height % self.spatial_factor or width % self.spatial_factor:
             raise ValueError(f"image size {height}x{width} is not a multiple of {self.spatial_factor}")
         f = self.spatial_factor
@@ -100,25 +122,31 @@ class LatentCodec:
         return self.from_moments(mean, std, generator, sample)
 
     @torch.no_grad()
-    def moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The posterior's (mean, std), each (B, C, H/f, W/f) float32 and *un-normalised*.
 
         What a latent cache stores (fusedit/data/latent_cache.py): with them, training draws the
-        same posterior samples as from pixels, without running the encoder.
+        same posterior samples as from pixels, without running the encoder. A family without a
+        posterior (RAE) gives its one latent as the mean and ``None`` as the std.
         """
-        x = self.family.to_vae(pixels.to(device=self.device, dtype=self.dtype))
-        posterior = self.vae.encode(x).latent_dist
-        mean, std = posterior.mean.float(), torch.exp(0.5 * posterior.logvar.float())
-        return self.family.from_vae(mean), self.family.from_vae(std)
+        return self.family.encode_moments(self.vae, pixels.to(device=self.device, dtype=self.dtype))
 
     def from_moments(
-        self, mean: torch.Tensor, std: torch.Tensor, generator: Generators = None, sample: bool = True
+        self, mean: torch.Tensor, std: torch.Tensor | None, generator: Generators = None, sample: bool = True
     ) -> torch.Tensor:
-        """Normalised latents from posterior moments: ``(patchify(mean + std * eps) - shift) * scale``."""
+        """Normalised latents from posterior moments: ``(patchify(mean + std * eps) - shift) * scale``.
+
+        Without a std (a family with no posterior) nothing is drawn: the latent is deterministic.
+        """
         z = mean.to(self.device, torch.float32)
-        if sample:
+        if sample and std is not None:
             z = z + std.to(self.device, torch.float32) * randn(z.shape, generator, z.device)
         return (self.family.patchify(z) - self.shift) * self.scale
+
+    def from_cached(self, stored: torch.Tensor, generator: Generators = None, sample: bool = True) -> torch.Tensor:
+        """Normalised latents from a latent cache's (B, k, C, h, w) batch: k = 2 (mean, std) or 1 (the latent)."""
+        std = stored[:, 1] if stored.shape[1] > 1 else None
+        return self.from_moments(stored[:, 0], std, generator, sample)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -127,8 +155,7 @@ class LatentCodec:
         Un-normalises with the same constants `encode` used before the VAE sees anything.
         """
         z = self.family.unpatchify(latents.to(device=self.device, dtype=torch.float32) / self.scale + self.shift)
-        pixels = self.family.from_vae(self.vae.decode(self.family.to_vae(z.to(self.dtype))).sample)
-        return pixels.float().clamp(-1.0, 1.0)
+        return self.family.decode_pixels(self.vae, z.to(self.dtype)).float().clamp(-1.0, 1.0)
 
     def __repr__(self) -> str:
         family = self.family.kind

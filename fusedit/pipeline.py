@@ -93,7 +93,8 @@ class DiTPipeline:
         clip_encoder = None
         if takes_pooled_text(transformer):
             clip_encoder = ClipTextEncoder.load(clip or ClipSource.from_config(cfg)).to(device)
-        return cls(transformer, text_encoder, codec, build_scheduler(cfg), cfg.data.max_prompt_length, clip_encoder)
+        scheduler = build_scheduler(cfg, codec.latent_numel(cfg.data.resolution))
+        return cls(transformer, text_encoder, codec, scheduler, cfg.data.max_prompt_length, clip_encoder)
 
     def _encode_prompts(self, prompts: list[str]) -> tuple[Any, torch.Tensor]:
         """(text condition, mask): encoder features for the DiT; for a FuseDiT, its per-layer text KV cache.

@@ -4,7 +4,8 @@ The VAE encoder is frozen, so encoding the same centre crop again each time a sa
 is wasted work (about a quarter of the toy world's training step; 0.27 TFLOP per sample for the
 FLUX VAE at 256 px). This module writes, for each source shard, a shard with the same samples in
 the same order: every member but the image is copied, and the image is replaced by
-``latent.npy``, the posterior's (mean, std) stacked as (2, C, h, w), un-normalised.
+``latent.npy``, the posterior's (mean, std) stacked as (2, C, h, w), un-normalised (an RAE, which
+has no posterior, stores its one latent as (1, C, h, w)).
 
 Training reads it with ``data.latent_cache=DIR`` (``data.data_path`` still naming the images: the
 cache's ``cache.json`` must list those shards as its sources, so a cache cannot be paired with
@@ -106,7 +107,8 @@ class _ShardEncoder:
         images = [img for _, img in pending if img is not None]
         if images:
             mean, std = self.codec.moments(torch.stack(images))
-            moments = torch.stack([mean, std], dim=1).cpu().numpy().astype(self.dtype)
+            stored = [mean] if std is None else [mean, std]  # an RAE has no posterior: its latent alone
+            moments = torch.stack(stored, dim=1).cpu().numpy().astype(self.dtype)
         it = iter(moments) if images else iter(())
         for sample, img in pending:
             out = {k: v for k, v in sample.items() if not k.startswith("__") and k not in self.transform.image_keys}
@@ -206,9 +208,9 @@ def build_cache(
 
 
 def _latent_shape(codec: LatentCodec, resolution: int) -> list[int]:
-    """The stored (mean, std) pair's shape: the VAE's own latent, before any family patchify."""
+    """The stored (mean, std) pair's shape (or the lone latent's, k = 1, for an RAE): the VAE's own latent."""
     _, c, h, w = codec.moment_shape(1, resolution, resolution)
-    return [2, c, h, w]
+    return [2 if codec.has_posterior else 1, c, h, w]
 
 
 def _write_stats(out: Path, index: int, encoder: _ShardEncoder) -> None:

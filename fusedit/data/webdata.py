@@ -293,15 +293,15 @@ class SampleTransform:
         return array.permute(2, 0, 1).float().div_(127.5).sub_(1.0).contiguous()
 
     def _latent(self, sample: dict[str, Any]) -> torch.Tensor:
-        """(2, C, h, w) float32 posterior (mean, std) from a latent cache's ``.npy`` member."""
+        """(2, C, h, w) float32 posterior (mean, std), or (1, C, h, w) for an RAE, from a cache's ``.npy`` member."""
         if self.latent_key not in sample:
             raise BadSample(f"no latent member {self.latent_key!r} (the cache could not encode this image)")
         try:
             array = np.load(io.BytesIO(sample[self.latent_key]), allow_pickle=False)
         except Exception as exn:
             raise BadSample(f"latent member {self.latent_key!r} does not load: {exn!r}") from exn
-        if array.ndim != 4 or array.shape[0] != 2:
-            raise BadSample(f"latent member {self.latent_key!r} has shape {array.shape}, expected (2, C, h, w)")
+        if array.ndim != 4 or array.shape[0] not in (1, 2):
+            raise BadSample(f"latent member {self.latent_key!r} has shape {array.shape}, expected (2 or 1, C, h, w)")
         return torch.from_numpy(array.astype(np.float32, copy=False))
 
     def image(self, sample: dict[str, Any], rng: np.random.Generator) -> torch.Tensor:
@@ -676,7 +676,8 @@ def build_dataloader(
     of this run (any world size: :func:`merge_stream_states` joins the ranks' files).
 
     ``cached_latents``: the shards come from :mod:`fusedit.data.latent_cache`; batches hold
-    ``latent_moments`` (B, 2, C, h, w) float32 (posterior mean, std) instead of ``pixel_values``.
+    ``latent_moments`` (B, 2, C, h, w) float32 (posterior mean, std; (B, 1, ...) for an RAE) instead of
+    ``pixel_values``.
 
     ``text_cache``: a folder written by :mod:`fusedit.data.text_cache` for these shards;
     batches hold ``text_features`` (B, L, D) (the cache's dtype) instead of ``input_ids``, with the

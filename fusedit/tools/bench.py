@@ -121,6 +121,7 @@ class Frozen:
     text_flops_arch: dict[str, int] | None
     vae_flops_per_image: int | None
     sources: dict[str, str]
+    native_resolution: int | None = None  # an RAE's one image side; None for a convolutional VAE
 
 
 def _first_line(err: Exception) -> str:
@@ -235,6 +236,7 @@ def load_frozen(
         text_hidden=te.hidden_size if te else text_info.hidden_size,
         latent_channels=codec.latent_channels if codec else vae_info.latent_channels,
         spatial_factor=codec.spatial_factor if codec else vae_info.spatial_factor,
+        native_resolution=vae_info.native_resolution,
         text_flops_arch=text_info.arch if te else None,
         vae_flops_per_image=vae_encoder_forward_flops(vae_info, cfg.data.resolution) if codec else None,
         sources=sources,
@@ -315,6 +317,7 @@ def load_fuse_dit_frozen(
         text_hidden=te.hidden_size,
         latent_channels=codec.latent_channels if codec else vae_info.latent_channels,
         spatial_factor=codec.spatial_factor if codec else vae_info.spatial_factor,
+        native_resolution=vae_info.native_resolution,
         text_flops_arch=None,
         vae_flops_per_image=vae_encoder_forward_flops(vae_info, cfg.data.resolution) if codec else None,
         sources=sources,
@@ -374,7 +377,7 @@ class Batch:
     ids: torch.Tensor | None = None
     pixels: torch.Tensor | None = None
     latents: torch.Tensor | None = None
-    moments: torch.Tensor | None = None  # (B, 2, C, h, w) posterior (mean, std): a latent cache's content
+    moments: torch.Tensor | None = None  # (B, 2 or 1, C, h, w) posterior (mean, std) or RAE latent: a cache's
     text_features: torch.Tensor | None = None
     cached_text: torch.Tensor | None = None  # (B, ours_len, T): what a text cache would hold for these captions
     data_seconds: float = 0.0
@@ -449,7 +452,7 @@ class BatchSource:
         """--cached-latents / --cached-text: what the caches would hold for this batch, computed untimed."""
         if self.cached and batch.pixels is not None:
             mean, std = self.frozen.codec.moments(batch.pixels)
-            batch.moments = torch.stack([mean, std], dim=1)
+            batch.moments = torch.stack([mean] if std is None else [mean, std], dim=1)
         if self.cached_text and batch.ids is not None:
             pad = batch.ours_len
             batch.cached_text = self.frozen.text_encoder.encode(batch.ids[:, :pad], batch.mask(pad))
@@ -866,7 +869,7 @@ def latents(ctx: StepContext, batch: Batch, gens: list[torch.Generator], cached:
     if codec is None:
         return batch.latents
     if cached and batch.moments is not None:
-        return codec.from_moments(batch.moments[:, 0], batch.moments[:, 1], gens, sample)
+        return codec.from_cached(batch.moments, gens, sample)
     return codec.encode(batch.pixels, generator=gens, sample=sample)
 
 
@@ -1197,7 +1200,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = train_dtype(cfg, device, notes)
     frozen, model, kw = (setup_fuse_dit if fuse else setup_dit)(args, cfg, device, dtype, notes)
     t = cfg.trainer
-    flow = FlowMatching(build_scheduler(cfg), t.weighting_scheme, t.logit_mean, t.logit_std, t.mode_scale)
+    side = cfg.data.resolution // frozen.spatial_factor
+    scheduler = build_scheduler(cfg, frozen.latent_channels * side * side)
+    flow = FlowMatching(scheduler, t.weighting_scheme, t.logit_mean, t.logit_std, t.mode_scale)
     if t.enable_gradient_checkpointing:
         model.enable_gradient_checkpointing()
         if args.compare_reference:
@@ -1239,7 +1244,7 @@ def setup_dit(
         random_init=args.random_init_frozen,
         text_layers=args.text_layers,
     )
-    check_geometry(cfg, frozen.spatial_factor, frozen.latent_channels)
+    check_geometry(cfg, frozen.spatial_factor, frozen.latent_channels, frozen.native_resolution)
     kw = cfg.dit_kwargs(frozen.latent_channels, frozen.text_hidden)
     return frozen, build_dit(cfg, kw, device, dtype), kw
 
@@ -1271,7 +1276,7 @@ def setup_fuse_dit(
 
     refuse_fuse_dit_options(args, cfg)
     frozen = load_fuse_dit_frozen(cfg, device, dtype, notes, args.random_init_frozen, args.text_layers)
-    check_geometry(cfg, frozen.spatial_factor, frozen.latent_channels)
+    check_geometry(cfg, frozen.spatial_factor, frozen.latent_channels, frozen.native_resolution)
     model = build_fuse_dit(cfg, frozen, device, dtype)
     train_llm = cfg.trainer.train_llm
     notes.append(

@@ -43,6 +43,7 @@ from fusedit.flops import (
     dit_forward_flops,
     text_encoder_forward_flops,
 )
+from fusedit.flow import schedule_shift
 from fusedit.llm_architectures import GEMMA_2B as GEMMA_2B_ARCH
 from fusedit.llm_architectures import KNOWN_LLMS, known_llm
 from fusedit.train.ema import EMA_CHUNK_NUMEL
@@ -76,6 +77,31 @@ FLUX_VAE = {
 }
 SD35_VAE = {**FLUX_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}
 _E2E_NOTE = "assumed to keep the architecture of the VAE it was tuned from"
+# The released representation autoencoders (diffusers AutoencoderRAE; docs/tokenizers.md): a frozen
+# base-size encoder (its last tokens are the latent: 768 channels, 16x16 at 256 px) and the ViT-XL
+# decoder (1152 wide, 28 layers, 16 heads, MLP 4096) with decoder patch 16; "n08" = trained with
+# token noise up to 0.8 (noise_tau). The i512 release reads DINOv2-B at 448 px: a 32x32 latent.
+RAE_VIT_XL_DECODER = {
+    "decoder_hidden_size": 1152,
+    "decoder_num_hidden_layers": 28,
+    "decoder_num_attention_heads": 16,
+    "decoder_intermediate_size": 4096,
+    "patch_size": 16,
+    "noise_tau": 0.8,
+}
+RAE_DINOV2_B = {
+    "encoder_type": "dinov2",
+    "encoder_hidden_size": 768,
+    "encoder_patch_size": 14,
+    "encoder_num_hidden_layers": 12,
+    "encoder_input_size": 224,
+    "image_size": 256,
+    **RAE_VIT_XL_DECODER,
+}
+RAE_DINOV2_B_512 = {**RAE_DINOV2_B, "encoder_input_size": 448, "image_size": 512}
+# No SigLIP-2 RAE: diffusers 0.42.1's AutoencoderRAE builds its SigLIP encoder through an attribute
+# (`vision_model`) that the locked transformers 5.24's SiglipVisionModel no longer has, so it cannot
+# be constructed here at all (tests/test_rae_tokenizer.py keeps that fact checked).
 # key: lower-case hub name -> (diffusers class, constructor kwargs, where the architecture comes from)
 KNOWN_VAES: dict[str, tuple[str, dict[str, Any], str]] = {
     "black-forest-labs/flux.1-dev": ("AutoencoderKL", FLUX_VAE, "public FLUX.1-dev VAE config"),
@@ -89,6 +115,12 @@ KNOWN_VAES: dict[str, tuple[str, dict[str, Any], str]] = {
         "AutoencoderKLFlux2",
         {},
         "diffusers AutoencoderKLFlux2 class defaults (FLUX.2-dev)",
+    ),
+    "nyu-visionx/rae-dinov2-wreg-base-vitxl-n08": ("AutoencoderRAE", RAE_DINOV2_B, "RAE DINOv2-B + ViT-XL decoder"),
+    "nyu-visionx/rae-dinov2-wreg-base-vitxl-n08-i512": (
+        "AutoencoderRAE",
+        RAE_DINOV2_B_512,
+        "RAE DINOv2-B at 448 px input + ViT-XL decoder (512 px)",
     ),
 }
 # CLIP-L's text tower with its projection (CLIPTextModelWithProjection), the "fuse-dit-clip" type's
@@ -134,6 +166,8 @@ class Tokens:
     vae_factor: int
     patch_size: int
     text_tokens_source: str
+    schedule_shift: float = 3.0  # the flow-matching sigma shift this latent trains with (fusedit.flow)
+    shift_rule: str = "noise_scheduler.shift"
 
 
 @dataclass
@@ -312,6 +346,7 @@ class VaeInfo:
     module: torch.nn.Module | None
     family: Family
     source: str
+    native_resolution: int | None = None  # an RAE's one image side (common.vae_config.native_resolution)
 
 
 def _local_folder(value: str, subfolder: str | None, field_name: str) -> Path | None:
@@ -412,7 +447,13 @@ def describe_vae(cfg: TrainConfig) -> VaeInfo:
     config = dict(module.config)
     family = family_of_class(class_name)
     return VaeInfo(
-        _numel(module), family.latent_channels(config), family.spatial_factor(config), module, family, source
+        _numel(module),
+        family.latent_channels(config),
+        family.spatial_factor(config),
+        module,
+        family,
+        source,
+        family.native_resolution(config),
     )
 
 
@@ -584,7 +625,7 @@ def check_data_paths(patterns: list[str]) -> list[PatternReport]:
 # --------------------------------------------------------------------------------------------
 def _tokens(cfg: TrainConfig, vae: VaeInfo, text_tokens: int | None) -> Tokens:
     """Token counts; the resolution must map to whole patches (as the trainer checks)."""
-    check_geometry(cfg, vae.spatial_factor, vae.latent_channels)
+    check_geometry(cfg, vae.spatial_factor, vae.latent_channels, vae.native_resolution)
     latent = cfg.data.resolution // vae.spatial_factor
     side = latent // cfg.model.patch_size
     if text_tokens is None:
@@ -594,7 +635,20 @@ def _tokens(cfg: TrainConfig, vae: VaeInfo, text_tokens: int | None) -> Tokens:
         )
     else:
         n_text, source = text_tokens, "--text-tokens"
-    return Tokens(side * side, n_text, vae.latent_channels, latent, vae.spatial_factor, cfg.model.patch_size, source)
+    numel = vae.latent_channels * latent * latent
+    base = cfg.noise_scheduler.shift_base_dim
+    rule = "noise_scheduler.shift" if base is None else f"sqrt({numel:,} / {base:,}), by latent dimension"
+    return Tokens(
+        side * side,
+        n_text,
+        vae.latent_channels,
+        latent,
+        vae.spatial_factor,
+        cfg.model.patch_size,
+        source,
+        schedule_shift(cfg, numel),
+        rule,
+    )
 
 
 def build_meta_dit(kw: dict[str, Any]) -> torch.nn.Module:
@@ -1017,7 +1071,8 @@ def _render_tokens(plan: Plan) -> list[str]:
     return [
         f"Tokens per sample: {t.image_tokens} image ({t.latent_size * t.vae_factor} px / VAE x{t.vae_factor} / "
         f"patch {t.patch_size} = {side} x {side}; {t.latent_channels} latent channels), "
-        f"{t.text_tokens} text ({t.text_tokens_source})"
+        f"{t.text_tokens} text ({t.text_tokens_source})",
+        f"Noise schedule: shift {t.schedule_shift:.2f} ({t.shift_rule})",
     ]
 
 

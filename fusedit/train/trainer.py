@@ -95,7 +95,7 @@ def build_components(cfg: TrainConfig, device: torch.device, dtype: torch.dtype)
 
         check_text_cache_fingerprint(cfg, text_encoder)
     codec = load_codec(cfg, device, dtype)
-    check_geometry(cfg, codec.spatial_factor, codec.latent_channels)
+    check_geometry(cfg, codec.spatial_factor, codec.latent_channels, codec.native_resolution)
     if cfg.model.text_hidden_size and cfg.model.text_hidden_size != text_encoder.hidden_size:
         raise ConfigError(
             f"model.text_hidden_size: {cfg.model.text_hidden_size} but the text encoder "
@@ -108,7 +108,7 @@ def build_components(cfg: TrainConfig, device: torch.device, dtype: torch.dtype)
     else:
         dit = DiT(**cfg.dit_kwargs(codec.latent_channels, text_encoder.hidden_size))
     flow = FlowMatching(
-        build_scheduler(cfg),
+        build_scheduler(cfg, codec.latent_numel(cfg.data.resolution)),
         weighting_scheme=cfg.trainer.weighting_scheme,
         logit_mean=cfg.trainer.logit_mean,
         logit_std=cfg.trainer.logit_std,
@@ -521,7 +521,7 @@ class Trainer:
         gens = self.sample_generators(micro, mask.shape[0])
         with torch.no_grad():
             if moments is not None:  # a latent cache: the same posterior draw, no encoder
-                x0 = p.codec.from_moments(moments[:, 0], moments[:, 1], gens, self.cfg.vae.sample_posterior)
+                x0 = p.codec.from_cached(moments, gens, self.cfg.vae.sample_posterior)
             else:
                 x0 = p.codec.encode(pixels, generator=gens, sample=self.cfg.vae.sample_posterior)
             pooled = None if p.clip is None else p.clip.embed(batch["captions"])  # dropped captions: ""

@@ -7,7 +7,9 @@ carries stale statistics (the REPA-E stage's BatchNorm EMA lags a drifting laten
 trains at the wrong signal-to-noise ratio. Two functions keep that honest:
 
 * :func:`measure_latents` -- per-channel mean / std (float64) of the *un-normalised* posterior
-  samples of some images: the numbers to write into ``latents_mean`` / ``latents_std``;
+  samples of some images, in the channels the DiT sees (after the family's own patchify: FLUX.2's
+  128, not its VAE's 32, because those are the channels its BatchNorm normalises): the numbers to
+  write into ``latents_mean`` / ``latents_std`` (or FLUX.2's BatchNorm);
 * :func:`check_normalisation` -- the same images through the VAE's own config constants, exactly
   as the trainer normalises, with a pass/fail against a tolerance.
 
@@ -113,13 +115,18 @@ def measure_latents(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean[C], std[C]) float64 of the VAE's un-normalised latents over (N, H, W).
 
+    The channels are those of the latent the DiT sees before normalisation (``Family.patchify``:
+    identity but for FLUX.2, whose statistics live per patchified channel); an RAE's latent is
+    measured as its ``encode`` gives it (already normalised by its own statistics).
+
     ``images``: (N, 3, H, W), float in [-1, 1] (uint8 is converted). ``sample=True`` draws posterior
     samples (what text-to-image training encodes; noise seeded per image from ``seed``),
     ``sample=False`` uses the posterior means. The VAE runs in its own device and dtype, in eval
     mode and without gradients; its training flag is restored afterwards. ``std`` is the population
     standard deviation, so ``(z - mean) / std`` of these very latents has unit variance.
     """
-    return _moments(vae, images, batch_size=batch_size, seed=seed, sample=sample)
+    family = family_of_module(vae)
+    return _moments(vae, images, batch_size=batch_size, seed=seed, sample=sample, transform=family.patchify)
 
 
 def check_normalisation(

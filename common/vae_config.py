@@ -183,16 +183,17 @@ class Family:
     # ---- pixels in and out of the VAE: (B, 3, H, W) in [-1, 1] on our side
     def to_vae(self, pixels: torch.Tensor) -> torch.Tensor:
         x = (pixels + 1.0) * 0.5 if self.unit_pixels else pixels
-        return self._frames(x)
+        return self.frames(x)
 
     def from_vae(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._unframe(x)
+        x = self.unframe(x)
         return x * 2.0 - 1.0 if self.unit_pixels else x
 
-    def _frames(self, x: torch.Tensor) -> torch.Tensor:
+    def frames(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> what the VAE's layers take: (B, C, 1, H, W) for a video VAE, else as is."""
         return x.unsqueeze(2) if self.frame_axis else x
 
-    def _unframe(self, x: torch.Tensor) -> torch.Tensor:
+    def unframe(self, x: torch.Tensor) -> torch.Tensor:
         return x.squeeze(2) if self.frame_axis else x
 
     def encode_moments(self, vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -206,11 +207,11 @@ class Family:
             return vae.encode(x).latent.float(), None
         posterior = vae.encode(x).latent_dist
         mean, std = posterior.mean.float(), torch.exp(0.5 * posterior.logvar.float())
-        return self._unframe(mean), self._unframe(std)
+        return self.unframe(mean), self.unframe(std)
 
     def decode_pixels(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
         """The VAE's own latent (in the VAE's dtype) -> (B, 3, H, W) pixels in [-1, 1], not clamped."""
-        return self.from_vae(vae.decode(self._frames(z)).sample)
+        return self.from_vae(vae.decode(self.frames(z)).sample)
 
     # ---- the family's latent patchify (identity for p = 1)
     def patchify(self, z: torch.Tensor) -> torch.Tensor:

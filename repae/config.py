@@ -39,9 +39,9 @@ from common.config import (
 )
 from common.vae_config import FAMILIES
 
-# The families REPA-E tunes; common.vae_config.FAMILIES also has FLUX.2, a text-to-image tokenizer
-# here and not yet a joint-tuning one (docs/tokenizers.md).
-REPAE_FAMILIES = tuple(k for k in FAMILIES if k != "flux2")
+# The families REPA-E tunes: every VAE with a posterior (KL, Qwen-Image, FLUX.2). An RAE is not one:
+# its encoder is a frozen vision model by design and its latent has no posterior (docs/tokenizers.md).
+REPAE_FAMILIES = tuple(k for k, f in FAMILIES.items() if f.posterior)
 VAE_KINDS = ("auto", *REPAE_FAMILIES)
 PATH_TYPES = ("linear", "cosine")
 WEIGHTINGS = ("uniform", "lognormal")

@@ -196,7 +196,11 @@ def vae_source(cfg: RepaeConfig) -> dict[str, Any]:
 
 
 def stats_from_vae_config(vae) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-channel (scale, bias) from a VAE config's latents_mean/std (Qwen-Image, exported E2E-VAEs)."""
+    """Per-channel (scale, bias) the VAE itself carries: its config's latents_mean/std (Qwen-Image,
+    exported E2E-VAEs) or FLUX.2's BatchNorm running statistics; None for a global factor only."""
+    if vae.family.batchnorm_stats:
+        shift, scale = vae.family.normalisation_constants(vae.vae)
+        return scale.flatten(), shift.flatten()
     stats = per_channel_stats(vae.vae.config)
     if stats is None:
         return None
@@ -315,7 +319,10 @@ class Trainer:
             source = str(reference_stats_file(self.cfg))
             stats = load_latents_stats(source)
         if stats is None and how in ("auto", "config"):
-            stats, source = stats_from_vae_config(vae), "vae config latents_mean/latents_std"
+            stats, source = (
+                stats_from_vae_config(vae),
+                f"the VAE's own ({vae.family.normalisation_source(vae.vae.config)})",
+            )
             if stats is None and how == "config":
                 raise ConfigError("vae.latents_stats=config: the VAE config has no latents_mean/latents_std")
         if stats is None:
@@ -530,7 +537,7 @@ class JointTrainer(Trainer):
         if self.env.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.sit_train = DDP(self.sit, device_ids=ids)
-            self.vae_train = DDP(self.vae, device_ids=ids, find_unused_parameters=self.vae.is_qwen)
+            self.vae_train = DDP(self.vae, device_ids=ids, find_unused_parameters=self.vae.has_unused_parameters)
         if self.cfg.trainer.compile:
             self.sit_train = torch.compile(self.sit_train)
             self.vae_train = torch.compile(self.vae_train)

@@ -4,7 +4,14 @@ The reference trains its own CompVis-layout autoencoder class and so can only tu
 hard-coded architectures (reference defect REPAE-D17, docs/reference-facts.md). We train diffusers
 models instead, which covers the reference VAEs (converted losslessly by `repae.reference.convert`)
 *and* the text-to-image VAEs the `fusedit` stage consumes: FLUX / SD3.5 style `AutoencoderKL` (no
-quant convs) and Qwen-Image's `AutoencoderKLQwenImage` (a video VAE that needs a frame axis).
+quant convs), Qwen-Image's `AutoencoderKLQwenImage` (a video VAE that needs a frame axis) and
+FLUX.2's `AutoencoderKLFlux2` (whose latent is 2x2-patchified before anything normalises it).
+What differs between them is asked of `common.vae_config.Family`.
+
+FLUX.2 (docs/tokenizers.md, "REPA-E on the FLUX.2 VAE"): the wrapper works in the latent the
+diffusion model sees, the patchified one (128 channels at x16). Patchifying is a permutation, so
+the posterior over it is the same Gaussian (same KL); the SiT's BatchNorm then normalises the same
+128 channels the VAE's own BatchNorm does, and export writes the statistics into that BatchNorm.
 
 Why a wrapper rather than `vae.encode(...).latent_dist`:
 
@@ -17,7 +24,8 @@ Why a wrapper rather than `vae.encode(...).latent_dist`:
 Export (`save_e2e_vae`) writes a folder that `diffusers.*.from_pretrained` loads and that
 `fusedit.latents.LatentCodec` normalises correctly: the per-channel statistics go into the config
 as `latents_mean` (= bias) and `latents_std` (= 1/scale), so `(z - mean) / std` is the reference's
-`(z - bias) * scale`. The same numbers are also stored in the reference's own format
+`(z - bias) * scale` (FLUX.2: into its BatchNorm's `running_mean` / `running_var`, where its
+pipeline reads them). The same numbers are also stored in the reference's own format
 (`latents_stats.safetensors`, `[1, C, 1, 1]`), and the folder appears atomically.
 """
 
@@ -31,12 +39,12 @@ import uuid
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLQwenImage
+from diffusers import AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.files import write_json_atomic
-from common.vae_config import VaeSpec, latent_channels, spatial_factor
+from common.vae_config import Family, VaeSpec, family_of_module
 from common.weights import load_weights_file
 from repae.config import REPAE_FAMILIES
 from repae.reference.convert import ldm_to_diffusers_vae, load_reference_vae, load_strict
@@ -44,7 +52,7 @@ from repae.reference.convert import ldm_to_diffusers_vae, load_reference_vae, lo
 STATS_FILE = "latents_stats.safetensors"
 META_FILE = "e2e_vae.json"
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
-DiffusersVAE = AutoencoderKL | AutoencoderKLQwenImage
+DiffusersVAE = AutoencoderKL | AutoencoderKLQwenImage | AutoencoderKLFlux2
 
 _ENCODER_TYPES = ["DownEncoderBlock2D"] * 4
 _DECODER_TYPES = ["UpDecoderBlock2D"] * 4
@@ -100,9 +108,9 @@ def load_vae(
 
     * `name_or_path` in `VAE_PRESETS`: an `AutoencoderKL` built from the preset (random weights
       unless `checkpoint` is given);
-    * otherwise `AutoencoderKL` or `AutoencoderKLQwenImage.from_pretrained`, the family chosen by
-      `kind` exactly as `common.vae_config.VaeSpec.family` does (REPA-E tunes the `kl` and `qwen`
-      families; another family is a ValueError naming it).
+    * otherwise the family's class `.from_pretrained`, the family chosen by `kind` exactly as
+      `common.vae_config.VaeSpec.family` does (REPA-E tunes `repae.config.REPAE_FAMILIES`; another
+      family, an RAE, is a ValueError naming it).
 
     `checkpoint` replaces all weights, strictly (a missing, extra or mis-shaped key raises
     `repae.reference.convert.VAEKeyError` naming it): a `.safetensors` file is a diffusers-layout state dict,
@@ -118,7 +126,7 @@ def load_vae(
         if family.kind not in REPAE_FAMILIES:
             raise ValueError(
                 f"{name_or_path}: {family.class_name} (kind {family.kind}); the joint stage tunes "
-                f"{' and '.join(REPAE_FAMILIES)} VAEs (docs/tokenizers.md)"
+                f"{', '.join(REPAE_FAMILIES[:-1])} and {REPAE_FAMILIES[-1]} VAEs (docs/tokenizers.md)"
             )
         vae = family.vae_class().from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=torch.float32)
     if checkpoint is not None:
@@ -130,8 +138,8 @@ def _checkpoint_state_dict(vae: DiffusersVAE, checkpoint: str | os.PathLike) -> 
     """Diffusers-layout weights from a `.safetensors` file or a converted reference `.pt`."""
     if str(checkpoint).endswith(".safetensors"):
         return load_file(str(checkpoint))
-    if isinstance(vae, AutoencoderKLQwenImage):
-        raise ValueError(f"{checkpoint}: reference LDM checkpoints only fit AutoencoderKL, not a Qwen VAE")
+    if not isinstance(vae, AutoencoderKL):
+        raise ValueError(f"{checkpoint}: reference LDM checkpoints only fit AutoencoderKL, not {type(vae).__name__}")
     return ldm_to_diffusers_vae(load_reference_vae(checkpoint), len(vae.config.block_out_channels))
 
 
@@ -179,40 +187,44 @@ class TrainableVAE(nn.Module):
     the unclamped decoder output in one place, and skips tiling/slicing code paths that training
     must not take. For a single frame the Qwen causal convolutions without a feature cache compute
     exactly what diffusers' own chunked path computes for the first chunk.
+
+    Latents are the diffusion model's view (`Family.patchify`: FLUX.2's 2x2 fold; identity for the
+    others): `latent_channels` and `spatial_factor` are those of that view.
     """
 
     def __init__(self, vae: DiffusersVAE) -> None:
         super().__init__()
-        if not isinstance(vae, (AutoencoderKL, AutoencoderKLQwenImage)):
-            raise TypeError(f"TrainableVAE supports AutoencoderKL and AutoencoderKLQwenImage, got {type(vae)}")
+        family = family_of_module(vae)
+        if family.kind not in REPAE_FAMILIES:
+            raise TypeError(f"TrainableVAE tunes {', '.join(REPAE_FAMILIES)} VAEs, got {type(vae).__name__}")
         self.vae = vae
-        self.is_qwen = isinstance(vae, AutoencoderKLQwenImage)
-        self.latent_channels = latent_channels(vae.config)
-        self.spatial_factor = spatial_factor(vae.config)
+        self.family: Family = family
+        self.latent_channels = family.latent_channels(vae.config)
+        self.spatial_factor = family.spatial_factor(vae.config)
+
+    @property
+    def has_unused_parameters(self) -> bool:
+        """Whether some parameters get no gradient in a step (Qwen's video-only layers): DDP must be told."""
+        return self.family.frame_axis
 
     @property
     def dtype(self) -> torch.dtype:
         return self.vae.decoder.conv_out.weight.dtype
 
     def encode(self, x: torch.Tensor) -> Posterior:
-        """(B,3,H,W) in [-1,1] -> posterior over (B,C,H/f,W/f)."""
-        x = x.to(self.dtype)
-        if self.is_qwen:
-            moments = self.vae.quant_conv(self.vae.encoder(x.unsqueeze(2))).squeeze(2)
-        else:
-            moments = self.vae.encoder(x)
-            if self.vae.quant_conv is not None:
-                moments = self.vae.quant_conv(moments)
-        return Posterior(moments)
+        """(B,3,H,W) in [-1,1] -> posterior over the patchified (B,C,H/f,W/f)."""
+        moments = self.vae.encoder(self.family.frames(x.to(self.dtype)))
+        if self.vae.quant_conv is not None:
+            moments = self.vae.quant_conv(moments)
+        mean, logvar = self.family.unframe(moments).chunk(2, dim=1)
+        return Posterior(torch.cat([self.family.patchify(mean), self.family.patchify(logvar)], dim=1))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(B,C,h,w) latents (un-normalised) -> (B,3,H,W) float32, unclamped."""
-        z = z.to(self.dtype)
-        if self.is_qwen:
-            return self.vae.decoder(self.vae.post_quant_conv(z.unsqueeze(2))).squeeze(2).float()
+        """(B,C,h,w) latents (un-normalised, patchified) -> (B,3,H,W) float32, unclamped."""
+        z = self.family.frames(self.family.unpatchify(z).to(self.dtype))
         if self.vae.post_quant_conv is not None:
             z = self.vae.post_quant_conv(z)
-        return self.vae.decoder(z).float()
+        return self.family.unframe(self.vae.decoder(z)).float()
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None
@@ -268,11 +280,14 @@ def save_e2e_vae(
 ) -> Path:
     """Write a tuned VAE as a diffusers folder carrying its per-channel latent statistics.
 
-    Contents: the `save_pretrained` files (safetensors), with `latents_mean = bias` and
-    `latents_std = 1 / scale` in `config.json` (KL configs also get `scaling_factor = 1.0`,
-    `shift_factor = None`, so diffusers' `(z - mean) * scaling_factor / std` convention reads the
-    same normalisation); `latents_stats.safetensors` (`latents_scale`, `latents_bias`, float32
-    `[1, C, 1, 1]`, the reference meaning); `e2e_vae.json` (class, geometry, stats, `metadata`).
+    Contents: the `save_pretrained` files (safetensors), with the statistics where the family's
+    readers look: KL and Qwen get `latents_mean = bias` and `latents_std = 1 / scale` in
+    `config.json` (KL configs also `scaling_factor = 1.0`, `shift_factor = None`, so diffusers'
+    `(z - mean) * scaling_factor / std` convention reads the same normalisation); FLUX.2 gets them
+    as its BatchNorm's `running_mean = bias`, `running_var = 1 / scale**2 - batch_norm_eps` (over
+    the 2x2-patchified channels, what its pipeline normalises with). Always also
+    `latents_stats.safetensors` (`latents_scale`, `latents_bias`, float32 `[1, C, 1, 1]`, the
+    reference meaning) and `e2e_vae.json` (class, geometry, stats, `metadata`).
 
     The folder is assembled under a temporary name next to `folder` and renamed into place; an
     existing `folder` is moved aside first and deleted only after the new one is in place, so a
@@ -281,18 +296,23 @@ def save_e2e_vae(
     A `TrainableVAE`, or a model wrapped by DDP (`.module`) or torch.compile (`._orig_mod`), is unwrapped.
     """
     model = _unwrap(vae)
+    family = family_of_module(model)
     scale, bias = _check_stats(scale, bias, "save_e2e_vae")
-    channels = latent_channels(model.config)
+    channels = family.latent_channels(model.config)
     if scale.numel() != channels:
-        raise ValueError(f"stats have {scale.numel()} channels, the VAE has {channels}")
+        raise ValueError(f"stats have {scale.numel()} channels, the VAE's latent has {channels}")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        _write_stats_into_config(tmp / "config.json", scale, bias, is_qwen=isinstance(model, AutoencoderKLQwenImage))
+        if family.batchnorm_stats:
+            with _batchnorm_holding(model, scale, bias):
+                model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            _write_stats_into_config(tmp / "config.json", scale, bias, scalar_fields=not family.frame_axis)
         save_file({"latents_scale": scale.view(1, -1, 1, 1), "latents_bias": bias.view(1, -1, 1, 1)}, tmp / STATS_FILE)
-        write_json_atomic(tmp / META_FILE, _metadata(model, scale, bias, metadata), default=str)
+        write_json_atomic(tmp / META_FILE, _metadata(model, family, scale, bias, metadata), default=str)
         _replace_dir(tmp, folder)
     finally:
         if tmp.exists():
@@ -300,35 +320,58 @@ def save_e2e_vae(
     return folder
 
 
+class _batchnorm_holding:
+    """Put per-channel statistics into a FLUX.2 VAE's BatchNorm buffers for the save, then restore them."""
+
+    def __init__(self, model: DiffusersVAE, scale: torch.Tensor, bias: torch.Tensor) -> None:
+        eps = float(model.config.batch_norm_eps)
+        var = (1.0 / scale.double()).pow(2) - eps
+        if (var <= 0).any():
+            worst = float((1.0 / scale.double()).min())
+            raise ValueError(f"a latent std of {worst:.3g} is below sqrt(batch_norm_eps={eps}): no BatchNorm holds it")
+        self.bn, self.mean, self.var = model.bn, bias, var
+
+    def __enter__(self) -> None:
+        self.saved = (self.bn.running_mean.clone(), self.bn.running_var.clone())
+        with torch.no_grad():
+            self.bn.running_mean.copy_(self.mean.to(self.bn.running_mean))
+            self.bn.running_var.copy_(self.var.to(self.bn.running_var))
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            self.bn.running_mean.copy_(self.saved[0])
+            self.bn.running_var.copy_(self.saved[1])
+
+
 def _unwrap(vae: nn.Module) -> DiffusersVAE:
     """The diffusers model inside DDP / torch.compile / TrainableVAE wrappers."""
-    while not isinstance(vae, (AutoencoderKL, AutoencoderKLQwenImage)):
+    while not isinstance(vae, DiffusersVAE):
         if isinstance(vae, TrainableVAE):
             vae = vae.vae
         elif hasattr(vae, "module") or hasattr(vae, "_orig_mod"):
             vae = vae.module if hasattr(vae, "module") else vae._orig_mod
         else:
-            raise TypeError(f"save_e2e_vae needs an AutoencoderKL or AutoencoderKLQwenImage, got {type(vae)}")
+            raise TypeError(f"save_e2e_vae needs one of {', '.join(REPAE_FAMILIES)}'s VAE classes, got {type(vae)}")
     return vae
 
 
-def _write_stats_into_config(config_path: Path, scale: torch.Tensor, bias: torch.Tensor, is_qwen: bool) -> None:
+def _write_stats_into_config(config_path: Path, scale: torch.Tensor, bias: torch.Tensor, scalar_fields: bool) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["latents_mean"] = bias.tolist()
     config["latents_std"] = (1.0 / scale.double()).tolist()
-    if not is_qwen:
+    if scalar_fields:  # AutoencoderKL's global factor and shift: neutral, the per-channel ones rule
         config["scaling_factor"] = 1.0
         config["shift_factor"] = None
     write_json_atomic(config_path, config, default=str)
 
 
-def _metadata(model: DiffusersVAE, scale: torch.Tensor, bias: torch.Tensor, extra: dict | None) -> dict:
+def _metadata(model: DiffusersVAE, family: Family, scale: torch.Tensor, bias: torch.Tensor, extra: dict | None) -> dict:
     return {
         "format": "repae-e2e-vae",
         "version": 1,
         "class_name": type(model).__name__,
-        "latent_channels": latent_channels(model.config),
-        "spatial_factor": spatial_factor(model.config),
+        "latent_channels": family.latent_channels(model.config),
+        "spatial_factor": family.spatial_factor(model.config),
         "latents_scale": scale.tolist(),
         "latents_bias": bias.tolist(),
         "metadata": extra or {},

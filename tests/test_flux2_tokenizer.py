@@ -183,7 +183,77 @@ def test_a_stated_in_channels_that_is_not_the_latents_is_one_error(tmp_path: Pat
 
 def test_the_joint_stage_names_a_family_it_does_not_tune(tmp_path: Path) -> None:
     from repae.vae import load_vae
+    from tests.test_rae_tokenizer import tiny_rae
 
-    tiny_flux2().save_pretrained(tmp_path / "neutral")
-    with pytest.raises(ValueError, match=r"AutoencoderKLFlux2 \(kind flux2\); the joint stage tunes kl and qwen"):
+    tiny_rae().save_pretrained(tmp_path / "neutral")
+    with pytest.raises(ValueError, match=r"AutoencoderRAE \(kind rae\); the joint stage tunes kl, qwen and flux2"):
         load_vae(str(tmp_path / "neutral"))
+
+
+# ------------------------------------------------------------------------------------------------
+# REPA-E on the FLUX.2 VAE: the joint stage works in the patchified latent and exports into the BatchNorm
+# ------------------------------------------------------------------------------------------------
+def test_trainable_wrapper_works_in_the_patchified_latent():
+    from repae.vae import TrainableVAE
+
+    vae = tiny_flux2()
+    wrapper = TrainableVAE(vae)
+    assert (wrapper.latent_channels, wrapper.spatial_factor) == (16, 4) and not wrapper.has_unused_parameters
+    x = pixels()
+    posterior, z, recon = wrapper(x, torch.Generator().manual_seed(0))
+    assert posterior.mean.shape == z.shape == (2, 16, 4, 4) and recon.shape == (2, 3, 16, 16)
+    with torch.no_grad():
+        reference = vae.encode(x).latent_dist
+        torch.testing.assert_close(posterior.mean, Flux2Pipeline._patchify_latents(reference.mean))
+        torch.testing.assert_close(posterior.kl(), reference.kl(), rtol=1e-5, atol=1e-4)  # a permutation
+        torch.testing.assert_close(recon, vae.decode(Flux2Pipeline._unpatchify_latents(z)).sample)
+    (recon.square().mean() + z.square().mean()).backward()
+    assert vae.encoder.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_export_writes_the_statistics_into_the_batchnorm(tmp_path: Path):
+    from repae.vae import META_FILE, TrainableVAE, load_latents_stats, save_e2e_vae
+
+    vae = tiny_flux2()
+    before = vae.bn.running_var.clone()
+    g = torch.Generator().manual_seed(7)
+    scale, bias = torch.rand(16, generator=g) + 0.5, torch.randn(16, generator=g) * 0.2
+    folder = save_e2e_vae(TrainableVAE(vae), tmp_path / "e2e-flux2", scale, bias, metadata={"step": 3})
+    assert torch.equal(vae.bn.running_var, before)  # the caller's model is untouched
+    loaded = AutoencoderKLFlux2.from_pretrained(folder)  # plain diffusers
+    eps = loaded.config.batch_norm_eps
+    torch.testing.assert_close(loaded.bn.running_mean, bias)
+    torch.testing.assert_close(torch.sqrt(loaded.bn.running_var + eps), 1.0 / scale)
+    assert "latents_mean" not in json.loads((folder / "config.json").read_text())
+    assert json.loads((folder / META_FILE).read_text())["latent_channels"] == 16
+    assert torch.equal(load_latents_stats(folder)[0], scale)
+    codec = LatentCodec.from_spec(VaeSpec(str(folder)))
+    x = pixels()
+    with torch.no_grad():
+        mean = TrainableVAE(vae).encode(x).mean
+    torch.testing.assert_close(codec.encode(x, sample=False), (mean - bias.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1))
+    with pytest.raises(ValueError, match="below sqrt"):
+        save_e2e_vae(vae, tmp_path / "bad", torch.full((16,), 1e3), bias)
+
+
+def test_repae_tunes_a_flux2_vae_and_exports_it(repae_world: Path, tmp_path: Path) -> None:
+    """Two joint steps on the toy world with a tiny FLUX.2 VAE (the SiT's BatchNorm starts from the VAE's
+    own statistics), then an export that plain diffusers loads, statistics in its BatchNorm."""
+    from repae.checkpoint import load_sit
+    from repae.vae import load_latents_stats
+    from tests.test_repae_train import CONFIG, run_module, tiny_overrides
+
+    folder, run, out = tmp_path / "flux2-vae", tmp_path / "run", tmp_path / "e2e-flux2"
+    tiny_flux2().save_pretrained(folder)
+    extra = {"vae.pretrained_model_name_or_path": str(folder), "vae.latents_stats": "auto"}
+    proc = run_module("repae.train", ["-c", str(CONFIG), *tiny_overrides(repae_world, run, **extra)])
+    assert "latent statistics (the VAE's own (bn running statistics))" in proc.stderr
+    sit = load_sit(run / "2")
+    assert sit.x_embedder.proj.in_channels == 16  # the patchified latent, patch 1
+    run_module("repae.export", ["--run", str(run), "--out", str(out), "--stats-images", "64"])
+    loaded = AutoencoderKLFlux2.from_pretrained(out)
+    scale, bias = load_latents_stats(out)
+    torch.testing.assert_close(loaded.bn.running_mean, bias)
+    torch.testing.assert_close(torch.sqrt(loaded.bn.running_var + loaded.config.batch_norm_eps), 1.0 / scale)
+    tuned = AutoencoderKLFlux2.from_pretrained(run / "2" / "vae")
+    assert not torch.equal(tuned.encoder.conv_in.weight, tiny_flux2().encoder.conv_in.weight)  # it was tuned

@@ -244,7 +244,7 @@ def test_sample_uses_the_generator():
 def test_qwen_frame_axis_and_gradients():
     qwen = tiny_qwen()
     vae = TrainableVAE(qwen)
-    assert vae.is_qwen and (vae.latent_channels, vae.spatial_factor) == (4, 2)
+    assert vae.family.kind == "qwen" and (vae.latent_channels, vae.spatial_factor) == (4, 2)
     x = images()
     posterior, z, recon = vae(x, torch.Generator().manual_seed(0))
     assert posterior.mean.shape == z.shape == (2, 4, 8, 8) and recon.shape == (2, 3, 16, 16)

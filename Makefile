@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup demo repae study chromium slurm test test-fast test-latest lock lint toy clean
+.PHONY: setup demo repae study study-families chromium slurm test test-fast test-latest lock lint toy clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,12 @@ repae: $(STAMP)
 # reports in output/study/index.html. Resumes after a kill.
 study: $(STAMP)
 	$(PY) -m evaluation.study --toy $(TOY) --out output/study --seeds 3
+
+# The text-to-image study across tokenizer families on the toy world (docs/tokenizers.md): the toy VAE, its
+# REPA-E twin, a toy FLUX.2 VAE and a toy RAE (built into the world first when missing), 3 seeds each, every
+# arm against the toy VAE with intervals. Results in output/study-families/results.json and index.html.
+study-families: $(STAMP)
+	$(PY) -m evaluation.study --toy $(TOY) --families --out output/study-families --seeds 3
 
 # Headless Chromium for tests/test_report.py (Debian's package). Never fatal: without apt or root
 # the browser test skips and names the missing binary.

@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train the VAE and scorer here (~4 min) even where the shipped ones (toyworld/shipped) answer the request",
     )
+    toy.add_argument(
+        "--families",
+        action="store_true",
+        help="also build the toy FLUX.2 VAE and toy RAE (DIR/flux2-vae, DIR/rae; ~6 min) for a study across "
+        "tokenizer families (docs/tokenizers.md)",
+    )
     toy.add_argument("--force", action="store_true", help="rebuild even if DIR holds a matching world")
     toy.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
@@ -178,6 +184,12 @@ def build_toy(args: argparse.Namespace) -> int:
         print(f"dataset_download.py: error: {error}", file=sys.stderr)
         return 2
     scorer = summary["scorer"]["heldout_clean"]["accuracy"]
+    if args.families:
+        from toyworld.families import build_toy_families
+
+        families = build_toy_families(args.toy, force=args.force, progress=not args.quiet)
+        psnrs = ", ".join(f"{name} {report['psnr_db']:.2f} dB" for name, report in families.items())
+        print(f"toy tokenizers: {psnrs}")
     print(
         f"toy world: {args.toy} | VAE PSNR {summary['vae']['psnr_db']:.2f} dB | "
         f"scorer held-out accuracy {scorer} | built in {summary['build_seconds']:.0f}s"

@@ -11,7 +11,10 @@
         --seeds 3 --eval-every 50000 --out /shared/studies/flux --train-only
 
 What a study is. The first ``--arm`` is the baseline (the original VAE), the second its twin
-(the E2E-VAE). Seed k of every arm runs with ``trainer.seed=k`` — initialisation, data order and
+(the E2E-VAE); further arms are each compared with the same baseline (a study across tokenizer
+families: ``--toy DIR --families`` runs the toy VAE, its E2E twin, the toy FLUX.2 VAE and the toy
+RAE, docs/tokenizers.md; results per comparison in ``<out>/<arm>-vs-<baseline>/``). Seed k of
+every arm runs with ``trainer.seed=k`` — initialisation, data order and
 noise change with it, everything else stays identical — and keeps a checkpoint every
 ``--eval-every`` steps (``trainer.checkpointing_steps``; none is pruned). ``key=value`` overrides
 apply to every run. Runs live in ``<out>/<arm>/seed<k>``; the study folder records its
@@ -62,6 +65,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TOY_T2I = (
     ("original", ROOT / "configs/e2e-vae/toy.yaml", "vae"),
     ("e2e", ROOT / "configs/e2e-vae/toy-e2e.yaml", "e2e-vae"),
+)
+# The study across tokenizer families (--families): the baseline and its twin, then one toy tokenizer of
+# each other family (toyworld.families; dataset_download.py --toy DIR --families builds them).
+TOY_FAMILIES = (
+    *TOY_T2I,
+    ("flux2", ROOT / "configs/e2e-vae/toy-flux2.yaml", "flux2-vae"),
+    ("rae", ROOT / "configs/e2e-vae/toy-rae.yaml", "rae"),
 )
 TOY_LDM = (
     ("original", ROOT / "configs/repae/toy-ldm.yaml", "vae"),
@@ -124,6 +134,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     what.add_argument("--kind", choices=("t2i", "ldm"), default=None, help="trainer: train.py (t2i) or repae.train_ldm")
     what.add_argument("--toy", type=Path, default=None, help="toy world folder: toy pairs and toy scoring")
+    what.add_argument(
+        "--families",
+        action="store_true",
+        help="with --toy: the text-to-image study across tokenizer families (toy VAE, its E2E twin, toy FLUX.2 "
+        "VAE, toy RAE), each compared with the toy VAE",
+    )
     what.add_argument("--seeds", type=int, default=3, help="training seeds per arm (default: %(default)s)")
     what.add_argument(
         "--steps", type=int, default=None, help="training steps of every run (default: toy 450 / the config's)"
@@ -165,8 +181,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if args.arm and len(args.arm) != 2:
-        p.error(f"--arm: a paired study has two arms (baseline first), got {len(args.arm)}")
+    if args.arm and len(args.arm) < 2:
+        p.error(f"--arm: a study needs a baseline and at least one arm to compare with it, got {len(args.arm)}")
+    if args.families and (args.toy is None or args.arm or args.kind == "ldm"):
+        p.error("--families is the toy text-to-image study: give --toy, and no --arm or --kind ldm")
     if args.arm and args.kind is None:
         p.error("--arm needs --kind t2i or --kind ldm")
     if not args.arm and args.toy is None:
@@ -411,6 +429,13 @@ TOY_T2I_RECIPE = (
 )
 
 
+def ensure_families(toy: Path) -> None:
+    """Build the toy FLUX.2 VAE and toy RAE into the world when missing (toyworld.families)."""
+    from toyworld.families import build_toy_families
+
+    build_toy_families(toy)
+
+
 def toy_arm_overrides(toy: Path, kind: str, vae_folder: str) -> list[str]:
     """Point a toy config at the world folder wherever it lives, with this arm's VAE."""
     if kind == "t2i":
@@ -426,10 +451,10 @@ def toy_arm_overrides(toy: Path, kind: str, vae_folder: str) -> list[str]:
     ]
 
 
-def toy_study(toy: Path, kind: str, args: argparse.Namespace, out: Path) -> Study:
+def toy_study(toy: Path, kind: str, args: argparse.Namespace, out: Path, table: tuple | None = None) -> Study:
     defaults = TOY_DEFAULTS[kind]
-    pair = TOY_T2I if kind == "t2i" else TOY_LDM
-    arms = [Arm(name, str(config), toy_arm_overrides(toy, kind, folder)) for name, config, folder in pair]
+    table = table or (TOY_T2I if kind == "t2i" else TOY_LDM)
+    arms = [Arm(name, str(config), toy_arm_overrides(toy, kind, folder)) for name, config, folder in table]
     return Study(
         kind=kind,
         arms=arms,
@@ -463,8 +488,8 @@ def config_study(args: argparse.Namespace) -> Study:
 def choose_guidance(toy: Path, study: Study, fixed: float | None) -> dict[str, Any]:
     """One CFG scale for every arm and checkpoint, chosen on the validation set at the last checkpoints.
 
-    Criterion: joint accuracy averaged over every run of both arms (each arm weighs the same), so
-    the choice favours neither VAE. Text-to-image never looks at the reported prompts; a
+    Criterion: joint accuracy averaged over every run of every arm (each arm weighs the same), so
+    the choice favours no tokenizer. Text-to-image never looks at the reported prompts; a
     class-conditional model has only its classes, so there the selection differs by sampling seed. Ties go to the
     smaller scale. Cached in ``<out>/guidance.json``.
     """
@@ -486,7 +511,7 @@ def choose_guidance(toy: Path, study: Study, fixed: float | None) -> dict[str, A
     chosen = max(grid, key=lambda s: (round(mean_joint[s], 6), -s))
     result = {
         "chosen": chosen,
-        "by": "joint accuracy on the validation set, averaged over every run of both arms, last checkpoint",
+        "by": "joint accuracy on the validation set, averaged over every run of every arm, last checkpoint",
         "validation": "guidance.json prompts (training triples), sampling seed 1000"
         if study.kind == "t2i"
         else "the same 24 classes (a class-conditional model has no other prompts), sampling seed 1000",
@@ -563,10 +588,17 @@ def score_table(scores: dict[str, dict[int, dict[int, dict]]]) -> dict[str, dict
     return table
 
 
+def pair_studies(study: Study) -> list[Study]:
+    """The baseline against each other arm, as two-arm studies (same runs, same folder)."""
+    base = study.arms[0]
+    return [Study(**{**vars(study), "arms": [base, arm]}) for arm in study.arms[1:]]
+
+
 def aggregate(study: Study, scores: dict, guidance: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a two-arm study (its baseline and the one arm compared with it)."""
     from evaluation.paired_stats import summarize_study
 
-    table = score_table(scores)
+    table = score_table({arm.name: scores[arm.name] for arm in study.arms})
     higher = {m: m != "fd" for m in table}
     arms = (study.arms[0].name, study.arms[1].name)
     summary = summarize_study(table, arms=arms, higher_is_better=higher)
@@ -656,7 +688,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(study: Study, summary: dict[str, Any], title: str) -> Path:
+def write_report(study: Study, summary: dict[str, Any], title: str, folder: Path | None = None) -> Path:
     from evaluation.report import build_report
 
     runs = {f"{a.name}-seed{s}": study.run_dir(a.name, s) for a in study.arms for s in study.seeds[:1]}
@@ -673,7 +705,8 @@ def write_report(study: Study, summary: dict[str, Any], title: str) -> Path:
             f"guidance scale {d['guidance_scale']}: {d['guidance_selection'].get('by')}",
             f"widest per-checkpoint sampling interval (±): {d['sampling_interval_halfwidth']}",
         ]
-    return build_report(runs, Path(study.out) / "report", title=title, study=summary, study_notes=notes)
+    folder = folder or Path(study.out) / "report"
+    return build_report(runs, folder, title=title, study=summary, study_notes=notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -698,16 +731,40 @@ def run_study(study: Study, args: argparse.Namespace, toy: Path | None, title: s
         print("trained; run the same command without --train-only to score the kept checkpoints", flush=True)
         return None
     if toy is None:
-        summary = score_real(study, args)
+        summaries = [score_real(pair, args) for pair in pair_studies(study)]
     else:
         guidance = choose_guidance(toy, study, args.guidance)
         scores = score_runs(toy, study, guidance["chosen"])
-        summary = aggregate(study, scores, guidance)
-    summary["timing_s"] = {"train": round(t1 - t0, 1), "score": round(time.perf_counter() - t1, 1)}
-    write_json_atomic(Path(study.out) / "results.json", summary, sort_keys=False)
-    page = write_report(study, summary, title)
-    print(f"\n{title}\n" + "\n".join(summary_lines(summary)) + f"\nreport: {page}", flush=True)
-    return summary
+        summaries = [aggregate(pair, scores, guidance) for pair in pair_studies(study)]
+    timing = {"train": round(t1 - t0, 1), "score": round(time.perf_counter() - t1, 1)}
+    if len(summaries) == 1:
+        summary = {**summaries[0], "timing_s": timing}
+        write_json_atomic(Path(study.out) / "results.json", summary, sort_keys=False)
+        page = write_report(study, summary, title)
+        print(f"\n{title}\n" + "\n".join(summary_lines(summary)) + f"\nreport: {page}", flush=True)
+        return summary
+    return write_comparisons(study, summaries, title, timing)
+
+
+def write_comparisons(study: Study, summaries: list[dict[str, Any]], title: str, timing: dict) -> dict[str, Any]:
+    """A study of more than two arms: one results.json + report per arm vs the baseline, and an index."""
+    from common.files import write_text_atomic
+
+    base = study.arms[0].name
+    out, lines, items = Path(study.out), [f"\n{title}"], []
+    for pair, summary in zip(pair_studies(study), summaries, strict=True):
+        name = f"{pair.arms[1].name}-vs-{base}"
+        write_json_atomic(out / name / "results.json", {**summary, "timing_s": timing}, sort_keys=False)
+        page = write_report(pair, summary, f"{title}: {pair.arms[1].name} vs {base}", out / name / "report")
+        lines += [f"{pair.arms[1].name} vs {base}:", *summary_lines(summary), f"  report: {page}"]
+        items.append(f'<li><a href="{name}/report/index.html">{pair.arms[1].name} vs {base}</a></li>')
+    combined = {"baseline": base, "comparisons": dict(zip([a.name for a in study.arms[1:]], summaries, strict=True))}
+    combined["timing_s"] = timing
+    write_json_atomic(out / "results.json", combined, sort_keys=False)
+    page = f"<!doctype html><meta charset='utf-8'><title>{title}</title><h1>{title}</h1><ul>{''.join(items)}</ul>\n"
+    write_text_atomic(out / "index.html", page)
+    print("\n".join(lines) + f"\nindex: {out / 'index.html'}", flush=True)
+    return combined
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -718,7 +775,13 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageExit(f"{toy}: no toy world (build it: python dataset_download.py --toy {args.toy})")
     out = args.out.resolve()
     if args.arm:
-        studies = [(config_study(args), "Paired study")]
+        studies = [(config_study(args), "Paired study" if len(args.arm) == 2 else "Study")]
+    elif args.families:
+        if not args.dry_run:
+            ensure_e2e_vae(toy, args.repae_run.resolve())
+            ensure_families(toy)
+        study = toy_study(toy, "t2i", args, out, TOY_FAMILIES)
+        studies = [(study, "Toy text-to-image across tokenizer families: each vs the original toy VAE")]
     else:
         if not args.dry_run:
             ensure_e2e_vae(toy, args.repae_run.resolve())

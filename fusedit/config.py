@@ -190,9 +190,9 @@ class NoiseSchedulerConfig:
     num_train_timesteps: int = 1000
     shift: float = 3.0
     # Shift by latent dimension (docs/tokenizers.md, "Noise schedule for wide latents"): when set, the
-    # shift is sqrt(C * h * w / shift_base_dim) for the DiT's latent at data.resolution and `shift`
-    # is not used. The RAE recipe's base is 4096 (sqrt(768*16*16 / 4096) = 6.93 for a DINOv2-B RAE
-    # at 256 px); null keeps the fixed shift every other config uses.
+    # latent size `shift` is meant for; a DiT latent (C * h * w at data.resolution) k times larger
+    # trains with sqrt(k) x `shift`. The RAE recipe is shift 1.0 at 4096 (6.93 for a DINOv2-B RAE at
+    # 256 px); null keeps the fixed shift every other config uses.
     shift_base_dim: Optional[int] = None
 
 

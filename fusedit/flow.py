@@ -238,20 +238,22 @@ def euler_sample(
 
 
 def schedule_shift(cfg: TrainConfig, latent_numel: int | None = None) -> float:
-    """The sigma shift: ``noise_scheduler.shift``, or sqrt(latent_numel / shift_base_dim) when that is set.
+    """The sigma shift: ``noise_scheduler.shift``, scaled by sqrt(latent_numel / shift_base_dim) when that is set.
 
-    The second is the dimension rule wide latents need (an RAE's 768 x 16 x 16 at 256 px gives
-    6.93 with base 4096): the more numbers a latent has, the more of its signal survives a given
-    sigma, so the schedule must spend more time at high noise (docs/tokenizers.md). It transforms
-    sigma exactly as the fixed shift does (``s' = a s / (1 + (a - 1) s)``), only with ``a`` derived.
-    ``latent_numel`` is C * h * w of the DiT's latent at ``data.resolution``.
+    The dimension rule wide latents need: the more numbers a latent has, the more of its signal
+    survives a given sigma, so the schedule must spend more time at high noise (docs/tokenizers.md).
+    ``shift_base_dim`` is the latent size the fixed ``shift`` is meant for; a latent with k times
+    as many numbers gets sqrt(k) times the shift. The RAE recipe is shift 1 at 4096 (an RAE's
+    768 x 16 x 16 at 256 px: 6.93). The result transforms sigma exactly as a fixed shift does
+    (``s' = a s / (1 + (a - 1) s)``). ``latent_numel`` is C * h * w of the DiT's latent at
+    ``data.resolution``.
     """
     ns = cfg.noise_scheduler
     if ns.shift_base_dim is None:
         return float(ns.shift)
     if not latent_numel:
         raise ValueError("noise_scheduler.shift_base_dim needs the latent's size (C * h * w) to derive the shift")
-    return math.sqrt(latent_numel / ns.shift_base_dim)
+    return float(ns.shift) * math.sqrt(latent_numel / ns.shift_base_dim)
 
 
 def build_scheduler(cfg: TrainConfig, latent_numel: int | None = None):

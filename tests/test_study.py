@@ -48,7 +48,8 @@ def tiny_study_args(world: Path, out: Path, *extra: str) -> list[str]:
 def test_cli_rejects_incomplete_designs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     study = study_module()
     for argv, message in (
-        (["--kind", "t2i", "--arm", f"a={TOY_CONFIG}"], "two arms"),
+        (["--kind", "t2i", "--arm", f"a={TOY_CONFIG}"], "a baseline and at least one arm"),
+        (["--toy", "toy", "--families", "--kind", "ldm"], "--families is the toy text-to-image study"),
         (["--arm", f"a={TOY_CONFIG}", "--arm", f"b={TOY_CONFIG}"], "--kind"),
         (["--toy", "toy", "--seeds", "0"], "--seeds must be at least 1"),
         (["--toy", "toy", "not-an-override"], "is not key=value"),
@@ -199,6 +200,30 @@ def test_two_arm_two_seed_study_survives_a_kill_and_reports(quick_world: Path, t
     )
     assert log3.returncode == 0, log3.stderr[-3000:]
     assert " images, " not in log3.stdout
+
+
+@pytest.mark.e2e
+def test_more_arms_are_each_compared_with_the_baseline(quick_world: Path, tmp_path: Path) -> None:
+    """Three arms (what --families runs with four): one guidance choice over all runs, then one
+    two-arm summary and report per arm against the baseline, and an index."""
+    out = tmp_path / "study"
+    argv = tiny_study_args(quick_world, out, "--seeds", "1", "--steps", "2", "--eval-every", "2", "--samples", "1")
+    at = argv.index("--out")
+    argv[at:at] = ["--arm", f"third={TOY_CONFIG}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "evaluation.study", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["baseline"] == "original" and list(results["comparisons"]) == ["twin", "third"]
+    for arm in ("twin", "third"):
+        pair = json.loads((out / f"{arm}-vs-original" / "results.json").read_text())
+        assert pair["arms"] == ["original", arm]
+        assert pair == {**results["comparisons"][arm], "timing_s": pair["timing_s"]}
+        assert (out / f"{arm}-vs-original" / "report" / "index.html").is_file()
+        assert pair["design"]["guidance_scale"] == results["comparisons"]["twin"]["design"]["guidance_scale"]
+    assert "third-vs-original/report/index.html" in (out / "index.html").read_text()
+    assert "third vs original:" in proc.stdout
 
 
 @pytest.mark.multiprocess

@@ -52,6 +52,8 @@ _OWNED = (
     "scorer",
     "repae",
     "e2e-vae",
+    "flux2-vae",  # the toy tokenizers of the other families (toyworld.families, --families)
+    "rae",
     "latents",  # the demo's caches of this world's encoders (fusedit.tools.demo)
     "text-features",
 )

@@ -34,8 +34,17 @@ def _to_unit(images_uint8) -> Any:
 VAE_LR = 2e-3
 
 
-def train_vae(images, resolution: int, steps: int, seed: int, progress: bool, batch_size: int = 16):
-    """Train the tiny VAE on uint8 images for a fixed number of ``steps``; returns the VAE.
+def train_vae(
+    images,
+    resolution: int,
+    steps: int,
+    seed: int,
+    progress: bool,
+    batch_size: int = 16,
+    vae=None,
+    desc: str = "toy VAE",
+):
+    """Train the tiny VAE (or ``vae``, another family's, e.g. FLUX.2's) on uint8 images for ``steps``; returns it.
 
     Plain MSE (what PSNR measures) converged fastest (L1 + MSE was ~1 dB worse); small batches win
     because what costs is steps, not samples. The KL weight is tiny, as in SD/FLUX VAEs, only to
@@ -45,8 +54,9 @@ def train_vae(images, resolution: int, steps: int, seed: int, progress: bool, ba
     import torch
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**vae_config(resolution))
+    if vae is None:
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**vae_config(resolution))
     _start_nearly_deterministic(vae)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(seed)
@@ -64,7 +74,7 @@ def train_vae(images, resolution: int, steps: int, seed: int, progress: bool, ba
         loss_at,
         steps=steps,
         lr=VAE_LR,
-        desc="toy VAE",
+        desc=desc,
         progress=progress,
         clip_params=list(vae.parameters()),
         log_every=20,

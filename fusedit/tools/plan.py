@@ -637,7 +637,8 @@ def _tokens(cfg: TrainConfig, vae: VaeInfo, text_tokens: int | None) -> Tokens:
         n_text, source = text_tokens, "--text-tokens"
     numel = vae.latent_channels * latent * latent
     base = cfg.noise_scheduler.shift_base_dim
-    rule = "noise_scheduler.shift" if base is None else f"sqrt({numel:,} / {base:,}), by latent dimension"
+    shift = cfg.noise_scheduler.shift
+    rule = "noise_scheduler.shift" if base is None else f"{shift:g} x sqrt({numel:,} / {base:,}), by latent dimension"
     return Tokens(
         side * side,
         n_text,

@@ -66,3 +66,16 @@ def test_the_toy_configs_train_on_them(family_world: Path, tmp_path: Path, confi
     model = json.loads((run / "2" / "model" / "config.json").read_text())
     assert model["patch_size"] == 1 and model["in_channels"] == {"flux2-vae": 16, "rae": 64}[folder]
     assert list((run / "samples").glob("*2*.png"))
+    # The exported diffusers folder names the family's class and samples as our sampler does.
+    from fusedit.diffusers_pipeline import FuseDiTPipeline
+    from fusedit.pipeline import DiTPipeline
+    from fusedit.tools.export import main as export
+
+    out = tmp_path / "pipeline"
+    assert export(["--checkpoint", str(run), "--out", str(out)]) == 0
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["vae"][1] == {"flux2-vae": "AutoencoderKLFlux2", "rae": "AutoencoderRAE"}[folder]
+    kw = dict(height=32, width=32, num_inference_steps=2, guidance_scale=2.0, seed=3)
+    theirs = FuseDiTPipeline.from_folder(out)(["a red circle"], output_type="pt", **kw).images
+    ours = DiTPipeline.from_checkpoint(run, "latest")(["a red circle"], **kw)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)

@@ -70,8 +70,10 @@ def flux2_config(resolution: int) -> dict[str, Any]:
     return {**vae_config(resolution), "use_quant_conv": True, "use_post_quant_conv": True}
 
 
-def build_toy_flux2(world: Path, images: torch.Tensor, steps: int, seed: int, progress: bool) -> dict[str, Any]:
-    """Train, calibrate and save ``<world>/flux2-vae``; returns its report."""
+def build_toy_flux2(
+    world: Path, images: torch.Tensor, val_images: torch.Tensor, steps: int, seed: int, progress: bool
+) -> dict[str, Any]:
+    """Train, calibrate and save ``<world>/flux2-vae``; returns its report (PSNR on ``val_images``, as the toy VAE)."""
     from diffusers import AutoencoderKLFlux2
 
     from common.latent_stats import measure_latents
@@ -91,7 +93,7 @@ def build_toy_flux2(world: Path, images: torch.Tensor, steps: int, seed: int, pr
         "family": "flux2",
         "steps": steps,
         "seed": seed,
-        **vae_psnr(vae, images[:512]),
+        **vae_psnr(vae, val_images),
         "bn_running_mean": [round(float(v), 5) for v in mean],
         "bn_std": [round(float(v), 5) for v in std],
         "build_seconds": round(time.perf_counter() - start, 2),
@@ -191,8 +193,10 @@ def rae_psnr(rae, images: torch.Tensor, batch_size: int = 256) -> float:
     return torch.cat(values).mean().item()
 
 
-def build_toy_rae(world: Path, images, attributes, quick: bool, seed: int, progress: bool) -> dict[str, Any]:
-    """Train, calibrate and save ``<world>/rae``; returns its report."""
+def build_toy_rae(
+    world: Path, images, attributes, val_images, quick: bool, seed: int, progress: bool
+) -> dict[str, Any]:
+    """Train, calibrate and save ``<world>/rae``; returns its report (PSNR on ``val_images``)."""
     start = time.perf_counter()
     q = 1 if quick else 0
     steps = {part: RAE_STEPS[part][q] for part in RAE_STEPS}
@@ -213,7 +217,7 @@ def build_toy_rae(world: Path, images, attributes, quick: bool, seed: int, progr
         "seed": seed,
         "encoder_final_loss": round(encoder_loss, 4),
         "decoder_final_loss": round(decoder_loss, 5),
-        "psnr_db": rae_psnr(calibrated, images[:512]),
+        "psnr_db": rae_psnr(calibrated, val_images),
         "build_seconds": round(time.perf_counter() - start, 2),
     }
     write_json_atomic(out / REPORT, report, sort_keys=False)
@@ -241,13 +245,15 @@ def build_toy_families(world: str | Path, force: bool = False, progress: bool = 
     reports = {name: json.loads((world / name / REPORT).read_text()) for name in wanted if name not in todo}
     if todo:
         images, attributes = load_images(sorted((world / "shards").glob("train-*.tar")))
-        images = torch.from_numpy(images)
-        seed = int(request["seed"])
+        val, _ = load_images(sorted((world / "shards").glob("val-*.tar")))
+        images, val = torch.from_numpy(images), torch.from_numpy(val)
+        seed, quick = int(request["seed"]), bool(request["quick"])
         with numerics.pinned_threads():
             if FLUX2_DIR in todo:
-                reports[FLUX2_DIR] = build_toy_flux2(world, images, int(request["steps"]["vae"]), seed, progress)
+                steps = int(request["steps"]["vae"])
+                reports[FLUX2_DIR] = build_toy_flux2(world, images, val, steps, seed, progress)
             if RAE_DIR in todo:
-                reports[RAE_DIR] = build_toy_rae(world, images, attributes, bool(request["quick"]), seed, progress)
+                reports[RAE_DIR] = build_toy_rae(world, images, attributes, val, quick, seed, progress)
     record = json.loads((world / "world.json").read_text())
     families = {name: reports[name] for name in wanted}
     if record.get("families") != families:

@@ -104,14 +104,26 @@ def build_pipeline(run_dir: Path, step: int, use_ema: bool):
     ), sampler
 
 
-def check_vae_normalisation(folder: Path, codec) -> None:
-    """The saved VAE config must reproduce the constants training normalised with, exactly."""
-    from common.vae_config import normalisation_constants
+def _saved_vae_constants(folder: Path) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """(family, shift, scale) of the VAE saved in ``folder/vae``, read the way the codec reads them.
+
+    Through the family (common.vae_config): the config's fields for KL / Qwen, the BatchNorm buffers
+    (weights, not config) for FLUX.2, nothing for an RAE (it normalises inside encode / decode).
+    """
+    from common.vae_config import detect
 
     config = json.loads((folder / "vae" / "config.json").read_text())
-    shift, scale = normalisation_constants(config)
+    family = detect(str(folder / "vae"), "auto", config)
+    vae = family.vae_class().from_pretrained(str(folder / "vae"))
+    shift, scale = family.normalisation_constants(vae)
+    return family, shift, scale
+
+
+def check_vae_normalisation(folder: Path, codec) -> None:
+    """The saved VAE must reproduce the constants training normalised with, exactly."""
+    _, shift, scale = _saved_vae_constants(folder)
     if not (torch.equal(shift, codec.shift.cpu()) and torch.equal(scale, codec.scale.cpu())):
-        raise RuntimeError(f"{folder / 'vae' / 'config.json'}: latent normalisation differs from the training codec's")
+        raise RuntimeError(f"{folder / 'vae'}: latent normalisation differs from the training codec's")
 
 
 def export(run_dir: Path, out: Path, tag: str = "latest", raw: bool = False, dtype: str = "float32") -> Path:
@@ -137,18 +149,18 @@ def export(run_dir: Path, out: Path, tag: str = "latest", raw: bool = False, dty
 
 
 def latent_normalisation(folder: Path) -> dict[str, Any]:
-    """What ``vae/config.json`` means, spelled out: ``x0 = (z - shift) * scale`` per channel.
+    """What the saved VAE means, spelled out: ``x0 = (z - shift) * scale`` per channel.
 
-    A config may hold both per-channel ``latents_mean``/``latents_std`` and scalar
+    A KL config may hold both per-channel ``latents_mean``/``latents_std`` and scalar
     ``scaling_factor``/``shift_factor`` (AutoencoderKL always has a scaling_factor); the
-    per-channel pair wins when present, as in Qwen-Image's pipelines.
+    per-channel pair wins when present, as in Qwen-Image's pipelines. FLUX.2's come from its
+    BatchNorm buffers (over its 2x2-patchified channels); an RAE's are the identity here.
     """
-    from common.vae_config import normalisation_constants, normalisation_source
-
+    family, shift, scale = _saved_vae_constants(folder)
     config = json.loads((folder / "vae" / "config.json").read_text())
-    shift, scale = normalisation_constants(config)
     return {
-        "source": normalisation_source(config),
+        "family": family.kind,
+        "source": family.normalisation_source(config),
         "shift": shift.flatten().tolist(),
         "scale": scale.flatten().tolist(),
     }

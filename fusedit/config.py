@@ -175,7 +175,8 @@ class EmaConfig:
 class VaeConfig:
     pretrained_model_name_or_path: str = MISSING
     subfolder: Optional[str] = None
-    # auto: Qwen-Image VAE when the path or saved class says so, else AutoencoderKL.
+    # auto: the family a hint in the path ("qwen", "flux.2"/"flux2") or the saved config's class names,
+    # else AutoencoderKL; or one of kl | qwen | flux2 | rae outright (docs/tokenizers.md).
     kind: str = "auto"
     # Train on posterior samples (reference) or on the posterior mean.
     sample_posterior: bool = True

@@ -52,7 +52,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -591,7 +591,7 @@ def score_table(scores: dict[str, dict[int, dict[int, dict]]]) -> dict[str, dict
 def pair_studies(study: Study) -> list[Study]:
     """The baseline against each other arm, as two-arm studies (same runs, same folder)."""
     base = study.arms[0]
-    return [Study(**{**vars(study), "arms": [base, arm]}) for arm in study.arms[1:]]
+    return [replace(study, arms=[base, arm]) for arm in study.arms[1:]]
 
 
 def aggregate(study: Study, scores: dict, guidance: dict[str, Any]) -> dict[str, Any]:

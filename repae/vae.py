@@ -31,11 +31,13 @@ pipeline reads them). The same numbers are also stored in the reference's own fo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -320,27 +322,25 @@ def save_e2e_vae(
     return folder
 
 
-class _batchnorm_holding:
+@contextlib.contextmanager
+def _batchnorm_holding(model: DiffusersVAE, scale: torch.Tensor, bias: torch.Tensor) -> Iterator[None]:
     """Put per-channel statistics into a FLUX.2 VAE's BatchNorm buffers for the save, then restore them."""
-
-    def __init__(self, model: DiffusersVAE, scale: torch.Tensor, bias: torch.Tensor) -> None:
-        eps = float(model.config.batch_norm_eps)
-        var = (1.0 / scale.double()).pow(2) - eps
-        if (var <= 0).any():
-            worst = float((1.0 / scale.double()).min())
-            raise ValueError(f"a latent std of {worst:.3g} is below sqrt(batch_norm_eps={eps}): no BatchNorm holds it")
-        self.bn, self.mean, self.var = model.bn, bias, var
-
-    def __enter__(self) -> None:
-        self.saved = (self.bn.running_mean.clone(), self.bn.running_var.clone())
+    eps = float(model.config.batch_norm_eps)
+    var = (1.0 / scale.double()).pow(2) - eps
+    if (var <= 0).any():
+        worst = float((1.0 / scale.double()).min())
+        raise ValueError(f"a latent std of {worst:.3g} is below sqrt(batch_norm_eps={eps}): no BatchNorm holds it")
+    bn = model.bn
+    saved = (bn.running_mean.clone(), bn.running_var.clone())
+    try:
         with torch.no_grad():
-            self.bn.running_mean.copy_(self.mean.to(self.bn.running_mean))
-            self.bn.running_var.copy_(self.var.to(self.bn.running_var))
-
-    def __exit__(self, *exc: object) -> None:
+            bn.running_mean.copy_(bias.to(bn.running_mean))
+            bn.running_var.copy_(var.to(bn.running_var))
+        yield
+    finally:
         with torch.no_grad():
-            self.bn.running_mean.copy_(self.saved[0])
-            self.bn.running_var.copy_(self.saved[1])
+            bn.running_mean.copy_(saved[0])
+            bn.running_var.copy_(saved[1])
 
 
 def _unwrap(vae: nn.Module) -> DiffusersVAE:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 import signal
 import subprocess
@@ -111,6 +112,24 @@ def tiny_train_overrides(world: Path, run: Path, **extra: object) -> list[str]:
     }
     base.update(extra)
     return toy_overrides(world) + [f"{k}={v}" for k, v in base.items()]
+
+
+def images_and_cache_runs(world: Path, tmp_path: Path, tokenizer: dict[str, object]) -> tuple[dict, dict]:
+    """A tokenizer's latent cache, then 2 tiny training steps from the images (with a preview at step 2)
+    and 2 from the cache, each in ``tmp_path/<images|cache>``; returns (cache.json, {run: losses})."""
+    from fusedit.config import load_config
+    from fusedit.data import latent_cache
+    from fusedit.tools.demo import toy_overrides
+
+    cache = tmp_path / "latents"
+    cfg = load_config(TOY_CONFIG, [*toy_overrides(world), *(f"{k}={v}" for k, v in tokenizer.items())])
+    info = latent_cache.build_cache(cfg, cache, batch_size=48, progress=False)
+    losses = {}
+    for name, extra in (("images", {"trainer.sampling_steps": 2}), ("cache", {"data.latent_cache": str(cache)})):
+        run = tmp_path / name
+        run_train(tiny_train_overrides(world, run, **{**tokenizer, "trainer.max_steps": 2, **extra}))
+        losses[name] = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return info, losses
 
 
 def tiny_fuse_overrides(world: Path, run: Path, **extra: object) -> list[str]:

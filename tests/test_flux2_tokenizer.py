@@ -13,7 +13,7 @@ from diffusers import AutoencoderKLFlux2, Flux2Pipeline
 from common.latent_stats import check_normalisation
 from common.vae_config import FAMILIES, VaeSpec, detect
 from fusedit.latents import LatentCodec
-from tests.conftest import ROOT, run_train, tiny_train_overrides
+from tests.conftest import ROOT, images_and_cache_runs
 
 
 def tiny_flux2(seed: int = 0) -> AutoencoderKLFlux2:
@@ -147,23 +147,10 @@ def test_two_training_steps_and_a_preview_through_a_flux2_vae(quick_world: Path,
     """train.py on the quick world with a tiny FLUX.2 VAE as the frozen VAE: the DiT's input side
     follows the patchified latent (16 channels here), the preview decodes through the family, and a
     latent cache (the VAE's own 4-channel moments) trains exactly as the images do."""
-    from fusedit.config import load_config
-    from fusedit.data import latent_cache
-    from fusedit.tools.demo import toy_overrides
-    from tests.conftest import TOY_CONFIG
-
     folder = tmp_path / "flux2-vae"
     tiny_flux2().save_pretrained(folder)
-    vae = {"vae.pretrained_model_name_or_path": str(folder)}
-    cache = tmp_path / "latents"
-    cfg = load_config(TOY_CONFIG, [*toy_overrides(quick_world), *(f"{k}={v}" for k, v in vae.items())])
-    info = latent_cache.build_cache(cfg, cache, batch_size=48, progress=False)
+    info, losses = images_and_cache_runs(quick_world, tmp_path, {"vae.pretrained_model_name_or_path": str(folder)})
     assert info["latent_shape"] == [2, 4, 16, 16]  # (mean, std) of the VAE's own latent at 32 px
-    losses = {}
-    for name, extra in (("images", {"trainer.sampling_steps": 2}), ("cache", {"data.latent_cache": str(cache)})):
-        run = tmp_path / name
-        run_train(tiny_train_overrides(quick_world, run, **{**vae, "trainer.max_steps": 2, **extra}))
-        losses[name] = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((tmp_path / "images" / "2" / "model" / "config.json").read_text())
     assert config["in_channels"] == 16 and config["out_channels"] == 16
     assert list((tmp_path / "images" / "samples").glob("*2*.png"))

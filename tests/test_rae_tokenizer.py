@@ -18,7 +18,7 @@ from common.config import ConfigError
 from common.latent_stats import check_normalisation
 from common.vae_config import FAMILIES, VaeSpec, native_resolution
 from fusedit.latents import LatentCodec
-from tests.conftest import ROOT, run_train, tiny_train_overrides
+from tests.conftest import ROOT, images_and_cache_runs
 
 CHANNELS = 64  # the encoder's width (one 64-wide head: AutoencoderRAE fixes head_dim at 64)
 TINY = {
@@ -167,11 +167,6 @@ def test_two_training_steps_a_preview_and_a_latent_cache_through_an_rae(quick_wo
     """train.py on the quick world with a tiny RAE as the frozen tokenizer: the DiT takes the 64
     channels at patch 1, the schedule is shifted by the latent's dimension, the preview decodes
     through the RAE, and a latent cache (one array per image, no posterior) trains as the images do."""
-    from fusedit.config import load_config
-    from fusedit.data import latent_cache
-    from fusedit.tools.demo import toy_overrides
-    from tests.conftest import TOY_CONFIG
-
     folder = tmp_path / "rae"
     tiny_rae().save_pretrained(folder)
     tokenizer = {
@@ -180,15 +175,8 @@ def test_two_training_steps_a_preview_and_a_latent_cache_through_an_rae(quick_wo
         "model.pos_embed_max_size": 8,  # 32 px / x4 / patch 1 = an 8-token side
         "noise_scheduler.shift_base_dim": 1024,  # 64 x 8 x 8 = 4096 numbers: 2 x the toy shift 1.0
     }
-    cache = tmp_path / "latents"
-    cfg = load_config(TOY_CONFIG, [*toy_overrides(quick_world), *(f"{k}={v}" for k, v in tokenizer.items())])
-    info = latent_cache.build_cache(cfg, cache, batch_size=48, progress=False)
+    info, losses = images_and_cache_runs(quick_world, tmp_path, tokenizer)
     assert info["latent_shape"] == [1, CHANNELS, 8, 8]
-    losses = {}
-    for name, extra in (("images", {"trainer.sampling_steps": 2}), ("cache", {"data.latent_cache": str(cache)})):
-        run = tmp_path / name
-        run_train(tiny_train_overrides(quick_world, run, **{**tokenizer, "trainer.max_steps": 2, **extra}))
-        losses[name] = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((tmp_path / "images" / "2" / "model" / "config.json").read_text())
     assert config["in_channels"] == CHANNELS and config["out_channels"] == CHANNELS and config["patch_size"] == 1
     assert list((tmp_path / "images" / "samples").glob("*2*.png"))

@@ -104,25 +104,11 @@ def build_pipeline(run_dir: Path, step: int, use_ema: bool):
     ), sampler
 
 
-def _saved_vae_constants(folder: Path) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """(family, shift, scale) of the VAE saved in ``folder/vae``, read the way the codec reads them.
-
-    Through the family (common.vae_config): the config's fields for KL / Qwen, the BatchNorm buffers
-    (weights, not config) for FLUX.2, nothing for an RAE (it normalises inside encode / decode).
-    """
-    from common.vae_config import detect
-
-    config = json.loads((folder / "vae" / "config.json").read_text())
-    family = detect(str(folder / "vae"), "auto", config)
-    vae = family.vae_class().from_pretrained(str(folder / "vae"))
-    shift, scale = family.normalisation_constants(vae)
-    return family, shift, scale
-
-
-def check_vae_normalisation(folder: Path, codec) -> None:
-    """The saved VAE must reproduce the constants training normalised with, exactly."""
-    _, shift, scale = _saved_vae_constants(folder)
-    if not (torch.equal(shift, codec.shift.cpu()) and torch.equal(scale, codec.scale.cpu())):
+def check_vae_normalisation(folder: Path, normalisation: dict[str, Any], codec) -> None:
+    """The saved VAE (its :func:`latent_normalisation`) must reproduce the codec's constants exactly."""
+    shift = torch.tensor(normalisation["shift"], dtype=torch.float32)
+    scale = torch.tensor(normalisation["scale"], dtype=torch.float32)
+    if not (torch.equal(shift, codec.shift.cpu().flatten()) and torch.equal(scale, codec.scale.cpu().flatten())):
         raise RuntimeError(f"{folder / 'vae'}: latent normalisation differs from the training codec's")
 
 
@@ -138,9 +124,10 @@ def export(run_dir: Path, out: Path, tag: str = "latest", raw: bool = False, dty
     shutil.rmtree(partial, ignore_errors=True)
     pipe.save_pretrained(str(partial), safe_serialization=True)
     _point_at_custom_pipeline(partial)
-    check_vae_normalisation(partial, sampler.codec)
+    normalisation = latent_normalisation(partial)  # loads the saved VAE once
+    check_vae_normalisation(partial, normalisation, sampler.codec)
     info = export_info(run_dir, step, raw, dtype)
-    info["latent_normalisation"] = latent_normalisation(partial)
+    info["latent_normalisation"] = normalisation
     write_json_atomic(partial / EXPORT_INFO, info)
     if out.exists():
         shutil.rmtree(out)
@@ -154,10 +141,14 @@ def latent_normalisation(folder: Path) -> dict[str, Any]:
     A KL config may hold both per-channel ``latents_mean``/``latents_std`` and scalar
     ``scaling_factor``/``shift_factor`` (AutoencoderKL always has a scaling_factor); the
     per-channel pair wins when present, as in Qwen-Image's pipelines. FLUX.2's come from its
-    BatchNorm buffers (over its 2x2-patchified channels); an RAE's are the identity here.
+    BatchNorm buffers (weights, not config; over its 2x2-patchified channels); an RAE's are the
+    identity here (it normalises inside encode / decode). Read through the family, as the codec does.
     """
-    family, shift, scale = _saved_vae_constants(folder)
+    from common.vae_config import detect
+
     config = json.loads((folder / "vae" / "config.json").read_text())
+    family = detect(str(folder / "vae"), "auto", config)
+    shift, scale = family.normalisation_constants(family.vae_class().from_pretrained(str(folder / "vae")))
     return {
         "family": family.kind,
         "source": family.normalisation_source(config),
